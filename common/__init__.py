@@ -1,0 +1,1 @@
+"""Pieces both stages share: image data, the codes format, logging and CLI helpers."""

@@ -1,0 +1,1 @@
+"""Stage 1: the VQ-VAE that turns images into a grid of discrete codes and back."""
