@@ -1,0 +1,109 @@
+"""Logger factory and logger-agnostic image/histogram logging.
+
+W&B is the default dashboard. Without credentials it runs offline (and says how to `wandb sync`), so a
+laptop or CI never needs the network; `csv`, `tensorboard` and `none` are the alternatives, and a
+missing wandb install falls back to CSV with a clear message.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+BACKENDS = ("wandb", "csv", "tensorboard", "none")
+
+
+@dataclass
+class LogConfig:
+    """How a run is logged.
+
+    Args:
+        backend: wandb (default; offline when not logged in), csv, tensorboard or none.
+        project: W&B project name.
+        name: run name; also the run's folder under the trainer's default_root_dir
+            (default: version_N, the next free N).
+        every_n_steps: how often training metrics are logged and, off a terminal, a progress line printed.
+    """
+
+    backend: str = "wandb"
+    project: str = "vqgen"
+    name: str | None = None
+    every_n_steps: int = 50
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.path.expanduser("~/.netrc"))
+        return rc.authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def make_logger(cfg: LogConfig, run_dir: Path, run_name: str) -> Logger | None:
+    """Build the logger for a run whose files live in ``run_dir``."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"--log.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.backend == "none":
+        return None
+    if cfg.backend == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            print("wandb is not installed (pip install wandb); logging to CSV in " f"{run_dir} instead.", file=sys.stderr)
+            return CSVLogger(save_dir=str(run_dir), name="", version="")
+        if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+            os.environ["WANDB_MODE"] = "offline"
+            print(
+                "W&B: no credentials found, logging offline. To upload later: "
+                f"wandb sync {run_dir}/wandb/offline-run-*  (after `wandb login`)",
+                file=sys.stderr,
+            )
+        return WandbLogger(project=cfg.project, name=run_name, save_dir=str(run_dir))
+    if cfg.backend == "tensorboard":
+        return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
+    return CSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
+    """Log one uint8 image (H, W, C) to whichever backend is in use (CSV: a PNG under log_dir/images)."""
+    if logger is None:
+        return
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+    else:
+        from PIL import Image
+
+        out = Path(logger.log_dir) / "images"
+        out.mkdir(parents=True, exist_ok=True)
+        img = image[..., 0] if image.shape[-1] == 1 else image
+        Image.fromarray(img).save(out / f"{key.replace('/', '_')}_step{step:07d}.png")
+
+
+def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int) -> None:
+    """Log a histogram of per-bin counts (e.g. how often each code was used)."""
+    if logger is None:
+        return
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        edges = np.arange(len(counts) + 1, dtype=np.float64)
+        logger.experiment.log({key: wandb.Histogram(np_histogram=(counts, edges)), "trainer/global_step": step})
+    elif isinstance(logger, TensorBoardLogger):
+        values = np.repeat(np.arange(len(counts)), counts.astype(np.int64))
+        if values.size:
+            logger.experiment.add_histogram(key, values, global_step=step)
+    else:
+        out = Path(logger.log_dir) / "histograms"
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / f"{key.replace('/', '_')}_step{step:07d}.npy", counts)

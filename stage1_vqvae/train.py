@@ -1,0 +1,44 @@
+"""`train_stage1`: train the VQ-VAE with LightningCLI.
+
+    train_stage1 fit --config configs/stage1/fashion_mnist.yaml
+    train_stage1 fit --config configs/stage1/fashion_mnist.yaml --ckpt_path last   # resume
+
+The data's channels and image size are linked into the model, never typed twice. After `fit`, the run
+folder also gets `reconstructions.png` (test originals on top, reconstructions below).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.cli import VQGenCLI
+from common.images import ImageDataModule, from_uint8, save_grid
+from stage1_vqvae.vqvae import VQVAE
+
+
+class Stage1CLI(VQGenCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        super().after_fit()
+        if self.run_dir is None or not self.trainer.is_global_zero:
+            return
+        images, _ = self.datamodule.split_arrays("test")
+        x = from_uint8(images[:16]).to(self.model.device)
+        model = self.model.eval()
+        with torch.no_grad():
+            recon = model.decode_codes(model.encode_to_codes(x))
+        path = self.run_dir / "reconstructions.png"
+        save_grid(torch.cat([x[:8], recon[:8], x[8:], recon[8:]]).cpu(), path, nrow=8, scale=2)
+        print(f"originals vs reconstructions: {path}", flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    Stage1CLI(VQVAE, ImageDataModule, args=args, seed_everything_default=0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The stage-1 LightningModule: VQ-VAE losses, metrics, logging, and the codes interface.
+
+``forward`` reads like the paper: ``z = encoder(images)``, ``q = quantizer(z)``, ``recon = decoder(q)``.
+``encode_to_codes(images) -> codes (B, H, W)`` and ``decode_codes(codes) -> images`` are what the rest
+of the pipeline uses; ``VQVAE.load_from_checkpoint(path)`` rebuilds the model from its own saved
+hyperparameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from common.images import make_grid
+from common.logging import log_histogram, log_image
+from stage1_vqvae.networks import Decoder, Encoder, latent_size
+from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
+
+
+class CodeUsage(Metric):
+    """Counts of each code over an epoch (summed across DDP ranks): perplexity, used fraction."""
+
+    full_state_update = False
+
+    def __init__(self, codebook_size: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.add_state("counts", default=torch.zeros(codebook_size, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, codes: torch.Tensor) -> None:
+        self.counts += torch.bincount(codes.flatten(), minlength=self.codebook_size)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        p = self.counts.float() / self.counts.sum().clamp(min=1)
+        entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
+        return {"perplexity": entropy.exp(), "usage": (self.counts > 0).float().mean()}
+
+
+class VQVAE(pl.LightningModule):
+    """VQ-VAE with a VQ (EMA or loss-learned codebook) or FSQ bottleneck.
+
+    Args:
+        in_channels: image channels (linked from the data).
+        image_size: image side in pixels (linked from the data).
+        width: channels of the encoder/decoder at the bottleneck resolution.
+        res_blocks: residual blocks in the encoder and in the decoder.
+        res_width: bottleneck width of each residual block.
+        downsample: 2, 4, 8 or 16: the code grid is image_size / downsample on a side.
+        code_dim: channels of the features that are quantized.
+        quantizer: "vq" or "fsq".
+        codebook_size: K for "vq" (for "fsq" it is prod(fsq_levels)).
+        beta: commitment weight. decay, ema, kmeans_init, restart_threshold, lookup_dim, l2_normalize:
+            see :class:`stage1_vqvae.quantizer.VectorQuantizer`.
+        fsq_levels: levels per channel for "fsq".
+        lr, weight_decay: AdamW. warmup_steps: linear warm-up. cosine: cosine decay to 0 over the run.
+        channels_last: use the channels_last memory format (faster convolutions on many CPUs/GPUs).
+    """
+
+    monitor = ("val/psnr", "max")
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        width: int = 128,
+        res_blocks: int = 2,
+        res_width: int = 64,
+        downsample: int = 4,
+        code_dim: int = 64,
+        quantizer: str = "vq",
+        codebook_size: int = 512,
+        beta: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        kmeans_init: bool = True,
+        restart_threshold: float = 1.0,
+        lookup_dim: int | None = None,
+        l2_normalize: bool = False,
+        fsq_levels: list[int] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        cosine: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = Encoder(in_channels, width, res_blocks, res_width, downsample, code_dim)
+        self.decoder = Decoder(in_channels, width, res_blocks, res_width, downsample, code_dim, image_size)
+        if quantizer == "vq":
+            self.quantizer = VectorQuantizer(
+                codebook_size, code_dim, beta, ema, decay, 1e-5, kmeans_init, restart_threshold, lookup_dim, l2_normalize
+            )
+        elif quantizer == "fsq":
+            self.quantizer = FSQ(fsq_levels or [8, 5, 5, 5], code_dim)
+        else:
+            raise ValueError(f"model.quantizer must be 'vq' or 'fsq', got {quantizer!r}")
+        self.codebook_size = self.quantizer.codebook_size
+        side = latent_size(image_size, downsample)
+        self.grid_shape = (side, side)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.val_usage = CodeUsage(self.codebook_size)
+        self._val_preview: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ model
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
+        z = self.encoder(images)  # (B, code_dim, h, w)
+        q = self.quantizer(z)
+        recon = self.decoder(q.quantized)  # (B, C, H, W)
+        return recon, q
+
+    @torch.no_grad()
+    def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> codes (B, h, w) long. Deterministic (eval mode)."""
+        was_training = self.training
+        self.eval()
+        codes = self.quantizer(self.encoder(images)).codes
+        self.train(was_training)
+        return codes
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) -> images (B, C, H, W) in [-1, 1]."""
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        return self.decoder(self.quantizer.lookup(codes.long())).clamp(-1, 1)
+
+    # ------------------------------------------------------------------ training
+    def _prep(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+
+    def on_fit_start(self) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = self._prep(batch[0])
+        recon, q = self(images)
+        recon_loss = F.mse_loss(recon.float(), images.float())
+        loss = recon_loss + q.loss
+        counts = torch.bincount(q.codes.flatten(), minlength=self.codebook_size).float()
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+        self.log_dict(
+            {"train/loss": loss, "train/recon": recon_loss, "train/commitment": q.commitment,
+             "train/perplexity": perplexity},
+            prog_bar=True, on_step=True, on_epoch=False,
+        )  # fmt: skip
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images = self._prep(batch[0])
+        recon, q = self(images)
+        recon = recon.float().clamp(-1, 1)
+        self.val_psnr(recon, images.float())
+        self.val_ssim(recon, images.float())
+        self.val_usage(q.codes)
+        self.log("val/loss", F.mse_loss(recon, images.float()) + q.loss, sync_dist=True)
+        if batch_idx == 0:
+            n = min(8, len(images))
+            self._val_preview = torch.cat([images[:n].float(), recon[:n]]).cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_usage.compute()
+        counts = self.val_usage.counts.cpu().numpy()
+        self.val_usage.reset()
+        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True)
+        self.log("val/perplexity", stats["perplexity"])
+        self.log("val/usage", stats["usage"], prog_bar=True)
+        self.log("val/dead_codes", float(self.dead_codes()))
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            step = self.global_step
+            log_histogram(self.logger, "val/code_histogram", counts, step)
+            if self._val_preview is not None:
+                n = len(self._val_preview) // 2
+                grid = make_grid(self._val_preview, nrow=n, scale=2)
+                log_image(self.logger, "val/originals_vs_reconstructions", grid, step, "top: originals")
+
+    def dead_codes(self) -> int:
+        """Codes whose EMA usage is under the restart threshold (VQ) — 0 for FSQ, which has no codebook."""
+        if isinstance(self.quantizer, VectorQuantizer):
+            threshold = max(self.quantizer.restart_threshold, 1e-3)
+            return int((self.quantizer.cluster_size < threshold).sum())
+        return 0
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (no_decay if p.ndim < 2 or "quantizer" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=(0.9, 0.99),
+        )  # fmt: skip
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not hp.cosine:
+                return 1.0
+            t = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def reconstruction_grid(model: VQVAE, images: torch.Tensor, n: int = 8) -> np.ndarray:
+    """A uint8 grid: originals on the top row, reconstructions below."""
+    images = images[:n].to(model.device)
+    recon = model.decode_codes(model.encode_to_codes(images))
+    return make_grid(torch.cat([images, recon]).cpu(), nrow=len(images), scale=2)

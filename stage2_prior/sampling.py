@@ -1,0 +1,156 @@
+"""Drawing codes from a stage-2 prior (Transformer or GatedPixelCNN), torch only.
+
+``filter_logits`` does top-k / top-p (nucleus) filtering. ``sample_codes`` draws codes (n, H, W) in
+raster order with temperature, filtering, classifier-free guidance and completion of given codes. Its
+fast path (KV cache for the Transformer, rows <= current row for the PixelCNN) and its naive path (a
+full forward over the whole grid at every step, ``use_cache=False``) make the same random draws in
+the same order, so for the same generator seed they give identical codes.
+"""
+
+import torch
+from torch import nn
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, K) -> logits (B, K) with -inf outside the kept set.
+
+    top_k keeps exactly k candidates (ties are broken by ``torch.topk``). top_p keeps the smallest set,
+    by descending probability, whose probability mass reaches top_p, and always at least the argmax.
+    With both, top_k is applied first and top_p works on the renormalised remainder.
+    """
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
+        k = min(int(top_k), logits.shape[-1])
+        idx = logits.topk(k, dim=-1).indices  # (B, k)
+        drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, idx, False)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+        if top_p < 1.0:  # top_p == 1 keeps everything; skip it so rounding cannot drop a token
+            probs, order = logits.float().softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
+            mass_before = probs.cumsum(dim=-1) - probs  # (B, K): mass of the tokens ranked above
+            drop_sorted = mass_before >= top_p
+            drop_sorted[..., 0] = False  # always keep the most likely token
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _check_inputs(
+    prior: nn.Module,
+    n: int,
+    labels: torch.Tensor | None,
+    temperature: float,
+    prime: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Validate the arguments of sample_codes; return labels (n,), prime (n, T), keep (n, T) on device."""
+    H, W = prior.grid_shape
+    if n <= 0:
+        raise ValueError(f"n (number of samples) must be >= 1, got {n}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels is not None:
+        if prior.num_classes == 0:
+            raise ValueError(
+                "labels given, but this prior is unconditional (num_classes=0); pass labels=None"
+            )
+        labels = torch.as_tensor(labels, device=device)
+        if labels.shape != (n,) or labels.is_floating_point():
+            raise ValueError(f"labels must be an integer tensor of shape ({n},), got {tuple(labels.shape)}")
+        bad = labels[(labels < 0) | (labels >= prior.num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"unknown class id {int(bad[0])}; this prior has {prior.num_classes} classes "
+                f"(0..{prior.num_classes - 1})"
+            )
+        labels = labels.long()
+    if (prime is None) != (keep is None):
+        raise ValueError("completion needs both prime (codes) and keep (which of them to keep), or neither")
+    if prime is not None:
+        if tuple(prime.shape) != (n, H, W):
+            raise ValueError(f"prime must have shape (n, H, W) = {(n, H, W)}, got {tuple(prime.shape)}")
+        if tuple(keep.shape) not in ((n, H, W), (H, W)):
+            raise ValueError(f"keep must have shape {(n, H, W)} or {(H, W)}, got {tuple(keep.shape)}")
+        if keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor, got {keep.dtype}")
+        prime = prime.to(device=device, dtype=torch.long).reshape(n, H * W)
+        keep = keep.to(device).expand(n, H, W).reshape(n, H * W)
+        kept = prime[keep]
+        if kept.numel() and (kept.min() < 0 or kept.max() >= prior.codebook_size):
+            raise ValueError(f"kept prime codes must lie in [0, {prior.codebook_size})")
+    return labels, prime, keep
+
+
+def sample_codes(
+    prior: nn.Module,
+    n: int,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    prime: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Draw n grids of codes (n, H, W) from ``prior`` in raster order.
+
+    labels: (n,) class ids in [0, num_classes), or None for the null (unconditional) class.
+    cfg_scale: classifier-free guidance, logits = uncond + cfg_scale * (cond - uncond), with the
+        conditional and null-label batches run together (2n). 1.0 (the default) means no guidance, and
+        so does labels=None (there is nothing to guide towards); 0.0 samples the null class.
+    temperature, top_k, top_p: applied in that order to the (guided) logits, see ``filter_logits``.
+    prime, keep: completion; where keep (n, H, W) or (H, W) is True the code is taken from prime
+        (n, H, W) instead of being drawn. A draw is still made there, so the random stream is the
+        same whatever is kept.
+    generator: the source of every random draw, one ``torch.multinomial`` per position.
+    use_cache: False runs the full forward over the whole grid at each step (slow, for checking).
+    """
+    param = next(prior.parameters())
+    device = param.device
+    labels, prime, keep = _check_inputs(prior, n, labels, temperature, prime, keep, device)
+    H, W = prior.grid_shape
+    T = H * W
+    guided = labels is not None and cfg_scale != 1.0
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, prior.null_label)])  # (2n,)
+    nb = 2 * n if guided else n
+    codes = torch.zeros(nb, T, dtype=torch.long, device=device)  # both halves hold the same codes
+    grid = codes.view(nb, H, W)
+    kv_cache = use_cache and hasattr(prior, "forward_step")
+
+    def step_logits(t: int) -> torch.Tensor:  # (nb, K) logits for the code at raster position t
+        r, c = divmod(t, W)
+        if kv_cache:
+            return prior.forward_step(codes[:, max(t - 1, 0)], labels, t)
+        if use_cache:
+            return prior.forward_rows(grid[:, : r + 1], labels)[:, :, r, c]
+        return prior(grid, labels)[:, :, r, c]
+
+    was_training = prior.training
+    prior.eval()
+    try:
+        with torch.no_grad():
+            if kv_cache:
+                prior.setup_cache(nb, device, param.dtype)
+            for t in range(T):
+                logits = step_logits(t).float()
+                if guided:
+                    cond, uncond = logits.chunk(2)  # (n, K) each
+                    logits = uncond + cfg_scale * (cond - uncond)
+                probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+                drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (n,)
+                if keep is not None:
+                    drawn = torch.where(keep[:, t], prime[:, t], drawn)
+                codes[:, t] = drawn.repeat(nb // n)
+    finally:
+        if kv_cache:
+            prior.reset_cache()
+        prior.train(was_training)
+    return codes[:n].view(n, H, W).clone()

@@ -1,0 +1,256 @@
+"""Tests for common/images.py: readers, DataModule, uint8 <-> float, grids. Tiny data, no network."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import images as im
+from common.images import (
+    DatasetNotFoundError,
+    ImageDataModule,
+    from_uint8,
+    load_cifar10,
+    load_image,
+    load_image_folder,
+    load_mnist_like,
+    read_idx,
+    save_grid,
+    to_uint8,
+)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False, magic: int | None = None) -> Path:
+    """Write a uint8 array as an IDX file (magic 0x0800 | ndim, big-endian dims)."""
+    magic = 0x800 | array.ndim if magic is None else magic
+    raw = struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def write_mnist_split(root: Path, prefix: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+    write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images, gz=True)
+    write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+    return images, labels
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    write_mnist_split(tmp_path, "train", 40, seed=0)
+    write_mnist_split(tmp_path, "t10k", 12, seed=1)
+    return tmp_path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Two classes, mixed sizes/modes/formats: 4 gray PNGs in "a", 3 RGB (PNG and JPEG) in "b"."""
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(20, 30), (16, 16), (40, 24), (17, 33)]):
+        (tmp_path / "root" / "a" / "sub").mkdir(parents=True, exist_ok=True)
+        where = tmp_path / "root" / "a" / ("sub" if i == 3 else "")  # recursion into nested folders
+        Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L").save(where / f"g{i}.png")
+    (tmp_path / "root" / "b").mkdir()
+    for i, (size, ext) in enumerate([((30, 20), "png"), ((16, 16), "JPG"), ((25, 25), "jpeg")]):
+        rgb = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+        Image.fromarray(rgb, "RGB").save(tmp_path / "root" / "b" / f"c{i}.{ext}")
+    return tmp_path / "root"
+
+
+def test_uint8_round_trip_is_exact() -> None:
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    images = from_uint8(x)
+    assert images.dtype == torch.float32 and images.min() == -1 and images.max() == 1
+    assert torch.equal(to_uint8(images), x)
+    assert torch.equal(to_uint8(torch.tensor([-3.0, 3.0])), torch.tensor([0, 255], dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        from_uint8(images)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
+    images = np.arange(5 * 3 * 4, dtype=np.uint8).reshape(5, 3, 4)
+    labels = np.array([0, 1, 2, 1, 0], np.uint8)
+    arrays = read_idx(write_idx(tmp_path / "i", images, gz), write_idx(tmp_path / "l", labels, gz))
+    assert arrays.images.shape == (5, 3, 4, 1) and arrays.images.dtype == np.uint8
+    np.testing.assert_array_equal(arrays.images[..., 0], images)
+    assert arrays.labels.dtype == np.int64 and arrays.labels.tolist() == labels.tolist()
+
+
+def test_idx_errors_name_the_file(tmp_path: Path) -> None:
+    images, labels = np.zeros((4, 2, 2), np.uint8), np.zeros(4, np.uint8)
+    good_i, good_l = write_idx(tmp_path / "good_i", images), write_idx(tmp_path / "good_l", labels)
+    bad_magic = write_idx(tmp_path / "bad_magic", images, magic=0x801)
+    with pytest.raises(ValueError, match="bad_magic.*magic"):
+        read_idx(bad_magic, good_l)
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(good_i.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated.*truncated or corrupt"):
+        read_idx(truncated, good_l)
+    (tmp_path / "short").write_bytes(b"\x00\x00")
+    with pytest.raises(ValueError, match="short"):
+        read_idx(tmp_path / "short", good_l)
+    three = write_idx(tmp_path / "three_labels", labels[:3])
+    with pytest.raises(ValueError, match="three_labels"):
+        read_idx(good_i, three)
+
+
+def test_load_mnist_like_from_root(mnist_root: Path) -> None:
+    arrays = load_mnist_like("mnist", str(mnist_root), "test", download=False)
+    assert arrays.images.shape == (12, 28, 28, 1) and arrays.class_names == [str(i) for i in range(10)]
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(im._MNIST_LIKE["fashion_mnist"], "system_dirs", [str(tmp_path / "nowhere")])
+    with pytest.raises(DatasetNotFoundError, match="apt-get install -y dataset-fashion-mnist") as info:
+        load_mnist_like("fashion_mnist", str(tmp_path / "empty"), "train", download=False)
+    assert "train-images-idx3-ubyte" in str(info.value) and str(tmp_path / "empty") in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    dm = ImageDataModule("fashion_mnist", root=str(tmp_path / "empty"), download=False)
+    with pytest.raises(DatasetNotFoundError, match="apt-get"):
+        dm.prepare_data()
+
+
+def write_cifar(root: Path, n: int = 3) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data = np.full((n, 3072), k, np.uint8)
+        data[:, 1024:2048] = 100  # the green plane
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [k % 10] * n}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in im.CIFAR10_CLASSES]}, f)
+    return folder
+
+
+def test_cifar10(tmp_path: Path) -> None:
+    folder = write_cifar(tmp_path)
+    for root in (tmp_path, folder):  # the batches folder or its parent
+        train = load_cifar10(str(root), "train")
+        assert train.images.shape == (15, 32, 32, 3) and train.labels.tolist() == sorted(list(range(5)) * 3)
+        assert train.images[3, 0, 0].tolist() == [1, 100, 1]  # channels last, planes in R, G, B order
+        assert train.class_names[0] == "airplane"
+    assert load_cifar10(str(tmp_path), "test").labels.tolist() == [5, 5, 5]
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DatasetNotFoundError, match="data_batch_3"):
+        load_cifar10(str(tmp_path), "train")
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="test_batch"):
+        load_cifar10(str(tmp_path), "test")
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-python.tar.gz"):
+        load_cifar10(str(tmp_path / "nothing"), "test")
+
+
+def test_image_folder(folder: Path) -> None:
+    arrays = load_image_folder(folder, 16)
+    assert arrays.images.shape == (7, 16, 16, 3) and arrays.images.dtype == np.uint8  # some RGB -> 3
+    assert arrays.labels.tolist() == [0] * 4 + [1] * 3 and arrays.class_names == ["a", "b"]
+    assert load_image_folder(folder, 8, channels=1).images.shape == (7, 8, 8, 1)
+    gray = load_image_folder(folder / "a" / "sub", 16)  # no sub-folders: one class named after the folder
+    assert gray.images.shape == (1, 16, 16, 1) and gray.class_names == ["sub"] and gray.labels.tolist() == [0]
+    with pytest.raises(ValueError, match="loose images"):  # "a" holds both g0.png and the folder "sub"
+        load_image_folder(folder / "a", 16)
+
+
+def test_image_folder_errors(tmp_path: Path, folder: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="no .png/.jpg images found under"):
+        load_image_folder(tmp_path / "empty", 16)
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", 16)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        load_image_folder(folder, 16, channels=2)
+    half = (folder / "b" / "c0.png").read_bytes()
+    (folder / "b" / "c0.png").write_bytes(half[: len(half) // 2])  # valid header, truncated pixels
+    with pytest.raises(ValueError, match="c0.png"):
+        load_image_folder(folder, 16)
+    (folder / "b" / "broken.png").write_bytes(np.random.default_rng(0).bytes(100))
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_folder(folder, 16)
+
+
+def test_load_image_resizes_and_crops(tmp_path: Path) -> None:
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, 4:36] = (
+        255  # white well beyond the centre crop (columns 10:30), so resampling ringing stays outside
+    )
+    Image.fromarray(rgb).save(tmp_path / "wide.png")
+    x = load_image(tmp_path / "wide.png", 10, None)
+    assert x.shape == (1, 3, 10, 10) and x.dtype == torch.float32 and x.min() == 1
+    deep = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600).astype(np.uint16)  # 16-bit grayscale
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    y = to_uint8(load_image(tmp_path / "deep.png", 10))
+    assert y.shape == (1, 1, 10, 10) and y.max() == round(99 * 600 / 257)  # scaled to 8 bits, not clipped
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png", 10)
+
+
+def check_batch(batch: tuple[torch.Tensor, torch.Tensor], b: int, c: int, s: int) -> None:
+    images, labels = batch
+    assert images.shape == (b, c, s, s) and images.dtype == torch.float32 and labels.dtype == torch.long
+    assert images.min() >= -1 and images.max() <= 1 and labels.shape == (b,)
+
+
+def test_datamodule_idx(mnist_root: Path) -> None:
+    dm = ImageDataModule("mnist", root=str(mnist_root), batch_size=8, val_size=10, download=False)
+    assert (dm.channels, dm.image_size, dm.num_classes) == (1, 28, 10)  # before setup
+    dm.prepare_data()
+    dm.setup("fit")
+    sizes = {s: len(dm.split_arrays(s)[1]) for s in im.SPLITS}
+    assert sizes == {"train": 30, "val": 10, "test": 12}
+    train = list(dm.train_dataloader())
+    assert len(train) == 3  # drop_last
+    check_batch(train[0], 8, 1, 28)
+    check_batch(next(iter(dm.test_dataloader())), 8, 1, 28)
+    assert sum(len(y) for _, y in dm.dataloader("train")) == 30  # every image, in order
+    other = ImageDataModule("mnist", root=str(mnist_root), val_size=10, seed=0, download=False)
+    assert torch.equal(other.split_arrays("val")[0], dm.split_arrays("val")[0])
+    moved = ImageDataModule("mnist", root=str(mnist_root), val_size=10, seed=1, download=False)
+    assert not torch.equal(moved.split_arrays("val")[0], dm.split_arrays("val")[0])
+    padded = ImageDataModule("mnist", root=str(mnist_root), image_size=32, channels=3, val_size=10, limit=4)
+    images, _ = padded.split_arrays("train")
+    assert images.shape == (4, 3, 32, 32) and images[:, :, :2].max() == 0  # zero border
+    assert torch.equal(images[:, :, 2:-2, 2:-2], dm.split_arrays("train")[0][:4].expand(-1, 3, -1, -1))
+
+
+def test_datamodule_image_folder(folder: Path) -> None:
+    dm = ImageDataModule(
+        "image_folder", root=str(folder), image_size=16, batch_size=2, val_size=0, test_size=2
+    )
+    assert (dm.channels, dm.image_size, dm.class_names) == (3, 16, ["a", "b"])
+    dm.setup()
+    assert [len(dm.split_arrays(s)[1]) for s in im.SPLITS] == [4, 1, 2]  # val_size=0: 10%, at least 1
+    check_batch(next(iter(dm.train_dataloader())), 2, 3, 16)
+    with pytest.raises(ValueError, match="leave none to train on"):
+        ImageDataModule("image_folder", root=str(folder), val_size=5000).setup()
+
+
+def test_datamodule_bad_arguments() -> None:
+    with pytest.raises(
+        ValueError, match="unknown dataset 'imagenet'.*fashion_mnist, mnist, cifar10, image_folder"
+    ):
+        ImageDataModule("imagenet")
+    with pytest.raises(ValueError, match="image_size must be"):
+        ImageDataModule("cifar10", image_size=64)
+    with pytest.raises(ValueError, match="needs --data.root"):
+        ImageDataModule("image_folder")
+
+
+def test_save_grid(tmp_path: Path) -> None:
+    images = torch.linspace(-1, 1, 10 * 3 * 8 * 8).view(10, 3, 8, 8)
+    grid = save_grid(images, tmp_path / "out" / "grid.png", nrow=5, padding=2, scale=2)
+    # 5 columns x 2 rows of 16x16 tiles with 2 px between and around them
+    assert grid.shape == (2 * 18 + 2, 5 * 18 + 2, 3)
+    with Image.open(tmp_path / "out" / "grid.png") as png:
+        assert png.size == (92, 38) and png.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(png), grid)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["grid.png"]  # no temp file left
+    gray = save_grid(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), tmp_path / "gray.png", padding=1)
+    assert gray.shape == (2 * 5 + 1, 2 * 5 + 1, 1) and gray[0, 0, 0] == 255 and gray[1, 1, 0] == 0
