@@ -1,0 +1,47 @@
+# vqgen: `make demo` runs the whole pipeline on Fashion-MNIST; `make test` runs the tests.
+# Both set everything up first (a virtual environment in .venv with the CPU build of torch).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUNS ?= runs
+CODES ?= codes/fashion_mnist
+STAGE1_CKPT := $(RUNS)/stage1/latest/checkpoints/last.ckpt
+PRIOR_CKPT := $(RUNS)/stage2_transformer/latest/checkpoints/best.ckpt
+export WANDB_SILENT ?= true
+
+.PHONY: setup data demo demo-stage1 test lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: that pin is a local CPU build here; an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST: Debian's package when apt is there (offline machines), else the loader downloads it.
+data:
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
+		|| echo "could not apt-get dataset-fashion-mnist; the loader will try to download Fashion-MNIST"; fi
+
+demo-stage1: setup data
+	$(BIN)/train_stage1 fit --config configs/stage1/fashion_mnist.yaml --trainer.default_root_dir $(RUNS)/stage1
+
+demo: demo-stage1
+	$(BIN)/extract_codes --ckpt $(STAGE1_CKPT) --out $(CODES) --overwrite
+	$(BIN)/train_stage2 fit --config configs/stage2/fashion_mnist_transformer.yaml --data.codes_dir $(CODES) \
+		--trainer.default_root_dir $(RUNS)/stage2_transformer
+	$(BIN)/sample --prior $(PRIOR_CKPT) --n 64 --out $(RUNS)/samples.png
+	@echo "demo done: $(RUNS)/stage1/latest/reconstructions.png and $(RUNS)/samples.png"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(RUNS) codes wandb

@@ -1,0 +1,117 @@
+"""The codes DataModule: batches of (codes (B, H, W) long, labels (B,) long) read from a codes directory.
+
+Everything the prior must agree with — codebook size, grid shape, number of classes — is read from the
+directory's meta.json and exposed as properties, which LightningCLI links into the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.codes import CodesError, load_split, read_meta
+from common.codes import check_stage1 as verify_stage1_ckpt
+
+
+class CodesDataset(Dataset):
+    """One split held in memory as int64 (a Fashion-MNIST split of 7x7 codes is a few MB)."""
+
+    def __init__(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        self.codes = torch.from_numpy(np.asarray(codes, dtype=np.int64))  # (N, H, W)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return self.codes[idx], self.labels[idx]
+
+
+def _batched(batch):
+    return batch  # __getitems__ already returns a whole batch
+
+
+class CodesDataModule(pl.LightningDataModule):
+    """Train/val/test code grids from ``extract_codes`` output.
+
+    Args:
+        codes_dir: the directory extract_codes wrote (meta.json + <split>/codes.npy, labels.npy).
+        batch_size: code grids per batch.
+        num_workers: DataLoader workers (0 is fastest for in-memory codes).
+        check_stage1: verify the stage-1 checkpoint named in meta.json still exists with the same
+            SHA-256 (so samples are decoded by the model that made the codes).
+    """
+
+    def __init__(self, codes_dir: str, batch_size: int = 128, num_workers: int = 0, check_stage1: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.meta = read_meta(codes_dir)
+        # verify_stage1_ckpt raises CodesError if the checkpoint was moved or changed since extraction.
+        self.stage1_ckpt = verify_stage1_ckpt(self.meta) if check_stage1 else self.meta.stage1_ckpt
+        self._splits: dict[str, CodesDataset] = {}
+
+    # Linked into the model by train_stage2: never typed twice.
+    @property
+    def codebook_size(self) -> int:
+        return self.meta.codebook_size
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return tuple(self.meta.grid_shape)
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    @property
+    def meta_dict(self) -> dict:
+        return asdict(self.meta)
+
+    def split(self, name: str) -> CodesDataset:
+        if name not in self._splits:
+            if name not in self.meta.counts:
+                raise CodesError(
+                    f"{self.hparams.codes_dir} has no split {name!r} (it has {', '.join(self.meta.counts)}); "
+                    "re-run extract_codes with --splits train,val,test"
+                )
+            codes, labels = load_split(self.hparams.codes_dir, name)
+            self._splits[name] = CodesDataset(codes, labels)
+        return self._splits[name]
+
+    def setup(self, stage: str | None = None) -> None:
+        for name in ("train", "val", "test"):
+            if name in self.meta.counts:
+                self.split(name)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        ds = self.split(name)
+        if shuffle and len(ds) < self.hparams.batch_size:
+            raise ValueError(
+                f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids"
+            )
+        return DataLoader(
+            ds,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=_batched,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,126 @@
+"""The stage-2 LightningModule: an autoregressive prior over stage-1 codes.
+
+It wraps one of the two networks (``transformer`` or ``pixelcnn``, both codes (B, H, W) + labels ->
+logits (B, K, H, W)), trains it with cross-entropy, reports NLL in bits per code and in bits per image
+dimension plus top-1 accuracy, and samples through :func:`stage2_prior.sampling.sample_codes`.
+The checkpoint keeps the codes' metadata (``codes_meta``: the stage-1 checkpoint and its hash, image
+size, class names), so ``sample`` needs nothing but the prior checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from common.optim import adamw_warmup_cosine
+from stage2_prior.pixelcnn import PIXELCNN_SIZES, GatedPixelCNN
+from stage2_prior.sampling import sample_codes
+from stage2_prior.transformer import TRANSFORMER_SIZES, Transformer
+
+KINDS = {"transformer": (Transformer, TRANSFORMER_SIZES), "pixelcnn": (GatedPixelCNN, PIXELCNN_SIZES)}
+
+
+def build_network(kind: str, size: str, codebook_size: int, grid_shape: tuple[int, int], num_classes: int,
+                  overrides: dict) -> torch.nn.Module:  # fmt: skip
+    if kind not in KINDS:
+        raise ValueError(f"model.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    cls, sizes = KINDS[kind]
+    if size not in sizes:
+        raise ValueError(f"model.size for {kind} must be one of {', '.join(sizes)}, got {size!r}")
+    kwargs = {**sizes[size], **{k: v for k, v in overrides.items() if v is not None}}
+    return cls(codebook_size, tuple(grid_shape), num_classes, **kwargs)
+
+
+class Prior(pl.LightningModule):
+    """Autoregressive prior over code grids.
+
+    Args:
+        kind: "transformer" (GPT-style, KV-cached sampling) or "pixelcnn" (gated PixelCNN).
+        size: a named size (tiny, small, base); n_layer/n_head/n_embd/channels override it.
+        codebook_size, grid_shape, num_classes: linked from the codes' meta.json — never typed.
+        codes_meta: the codes' meta.json as a dict (linked), kept in the checkpoint for `sample`.
+        label_dropout: probability of replacing a label by the null class while training, so that
+            classifier-free guidance works at sampling time.
+        lr, weight_decay, warmup_steps, cosine: AdamW with linear warm-up and cosine decay.
+    """
+
+    monitor = ("val/bits_per_code", "min")
+
+    def __init__(
+        self,
+        kind: str = "transformer",
+        size: str = "small",
+        codebook_size: int = 512,
+        grid_shape: tuple[int, int] = (7, 7),
+        num_classes: int = 0,
+        codes_meta: dict | None = None,
+        n_layer: int | None = None,
+        n_head: int | None = None,
+        n_embd: int | None = None,
+        channels: int | None = None,
+        dropout: float = 0.0,
+        label_dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        cosine: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        overrides = {"n_layer": n_layer, "dropout": dropout}
+        overrides.update({"n_head": n_head, "n_embd": n_embd} if kind == "transformer" else {"channels": channels})
+        self.net = build_network(kind, size, codebook_size, grid_shape, num_classes, overrides)
+        self.codebook_size = codebook_size
+        self.grid_shape = tuple(grid_shape)
+        self.num_classes = num_classes
+        meta = codes_meta or {}
+        # bits per image dimension: a grid's NLL spread over the pixels (x channels) it stands for.
+        self.image_dims = int(meta.get("image_size", 0)) ** 2 * int(meta.get("channels", 1)) or None
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(codes, labels)  # (B, K, H, W)
+
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return labels if self.num_classes > 0 else None
+
+    def _metrics(self, batch, prefix: str, drop_labels: bool = False) -> torch.Tensor:
+        codes, labels = batch
+        labels = self._labels(labels)
+        if labels is not None and drop_labels and self.hparams.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+            labels = labels.masked_fill(drop, self.num_classes)  # the null class
+        logits = self(codes, labels)
+        nll = F.cross_entropy(logits.float(), codes)  # nats per code
+        bits_per_code = nll / math.log(2)
+        on_step = prefix == "train"
+        metrics = {f"{prefix}/bits_per_code": bits_per_code}
+        if self.image_dims:
+            h, w = self.grid_shape
+            metrics[f"{prefix}/bits_per_dim"] = bits_per_code * h * w / self.image_dims
+        if prefix != "train":
+            metrics[f"{prefix}/accuracy"] = (logits.argmax(1) == codes).float().mean()
+        self.log_dict(metrics, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        return nll
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._metrics(batch, "train", drop_labels=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._metrics(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._metrics(batch, "test")
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Draw n code grids (n, H, W); kwargs go to :func:`stage2_prior.sampling.sample_codes`."""
+        return sample_codes(self.net, n, labels, **kwargs)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, total, hp.cosine,
+                                   betas=(0.9, 0.95), final_fraction=0.05)  # fmt: skip

@@ -1,0 +1,95 @@
+"""`train_stage2`: train a prior over stage-1 codes with LightningCLI.
+
+    train_stage2 fit --config configs/stage2/fashion_mnist_transformer.yaml --data.codes_dir codes/
+    train_stage2 fit --config configs/stage2/fashion_mnist_pixelcnn.yaml --data.codes_dir codes/
+
+Codebook size, grid shape, number of classes and the codes' metadata are linked from the codes
+directory into the model. At every ``--sample_every_n_epochs``-th validation a grid of samples
+(one row per class when there are labels), decoded by the stage-1 checkpoint that meta.json names, goes
+to the dashboard; after `fit` the best checkpoint is tested and ``samples.png`` lands in the run folder.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_lightning import Callback
+
+from common.cli import VQGenCLI
+from common.images import make_grid, save_grid
+from common.logging import log_image
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.data import CodesDataModule
+from stage2_prior.prior import Prior
+
+
+def sample_grid_images(prior: Prior, vqvae: VQVAE, per_row: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Images (n, C, H, W) for a grid with one row per class (or 8 unconditional rows), and its row length."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if prior.num_classes > 0:
+        rows = min(prior.num_classes, 10)
+        labels = torch.arange(rows).repeat_interleave(per_row).to(prior.device)
+    else:
+        rows, labels = 8, None
+    codes = prior.sample(rows * per_row, labels, generator=gen)
+    return vqvae.decode_codes(codes.to(vqvae.device)).cpu(), per_row
+
+
+class SampleGrid(Callback):
+    """Log a decoded sample grid every N validation epochs (rank 0 only)."""
+
+    def __init__(self, stage1_ckpt: str, every_n_epochs: int) -> None:
+        self.stage1_ckpt, self.every_n_epochs = stage1_ckpt, every_n_epochs
+        self._vqvae: VQVAE | None = None
+
+    def vqvae(self, device: torch.device) -> VQVAE:
+        if self._vqvae is None:
+            self._vqvae = VQVAE.load_from_checkpoint(self.stage1_ckpt, map_location="cpu").eval()
+        return self._vqvae.to(device)
+
+    def on_validation_epoch_end(self, trainer, pl_module: Prior) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.every_n_epochs <= 0:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        images, per_row = sample_grid_images(pl_module, self.vqvae(pl_module.device))
+        log_image(trainer.logger, "samples", make_grid(images, nrow=per_row, scale=2), trainer.global_step)
+
+
+class Stage2CLI(VQGenCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--sample_every_n_epochs", type=int, default=1,
+                            help="log a decoded sample grid every N validation epochs (0: never)")  # fmt: skip
+        for src, dst in [("codebook_size", "codebook_size"), ("grid_shape", "grid_shape"),
+                         ("num_classes", "num_classes"), ("meta_dict", "codes_meta")]:  # fmt: skip
+            parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        every = self._get(self.config, "sample_every_n_epochs", default=1)
+        if self.run_dir is not None and every:
+            trainer.callbacks.append(SampleGrid(self.datamodule.stage1_ckpt, every))
+        return trainer
+
+    def after_fit(self) -> None:
+        super().after_fit()
+        if self.run_dir is None:
+            return
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", verbose=False)
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+        vqvae = VQVAE.load_from_checkpoint(self.datamodule.stage1_ckpt, map_location="cpu").eval()
+        images, per_row = sample_grid_images(self.model.cpu(), vqvae)
+        path = self.run_dir / "samples.png"
+        save_grid(images, path, nrow=per_row, scale=2)
+        print(f"samples: {path}", flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    Stage2CLI(Prior, CodesDataModule, args=args, seed_everything_default=0)
+
+
+if __name__ == "__main__":
+    main()
