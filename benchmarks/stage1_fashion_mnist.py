@@ -25,9 +25,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # noqa: E402
+
 from common.images import ImageDataModule  # noqa: E402
 from stage1_vqvae.vqvae import VQVAE, CodeUsage  # noqa: E402
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # noqa: E402
 
 
 class UsageWindow(pl.Callback):
@@ -63,7 +64,8 @@ def apply_overrides(cfg: dict, sets: list[str]) -> None:
 @torch.no_grad()
 def evaluate(model: VQVAE, dm: ImageDataModule, device: torch.device) -> dict:
     model.eval().to(device)
-    psnr, ssim = PeakSignalNoiseRatio(data_range=2.0).to(device), StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
+    psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
     usage = CodeUsage(model.codebook_size).to(device)
     for images, _ in dm.dataloader("test", batch_size=500):
         images = images.to(device)
@@ -81,7 +83,7 @@ def evaluate(model: VQVAE, dm: ImageDataModule, device: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/stage1/fashion_mnist.yaml")
-    ap.add_argument("--set", action="append", default=[], help="override, e.g. model.width=96 or trainer.max_steps=3000")
+    ap.add_argument("--set", action="append", default=[], help="override, e.g. model.width=96, trainer.max_steps=3000")
     ap.add_argument("--max_minutes", type=float, default=4.0, help="hard cap on training wall time")
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: Debian's location)")

@@ -23,7 +23,7 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningCLI
 
-from common.logging import LogConfig, make_logger
+from common.logging import LogConfig, finish_logger, make_logger
 
 RUN_ENV = "VQGEN_RUN_DIR"  # lets DDP child processes (re-launched scripts) join rank 0's run folder
 
@@ -92,19 +92,25 @@ class VQGenCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
+        finally:  # after every after_<subcommand> hook, also of subclasses
+            trainer = getattr(self, "trainer", None)
+            finish_logger(getattr(trainer, "logger", None), failed=sys.exc_info()[0] is not None)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(LogConfig, "log")
 
     def before_instantiate_classes(self) -> None:
         self.run_dir: Path | None = None
+        self._resume = False
         sub = self.subcommand
         if sub != "fit":
             return
         cfg = self.config[sub]
         root = Path(cfg["trainer"].get("default_root_dir") or "runs")
         child = os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_ENV)
+        self._child = bool(child)
         if child:  # a DDP child process: join the folder rank 0 chose
             run_dir = Path(os.environ[RUN_ENV])
         elif cfg.get("ckpt_path") == "last":
@@ -116,13 +122,18 @@ class VQGenCLI(LightningCLI):
                 )
             run_dir = latest.resolve()
             cfg["ckpt_path"] = str(last)
+            self._resume = True
         else:
             run_dir = root / (cfg["log"]["name"] or next_version(root))
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not child:
-            point_latest(root, run_dir)  # at the start, so a killed run can be resumed with `last`
         os.environ[RUN_ENV] = str(run_dir.resolve())
-        self.run_dir = run_dir
+        self.run_dir, self._root = run_dir, root
+
+    def before_fit(self) -> None:
+        # Once everything is built (a config error must not hide the last good run from `--ckpt_path last`)
+        # but before training, so that a killed run can be resumed with `last`.
+        if self.run_dir is not None and not self._child:
+            point_latest(self._root, self.run_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.run_dir is None:  # validate/test/predict: no run folder, no logger by default
@@ -145,7 +156,7 @@ class VQGenCLI(LightningCLI):
         if not any(isinstance(c, ProgressBar) for c in callbacks):
             tty = sys.stderr.isatty()
             callbacks.append(TQDMProgressBar() if tty else LineProgressBar(log.every_n_steps))
-        kwargs.setdefault("logger", make_logger(log, self.run_dir, self.run_dir.name) or False)
+        kwargs.setdefault("logger", make_logger(log, self.run_dir, self.run_dir.name, self._resume) or False)
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)

@@ -7,6 +7,7 @@ missing wandb install falls back to CSV with a clear message.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import sys
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 BACKENDS = ("wandb", "csv", "tensorboard", "none")
 
@@ -47,8 +50,30 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def make_logger(cfg: LogConfig, run_dir: Path, run_name: str) -> Logger | None:
-    """Build the logger for a run whose files live in ``run_dir``."""
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps it and appends."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # the header; new keys rewrite it
+
+
+class ResumedCSVLogger(CSVLogger):
+    """CSVLogger for a run resumed in place: the metrics of the steps before the resume stay in metrics.csv."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume: bool = False) -> Logger | None:
+    """Build the logger for a run whose files live in ``run_dir`` (``resume``: continuing it in place)."""
+    csv_logger = ResumedCSVLogger if resume else CSVLogger
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--log.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,8 +83,8 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str) -> Logger | None:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            print("wandb is not installed (pip install wandb); logging to CSV in " f"{run_dir} instead.", file=sys.stderr)
-            return CSVLogger(save_dir=str(run_dir), name="", version="")
+            print(f"wandb is not installed (pip install wandb); logging to CSV in {run_dir} instead.", file=sys.stderr)
+            return csv_logger(save_dir=str(run_dir), name="", version="")
         if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
             os.environ["WANDB_MODE"] = "offline"
             print(
@@ -70,7 +95,16 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str) -> Logger | None:
         return WandbLogger(project=cfg.project, name=run_name, save_dir=str(run_dir))
     if cfg.backend == "tensorboard":
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
-    return CSVLogger(save_dir=str(run_dir), name="", version="")
+    return csv_logger(save_dir=str(run_dir), name="", version="")
+
+
+def finish_logger(logger: Logger | None, failed: bool = False) -> None:
+    """End the W&B run a command started: otherwise the next fit in the same process logs into it."""
+    if isinstance(logger, WandbLogger) and "wandb" in sys.modules and sys.modules["wandb"] is not None:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, caption: str = "") -> None:

@@ -199,7 +199,8 @@ class VectorQuantizer(nn.Module):
                 loss = loss + F.mse_loss(e, flat.detach())
             # Straight-through estimator in training; in eval the output is exactly the code vector.
             q = flat + (e - flat).detach() if self.training else e
-            q = q.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, dim, H, W)
+            # contiguous, as in lookup(): the same memory layout makes out_proj give bit-identical outputs
+            q = q.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, dim, H, W)
             quantized = self.out_proj(q)
         return Quantized(quantized, loss, codes.view(b, h, w), commitment.detach())
 
@@ -235,7 +236,7 @@ class FSQ(nn.Module):
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
         # z (..., L) -> values in a range that rounds to exactly `levels` integers.
         lv = self.levels.float()
-        half = (lv - 1) * (1 - 1e-3) / 2
+        half = (lv - 1) * (1 + 1e-3) / 2  # 1 + eps as in the paper's code: 1 - eps makes level 2 NaN
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
@@ -253,7 +254,7 @@ class FSQ(nn.Module):
             digits = (rounded.detach() + half_width).round().long()  # (B, H, W, L) in [0, level)
             codes = (digits * self.basis).sum(-1)  # (B, H, W)
             values = rounded / half_width
-            quantized = self.out_proj(values.permute(0, 3, 1, 2))
+            quantized = self.out_proj(values.permute(0, 3, 1, 2).contiguous())  # same layout as lookup()
         zero = torch.zeros((), device=z.device)
         return Quantized(quantized, zero, codes, zero)
 

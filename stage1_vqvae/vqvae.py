@@ -39,7 +39,8 @@ class CodeUsage(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         p = self.counts.float() / self.counts.sum().clamp(min=1)
         entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
-        return {"perplexity": entropy.exp(), "usage": (self.counts > 0).float().mean()}
+        # counts too: after compute() `self.counts` holds this rank's counts again, not the sum over ranks
+        return {"perplexity": entropy.exp(), "usage": (self.counts > 0).float().mean(), "counts": self.counts.clone()}
 
 
 class VQVAE(pl.LightningModule):
@@ -95,8 +96,9 @@ class VQVAE(pl.LightningModule):
         self.decoder = Decoder(in_channels, width, res_blocks, res_width, downsample, code_dim, image_size)
         if quantizer == "vq":
             self.quantizer = VectorQuantizer(
-                codebook_size, code_dim, beta, ema, decay, 1e-5, kmeans_init, restart_threshold, lookup_dim, l2_normalize
-            )
+                codebook_size, code_dim, beta, ema, decay, 1e-5, kmeans_init, restart_threshold, lookup_dim,
+                l2_normalize,
+            )  # fmt: skip
         elif quantizer == "fsq":
             self.quantizer = FSQ(fsq_levels or [8, 5, 5, 5], code_dim)
         else:
@@ -169,7 +171,7 @@ class VQVAE(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         stats = self.val_usage.compute()
-        counts = self.val_usage.counts.cpu().numpy()
+        counts = stats["counts"].cpu().numpy()  # all ranks' codes
         self.val_usage.reset()
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True)
         self.log("val/perplexity", stats["perplexity"])

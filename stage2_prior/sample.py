@@ -179,9 +179,9 @@ def run(a: argparse.Namespace) -> Path:
 
 
 def _log_wandb(grid: np.ndarray, a: argparse.Namespace) -> None:
-    from common.logging import wandb_has_credentials
-
     import wandb
+
+    from common.logging import wandb_has_credentials
 
     if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"

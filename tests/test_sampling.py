@@ -14,15 +14,6 @@ K, GRID, NUM_CLASSES = 8, (3, 4), 5
 KINDS = ["transformer", "pixelcnn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is far faster than contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_prior(kind: str, num_classes: int = NUM_CLASSES):
     torch.manual_seed(0)
     if kind == "transformer":
