@@ -13,22 +13,15 @@ Prints a table and writes JSON (--json).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
-import sys
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import yaml
+from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # noqa: E402
-
-from common.images import ImageDataModule  # noqa: E402
-from stage1_vqvae.vqvae import VQVAE, CodeUsage  # noqa: E402
+from common.images import ImageDataModule
+from stage1_vqvae.vqvae import VQVAE, CodeUsage
 
 
 class UsageWindow(pl.Callback):
@@ -49,16 +42,6 @@ class UsageWindow(pl.Callback):
         if (trainer.global_step % self.every) == 0:
             self.windows.append((trainer.global_step, float((self.counts > 0).float().mean())))
             self.counts = None
-
-
-def apply_overrides(cfg: dict, sets: list[str]) -> None:
-    for item in sets:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = cfg
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
 
 
 @torch.no_grad()
@@ -89,8 +72,7 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: Debian's location)")
     ap.add_argument("--json", default="benchmarks/results/stage1_fashion_mnist.json")
     a = ap.parse_args()
-    cfg = yaml.safe_load(Path(a.config).read_text())
-    apply_overrides(cfg, a.set)
+    cfg = load_config(a.config, a.set)
     pl.seed_everything(cfg.get("seed_everything", 0), verbose=False)
     data = {**cfg.get("data", {}), "root": a.root or cfg.get("data", {}).get("root")}
     dm = ImageDataModule(**data)
@@ -111,20 +93,15 @@ def main() -> None:
     images = steps * dm.hparams.batch_size
     device = torch.device("cuda" if a.accelerator in ("gpu", "cuda") else "cpu")
     result = {
-        "config": a.config, "overrides": a.set, "machine": platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "config": a.config, "overrides": a.set, **machine(device),
         "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(train_s, 1),
         "steps": steps, "epochs": round(images / len(dm.split_arrays("train")[0]), 2),
         "train_images_per_s": round(images / train_s, 1),
         "min_window_codes_used": min((u for s, u in usage_cb.windows if s > 1), default=float("nan")),
         **evaluate(model, dm, device),
-        "peak_ram_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_ram_mb": peak_ram_mb(),
     }  # fmt: skip
-    width = max(map(len, result))
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=2))
+    report(result, a.json)
 
 
 if __name__ == "__main__":

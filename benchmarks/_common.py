@@ -1,0 +1,50 @@
+"""Helpers the benchmark scripts share: config loading with overrides, machine facts, table + JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def load_config(path: str, sets: list[str]) -> dict:
+    """Read a YAML config and apply `a.b.c=value` overrides (values parsed as YAML)."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    for item in sets:
+        key, value = item.split("=", 1)
+        *parents, last = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    return cfg
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"device": name, "machine": platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def peak_ram_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def report(result: dict, json_path: str | None) -> None:
+    """Print `key  value` rows and write the JSON file."""
+    width = max(map(len, result))
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,98 @@
+"""Throughput of `extract_codes` on the real Fashion-MNIST (train + val + test = 70,000 images).
+
+    python benchmarks/extract_throughput.py                      # default stage-1 config, random init
+    python benchmarks/extract_throughput.py --ckpt best.ckpt     # a trained checkpoint
+    python benchmarks/extract_throughput.py --batch_size 256 --threads 2 --json out.json
+
+Runs `stage1_vqvae.extract.extract_codes` (the function behind the console script: Lightning predict loop,
+CodesWriter) into a temporary directory. The figure is end to end: Trainer setup, hashing the checkpoint,
+encoding and writing, with the images already in memory (reading the IDX files is not timed). Random
+weights encode as fast as trained ones (same operations), but their codes mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.images import SPLITS  # noqa: E402
+from stage1_vqvae.extract import extract_codes, load_stage1, make_datamodule  # noqa: E402
+from stage1_vqvae.vqvae import VQVAE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "stage1" / "fashion_mnist.yaml"
+
+
+def random_checkpoint(folder: Path) -> Path:
+    """A checkpoint of the default Fashion-MNIST stage-1 model with random weights."""
+    config = yaml.safe_load(CONFIG.read_text())
+    torch.manual_seed(0)
+    model = VQVAE(in_channels=1, image_size=28, **config["model"])
+    path = folder / "random_stage1.ckpt"
+    data = {k: v for k, v in config["data"].items() if k != "batch_size"}
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+         "datamodule_hyper_parameters": data, "pytorch-lightning_version": "2.6.0"},
+        path,
+    )  # fmt: skip
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="stage-1 checkpoint (default: the default config with random weights)")
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "extract_throughput.json"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(Path(tmp))
+        model, data_args = load_stage1(ckpt)
+        data_args.setdefault("dataset", "fashion_mnist")
+        datamodule = make_datamodule(model, **data_args)
+        n = sum(len(datamodule.split_arrays(s)[1]) for s in SPLITS)  # read the files before timing
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            extract_codes(model, datamodule, Path(tmp) / "codes", ckpt, SPLITS, args.batch_size, overwrite=True,
+                          accelerator="cpu")  # fmt: skip
+            times.append(time.perf_counter() - t0)
+    seconds = min(times)
+    result = {
+        "images": n,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n / seconds, 1),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "weights": str(ckpt) if args.ckpt else "random init (throughput only)",
+        "model": {k: model.hparams[k] for k in ("width", "res_blocks", "res_width", "downsample", "code_dim",
+                                                 "codebook_size")},  # fmt: skip
+        "all_seconds": [round(t, 3) for t in times],
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    print(f"\nextract_codes throughput, Fashion-MNIST train+val+test, weights: {result['weights']}")
+    print(f"{'images':>8} {'seconds':>8} {'images/s':>9} {'threads':>7} {'batch':>6}")
+    print(f"{n:>8} {seconds:>8.2f} {n / seconds:>9.0f} {result['threads']:>7} {args.batch_size:>6}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""A callback the stage-1 tests pass on the command line (``--trainer.callbacks``) to look inside a run:
+it saves each rank's quantizer state at the start and end of training as ``<out>/{start,end}_rank{r}.pt``,
+and at the end also the trained model's codes for the first test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from common.images import from_uint8
+
+
+class DumpCodebook(pl.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def _dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.quantizer.state_dict().items()}
+        state["global_step"] = trainer.global_step
+        state["world_size"] = trainer.world_size
+        if when == "end":
+            images, _ = trainer.datamodule.split_arrays("test")
+            state["test_codes"] = pl_module.encode_to_codes(from_uint8(images[:8]).to(pl_module.device)).cpu()
+        torch.save(state, self.out / f"{when}_rank{trainer.global_rank}.pt")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, pl_module, "end")

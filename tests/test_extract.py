@@ -1,0 +1,128 @@
+"""Tests for stage1_vqvae/extract.py (`extract_codes`) on a tiny stage-1 checkpoint trained for 2 steps."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from common.codes import load_split, read_meta, sha256_file
+from common.images import ImageDataModule, from_uint8
+from stage1_vqvae.extract import main, shard_bounds
+from stage1_vqvae.vqvae import VQVAE
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = dict(dataset="image_folder", image_size=16, batch_size=8, val_size=4, test_size=4)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, image folder): 2 classes x 12 gray 16x16 PNGs, a tiny VQVAE fit for 2 steps with the data."""
+    tmp = tmp_path_factory.mktemp("stage1")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate("ab"):
+        (tmp / "images" / name).mkdir(parents=True)
+        for i in range(12):
+            image = rng.integers(0, 128, (16, 16)) + 100 * c * (np.arange(16) > i)  # some structure
+            Image.fromarray(image.astype(np.uint8)).save(tmp / "images" / name / f"{i}.png")
+    dm = ImageDataModule(root=str(tmp / "images"), **DATA)
+    pl.seed_everything(0)
+    model = VQVAE(dm.channels, dm.image_size, 16, 1, 8, 4, 8, codebook_size=16, warmup_steps=1)
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(tmp / "stage1.ckpt")
+    return tmp / "stage1.ckpt", tmp / "images"
+
+
+def expected_codes(ckpt: Path, root: Path, split: str, **data) -> tuple[np.ndarray, np.ndarray]:
+    model = VQVAE.load_from_checkpoint(ckpt, map_location="cpu")
+    images, labels = ImageDataModule(root=str(root), **{**DATA, **data}).split_arrays(split)
+    return model.encode_to_codes(from_uint8(images)).numpy(), labels.numpy()
+
+
+def test_codes_equal_encode_to_codes_with_defaults_from_ckpt(stage1, tmp_path: Path, capsys) -> None:
+    ckpt, root = stage1
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "codes"), "--batch_size", "3"])  # no --data options
+    meta = read_meta(tmp_path / "codes")
+    assert meta.counts == {"train": 16, "val": 4, "test": 4}
+    assert (meta.codebook_size, meta.grid_shape, meta.image_size, meta.channels) == (16, (4, 4), 16, 1)
+    assert (meta.num_classes, meta.class_names, meta.dataset) == (2, ["a", "b"], "image_folder")
+    assert meta.stage1_ckpt == str(ckpt.resolve()) and meta.stage1_sha256 == sha256_file(ckpt)
+    for split in ("train", "val", "test"):
+        codes, labels = load_split(tmp_path / "codes", split)
+        want_codes, want_labels = expected_codes(ckpt, root, split)
+        np.testing.assert_array_equal(codes, want_codes)
+        np.testing.assert_array_equal(labels, want_labels)
+    assert len(np.unique(load_split(tmp_path / "codes", "train")[0])) > 1  # not a degenerate model
+    out = capsys.readouterr().out
+    assert "train: 16 images" in out and "images/s" in out and "written to" in out
+
+
+def test_data_options_and_splits_override(stage1, tmp_path: Path) -> None:
+    ckpt, root = stage1
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "test,val", "--data.limit", "3"])
+    assert read_meta(tmp_path).counts == {"test": 3, "val": 3}
+    np.testing.assert_array_equal(load_split(tmp_path, "test")[0], expected_codes(ckpt, root, "test", limit=3)[0])
+
+
+def test_existing_codes_need_overwrite(stage1, tmp_path: Path) -> None:
+    ckpt, _ = stage1
+    args = ["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "val"]
+    main(args)
+    with pytest.raises(SystemExit, match="already holds extracted codes; pass --overwrite"):
+        main(args)
+    main([*args[:-1], "test", "--overwrite", "true"])
+    assert read_meta(tmp_path).counts == {"test": 4}
+
+
+def test_clear_errors(stage1, tmp_path: Path) -> None:
+    ckpt, _ = stage1
+    out = str(tmp_path / "codes")
+    with pytest.raises(SystemExit, match="missing.ckpt does not exist"):
+        main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", out])
+    (tmp_path / "garbage.ckpt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="not a PyTorch checkpoint"):
+        main(["--ckpt", str(tmp_path / "garbage.ckpt"), "--out", out])
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit, match="not a stage-1 VQVAE checkpoint"):
+        main(["--ckpt", str(tmp_path / "other.ckpt"), "--out", out])
+    with pytest.raises(SystemExit, match="unknown split.*'trian'"):
+        main(["--ckpt", str(ckpt), "--out", out, "--splits", "trian"])
+    with pytest.raises(SystemExit, match="image folder .* does not exist"):
+        main(["--ckpt", str(ckpt), "--out", out, "--data.root", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "codes").exists()
+
+
+def test_shard_bounds_cover_every_row_once() -> None:
+    for n in range(0, 9):
+        for world in range(1, 5):
+            b = shard_bounds(n, world)
+            assert b[0] == 0 and b[-1] == n and all(x <= y for x, y in zip(b, b[1:]))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(stage1, tmp_path: Path) -> None:
+    ckpt, _ = stage1
+    # val_size 1: rank 0's val shard is empty; batch 3 does not divide the shards.
+    args = ["--ckpt", str(ckpt), "--batch_size", "3", "--data.val_size", "1", "--accelerator", "cpu"]
+    main([*args, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    ddp = [sys.executable, "-m", "stage1_vqvae.extract", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(
+        [*ddp, "--devices", "2", "--strategy", "ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    assert read_meta(tmp_path / "two").counts == read_meta(tmp_path / "one").counts == {"train": 19, "val": 1, "test": 4}
+    for split in ("train", "val", "test"):
+        for a, b in zip(load_split(tmp_path / "one", split), load_split(tmp_path / "two", split)):
+            np.testing.assert_array_equal(a, b)
