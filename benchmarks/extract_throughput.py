@@ -2,7 +2,7 @@
 
     python benchmarks/extract_throughput.py                      # default stage-1 config, random init
     python benchmarks/extract_throughput.py --ckpt best.ckpt     # a trained checkpoint
-    python benchmarks/extract_throughput.py --batch_size 256 --threads 2 --json out.json
+    python benchmarks/extract_throughput.py --batch_size 256 512 --repeats 3 --json out.json
 
 Runs `stage1_vqvae.extract.extract_codes` (the function behind the console script: Lightning predict loop,
 CodesWriter) into a temporary directory. The figure is end to end: Trainer setup, hashing the checkpoint,
@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from _common import ROOT, machine  # also puts the repo root on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.images import SPLITS
+from stage1_vqvae.extract import extract_codes, load_stage1, make_datamodule
+from stage1_vqvae.vqvae import VQVAE
 
-from common.images import SPLITS  # noqa: E402
-from stage1_vqvae.extract import extract_codes, load_stage1, make_datamodule  # noqa: E402
-from stage1_vqvae.vqvae import VQVAE  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "stage1" / "fashion_mnist.yaml"
 
 
@@ -51,7 +47,9 @@ def random_checkpoint(folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="stage-1 checkpoint (default: the default config with random weights)")
-    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--root", help="folder holding the Fashion-MNIST IDX files (default: found automatically)")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[256], help="one row each, runs interleaved")
+    p.add_argument("--accelerator", default="cpu", help="cpu (the figure we track), cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "extract_throughput.json"))
@@ -62,31 +60,36 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(Path(tmp))
         model, data_args = load_stage1(ckpt)
         data_args.setdefault("dataset", "fashion_mnist")
+        if args.root:
+            data_args["root"] = args.root
         datamodule = make_datamodule(model, **data_args)
         n = sum(len(datamodule.split_arrays(s)[1]) for s in SPLITS)  # read the files before timing
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            extract_codes(model, datamodule, Path(tmp) / "codes", ckpt, SPLITS, args.batch_size, overwrite=True,
-                          accelerator="cpu")  # fmt: skip
-            times.append(time.perf_counter() - t0)
-    seconds = min(times)
+        times: dict[int, list[float]] = {b: [] for b in args.batch_size}
+        for _ in range(args.repeats):  # interleaved: shared cores slow all batch sizes alike
+            for b in args.batch_size:
+                t0 = time.perf_counter()
+                extract_codes(model, datamodule, Path(tmp) / "codes", ckpt, SPLITS, b, overwrite=True,
+                              accelerator=args.accelerator)  # fmt: skip
+                times[b].append(time.perf_counter() - t0)
+    rows = [
+        {"batch_size": b, "seconds": round(min(t), 3), "images_per_s": round(n / min(t), 1),
+         "all_seconds": [round(x, 3) for x in t]}
+        for b, t in times.items()
+    ]  # fmt: skip
     result = {
         "images": n,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(n / seconds, 1),
-        "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
+        "images_per_s": rows[0]["images_per_s"],  # the first --batch_size (default: extract_codes' default)
+        "rows": rows,
         "weights": str(ckpt) if args.ckpt else "random init (throughput only)",
-        "model": {k: model.hparams[k] for k in ("width", "res_blocks", "res_width", "downsample", "code_dim",
-                                                 "codebook_size")},  # fmt: skip
-        "all_seconds": [round(t, 3) for t in times],
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "model": {k: model.hparams[k] for k in ("width", "res_blocks", "res_width", "downsample", "code_dim")}
+        | {"codebook_size": model.codebook_size},
+        "accelerator": args.accelerator,
+        **machine("cuda" if args.accelerator in ("cuda", "gpu") else "cpu"),
     }
     print(f"\nextract_codes throughput, Fashion-MNIST train+val+test, weights: {result['weights']}")
     print(f"{'images':>8} {'seconds':>8} {'images/s':>9} {'threads':>7} {'batch':>6}")
-    print(f"{n:>8} {seconds:>8.2f} {n / seconds:>9.0f} {result['threads']:>7} {args.batch_size:>6}")
+    for r in rows:
+        print(f"{n:>8} {r['seconds']:>8.2f} {r['images_per_s']:>9.0f} {result['threads']:>7} {r['batch_size']:>6}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -136,9 +136,12 @@ class VectorQuantizer(nn.Module):
         centroids = kmeans(flat, self.codebook_size)
         centroids = _broadcast(centroids.contiguous())
         self.embed.data.copy_(centroids)
-        self.cluster_size.fill_(1.0)
+        # Start every code at the average usage per batch, so a code must stay unused for a while
+        # (not just miss the first batch) before it counts as dead.
+        world = dist.get_world_size() if _distributed() else 1  # EMA counts are summed over ranks
+        self.cluster_size.fill_(flat.shape[0] * world / self.codebook_size)
         if self.ema:
-            self.embed_sum.copy_(centroids)
+            self.embed_sum.copy_(centroids * self.cluster_size[:, None])
         self.initialized.fill_(True)
 
     @torch.no_grad()

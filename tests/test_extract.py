@@ -50,7 +50,8 @@ def expected_codes(ckpt: Path, root: Path, split: str, **data) -> tuple[np.ndarr
 
 def test_codes_equal_encode_to_codes_with_defaults_from_ckpt(stage1, tmp_path: Path, capsys) -> None:
     ckpt, root = stage1
-    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "codes"), "--batch_size", "3"])  # no --data options
+    # No --data options. CPU even where there is a GPU: the expected codes are computed on the CPU.
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "codes"), "--batch_size", "3", "--accelerator", "cpu"])
     meta = read_meta(tmp_path / "codes")
     assert meta.counts == {"train": 16, "val": 4, "test": 4}
     assert (meta.codebook_size, meta.grid_shape, meta.image_size, meta.channels) == (16, (4, 4), 16, 1)
@@ -68,7 +69,20 @@ def test_codes_equal_encode_to_codes_with_defaults_from_ckpt(stage1, tmp_path: P
 
 def test_data_options_and_splits_override(stage1, tmp_path: Path) -> None:
     ckpt, root = stage1
-    main(["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "test,val", "--data.limit", "3"])
+    main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(tmp_path),
+            "--splits",
+            "test,val",
+            "--data.limit",
+            "3",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     assert read_meta(tmp_path).counts == {"test": 3, "val": 3}
     np.testing.assert_array_equal(load_split(tmp_path, "test")[0], expected_codes(ckpt, root, "test", limit=3)[0])
 
@@ -79,7 +93,7 @@ def test_existing_codes_need_overwrite(stage1, tmp_path: Path) -> None:
     main(args)
     with pytest.raises(SystemExit, match="already holds extracted codes; pass --overwrite"):
         main(args)
-    main([*args[:-1], "test", "--overwrite", "true"])
+    main([*args[:-1], "test", "--overwrite"])
     assert read_meta(tmp_path).counts == {"test": 4}
 
 
@@ -98,6 +112,8 @@ def test_clear_errors(stage1, tmp_path: Path) -> None:
         main(["--ckpt", str(ckpt), "--out", out, "--splits", "trian"])
     with pytest.raises(SystemExit, match="image folder .* does not exist"):
         main(["--ckpt", str(ckpt), "--out", out, "--data.root", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="use --strategy ddp"):
+        main(["--ckpt", str(ckpt), "--out", out, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"])
     assert not (tmp_path / "codes").exists()
 
 
@@ -122,7 +138,9 @@ def test_two_process_ddp_matches_one_process(stage1, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout
-    assert read_meta(tmp_path / "two").counts == read_meta(tmp_path / "one").counts == {"train": 19, "val": 1, "test": 4}
+    assert (
+        read_meta(tmp_path / "two").counts == read_meta(tmp_path / "one").counts == {"train": 19, "val": 1, "test": 4}
+    )
     for split in ("train", "val", "test"):
         for a, b in zip(load_split(tmp_path / "one", split), load_split(tmp_path / "two", split)):
             np.testing.assert_array_equal(a, b)

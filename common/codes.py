@@ -1,0 +1,363 @@
+"""THE codes format: the one contract between stage 1 (writes codes) and stage 2 (reads them).
+
+A codes directory holds::
+
+    meta.json              CodesMeta: format version, codebook size, grid shape, classes, stage-1 ckpt + hash
+    <split>/codes.npy      uint16 (N, H, W), read with memory mapping
+    <split>/labels.npy     int64 (N,), -1 where unlabelled
+
+`CodesWriter` writes every array to a temporary file beside its final name and `commit()` moves them into
+place, meta.json last: a directory with a meta.json is complete. `read_meta`, `load_split`, `check_stage1`
+and `check_compatible` reject anything else with a `CodesError` that names the path and what to re-run.
+numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+CODES_FILE = "codes.npy"
+LABELS_FILE = "labels.npy"
+CODES_DTYPE = np.dtype(np.uint16)
+LABELS_DTYPE = np.dtype(np.int64)
+MAX_CODEBOOK_SIZE = int(np.iinfo(CODES_DTYPE).max) + 1  # 65536
+
+
+class CodesError(ValueError):
+    """A codes directory (or what is about to be written into one) is unusable; the message says why."""
+
+
+def _rerun(codes_dir: str | Path, ckpt: str | None = None) -> str:
+    return f"re-run `extract_codes --ckpt {ckpt or 'STAGE1.ckpt'} --out {codes_dir} --overwrite`"
+
+
+@dataclass(kw_only=True)
+class CodesMeta:
+    """What meta.json holds. `counts` maps each extracted split to its number of images."""
+
+    format_version: int = FORMAT_VERSION
+    codebook_size: int
+    grid_shape: tuple[int, int]
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    channels: int
+    stage1_ckpt: str  # absolute path
+    stage1_sha256: str
+    counts: dict[str, int] = field(default_factory=dict)
+    dataset: str = ""  # informational
+
+    def __post_init__(self) -> None:
+        self.grid_shape = tuple(int(s) for s in self.grid_shape)  # JSON has lists
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = META_FILE) -> CodesMeta:
+        """Parse meta.json text; `source` (its path) only goes into error messages."""
+        codes_dir = Path(source).parent
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CodesError(f"{source}: not valid JSON ({e}); {_rerun(codes_dir)}") from e
+        if not isinstance(raw, dict):
+            raise CodesError(f"{source}: expected a JSON object, got {type(raw).__name__}; {_rerun(codes_dir)}")
+        version = raw.get("format_version")
+        ckpt = raw.get("stage1_ckpt") if isinstance(raw.get("stage1_ckpt"), str) else None
+        if version != FORMAT_VERSION:
+            raise CodesError(
+                f"{source}: codes format version {version!r}, but this code reads version {FORMAT_VERSION}; "
+                f"{_rerun(codes_dir, ckpt)}"
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names if n not in raw and n not in ("counts", "dataset"))
+        if missing:
+            raise CodesError(f"{source}: missing {', '.join(missing)}; {_rerun(codes_dir, ckpt)}")
+        try:
+            meta = cls(**{k: v for k, v in raw.items() if k in names})
+            if len(meta.grid_shape) != 2:
+                raise ValueError(f"grid_shape must have 2 entries, got {meta.grid_shape}")
+        except (TypeError, ValueError) as e:
+            raise CodesError(f"{source}: malformed ({e}); {_rerun(codes_dir, ckpt)}") from e
+        return meta
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; no torch import needed
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _temp_path(final: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+# ------------------------------------------------------------------------------------------ writing
+class SplitWriter:
+    """Fills one split's arrays (temporary memory-mapped files) batch by batch; see `CodesWriter`."""
+
+    def __init__(self, folder: Path, split: str, n: int, meta: CodesMeta) -> None:
+        self.split, self.n, self.meta = split, n, meta
+        folder.mkdir(parents=True, exist_ok=True)
+        self.final = {CODES_FILE: folder / CODES_FILE, LABELS_FILE: folder / LABELS_FILE}
+        self.temp = {name: _temp_path(path) for name, path in self.final.items()}
+        if n > 0:
+            shape = (n, *meta.grid_shape)
+            self.codes = np.lib.format.open_memmap(self.temp[CODES_FILE], "w+", CODES_DTYPE, shape)
+            self.labels = np.lib.format.open_memmap(self.temp[LABELS_FILE], "w+", LABELS_DTYPE, (n,))
+            self.labels[:] = -1
+        else:  # numpy cannot memory-map an empty file; an empty split is saved as plain .npy files
+            self.codes = np.zeros((0, *meta.grid_shape), CODES_DTYPE)
+            self.labels = np.zeros((0,), LABELS_DTYPE)
+        self._written = np.zeros(n, dtype=bool)
+
+    def write(self, start: int, codes: Any, labels: Any = None) -> None:
+        """Store codes (B, H, W) (ints in [0, codebook_size), numpy or torch) and labels (B,) at rows start..start+B."""
+        codes = _to_numpy(codes)
+        where = f"{self.split} split, rows {start}..{start + len(codes)}"
+        if codes.ndim != 3 or codes.shape[1:] != self.meta.grid_shape:
+            raise CodesError(f"{where}: codes must have shape (B, *{self.meta.grid_shape}), got {codes.shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise CodesError(f"{where}: codes must be integers, got {codes.dtype}")
+        if start < 0 or start + len(codes) > self.n:
+            raise CodesError(f"{where}: out of bounds for a split of {self.n} images")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.meta.codebook_size):
+            raise CodesError(
+                f"{where}: codes must lie in [0, {self.meta.codebook_size}), got [{codes.min()}, {codes.max()}]"
+            )
+        stop = start + len(codes)
+        self.codes[start:stop] = codes
+        if labels is not None:
+            labels = _to_numpy(labels)
+            if labels.shape != (len(codes),):
+                raise CodesError(f"{where}: labels must have shape ({len(codes)},), got {labels.shape}")
+            self.labels[start:stop] = labels
+        self._written[start:stop] = True
+
+    def _finish(self) -> None:
+        if not self._written.all():
+            missing = int((~self._written).sum())
+            raise CodesError(f"{self.split} split: {missing} of {self.n} rows were never written; nothing committed")
+        if self.n > 0:
+            self.codes.flush()
+            self.labels.flush()
+            del self.codes, self.labels  # close the memory maps before renaming
+        else:
+            for name, array in ((CODES_FILE, self.codes), (LABELS_FILE, self.labels)):
+                with open(self.temp[name], "wb") as f:  # a file object: np.save(path) would append .npy
+                    np.save(f, array)
+        for path in self.temp.values():
+            os.chmod(path, 0o644)  # mkstemp makes 0600 files
+
+    def _remove_temp(self) -> None:
+        for path in self.temp.values():
+            path.unlink(missing_ok=True)
+
+
+class CodesWriter:
+    """Writes a codes directory so that it is either complete (meta.json present) or visibly not.
+
+    ``add_split(split, n)`` returns a `SplitWriter` backed by temporary files in ``out_dir/<split>/``;
+    ``commit()`` checks every row was written, moves the arrays into place with os.replace and writes
+    meta.json last (temp + rename). Policy for an existing complete directory: refused (CodesError) unless
+    ``overwrite=True``; then the old directory stays valid until commit, which first removes the old
+    meta.json, so a crash during commit leaves an incomplete directory, never a mixed one. Used as a
+    context manager, an exception before commit removes the temporary files (a SIGKILL can leave hidden
+    ``.*.tmp`` files behind: harmless, delete them at will).
+    """
+
+    def __init__(self, out_dir: str | Path, meta: CodesMeta, overwrite: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        if not 0 < meta.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise CodesError(
+                f"{self.out_dir}: codebook_size {meta.codebook_size} does not fit the uint16 codes format "
+                f"(1..{MAX_CODEBOOK_SIZE})"
+            )
+        if len(meta.grid_shape) != 2 or min(meta.grid_shape) < 1:
+            raise CodesError(f"{self.out_dir}: grid_shape must be two positive sides, got {meta.grid_shape}")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise CodesError(f"{self.out_dir} exists and is not a directory; pass another --out")
+        if (self.out_dir / META_FILE).exists() and not overwrite:
+            raise CodesError(
+                f"{self.out_dir} already holds extracted codes; pass --overwrite to replace them "
+                "or choose another --out"
+            )
+        self.meta = meta
+        self.splits: dict[str, SplitWriter] = {}
+        self.committed = False
+
+    def add_split(self, split: str, n: int) -> SplitWriter:
+        if split in self.splits:
+            raise CodesError(f"{self.out_dir}: split {split!r} added twice")
+        if not split or split.startswith(".") or "/" in split or "\\" in split:
+            raise CodesError(f"{self.out_dir}: {split!r} is not a usable split name")
+        if n < 0:
+            raise CodesError(f"{self.out_dir}: split {split!r} cannot have {n} images")
+        self.splits[split] = SplitWriter(self.out_dir / split, split, n, self.meta)
+        return self.splits[split]
+
+    def commit(self) -> CodesMeta:
+        """Move every array into place, then write meta.json (with `counts` filled in). Returns the meta."""
+        if self.committed:
+            raise CodesError(f"{self.out_dir}: already committed")
+        for writer in self.splits.values():
+            writer._finish()
+        meta_path = self.out_dir / META_FILE
+        old_counts: dict[str, int] = {}
+        if meta_path.exists():  # overwrite: invalidate the old directory before touching its arrays
+            try:
+                old_counts = read_meta(self.out_dir).counts
+            except CodesError:
+                pass
+            meta_path.unlink()
+        for split in old_counts.keys() - self.splits.keys():  # stale splits the new meta won't list
+            for name in (CODES_FILE, LABELS_FILE):
+                (self.out_dir / split / name).unlink(missing_ok=True)
+        for writer in self.splits.values():
+            for name, tmp in writer.temp.items():
+                os.replace(tmp, writer.final[name])
+        self.meta.counts = {split: w.n for split, w in self.splits.items()}
+        tmp = _temp_path(meta_path)
+        tmp.write_text(self.meta.to_json())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, meta_path)
+        self.committed = True
+        return self.meta
+
+    def abort(self) -> None:
+        """Remove the temporary files; the directory is left as it was before this writer."""
+        for writer in self.splits.values():
+            writer.__dict__.pop("codes", None)
+            writer.__dict__.pop("labels", None)
+            writer._remove_temp()
+
+    def __enter__(self) -> CodesWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_meta(codes_dir: str | Path) -> CodesMeta:
+    """meta.json of a complete codes directory, or CodesError saying what to re-run."""
+    codes_dir = Path(codes_dir)
+    if not codes_dir.is_dir():
+        raise CodesError(
+            f"codes directory {codes_dir} does not exist; run `extract_codes --ckpt STAGE1.ckpt --out {codes_dir}`"
+        )
+    path = codes_dir / META_FILE
+    if not path.is_file():
+        raise CodesError(
+            f"{codes_dir} has no {META_FILE}: not a codes directory, or an extraction that did not finish; "
+            f"{_rerun(codes_dir)}"
+        )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CodesError(f"{path}: cannot read ({e}); {_rerun(codes_dir)}") from e
+    return CodesMeta.from_json(text, str(path))
+
+
+def _load_array(path: Path, mmap: bool, rerun: str) -> np.ndarray:
+    if not path.is_file():
+        raise CodesError(f"{path} is missing; {rerun}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise CodesError(f"{path}: not a readable .npy array ({e}); {rerun}") from e
+
+
+def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint16 (N, H, W) memory-mapped read-only, labels int64 (N,)) of one split, all checked."""
+    codes_dir = Path(codes_dir)
+    meta = read_meta(codes_dir)
+    rerun = _rerun(codes_dir, meta.stage1_ckpt)
+    if split not in meta.counts:
+        raise CodesError(
+            f"{codes_dir} has no {split!r} split (it has: {', '.join(meta.counts) or 'none'}); "
+            f"re-run `extract_codes --ckpt {meta.stage1_ckpt} --out {codes_dir} --splits ... --overwrite` "
+            f"with {split} among the splits"
+        )
+    n = meta.counts[split]
+    codes_path, labels_path = codes_dir / split / CODES_FILE, codes_dir / split / LABELS_FILE
+    codes = _load_array(codes_path, mmap=n > 0, rerun=rerun)
+    labels = _load_array(labels_path, mmap=False, rerun=rerun)
+    expected = (n, *meta.grid_shape)
+    if codes.dtype != CODES_DTYPE:
+        raise CodesError(f"{codes_path}: dtype {codes.dtype}, expected {CODES_DTYPE}; {rerun}")
+    if codes.shape != expected:
+        raise CodesError(
+            f"{codes_path}: shape {codes.shape}, but meta.json says {n} images of grid {meta.grid_shape} "
+            f"{expected}; {rerun}"
+        )
+    if labels.dtype != LABELS_DTYPE or labels.shape != (n,):
+        raise CodesError(f"{labels_path}: {labels.dtype} {labels.shape}, expected {LABELS_DTYPE} ({n},); {rerun}")
+    if n and int(codes.max()) >= meta.codebook_size:
+        raise CodesError(
+            f"{codes_path}: code {int(codes.max())} out of range for codebook_size {meta.codebook_size}; {rerun}"
+        )
+    if n and (labels.min() < -1 or labels.max() >= max(meta.num_classes, 0)):
+        raise CodesError(
+            f"{labels_path}: labels in [{labels.min()}, {labels.max()}], expected -1 (unlabelled) or "
+            f"[0, {meta.num_classes}); {rerun}"
+        )
+    return codes, labels
+
+
+def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None) -> str:
+    """The stage-1 checkpoint to decode with (`ckpt_path`, else the one the codes came from), verified by hash."""
+    path = str(ckpt_path or meta.stage1_ckpt)
+    if not os.path.isfile(path):
+        raise CodesError(
+            f"stage-1 checkpoint {path} was moved or deleted since extraction; pass --vqvae PATH or "
+            f"re-run extract_codes"
+        )
+    digest = sha256_file(path)
+    if digest != meta.stage1_sha256:
+        raise CodesError(
+            f"stage-1 checkpoint {path} changed since extraction (sha256 {digest[:12]}..., the codes were "
+            f"extracted from {meta.stage1_ckpt} with sha256 {meta.stage1_sha256[:12]}...); pass the original "
+            f"--vqvae PATH or re-run `extract_codes --ckpt {path} --out CODES_DIR --overwrite`"
+        )
+    return path
+
+
+def check_compatible(
+    meta: CodesMeta, codebook_size: int, grid_shape: tuple[int, int] | list[int], what: str = "checkpoint"
+) -> None:
+    """CodesError unless the codes were made with this codebook size and grid shape."""
+    grid_shape = tuple(int(s) for s in grid_shape)
+    problems = []
+    if codebook_size != meta.codebook_size:
+        problems.append(f"codebook_size {codebook_size} (codes: {meta.codebook_size})")
+    if grid_shape != meta.grid_shape:
+        problems.append(f"grid_shape {grid_shape} (codes: {meta.grid_shape})")
+    if problems:
+        raise CodesError(
+            f"{what} does not match the codes extracted from {meta.stage1_ckpt}: {'; '.join(problems)}; "
+            "use the matching codes directory, or re-run extract_codes with this stage-1 checkpoint"
+        )

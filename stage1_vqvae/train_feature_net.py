@@ -1,0 +1,81 @@
+"""`train_feature_net`: train the small classifier whose features `evaluate` uses for FID/KID offline.
+
+    train_feature_net --data.dataset fashion_mnist               # -> runs/feature_net/fashion_mnist.pt
+    train_feature_net --data.dataset cifar10 --data.root data/cifar10 --steps 4000
+    train_feature_net --data.dataset image_folder --data.root photos/ --data.image_size 64 --out photos.pt
+
+It trains :class:`common.features.FeatureNet` on the train split (plain loop, AdamW, warm-up + cosine,
+2-px random shifts) and saves it with its architecture, the data options, the image size and channels and
+its accuracy on the test split (atomically: temp file + rename). The default 1,000 steps of 128 images
+(about 2.3 epochs) are meant to reach about 0.9 test accuracy on Fashion-MNIST in about 2 minutes on a
+2-core CPU. FIDs computed with these features are comparable only with FIDs computed with the same file;
+`evaluate` always says which features it used.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser
+
+from common.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
+from common.images import DatasetNotFoundError, ImageDataModule
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="train_feature_net", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (of --data.batch_size images)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    parser.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default=None, help="default: runs/feature_net/<dataset>.pt")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out file")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
+    parser.add_class_arguments(ImageDataModule, "data")
+    return parser
+
+
+def run(cfg) -> tuple[Path, float]:
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    data = cfg.data.as_dict()
+    out = Path(cfg.out or default_path(data["dataset"]))
+    if out.exists() and not cfg.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it (FIDs computed with it will "
+                         "no longer be comparable with new ones) or choose another --out")  # fmt: skip
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    dm = ImageDataModule(**data)
+    train_images, train_labels = dm.split_arrays("train")
+    test_images, test_labels = dm.split_arrays("test")
+    net = FeatureNet(dm.channels, dm.num_classes, width=cfg.width).to(device)
+    print(f"training a feature net on {dm.hparams.dataset} ({len(train_labels)} train images, {dm.num_classes} "
+          f"classes, {cfg.steps} steps) on {device}", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    fit_feature_net(net, train_images, train_labels, cfg.steps, data["batch_size"], cfg.lr, cfg.seed, cfg.log_every)
+    seconds = time.perf_counter() - t0
+    acc = accuracy(net, test_images, test_labels)
+    save_feature_net(
+        net, out, dataset=dm.hparams.dataset, data=dict(dm.hparams), image_size=dm.image_size, channels=dm.channels,
+        class_names=dm.class_names, test_accuracy=acc, steps=cfg.steps, train_seconds=round(seconds, 1),
+    )  # fmt: skip
+    print(f"test accuracy {acc:.4f} on {len(test_labels)} images after {seconds:.0f}s; saved to {out}", flush=True)
+    return out, acc
+
+
+def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else list(args)
+    cfg = build_parser().parse_args(args)
+    try:
+        run(cfg)
+    except (ValueError, DatasetNotFoundError, FileNotFoundError) as e:
+        raise SystemExit(f"train_feature_net: error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""`evaluate`: the numbers users ask for, from the files the pipeline writes, as a table (and --json).
+
+    evaluate stage1 --ckpt runs/stage1/latest/checkpoints/last.ckpt            # data options from the ckpt
+    evaluate prior --ckpt runs/stage2_transformer/latest/checkpoints/best.ckpt --codes codes/fashion_mnist
+    evaluate samples --samples runs/samples.npz --data.dataset fashion_mnist --json samples_eval.json
+
+stage1 (test split): MSE in [-1, 1] pixel units, PSNR, SSIM, reconstruction FID (reconstructions vs the
+originals), codebook usage, perplexity, dead codes. prior (codes' test split): NLL in bits per code and
+bits per image dimension, top-1 accuracy. samples (a `sample` .npz): FID and KID against the test split,
+each beside its real-data floor: a random train subset of the same size against the test split (FID is
+biased upwards at small n, so the floor, not 0, is what a perfect model would score).
+
+FID/KID features (--features): a feature-net file from `train_feature_net`, "inception" (torch-fidelity),
+or auto: runs/feature_net/<dataset>.pt, else Inception if installed, else an error saying what to run.
+Every FID line names its features: "FID (Fashion-MNIST classifier features)" is not Inception FID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jsonargparse import ArgumentParser
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from common.codes import CodesError, check_compatible
+from common.features import Features, FeaturesError, load_features
+from common.fid import fid, kid
+from common.images import DatasetNotFoundError, ImageDataModule, to_uint8
+from stage1_vqvae.extract import ExtractError, load_stage1, make_datamodule
+from stage1_vqvae.vqvae import VQVAE, CodeUsage
+from stage2_prior.data import CodesDataModule
+from stage2_prior.prior import Prior
+from stage2_prior.sample import load_prior
+
+KID_SUBSET = 1000
+# Not --data options: size and channels come from the model or the samples, batching from --batch_size.
+SKIPPED_DATA_ARGS = ("image_size", "channels", "batch_size", "num_workers")
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+@torch.no_grad()
+def evaluate_stage1(model: VQVAE, dm: ImageDataModule, features: Features, device: torch.device,
+                    split: str = "test", batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
+    model.to(device).eval()
+    originals = dm.split_arrays(split)[0]
+    features.check(originals, f"the {split} images")  # fail before the long part
+    psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)  # images live in [-1, 1]
+    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
+    usage = CodeUsage(model.codebook_size).to(device)
+    sq_err, n_values, recons = 0.0, 0, []
+    for images, _ in dm.dataloader(split, batch_size=batch_size):
+        images = images.to(device)
+        codes = model.encode_to_codes(images)  # (B, h, w)
+        recon = model.decode_codes(codes)  # (B, C, H, W) in [-1, 1]
+        psnr.update(recon, images)
+        ssim.update(recon, images)
+        usage.update(codes)
+        sq_err += float(F.mse_loss(recon, images, reduction="sum"))
+        n_values += images.numel()
+        recons.append(to_uint8(recon).cpu())
+    stats = usage.compute()
+    used = int((stats["counts"] > 0).sum())
+    fid_recon = fid(features(torch.cat(recons), "the reconstructions"), features(originals, f"the {split} images"))
+    return {
+        "split": split, "images": len(originals), "mse": sq_err / max(1, n_values),
+        "psnr_db": float(psnr.compute()), "ssim": float(ssim.compute()),
+        "fid_recon": fid_recon,
+        "codebook_usage": used / model.codebook_size, "codes_used": used, "codebook_size": model.codebook_size,
+        "perplexity": float(stats["perplexity"]), "dead_codes": model.dead_codes(), "features": features.description,
+    }  # fmt: skip
+
+
+def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    return [("test MSE ([-1, 1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB)", f"{r['psnr_db']:.2f}"),
+            ("SSIM", f"{r['ssim']:.4f}"), (f"reconstruction FID ({label})", f"{r['fid_recon']:.3f}"),
+            ("codebook usage", f"{r['codebook_usage']:.3f} ({r['codes_used']}/{r['codebook_size']} codes)"),
+            ("perplexity", f"{r['perplexity']:.1f}"), ("dead codes", str(r["dead_codes"]))]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ prior
+def check_prior_codes(prior: Prior, dm: CodesDataModule, ckpt: str) -> None:
+    """CodesError unless the prior was trained on codes like these (same stage 1, codebook, grid, classes)."""
+    meta, what = dm.meta, f"prior checkpoint {ckpt}"
+    check_compatible(meta, prior.codebook_size, prior.grid_shape, what=what)
+    if prior.num_classes not in (0, meta.num_classes):
+        raise CodesError(f"{what} has {prior.num_classes} classes, the codes in {dm.hparams.codes_dir} have "
+                         f"{meta.num_classes}; use the codes directory the prior was trained on")  # fmt: skip
+    trained_on = (prior.hparams.codes_meta or {}).get("stage1_sha256")
+    if trained_on and trained_on != meta.stage1_sha256:
+        raise CodesError(
+            f"{what} was trained on codes of stage-1 checkpoint {prior.hparams.codes_meta.get('stage1_ckpt')} "
+            f"(sha256 {trained_on[:12]}...), but {dm.hparams.codes_dir} holds codes of {meta.stage1_ckpt} "
+            f"(sha256 {meta.stage1_sha256[:12]}...); its NLL on them would mean nothing. Pass the codes directory "
+            "the prior was trained on"
+        )
+
+
+@torch.no_grad()
+def evaluate_prior(prior: Prior, dm: CodesDataModule, device: torch.device, split: str = "test",
+                   batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
+    prior.to(device).eval()
+    data = dm.split(split)
+    if len(data) == 0:
+        raise CodesError(f"the {split} split of {dm.hparams.codes_dir} is empty")
+    nll, correct, n = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        codes = data.codes[start : start + batch_size].to(device)  # (B, H, W)
+        labels = data.labels[start : start + batch_size].to(device) if prior.num_classes else None
+        logits = prior(codes, labels).float()  # (B, K, H, W)
+        nll += float(F.cross_entropy(logits, codes, reduction="sum"))
+        correct += int((logits.argmax(1) == codes).sum())
+        n += codes.numel()
+    bits_per_code = nll / n / math.log(2)
+    h, w = prior.grid_shape
+    dims = dm.meta.image_size**2 * dm.meta.channels
+    return {"split": split, "code_maps": len(data), "bits_per_code": bits_per_code,
+            "bits_per_dim": bits_per_code * h * w / dims, "accuracy": correct / n}  # fmt: skip
+
+
+def prior_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    return [("NLL (bits per code)", f"{r['bits_per_code']:.4f}"), ("NLL (bits per dim)", f"{r['bits_per_dim']:.4f}"),
+            ("top-1 accuracy", f"{r['accuracy']:.4f}")]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ samples
+def load_samples(path: str | Path) -> torch.Tensor:
+    """The uint8 images (n, C, H, W) of a `sample` .npz, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--samples {path}: no such file; write one with `sample --prior PRIOR.ckpt --n 1000`")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz:
+                raise ValueError(f"--samples {path} has no 'images' array (it has {', '.join(npz.files)}); "
+                                 "pass the .npz that `sample` writes beside its PNG")  # fmt: skip
+            images = npz["images"]
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"--samples {path}: {e}" if str(path) not in str(e) else str(e)) from e
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
+        raise ValueError(f"--samples {path}: 'images' must be uint8 (n >= 2, C in 1|3, H, W), "
+                         f"got {images.dtype} {images.shape}")  # fmt: skip
+    return torch.from_numpy(images)
+
+
+def evaluate_samples(samples: torch.Tensor, dm: ImageDataModule, features: Features, seed: int = 0,
+                     kid_subsets: int = 100) -> dict[str, Any]:  # fmt: skip
+    features.check(samples, "the samples")
+    test, train = dm.split_arrays("test")[0], dm.split_arrays("train")[0]
+    if tuple(test.shape[1:]) != tuple(samples.shape[1:]):
+        raise ValueError(f"the samples are {tuple(samples.shape[1:])} but the {dm.hparams.dataset} test images are "
+                         f"{tuple(test.shape[1:])} (C, H, W); pass the --data.* options of stage 1")  # fmt: skip
+    n = len(samples)
+    pick = np.sort(np.random.default_rng(seed).choice(len(train), min(n, len(train)), replace=False))
+    f_test, f_samples = features(test, "the test images"), features(samples, "the samples")
+    f_floor = features(train[torch.from_numpy(pick)], "the train subset")
+    subset = min(KID_SUBSET, n, len(test))
+    kid_s, kid_f = kid(f_samples, f_test, kid_subsets, subset, seed), kid(f_floor, f_test, kid_subsets, subset, seed)
+    return {"samples": n, "test_images": len(test), "floor_train_images": len(pick), "fid": fid(f_samples, f_test),
+            "fid_floor": fid(f_floor, f_test), "kid": kid_s[0], "kid_std": kid_s[1], "kid_floor": kid_f[0],
+            "kid_floor_std": kid_f[1], "kid_subset_size": subset, "features": features.description}  # fmt: skip
+
+
+def samples_rows(r: dict[str, Any], label: str) -> list[tuple[str, str, str]]:
+    return [(f"FID ({label})", f"{r['fid']:.3f}", f"{r['fid_floor']:.3f}"),
+            (f"KID ({label})", f"{r['kid']:.5f} ± {r['kid_std']:.5f}",
+             f"{r['kid_floor']:.5f} ± {r['kid_floor_std']:.5f}")]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ output
+def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(title)
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def write_json(path: str | Path, result: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, path)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
+    parser = ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
+    subs = parser.add_subcommands(dest="mode")
+    helps = {
+        "stage1": "test MSE, PSNR, SSIM, reconstruction FID, codebook usage of a stage-1 checkpoint",
+        "prior": "test NLL (bits per code, bits per dim) and accuracy of a prior on a codes directory",
+        "samples": "FID and KID of a `sample` .npz against the test split, beside the real-data floor",
+    }
+    for mode, text in helps.items():
+        p = ArgumentParser(description=text)
+        if mode == "prior":
+            p.add_argument("--ckpt", type=str, required=True, help="stage-2 prior checkpoint (.ckpt)")
+            p.add_argument("--codes", type=str, required=True, help="codes directory (extract_codes --out)")
+        else:
+            if mode == "samples":
+                p.add_argument("--samples", type=str, required=True, help="the .npz `sample` writes")
+                p.add_argument("--seed", type=int, default=0, help="the floor's train subset and KID's subsets")
+                p.add_argument("--kid_subsets", type=int, default=100)
+            defaults = "" if mode == "stage1" else ": its data options are the defaults"
+            p.add_argument("--ckpt", type=str, required=mode == "stage1", help=f"stage-1 checkpoint{defaults}")
+            p.add_argument("--features", type=str, default="auto", help="feature-net file, inception or auto")
+            p.add_class_arguments(ImageDataModule, "data", skip=set(SKIPPED_DATA_ARGS))
+            p.set_defaults({f"data.{k}": v for k, v in (data_defaults or {}).items() if k not in SKIPPED_DATA_ARGS})
+        if mode != "samples":
+            p.add_argument("--split", type=str, default="test", help="train, val or test")
+        p.add_argument("--batch_size", type=int, default=500)
+        p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, ...")
+        p.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+        subs.add_subcommand(mode, p, help=text)
+    return parser
+
+
+def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if mode == "prior":
+        prior = load_prior(cfg.ckpt, torch.device("cpu"))
+        dm = CodesDataModule(cfg.codes, check_stage1=False)
+        check_prior_codes(prior, dm, cfg.ckpt)
+        result = {"mode": mode, "ckpt": cfg.ckpt, "codes": cfg.codes, **evaluate_prior(prior, dm, device, cfg.split,
+                                                                                      cfg.batch_size)}  # fmt: skip
+        print_table(f"prior {cfg.ckpt} on {cfg.codes} ({cfg.split}, {result['code_maps']} code maps)",
+                    ("metric", "value"), prior_rows(result))  # fmt: skip
+        return result
+    data = cfg.data.as_dict()
+    features = load_features(cfg.features, data["dataset"], device)
+    if mode == "stage1":
+        dm = make_datamodule(model, **data)
+        result = {"mode": mode, "ckpt": cfg.ckpt, "dataset": data["dataset"],
+                  **evaluate_stage1(model, dm, features, device, cfg.split, cfg.batch_size)}  # fmt: skip
+        print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
+                    ("metric", "value"), stage1_rows(result, features.label))  # fmt: skip
+    else:
+        samples = load_samples(cfg.samples)
+        c, h, _ = samples.shape[1:]
+        try:
+            dm = ImageDataModule(**data, image_size=h, channels=c)
+        except ValueError as e:
+            raise ValueError(f"--samples {cfg.samples} holds {h}x{h} images with {c} channel(s), which "
+                             f"--data.dataset {data['dataset']} cannot provide ({e})") from e  # fmt: skip
+        result = {"mode": mode, "samples_file": cfg.samples, "dataset": data["dataset"],
+                  **evaluate_samples(samples, dm, features, cfg.seed, cfg.kid_subsets)}  # fmt: skip
+        print_table(f"{result['samples']} samples {cfg.samples} vs {data['dataset']} test ({result['test_images']} "
+                    "images); floor: a train subset of the same size", ("metric", "samples", "real-data floor"),
+                    samples_rows(result, features.label))  # fmt: skip
+    print(f"features: {features.description}")
+    return result
+
+
+def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else list(args)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("mode", nargs="?")
+    pre.add_argument("--ckpt")
+    known = pre.parse_known_args(args)[0]
+    errors = (ExtractError, CodesError, FeaturesError, DatasetNotFoundError, FileNotFoundError, ValueError)
+    try:
+        stage1 = known.mode in ("stage1", "samples") and known.ckpt
+        model, data_defaults = load_stage1(known.ckpt) if stage1 else (None, {})
+        cfg = build_parser(data_defaults).parse_args(args)
+        result = run(cfg.mode, cfg[cfg.mode], model)
+        if cfg[cfg.mode].json:
+            write_json(cfg[cfg.mode].json, result)
+            print(f"written to {cfg[cfg.mode].json}")
+    except errors as e:
+        raise SystemExit(f"evaluate: error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()

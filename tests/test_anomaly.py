@@ -1,0 +1,119 @@
+"""Tests for stage2_prior/anomaly.py: a tiny stage 1 + prior trained on dark images with one bright square
+rank random-noise images above held-out squares; the generic code length and AUROC; the CSV/grid CLI."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.codes import sha256_file
+from common.images import from_uint8, to_uint8
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.anomaly import COLUMNS, auroc, generic_code_bits, main, score_images
+from stage2_prior.prior import Prior
+
+SIZE, K = 16, 16
+
+
+def squares(n: int, seed: int) -> torch.Tensor:
+    """(n, 1, 16, 16) in [-1, 1]: black with one bright square."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        s = int(rng.integers(3, 7))
+        r, c = rng.integers(0, SIZE - s, 2)
+        x[i, 0, r : r + s, c : c + s] = rng.integers(180, 256)
+    return from_uint8(torch.from_numpy(x))
+
+
+def noise(n: int, seed: int) -> torch.Tensor:
+    return from_uint8(
+        torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 1, SIZE, SIZE), dtype=np.uint8))
+    )
+
+
+def fit(model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0).fit(model, loader)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Prior, VQVAE]:
+    pl.seed_everything(0)
+    train = squares(512, seed=0)
+    vqvae = VQVAE(1, SIZE, 16, 1, 8, 4, 8, codebook_size=K, warmup_steps=5)
+    fit(vqvae, train, torch.zeros(len(train)), steps=60)
+    codes = vqvae.eval().encode_to_codes(train)
+    prior = Prior(kind="transformer", size="tiny", codebook_size=K, grid_shape=vqvae.grid_shape, num_classes=0,
+                  codes_meta={"image_size": SIZE, "channels": 1}, warmup_steps=5)  # fmt: skip
+    fit(prior, codes, torch.zeros(len(codes), dtype=torch.long), steps=60)
+    return prior.eval(), vqvae
+
+
+def test_noise_ranks_above_in_distribution(trained) -> None:
+    prior, vqvae = trained
+    scores = score_images(prior, vqvae, torch.cat([squares(48, seed=1), noise(16, seed=2)]), batch_size=20)
+    is_ood = np.r_[np.zeros(48), np.ones(16)].astype(bool)
+    assert set(scores) == set(COLUMNS[1:]) and all(v.shape == (64,) for v in scores.values())
+    np.testing.assert_allclose(scores["combined_score"], scores["nll_bits_per_dim"] - scores["complexity_bits_per_dim"])
+    for key in ("combined_score", "recon_mse"):
+        assert auroc(scores[key], is_ood) > 0.9, key
+
+
+def test_generic_code_bits() -> None:
+    k = 512
+    constant, distinct = np.zeros((1, 7, 7), np.int64), np.arange(49).reshape(1, 7, 7)
+    # constant: log2 K for the first code, then a seen code costs log2((t + 1) / t)
+    want = np.log2(k) + sum(np.log2((t + 1) / t) for t in range(1, 49))
+    np.testing.assert_allclose(generic_code_bits(constant, k), [want])
+    # all distinct: each new code pays the escape d / (n + d) = 1/2 and log2(K - d)
+    want = np.log2(k) + sum(1 + np.log2(k - t) for t in range(1, 49))
+    np.testing.assert_allclose(generic_code_bits(distinct, k), [want])
+    both = generic_code_bits(np.concatenate([constant, distinct]), k)
+    assert both[0] < 0.05 * both[1]
+
+
+def test_auroc_matches_pairwise_definition() -> None:
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.3  # many ties
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean()
+    assert auroc(scores, labels) == pytest.approx(pairwise)
+    assert auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0 and auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([1, 2], [1, 1])
+
+
+def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
+    prior, vqvae = trained
+    save = {"pytorch-lightning_version": pl.__version__}
+    torch.save(
+        {"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams), **save}, tmp_path / "s1.ckpt"
+    )
+    prior.hparams.codes_meta = dict(codebook_size=K, grid_shape=list(vqvae.grid_shape), num_classes=0, class_names=[],
+                                    image_size=SIZE, channels=1, stage1_ckpt=str(tmp_path / "s1.ckpt"),
+                                    stage1_sha256=sha256_file(tmp_path / "s1.ckpt"))  # fmt: skip
+    torch.save({"state_dict": prior.state_dict(), "hyper_parameters": dict(prior.hparams), **save}, tmp_path / "p.ckpt")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, x in enumerate(to_uint8(torch.cat([squares(6, seed=3), noise(2, seed=4)]))):
+        Image.fromarray(x[0].numpy()).save(images / f"{i}.png")
+    out, grid = tmp_path / "scores.csv", tmp_path / "top.png"
+    args = [str(images), "--prior", str(tmp_path / "p.ckpt"), "--out", str(out), "--grid", str(grid), "--top", "3"]
+    main(args)
+    assert "scored 8 images" in capsys.readouterr().out
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == COLUMNS and len(rows) == 9
+    assert all(np.isfinite(float(v)) for row in rows[1:] for v in row[1:])
+    assert Image.open(grid).size[0] > 3 * SIZE
+    with pytest.raises(SystemExit) as e:
+        main(args)  # exists: refused without --overwrite
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    main([*args, "--overwrite"])

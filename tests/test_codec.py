@@ -1,0 +1,255 @@
+"""Tests for stage2_prior/codec.py and compress.py: exact round trips with both prior kinds, overhead over
+the ideal code length, and a container that rejects truncation, bit flips, other versions, other
+checkpoints and 1,000+ fuzzed files with a ContainerError in bounded time."""
+
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from common.codes import sha256_file
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.codec import HEADER, Container, ContainerError, decode_codes, encode_codes, pack, unpack
+from stage2_prior.compress import (
+    Models,
+    compress_codes,
+    decode_images,
+    decompress_codes,
+    main_compress,
+    main_decompress,
+)
+from stage2_prior.prior import KINDS, Prior
+
+K, GRID, SIZE = 32, (4, 4), 16
+
+
+def make_prior(kind: str, seed: int = 0, sharpen: float = 20.0) -> Prior:
+    """A random-init tiny prior whose output layer is scaled up, so its distributions are peaked."""
+    torch.manual_seed(seed)
+    meta = dict(image_size=SIZE, channels=1)
+    prior = Prior(kind=kind, size="tiny", codebook_size=K, grid_shape=GRID, num_classes=0, codes_meta=meta).eval()
+    head = prior.net.head if kind == "transformer" else prior.net.head[-1]
+    with torch.no_grad():
+        head.weight.mul_(sharpen)
+    return prior
+
+
+def make_vqvae(seed: int = 0) -> VQVAE:
+    torch.manual_seed(seed)
+    return VQVAE(1, SIZE, 16, 1, 8, 4, 8, codebook_size=K).eval()
+
+
+def some_codes(prior: Prior, n: int, seed: int = 0) -> np.ndarray:
+    """Half drawn from the prior itself (cheap to code), half uniform (many improbable codes)."""
+    gen = torch.Generator().manual_seed(seed)
+    sampled = prior.sample(n - n // 2, generator=gen).numpy()
+    uniform = np.random.default_rng(seed).integers(0, K, (n // 2, *GRID))
+    return np.concatenate([sampled, uniform])
+
+
+def save_ckpt(model: pl.LightningModule, path: Path) -> Path:
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_file() -> tuple[bytes, np.ndarray, Models]:
+    """A 5-image .vqz (two batches) made with a transformer prior, with its codes and models."""
+    prior, vqvae = make_prior("transformer"), make_vqvae()
+    models = Models(prior, vqvae, "ab" * 32, "cd" * 32)
+    codes = some_codes(prior, 5)
+    data, _ = compress_codes(models, codes, batch_size=3)
+    return data, codes, models
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_round_trip_exact_over_many_images(kind: str) -> None:
+    prior = make_prior(kind)
+    codes = some_codes(prior, 40)
+    streams, crcs, ideal = encode_codes(prior.net, codes, batch_size=16)  # batches 16, 16, 8
+    c = Container("00" * 32, "11" * 32, SIZE, 1, GRID, K, len(codes), 16, streams, crcs)
+    threads = torch.get_num_threads()
+    decoded = decode_codes(prior.net, unpack(pack(c)))
+    assert torch.get_num_threads() == threads and not prior.training  # settings restored
+    np.testing.assert_array_equal(decoded, codes)
+    actual = 8 * sum(map(len, streams))
+    # each stream ends with at most ~2 words of range-coder state; the rest tracks the ideal closely
+    assert actual <= 1.01 * ideal + 64 * len(streams), (actual, ideal)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_images_round_trip_through_both_stages(kind: str) -> None:
+    vqvae = make_vqvae()
+    models = Models(make_prior(kind), vqvae, "ab" * 32, "cd" * 32)
+    images = torch.rand(12, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    codes = vqvae.encode_to_codes(images).numpy()
+    data, _ = compress_codes(models, codes, batch_size=5)
+    decoded = decompress_codes(models, data)
+    np.testing.assert_array_equal(decoded, codes)
+    assert torch.equal(decode_images(vqvae, decoded), decode_images(vqvae, codes))
+
+
+def test_overhead_under_one_percent_for_a_large_batch() -> None:
+    prior = make_prior("transformer")
+    codes = prior.sample(200, generator=torch.Generator().manual_seed(3)).numpy()
+    streams, _, ideal = encode_codes(prior.net, codes, batch_size=200)
+    assert 8 * len(streams[0]) <= 1.01 * ideal, (8 * len(streams[0]), ideal)
+    assert ideal < 0.8 * codes.size * np.log2(K)  # the prior helps: well under log2 K per code
+
+
+def test_every_truncation_is_rejected(small_file) -> None:
+    data = small_file[0]
+    for n in range(len(data)):
+        with pytest.raises(ContainerError, match="truncated|corrupt"):
+            unpack(data[:n], "f.vqz")
+    with pytest.raises(ContainerError, match="f.vqz: .*corrupt"):
+        unpack(data + b"\0", "f.vqz")
+
+
+def test_every_single_bit_flip_is_rejected(small_file) -> None:
+    data = small_file[0]
+    for i in range(len(data) * 8):
+        flipped = bytearray(data)
+        flipped[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(ContainerError, match="f.vqz: "):
+            unpack(bytes(flipped), "f.vqz")
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_wrong_version_is_rejected(small_file) -> None:
+    data = bytearray(small_file[0][:-4])
+    data[4:6] = struct.pack("<H", 2)
+    with pytest.raises(ContainerError, match="unsupported .vqz format version 2"):
+        unpack(_with_crc(bytes(data)), "f.vqz")
+
+
+def test_hostile_but_crc_valid_header_is_rejected(small_file) -> None:
+    data = bytearray(small_file[0][:-4])
+    fields = list(HEADER.unpack_from(data))
+    for index, value, match in [(9, 2**32 - 1, "more than the file can hold"), (10, 0, "batch_size=0"),
+                                (5, 2, "channels=2"), (8, 0, "codebook_size=0")]:  # fmt: skip
+        bad = fields.copy()
+        bad[index] = value
+        with pytest.raises(ContainerError, match=match):
+            unpack(_with_crc(HEADER.pack(*bad) + bytes(data[HEADER.size :])), "f.vqz")
+
+
+def test_other_checkpoints_are_rejected(small_file) -> None:
+    data, _, models = small_file
+    other_prior = Models(models.prior, models.vqvae, "ef" * 32, models.stage1_sha256)
+    with pytest.raises(
+        ContainerError, match="different prior: checkpoint SHA-256 differs .*; pass the prior it was made with"
+    ):
+        decompress_codes(other_prior, data, "f.vqz")
+    other_stage1 = Models(models.prior, models.vqvae, models.prior_sha256, "ef" * 32)
+    with pytest.raises(ContainerError, match="different stage-1 checkpoint"):
+        decompress_codes(other_stage1, data, "f.vqz")
+
+
+def test_garbage_streams_with_valid_crc_fail_cleanly(small_file) -> None:
+    """Past the file CRC (as a forger could), random streams still end in a ContainerError, never a crash."""
+    data, codes, models = small_file
+    c = unpack(data)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c.streams = [rng.integers(0, 256, 4 * int(rng.integers(0, 8)), dtype=np.uint8).tobytes() for _s in c.streams]
+        with pytest.raises(ContainerError, match="f.vqz: batch 0: "):
+            decompress_codes(models, pack(c), "f.vqz")
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    b = bytearray(data)
+    for _ in range(int(rng.integers(1, 4))):
+        op, i = int(rng.integers(0, 5)), int(rng.integers(0, max(len(b), 1)))
+        if op == 0 and b:
+            b[i] ^= int(rng.integers(1, 256))  # change a byte
+        elif op == 1:
+            b[i:i] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()  # insert
+        elif op == 2:
+            del b[i : i + int(rng.integers(1, 9))]  # delete
+        elif op == 3:
+            del b[i:]  # truncate
+        else:
+            b[i : i + 4] = struct.pack("<I", int(rng.integers(0, 2**32)))  # overwrite a word (lengths, counts)
+    return bytes(b)
+
+
+def test_fuzz_1200_mutated_files(small_file) -> None:
+    data, codes, models = small_file
+    rng = np.random.default_rng(1234)
+    t0, errors = time.perf_counter(), 0
+    for _ in range(1200):
+        bad = mutate(data, rng)
+        if bad == data:
+            continue
+        try:
+            decoded = decompress_codes(models, bad, "f.vqz")
+        except ContainerError:
+            errors += 1
+        else:  # only possible with a CRC32 collision: then the codes CRC must still hold
+            assert decoded.shape[1:] == GRID
+    assert errors >= 1190
+    assert time.perf_counter() - t0 < 20
+
+
+# ------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("ckpts")
+    stage1 = save_ckpt(make_vqvae(), tmp / "stage1.ckpt")
+    meta = dict(codebook_size=K, grid_shape=list(GRID), num_classes=0, class_names=[], image_size=SIZE,
+                channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
+    paths = {"stage1": stage1}
+    for name, seed in [("prior", 0), ("other_prior", 1)]:
+        prior = make_prior("pixelcnn", seed=seed)
+        prior.hparams.codes_meta = meta
+        paths[name] = save_ckpt(prior, tmp / f"{name}.ckpt")
+    rng = np.random.default_rng(0)
+    (tmp / "images").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(tmp / "images" / f"{i}.png")
+    paths["images"] = tmp / "images"
+    return paths
+
+
+def test_cli_round_trip_and_no_overwrite(ckpts, tmp_path: Path, capsys) -> None:
+    vqz, out = tmp_path / "x.vqz", tmp_path / "decoded"
+    main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz)])
+    assert "3 images" in capsys.readouterr().out and vqz.stat().st_size > HEADER.size
+    main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert np.asarray(Image.open(out / "000000.png")).shape == (SIZE, SIZE)
+    (out / "000001.png").write_bytes(b"keep me")
+    for main, args in [(main_decompress, [str(vqz), "--out", str(out)]),
+                       (main_compress, [str(ckpts["images"]), "--out", str(vqz)])]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--prior", str(ckpts["prior"])])
+        assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "000001.png").read_bytes() == b"keep me"
+    main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out), "--overwrite"])
+    assert (out / "000001.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temp files left behind
+
+
+def test_cli_bad_files_give_clear_errors(ckpts, tmp_path: Path, capsys) -> None:
+    vqz = tmp_path / "x.vqz"
+    main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz)])
+    capsys.readouterr()
+    (tmp_path / "cut.vqz").write_bytes(vqz.read_bytes()[:-7])
+    cases = [("cut.vqz", "prior", "corrupt or truncated"), ("x.vqz", "other_prior", "different prior"),
+             ("missing.vqz", "prior", "no such file")]  # fmt: skip
+    for name, prior, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main_decompress([str(tmp_path / name), "--prior", str(ckpts[prior]), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and name in err and message in err and "Traceback" not in err

@@ -1,0 +1,147 @@
+"""`evaluate stage1|prior|samples` and `train_feature_net` on tiny artifacts made here: a VQ-VAE fit for a few
+steps on the 16x16 shapes folder, its codes, a tiny prior, 16 samples, a feature net; and the errors for
+artifacts that do not belong together."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from common.images import ImageDataModule
+from stage1_vqvae import extract, train_feature_net
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior import sample
+from stage2_prior.data import CodesDataModule
+from stage2_prior.evaluate import main
+from stage2_prior.prior import Prior
+
+DATA = dict(dataset="image_folder", image_size=16, batch_size=8, val_size=8, test_size=8)
+
+
+def fit(model: pl.LightningModule, dm: pl.LightningDataModule, steps: int, path: Path) -> Path:
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=path.parent,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(shapes_folder, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("evaluate")
+    pl.seed_everything(0)
+    dm = ImageDataModule(root=str(shapes_folder), **DATA)
+    vqvae = VQVAE(dm.channels, dm.image_size, 16, 1, 8, 4, 8, codebook_size=16, warmup_steps=1)
+    stage1 = fit(vqvae, dm, 6, tmp / "stage1.ckpt")
+    extract.main(["--ckpt", str(stage1), "--out", str(tmp / "codes"), "--accelerator", "cpu"])
+    codes = CodesDataModule(str(tmp / "codes"), batch_size=8)
+    prior = Prior("transformer", "tiny", codes.codebook_size, codes.grid_shape, codes.num_classes, codes.meta_dict,
+                  warmup_steps=1)  # fmt: skip
+    prior_ckpt = fit(prior, codes, 4, tmp / "prior.ckpt")
+    sample.main(["--prior", str(prior_ckpt), "--n", "16", "--out", str(tmp / "samples.png"), "--device", "cpu"])
+    feature_net = tmp / "features.pt"
+    train_feature_net.main(["--data.dataset", "image_folder", "--data.root", str(shapes_folder), "--data.image_size",
+                            "16", "--data.val_size", "8", "--data.test_size", "8", "--data.batch_size", "16",
+                            "--steps", "20", "--out", str(feature_net), "--device", "cpu"])  # fmt: skip
+    return dict(stage1=stage1, codes=tmp / "codes", prior=prior_ckpt, samples=tmp / "samples.npz",
+                features=feature_net, tmp=tmp)  # fmt: skip
+
+
+def test_train_feature_net_saves_its_accuracy_and_refuses_to_overwrite(artifacts, shapes_folder, capsys):
+    record = torch.load(artifacts["features"], weights_only=True)
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and record["dataset"] == "image_folder"
+    assert (record["image_size"], record["channels"], record["steps"]) == (16, 1, 20)
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        train_feature_net.main(["--data.dataset", "image_folder", "--data.root", str(shapes_folder),
+                                "--out", str(artifacts["features"])])  # fmt: skip
+
+
+def test_evaluate_stage1(artifacts, shapes_folder, capsys):
+    out = artifacts["tmp"] / "stage1.json"
+    # No --data options: they come from the checkpoint.
+    main(["stage1", "--ckpt", str(artifacts["stage1"]), "--features", str(artifacts["features"]),
+          "--device", "cpu", "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"reconstruction FID (image-folder '{shapes_folder.name}' classifier features)" in printed
+    assert "Inception" not in printed and "PSNR (dB)" in printed and "dead codes" in printed
+    r = json.loads(out.read_text())
+    assert r["images"] == 8 and r["split"] == "test" and r["codebook_size"] == 16
+    assert r["mse"] > 0 and np.isfinite(r["psnr_db"]) and -1 <= r["ssim"] <= 1 and r["fid_recon"] >= 0
+    assert 0 < r["codebook_usage"] <= 1 and 1 <= r["perplexity"] <= 16 and 0 <= r["dead_codes"] <= 16
+    assert r["psnr_db"] == pytest.approx(10 * np.log10(4 / r["mse"]), rel=1e-4)  # data range 2
+    assert "classifier features (test acc" in r["features"]
+
+
+def evaluate(*args: str, out: Path) -> dict:
+    main([*args, "--device", "cpu", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_evaluate_prior(artifacts, tmp_path, capsys):
+    r = evaluate(
+        "prior", "--ckpt", str(artifacts["prior"]), "--codes", str(artifacts["codes"]), out=tmp_path / "r.json"
+    )
+    assert r["code_maps"] == 8 and 0 <= r["accuracy"] <= 1
+    assert 0 < r["bits_per_code"] < 2 * np.log2(16)
+    assert r["bits_per_dim"] == pytest.approx(r["bits_per_code"] * 4 * 4 / (16 * 16 * 1))
+    assert "NLL (bits per dim)" in capsys.readouterr().out
+
+
+def test_evaluate_samples_prints_the_floor(artifacts, shapes_folder, tmp_path, capsys):
+    r = evaluate("samples", "--samples", str(artifacts["samples"]), "--ckpt", str(artifacts["stage1"]),
+                 "--features", str(artifacts["features"]), "--kid_subsets", "5", out=tmp_path / "s.json")  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "real-data floor" in printed and f"FID (image-folder '{shapes_folder.name}' classifier" in printed
+    assert r["samples"] == 16 and r["floor_train_images"] == 16 and r["test_images"] == 8
+    assert r["fid"] >= 0 and r["fid_floor"] >= 0 and r["kid_subset_size"] == 8
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _with_meta(artifacts, name: str, **changes) -> Path:
+    codes = artifacts["tmp"] / name
+    shutil.copytree(artifacts["codes"], codes)
+    meta = json.loads((codes / "meta.json").read_text())
+    (codes / "meta.json").write_text(json.dumps({**meta, **changes}))
+    return codes
+
+
+def test_prior_and_codes_that_do_not_belong_together(artifacts):
+    other = _with_meta(artifacts, "codes_k64", codebook_size=64)
+    with pytest.raises(SystemExit, match=r"codebook_size 16 \(codes: 64\).*use the matching codes directory"):
+        main(["prior", "--ckpt", str(artifacts["prior"]), "--codes", str(other), "--device", "cpu"])
+    other = _with_meta(artifacts, "codes_other_stage1", stage1_sha256="0" * 64)
+    with pytest.raises(SystemExit, match="was trained on codes of stage-1 checkpoint .* would mean nothing"):
+        main(["prior", "--ckpt", str(artifacts["prior"]), "--codes", str(other), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not a stage-2 prior checkpoint"):
+        main(["prior", "--ckpt", str(artifacts["stage1"]), "--codes", str(artifacts["codes"])])
+
+
+def test_samples_that_do_not_fit_the_data_or_the_features(artifacts, tmp_path):
+    small = tmp_path / "small.npz"
+    np.savez(small, images=np.zeros((4, 1, 8, 8), np.uint8))
+    base = ["samples", "--features", str(artifacts["features"]), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="holds 8x8 images with 1 channel.*fashion_mnist cannot provide"):
+        main([*base, "--samples", str(small), "--data.dataset", "fashion_mnist"])
+    with pytest.raises(SystemExit, match="the samples are 8x8 with 1 channel.*expect 16x16"):
+        main([*base, "--samples", str(small), "--ckpt", str(artifacts["stage1"])])
+    np.savez(tmp_path / "codes_only.npz", codes=np.zeros((4, 4, 4), np.uint16))
+    with pytest.raises(SystemExit, match="has no 'images' array"):
+        main([*base, "--samples", str(tmp_path / "codes_only.npz")])
+    with pytest.raises(SystemExit, match="no such file"):
+        main([*base, "--samples", str(tmp_path / "missing.npz")])
+
+
+def test_missing_features_say_what_to_run(artifacts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/feature_net/ here
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(SystemExit, match="train_feature_net --data.dataset image_folder"):
+        main(["stage1", "--ckpt", str(artifacts["stage1"]), "--device", "cpu"])

@@ -1,0 +1,119 @@
+"""FID/KID (common/fid.py) on synthetic features, and the feature net (common/features.py) on tiny data."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from common.features import (
+    FeatureNet,
+    FeaturesError,
+    accuracy,
+    feature_net_features,
+    fit_feature_net,
+    load_feature_net,
+    load_features,
+    save_feature_net,
+)
+from common.fid import feature_stats, fid, frechet_distance, kid
+from common.images import from_uint8
+
+
+def gaussian(n: int, d: int = 16, seed: int = 0, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).normal(size=(d, d)) / np.sqrt(d)  # the same correlated distribution
+    return rng.normal(size=(n, d)) @ mix + shift
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = gaussian(400)
+    scale = np.trace(np.cov(x, rowvar=False))
+    assert fid(x, x) < 1e-6 * scale
+    assert fid(x, x.copy()[::-1]) < 1e-6 * scale  # order does not matter
+
+
+def test_fid_grows_with_the_shift():
+    x = gaussian(600, seed=0)
+    values = [fid(x, gaussian(600, seed=1, shift=s)) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    # For a pure mean shift the mean term dominates: |shift|^2 * d.
+    assert values[-1] == pytest.approx(9.0 * 16, rel=0.1)
+
+
+def test_fid_matches_the_scipy_sqrtm_formula():
+    a, b = gaussian(300, seed=2), gaussian(300, seed=3, shift=0.5) * 1.3
+    (mu_a, s_a), (mu_b, s_b) = feature_stats(a), feature_stats(b)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    reference = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
+    assert frechet_distance(mu_a, s_a, mu_b, s_b) == pytest.approx(reference, rel=1e-6)
+
+
+def test_kid_is_about_zero_for_the_same_distribution_and_grows_with_the_shift():
+    x = gaussian(400, seed=0)
+    same, _ = kid(x, gaussian(400, seed=1), subsets=10, subset_size=150)
+    shifted = [kid(x, gaussian(400, seed=1, shift=s), subsets=10, subset_size=150)[0] for s in (0.3, 1.0)]
+    assert abs(same) < 0.01 < shifted[0] < shifted[1]
+
+
+def test_mismatched_features_are_rejected():
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        fid(gaussian(10, d=4), gaussian(10, d=5))
+    with pytest.raises(ValueError, match=r"\(N >= 2, D\)"):
+        kid(np.zeros(5), np.zeros(5))
+
+
+# ------------------------------------------------------------------------------------------ feature net
+def tiny_dataset(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (n, 1, 12, 12): class 0 a bright left half, class 1 a bright top half, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randint(0, 80, (n, 1, 12, 12), generator=g)
+    images[labels == 0, :, :, :6] += 150
+    images[labels == 1, :, :6, :] += 150
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+def test_feature_net_trains_on_tiny_data(tmp_path):
+    torch.manual_seed(0)
+    images, labels = tiny_dataset()
+    net = FeatureNet(channels=1, num_classes=2, width=8, feature_dim=16)
+    losses = fit_feature_net(net, images, labels, steps=30, batch_size=16, lr=1e-2)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    test_images, test_labels = tiny_dataset(seed=1)
+    acc = accuracy(net, test_images, test_labels)
+    assert acc > 0.9
+    path = save_feature_net(net, tmp_path / "fn.pt", dataset="mnist", data={}, image_size=12, channels=1,
+                            class_names=["left", "top"], test_accuracy=acc, steps=30)  # fmt: skip
+    loaded, info = load_feature_net(path)
+    assert info["test_accuracy"] == acc and info["arch"]["feature_dim"] == 16
+    x = from_uint8(test_images[:4])
+    with torch.no_grad():  # memory formats differ (channels_last after training): equal up to rounding
+        torch.testing.assert_close(loaded.features(x), net.eval().features(x), rtol=1e-4, atol=1e-4)
+    features = feature_net_features(path, torch.device("cpu"))
+    assert features.label == "MNIST classifier features" and "test acc" in features.description
+    feats = features(test_images)
+    assert feats.shape == (96, 16) and feats.dtype == np.float64
+    with pytest.raises(FeaturesError, match="are 16x16 with 1 channel"):
+        features(torch.zeros(2, 1, 16, 16, dtype=torch.uint8), "the samples")
+
+
+def test_feature_file_errors(tmp_path, monkeypatch):
+    with pytest.raises(FeaturesError, match="does not exist; train one with `train_feature_net"):
+        load_feature_net(tmp_path / "missing.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(FeaturesError, match="not a feature-net file"):
+        load_feature_net(tmp_path / "other.pt")
+    # No runs/feature_net/<dataset>.pt and no torch-fidelity: the error says what to run.
+    has_fidelity = importlib.util.find_spec("torch_fidelity") is not None
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails even where it is installed
+    with pytest.raises(FeaturesError, match="train_feature_net --data.dataset fashion_mnist"):
+        load_features("auto", "fashion_mnist")
+    if not has_fidelity:  # with it installed, Inception would try to download its weights
+        with pytest.raises(FeaturesError, match="Inception-v3 features are unavailable.*torch-fidelity"):
+            load_features("inception", "fashion_mnist")
