@@ -56,7 +56,8 @@ class LineProgressBar(ProgressBar):
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()) if k.startswith("train"))
         total = trainer.max_steps if trainer.max_steps > 0 else "?"
-        print(f"epoch {trainer.current_epoch} step {step}/{total} {rate:.0f} img/s {parts}", flush=True)
+        unit = getattr(pl_module, "throughput_unit", "img")  # the prior counts code maps
+        print(f"epoch {trainer.current_epoch} step {step}/{total} {rate:.0f} {unit}/s {parts}", flush=True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self._enabled and trainer.is_global_zero) or trainer.sanity_checking:

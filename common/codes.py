@@ -331,6 +331,8 @@ def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
 def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None) -> str:
     """The stage-1 checkpoint to decode with (`ckpt_path`, else the one the codes came from), verified by hash."""
     path = str(ckpt_path or meta.stage1_ckpt)
+    if ckpt_path and not os.path.isfile(path):
+        raise CodesError(f"stage-1 checkpoint {path} does not exist; pass the checkpoint the codes came from")
     if not os.path.isfile(path):
         raise CodesError(
             f"stage-1 checkpoint {path} was moved or deleted since extraction; pass --vqvae PATH or "

@@ -112,7 +112,8 @@ def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, cap
     if logger is None:
         return
     if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)
+        extra = {"caption": [caption]} if caption else {}  # WandbLogger rejects caption=None
+        logger.log_image(key=key, images=[image], step=step, **extra)
     elif isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
     else:

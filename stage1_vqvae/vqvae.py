@@ -8,8 +8,6 @@ hyperparameters.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -19,6 +17,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from common.images import make_grid
 from common.logging import log_histogram, log_image
+from common.optim import adamw_warmup_cosine
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 
@@ -194,26 +193,10 @@ class VQVAE(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            (no_decay if p.ndim < 2 or "quantizer" in name else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=(0.9, 0.99),
-        )  # fmt: skip
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.warmup_steps, total // 2)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not hp.cosine:
-                return 1.0
-            t = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(
+            self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches, hp.cosine,
+            no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name,  # never decay the codebook
+        )
 
 
 def reconstruction_grid(model: VQVAE, images: torch.Tensor, n: int = 8) -> np.ndarray:

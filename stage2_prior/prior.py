@@ -48,6 +48,7 @@ class Prior(pl.LightningModule):
     """
 
     monitor = ("val/bits_per_code", "min")
+    throughput_unit = "maps"  # progress lines report code maps/s
 
     def __init__(
         self,

@@ -203,6 +203,8 @@ def test_check_stage1(tmp_path: Path, ckpt: Path) -> None:
     copy = tmp_path / "copy.ckpt"
     copy.write_bytes(ckpt.read_bytes())
     assert check_stage1(meta, copy) == str(copy)
+    with pytest.raises(CodesError, match="nowhere.ckpt does not exist"):
+        check_stage1(meta, tmp_path / "nowhere.ckpt")
     ckpt.write_bytes(b"retrained")
     with pytest.raises(CodesError, match="changed since extraction"):
         check_stage1(meta)
