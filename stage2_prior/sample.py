@@ -144,9 +144,9 @@ def run(a: argparse.Namespace) -> Path:
     if a.prime:
         if a.n <= 0:
             raise ValueError(f"--n must be >= 1, got {a.n}")
+        keep = completion_keep(a, vqvae.grid_shape).to(device)  # check the options before reading the image
         image = load_image(a.prime, vqvae.hparams.image_size, vqvae.hparams.in_channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
-        keep = completion_keep(a, vqvae.grid_shape).to(device)
         labels = None
         codes = prior.sample(a.n, None, prime=prime, keep=keep, **opts)
         masked = vqvae.decode_codes(prime[:1]).clone()

@@ -1,0 +1,101 @@
+"""The four commands end to end on a tiny generated dataset, then the `sample` options and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stage1_vqvae.extract import main as extract_main
+from stage1_vqvae.train import main as train_stage1
+from stage2_prior.sample import main as sample_main
+from stage2_prior.train import main as train_stage2
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def pipeline(shapes_folder, tmp_path_factory) -> dict[str, Path]:
+    """train_stage1 -> extract_codes -> train_stage2 on the 16x16 shapes (two classes)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    train_stage1([
+        "fit", "--config", str(CONFIGS / "stage1/tiny.yaml"), "--trainer.default_root_dir", str(root / "s1"),
+        "--data.dataset", "image_folder", "--data.root", str(shapes_folder), "--data.image_size", "16",
+        "--data.val_size", "8", "--data.test_size", "8", "--data.batch_size", "16",
+    ])  # fmt: skip
+    stage1 = root / "s1/latest/checkpoints/last.ckpt"
+    extract_main(["--ckpt", str(stage1), "--out", str(root / "codes")])
+    train_stage2([
+        "fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(root / "codes"),
+        "--trainer.default_root_dir", str(root / "s2"), "--data.batch_size", "8",
+    ])  # fmt: skip
+    return {"root": root, "stage1": stage1, "prior": root / "s2/latest/checkpoints/best.ckpt"}
+
+
+def test_four_commands_make_an_image_grid(pipeline):
+    out = pipeline["root"] / "grid.png"
+    sample_main(["--prior", str(pipeline["prior"]), "--n", "6", "--out", str(out), "--scale", "1"])
+    npz = np.load(out.with_suffix(".npz"))
+    assert npz["codes"].shape == (6, 4, 4) and npz["codes"].dtype == np.uint16
+    assert npz["images"].shape == (6, 1, 16, 16) and npz["images"].dtype == np.uint8
+    assert sorted(npz["labels"].tolist()) == [0, 0, 0, 1, 1, 1]  # conditional prior: classes in turn
+    grid = np.asarray(Image.open(out))
+    # one row per class, 3 per row, 16 px tiles with 2 px padding around and between them
+    assert grid.shape[:2] == (2 + 2 * 18, 2 + 3 * 18)
+    assert (pipeline["root"] / "s2/latest/samples.png").exists()
+
+
+def test_same_seed_same_samples_and_per_class_rows(pipeline, tmp_path):
+    args = ["--prior", str(pipeline["prior"]), "--per_class", "2", "--classes", "1", "--top_k", "5", "--seed", "3"]
+    sample_main([*args, "--out", str(tmp_path / "a.png")])
+    sample_main([*args, "--out", str(tmp_path / "b.png")])
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert np.array_equal(a["codes"], b["codes"]) and a["labels"].tolist() == [1, 1]
+
+
+def test_completion_keeps_the_visible_codes(pipeline, shapes_folder, tmp_path):
+    prime = next(shapes_folder.rglob("*.png"))
+    out = tmp_path / "complete.png"
+    sample_main(["--prior", str(pipeline["prior"]), "--prime", str(prime), "--keep_rows", "2", "--n", "3",
+                 "--out", str(out)])  # fmt: skip
+    codes = np.load(out.with_suffix(".npz"))["codes"]
+    assert codes.shape == (3, 4, 4)
+    assert (codes[:, :2] == codes[0, :2]).all()  # the kept rows are the primed image's, in every completion
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--n", "0"], "--n must be >= 1"),
+        (["--classes", "0,7"], "unknown class id 7"),
+        (["--top_p", "1.5"], "top_p"),
+        (["--top_k", "0"], "top_k"),
+        (["--prime", "x.png"], "exactly one of --keep_rows"),
+    ],
+)
+def test_sample_errors_are_clear(pipeline, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        sample_main(["--prior", str(pipeline["prior"]), "--out", str(tmp_path / "s.png"), *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoint_of_the_wrong_kind(pipeline, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample_main(["--prior", str(pipeline["stage1"]), "--out", str(tmp_path / "s.png")])
+    assert "not a stage-2 prior checkpoint" in capsys.readouterr().err
+
+
+def test_stage1_that_does_not_fit_the_prior(pipeline, shapes_folder, tmp_path, capsys):
+    other = tmp_path / "other"
+    train_stage1([
+        "fit", "--config", str(CONFIGS / "stage1/tiny.yaml"), "--trainer.default_root_dir", str(other),
+        "--trainer.max_steps", "2", "--data.dataset", "image_folder", "--data.root", str(shapes_folder),
+        "--data.image_size", "16", "--data.val_size", "8", "--data.test_size", "8", "--data.batch_size", "16",
+        "--model.codebook_size", "16",
+    ])  # fmt: skip
+    with pytest.raises(SystemExit):
+        sample_main(["--prior", str(pipeline["prior"]), "--vqvae", str(other / "latest/checkpoints/last.ckpt"),
+                     "--out", str(tmp_path / "s.png")])  # fmt: skip
+    assert "codebook" in capsys.readouterr().err
