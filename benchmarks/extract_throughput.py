@@ -2,7 +2,7 @@
 
     python benchmarks/extract_throughput.py                      # default stage-1 config, random init
     python benchmarks/extract_throughput.py --ckpt best.ckpt     # a trained checkpoint
-    python benchmarks/extract_throughput.py --batch_size 256 512 --repeats 3 --json out.json
+    python benchmarks/extract_throughput.py --batch_size 256 512 1024 --repeats 3 --json out.json
 
 Runs `stage1_vqvae.extract.extract_codes` (the function behind the console script: Lightning predict loop,
 CodesWriter) into a temporary directory. The figure is end to end: Trainer setup, hashing the checkpoint,
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="stage-1 checkpoint (default: the default config with random weights)")
     p.add_argument("--root", help="folder holding the Fashion-MNIST IDX files (default: found automatically)")
-    p.add_argument("--batch_size", type=int, nargs="+", default=[256], help="one row each, runs interleaved")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[512], help="one row each, runs interleaved")
     p.add_argument("--accelerator", default="cpu", help="cpu (the figure we track), cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")

@@ -8,8 +8,8 @@ The data options (--data.dataset, --data.root, ...) default to the ones stored i
 codes come from the dataset stage 1 was trained on; image size and channels always come from the model.
 Encoding runs in Lightning's predict loop: each rank encodes a contiguous shard of every split and rank 0
 gathers the shards and writes them, so N devices give the same arrays as one. fp32 (no TF32), inference
-mode, channels_last (about 2x faster convolutions on CPU) and batches of 256 (faster than 512 on CPU: the
-(B*h*w, K) distance matrix of the quantizer stays in cache).
+mode, channels_last (about 2x faster convolutions on CPU). The Lightning loop costs nothing measurable
+over a plain loop of `encode_to_codes` (same images/s on 2 CPU cores), so there is one code path.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def extract_codes(
     out: str | Path,
     stage1_ckpt: str | Path,
     splits: Sequence[str] = SPLITS,
-    batch_size: int = 256,
+    batch_size: int = 512,
     overwrite: bool = False,
     accelerator: str = "auto",
     devices: int | str = 1,
@@ -254,7 +254,7 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
     parser.add_argument("--ckpt", type=str, required=True, help="stage-1 checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="codes directory to write")
     parser.add_argument("--splits", type=str, default=",".join(SPLITS), help="comma-separated splits")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per batch and device")
+    parser.add_argument("--batch_size", type=int, default=512, help="images per batch and device")
     parser.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, ... (Lightning's)")
     parser.add_argument("--devices", type=int | str, default=1, help="number of devices (or Lightning's list)")
     parser.add_argument("--strategy", type=str, default="auto", help="with several devices: ddp")
