@@ -401,7 +401,7 @@ class UInt8ImageDataset(Dataset):
         return from_uint8(self.images[index]), self.labels[index]
 
 
-def _already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch  # module-level so worker processes can pickle it
 
 
@@ -566,7 +566,7 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
-            collate_fn=_already_batched,
+            collate_fn=already_batched,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -8,7 +8,6 @@ hyperparameters.
 
 from __future__ import annotations
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -197,10 +196,3 @@ class VQVAE(pl.LightningModule):
             self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches, hp.cosine,
             no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name,  # never decay the codebook
         )
-
-
-def reconstruction_grid(model: VQVAE, images: torch.Tensor, n: int = 8) -> np.ndarray:
-    """A uint8 grid: originals on the top row, reconstructions below."""
-    images = images[:n].to(model.device)
-    recon = model.decode_codes(model.encode_to_codes(images))
-    return make_grid(torch.cat([images, recon]).cpu(), nrow=len(images), scale=2)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
+from common.images import already_batched
 
 
 class CodesDataset(Dataset):
@@ -33,10 +34,6 @@ class CodesDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices)
         return self.codes[idx], self.labels[idx]
-
-
-def _batched(batch):
-    return batch  # __getitems__ already returns a whole batch
 
 
 class CodesDataModule(pl.LightningDataModule):
@@ -103,7 +100,7 @@ class CodesDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             drop_last=shuffle,
             num_workers=self.hparams.num_workers,
-            collate_fn=_batched,
+            collate_fn=already_batched,  # __getitems__ returns whole batches
             persistent_workers=self.hparams.num_workers > 0,
         )
 
