@@ -22,10 +22,12 @@ import torch
 from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
 from torch.utils.data import DataLoader
 
-from common.images import FASHION_MNIST_CLASSES, ImageDataModule, UInt8ImageDataset, from_uint8
+from common.datamodule import ImageDataModule, UInt8ImageDataset
+from common.images import from_uint8
+from common.readers import FASHION_MNIST_CLASSES
 from stage1_vqvae.vqvae import VQVAE
-from stage2_prior.anomaly import SCORES, auroc, score_images
 from stage2_prior.prior import Prior
+from tools.anomaly import SCORES, auroc, score_images
 
 
 def fit(model: pl.LightningModule, dataset, batch_size: int, steps: int) -> float:

@@ -23,9 +23,10 @@ import torch
 from _common import machine, report  # also puts the repo root on sys.path
 from PIL import Image
 
-from common.images import ImageDataModule, from_uint8, to_uint8
-from stage2_prior.codec import uniform_bits, unpack
-from stage2_prior.compress import compress_codes, decode_images, decompress_codes, encode_images, load_models
+from common.datamodule import ImageDataModule
+from common.images import from_uint8, to_uint8
+from tools.codec import uniform_bits, unpack
+from tools.compress import compress_codes, decode_images, decompress_codes, encode_images, load_models
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

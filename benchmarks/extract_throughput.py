@@ -22,7 +22,7 @@ import torch
 import yaml
 from _common import ROOT, machine  # also puts the repo root on sys.path
 
-from common.images import SPLITS
+from common.readers import SPLITS
 from stage1_vqvae.extract import extract_codes, load_stage1, make_datamodule
 from stage1_vqvae.vqvae import VQVAE
 

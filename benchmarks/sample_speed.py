@@ -90,7 +90,7 @@ def main() -> None:
     device = torch.device(a.device)
     result: dict = {**machine(device)}
     if a.prior:
-        from stage2_prior.sample import load_prior, load_vqvae
+        from tools.sample import load_prior, load_vqvae
 
         pairs = []
         for path in a.prior:

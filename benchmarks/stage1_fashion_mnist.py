@@ -20,7 +20,7 @@ import torch
 from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from common.images import ImageDataModule
+from common.datamodule import ImageDataModule
 from stage1_vqvae.vqvae import VQVAE, CodeUsage
 
 

@@ -8,8 +8,8 @@ A codes directory holds::
 
 `CodesWriter` writes every array to a temporary file beside its final name and `commit()` moves them into
 place, meta.json last: a directory with a meta.json is complete. `read_meta`, `load_split`, `check_stage1`
-and `check_compatible` reject anything else with a `CodesError` that names the path and what to re-run.
-numpy and the standard library only.
+and `check_matches` (the one check that a prior fits its codes or stage 1) reject anything else with a
+`CodesError` that names the path and what to re-run. numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ from typing import Any
 
 import numpy as np
 
+from common.cli import UserError
+from common.io import OutputError, check_writable_dir
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 CODES_FILE = "codes.npy"
 LABELS_FILE = "labels.npy"
+SPLIT_NAMES = ("train", "val", "test")  # the only splits a writer creates, and the only ones it ever deletes
 CODES_DTYPE = np.dtype(np.uint16)
 LABELS_DTYPE = np.dtype(np.int64)
 MAX_CODEBOOK_SIZE = int(np.iinfo(CODES_DTYPE).max) + 1  # 65536
 
 
-class CodesError(ValueError):
+class CodesError(UserError, ValueError):
     """A codes directory (or what is about to be written into one) is unusable; the message says why."""
 
 
@@ -197,8 +201,10 @@ class CodesWriter:
             )
         if len(meta.grid_shape) != 2 or min(meta.grid_shape) < 1:
             raise CodesError(f"{self.out_dir}: grid_shape must be two positive sides, got {meta.grid_shape}")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise CodesError(f"{self.out_dir} exists and is not a directory; pass another --out")
+        try:
+            check_writable_dir(self.out_dir)  # now, not after encoding everything
+        except OutputError as e:
+            raise CodesError(str(e)) from None
         if (self.out_dir / META_FILE).exists() and not overwrite:
             raise CodesError(
                 f"{self.out_dir} already holds extracted codes; pass --overwrite to replace them "
@@ -211,8 +217,8 @@ class CodesWriter:
     def add_split(self, split: str, n: int) -> SplitWriter:
         if split in self.splits:
             raise CodesError(f"{self.out_dir}: split {split!r} added twice")
-        if not split or split.startswith(".") or "/" in split or "\\" in split:
-            raise CodesError(f"{self.out_dir}: {split!r} is not a usable split name")
+        if split not in SPLIT_NAMES:
+            raise CodesError(f"{self.out_dir}: {split!r} is not a split name ({', '.join(SPLIT_NAMES)})")
         if n < 0:
             raise CodesError(f"{self.out_dir}: split {split!r} cannot have {n} images")
         self.splits[split] = SplitWriter(self.out_dir / split, split, n, self.meta)
@@ -232,7 +238,9 @@ class CodesWriter:
             except CodesError:
                 pass
             meta_path.unlink()
-        for split in old_counts.keys() - self.splits.keys():  # stale splits the new meta won't list
+        # Stale splits the new meta won't list: only our own split names, whatever an old meta.json says
+        # (a crafted "../victim" must not reach outside out_dir).
+        for split in (set(old_counts) & set(SPLIT_NAMES)) - self.splits.keys():
             for name in (CODES_FILE, LABELS_FILE):
                 (self.out_dir / split / name).unlink(missing_ok=True)
         for writer in self.splits.values():
@@ -348,18 +356,22 @@ def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None) -> str:
     return path
 
 
-def check_compatible(
-    meta: CodesMeta, codebook_size: int, grid_shape: tuple[int, int] | list[int], what: str = "checkpoint"
-) -> None:
-    """CodesError unless the codes were made with this codebook size and grid shape."""
-    grid_shape = tuple(int(s) for s in grid_shape)
+def check_matches(prior: dict[str, Any], target: dict[str, Any], what: str, fix: str) -> None:
+    """CodesError unless a prior (its codebook_size, grid_shape, num_classes and, from its codes' meta, the
+    stage-1 stage1_sha256) fits `target` (a codes directory's meta, or a stage-1 checkpoint's facts).
+
+    Only facts both sides know are compared; an unconditional prior (num_classes 0) fits labelled codes.
+    `what` names the thing that does not fit, `fix` says what to pass instead.
+    """
     problems = []
-    if codebook_size != meta.codebook_size:
-        problems.append(f"codebook_size {codebook_size} (codes: {meta.codebook_size})")
-    if grid_shape != meta.grid_shape:
-        problems.append(f"grid_shape {grid_shape} (codes: {meta.grid_shape})")
+    for key in ("codebook_size", "grid_shape", "num_classes", "stage1_sha256"):
+        mine, theirs = prior.get(key), target.get(key)
+        if mine is None or theirs is None or (key == "num_classes" and mine == 0):
+            continue
+        if key == "grid_shape":
+            mine, theirs = tuple(int(s) for s in mine), tuple(int(s) for s in theirs)
+        if mine != theirs:
+            short = (lambda v: f"{v[:12]}...") if key == "stage1_sha256" else (lambda v: v)
+            problems.append(f"{key} {short(theirs)} (the prior's: {short(mine)})")
     if problems:
-        raise CodesError(
-            f"{what} does not match the codes extracted from {meta.stage1_ckpt}: {'; '.join(problems)}; "
-            "use the matching codes directory, or re-run extract_codes with this stage-1 checkpoint"
-        )
+        raise CodesError(f"{what} does not fit the prior: {'; '.join(problems)}; {fix}")

@@ -8,8 +8,6 @@ missing wandb install falls back to CSV with a clear message.
 from __future__ import annotations
 
 import csv
-import netrc
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,8 @@ import numpy as np
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+from common.cli import wandb_offline_unless_logged_in
 
 BACKENDS = ("wandb", "csv", "tensorboard", "none")
 
@@ -38,16 +38,6 @@ class LogConfig:
     project: str = "vqgen"
     name: str | None = None
     every_n_steps: int = 50
-
-
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        rc = netrc.netrc(os.path.expanduser("~/.netrc"))
-        return rc.authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -85,8 +75,7 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume: bool = Fal
         except ImportError:
             print(f"wandb is not installed (pip install wandb); logging to CSV in {run_dir} instead.", file=sys.stderr)
             return csv_logger(save_dir=str(run_dir), name="", version="")
-        if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
-            os.environ["WANDB_MODE"] = "offline"
+        if wandb_offline_unless_logged_in():
             print(
                 "W&B: no credentials found, logging offline. To upload later: "
                 f"wandb sync {run_dir}/wandb/offline-run-*  (after `wandb login`)",

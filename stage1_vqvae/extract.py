@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import sys
 import time
 from collections.abc import Sequence
@@ -26,13 +25,15 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from jsonargparse import ActionYesNo, ArgumentParser
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset
 
-from common.codes import CodesError, CodesMeta, CodesWriter, sha256_file
-from common.images import SPLITS, ImageDataModule, from_uint8
-from stage1_vqvae.vqvae import VQVAE
+from common.cli import Parser, UserError, add_overwrite, at_least, make_parser, run_command
+from common.codes import CodesMeta, CodesWriter, sha256_file
+from common.datamodule import ImageDataModule, data_options
+from common.images import from_uint8
+from common.readers import SPLITS
+from stage1_vqvae.vqvae import VQVAE, load_stage1
 
 # Not --data options: image size and channels come from the model; the split is sliced from memory in
 # batches of --batch_size, so the loader's batch_size and num_workers do not apply.
@@ -40,32 +41,8 @@ SKIPPED_DATA_ARGS = ("image_size", "channels", "batch_size", "num_workers")
 GATHER_ELEMENTS = 1 << 24  # codes per all_gather call: bounds the memory a gather needs on every rank
 
 
-class ExtractError(RuntimeError):
-    """A bad command line or checkpoint; `main` prints the message and exits."""
-
-
-# ------------------------------------------------------------------------------------------ stage 1
-def load_stage1(ckpt: str | Path) -> tuple[VQVAE, dict[str, Any]]:
-    """(VQVAE in eval mode on CPU, the datamodule arguments saved with it, possibly empty)."""
-    path = Path(ckpt)
-    if not path.is_file():
-        raise ExtractError(f"stage-1 checkpoint {path} does not exist; train one with `train_stage1 fit ...`")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise ExtractError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    hp = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
-    state = raw.get("state_dict", {}) if isinstance(raw, dict) else {}
-    has_weights = any(k.startswith("encoder.") for k in state)
-    if not {"in_channels", "image_size", "codebook_size"} <= set(hp) or not has_weights:
-        raise ExtractError(f"{path} is not a stage-1 VQVAE checkpoint (no VQVAE hyperparameters/weights)")
-    try:
-        model = VQVAE.load_from_checkpoint(path, map_location="cpu")
-    except Exception as e:
-        raise ExtractError(f"{path}: cannot rebuild the VQVAE ({type(e).__name__}: {e})") from e
-    known = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self", *SKIPPED_DATA_ARGS}
-    data = {k: v for k, v in (raw.get("datamodule_hyper_parameters") or {}).items() if k in known}
-    return model.eval(), data
+class ExtractError(UserError, RuntimeError):
+    """A bad command line; `main` prints the message and exits."""
 
 
 def make_datamodule(model: VQVAE, **data_args: Any) -> ImageDataModule:
@@ -245,12 +222,8 @@ def _no_tf32():
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="extract_codes",
-        description="Encode a dataset with a stage-1 VQ-VAE checkpoint into a codes directory. "
-        "--data.* options default to those saved in the checkpoint.",
-    )
+def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
+    parser = make_parser("extract_codes", __doc__)
     parser.add_argument("--ckpt", type=str, required=True, help="stage-1 checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="codes directory to write")
     parser.add_argument("--splits", type=str, default=",".join(SPLITS), help="comma-separated splits")
@@ -258,7 +231,7 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
     parser.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, ... (Lightning's)")
     parser.add_argument("--devices", type=int | str, default=1, help="number of devices (or Lightning's list)")
     parser.add_argument("--strategy", type=str, default="auto", help="with several devices: ddp")
-    parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace an existing codes directory")
+    add_overwrite(parser, "an existing codes directory")
     parser.add_class_arguments(ImageDataModule, "data", skip=set(SKIPPED_DATA_ARGS))
     if data_defaults:
         parser.set_defaults({f"data.{k}": v for k, v in data_defaults.items()})
@@ -273,27 +246,31 @@ def parse_splits(text: str) -> list[str]:
     return splits
 
 
-def main(args: list[str] | None = None) -> None:
+def _run(args: list[str] | None) -> str | None:
     args = sys.argv[1:] if args is None else list(args)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--ckpt")
     ckpt = pre.parse_known_args(args)[0].ckpt
-    try:
-        model, data_defaults = load_stage1(ckpt) if ckpt else (None, {})
-        cfg = build_parser(data_defaults).parse_args(args)
-        splits = parse_splits(cfg.splits)
-        if cfg.batch_size < 1:
-            raise ExtractError(f"--batch_size must be >= 1, got {cfg.batch_size}")
-        datamodule = make_datamodule(model, **cfg.data.as_dict())
-        meta = extract_codes(
-            model, datamodule, cfg.out, cfg.ckpt, splits, cfg.batch_size, cfg.overwrite,
-            cfg.accelerator, cfg.devices, cfg.strategy,
-        )  # fmt: skip
-    except (ExtractError, CodesError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"extract_codes: error: {e}") from e
-    if meta is not None:
-        counts = ", ".join(f"{s} {n}" for s, n in meta.counts.items())
-        print(f"codes ({counts}; grid {meta.grid_shape}, K={meta.codebook_size}) written to {cfg.out}", flush=True)
+    model, data_defaults = None, {}
+    if ckpt:  # the checkpoint's data options become the --data.* defaults
+        model, saved = load_stage1(ckpt, "--ckpt")
+        data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
+    cfg = build_parser(data_defaults).parse_args(args)
+    splits = parse_splits(cfg.splits)
+    at_least(1, batch_size=cfg.batch_size)
+    datamodule = make_datamodule(model, **cfg.data.as_dict())
+    meta = extract_codes(
+        model, datamodule, cfg.out, cfg.ckpt, splits, cfg.batch_size, cfg.overwrite,
+        cfg.accelerator, cfg.devices, cfg.strategy,
+    )  # fmt: skip
+    if meta is None:  # not rank 0
+        return None
+    counts = ", ".join(f"{s} {n}" for s, n in meta.counts.items())
+    return f"codes ({counts}; grid {meta.grid_shape}, K={meta.codebook_size}) written to {cfg.out}"
+
+
+def main(args: list[str] | None = None) -> None:
+    run_command("extract_codes", _run, args)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from common.cli import VQGenCLI
-from common.images import ImageDataModule, from_uint8, save_grid
+from common.datamodule import ImageDataModule
+from common.images import from_uint8, save_grid
+from common.runs import VQGenCLI
 from stage1_vqvae.vqvae import VQVAE
 
 

@@ -2,11 +2,14 @@
 
 ``forward`` reads like the paper: ``z = encoder(images)``, ``q = quantizer(z)``, ``recon = decoder(q)``.
 ``encode_to_codes(images) -> codes (B, H, W)`` and ``decode_codes(codes) -> images`` are what the rest
-of the pipeline uses; ``VQVAE.load_from_checkpoint(path)`` rebuilds the model from its own saved
-hyperparameters.
+of the pipeline uses; :func:`load_stage1` rebuilds the model from its own saved hyperparameters, reading
+the checkpoint weights-only (Lightning's ``load_from_checkpoint`` works too, for training code).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from common.checkpoint import CheckpointError, constructor_args, read_checkpoint
 from common.images import make_grid
 from common.logging import log_histogram, log_image
 from common.optim import adamw_warmup_cosine
@@ -45,8 +49,8 @@ class VQVAE(pl.LightningModule):
     """VQ-VAE with a VQ (EMA or loss-learned codebook) or FSQ bottleneck.
 
     Args:
-        in_channels: image channels (linked from the data).
-        image_size: image side in pixels (linked from the data).
+        in_channels: image channels (linked from the data; no default).
+        image_size: image side in pixels (linked from the data; no default).
         width: channels of the encoder/decoder at the bottleneck resolution.
         res_blocks: residual blocks in the encoder and in the decoder.
         res_width: bottleneck width of each residual block.
@@ -65,8 +69,8 @@ class VQVAE(pl.LightningModule):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        image_size: int = 28,
+        in_channels: int,
+        image_size: int,
         width: int = 128,
         res_blocks: int = 2,
         res_width: int = 64,
@@ -196,3 +200,16 @@ class VQVAE(pl.LightningModule):
             self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches, hp.cosine,
             no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name,  # never decay the codebook
         )
+
+
+def load_stage1(path: str | Path, flag: str = "--vqvae") -> tuple[VQVAE, dict[str, Any]]:
+    """(VQVAE rebuilt from its checkpoint, read weights-only, on the CPU in eval mode; the data module's
+    saved arguments, possibly empty)."""
+    ckpt = read_checkpoint(path, flag, want="stage1")
+    try:
+        model = VQVAE(**constructor_args(VQVAE, ckpt["hyper_parameters"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # missing hparams, shapes that do not fit
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{flag} {path}: cannot rebuild the VQ-VAE from it ({first})") from None
+    return model.eval(), dict(ckpt.get("datamodule_hyper_parameters") or {})

@@ -9,12 +9,15 @@ independent of the codes at and after its raster position:
   is shifted one column right (mask 'A': the current code is excluded), and the first layer has no
   residual connection (it would carry the current code); later layers include the current position.
 Class conditioning is a learned per-class bias on both stacks in every layer, from a table of
-num_classes + 1 rows whose last row (``null_label``) is the unconditional class. Imports torch only.
+num_classes + 1 rows whose last row (``null_label``) is the unconditional class. Decoding
+(:mod:`stage2_prior.decoding`) runs the rows up to the current one at each step. Imports torch only.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stage2_prior.decoding import CodePrior
 
 PIXELCNN_SIZES = {
     "tiny": dict(n_layer=3, channels=32),
@@ -74,8 +77,10 @@ class GatedLayer(nn.Module):
         return v_out, h_out if self.first else h + h_out
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(CodePrior):
     """Autoregressive prior over codes (B, H, W) -> logits (B, codebook_size, H, W), raster order."""
+
+    sizes = PIXELCNN_SIZES
 
     def __init__(
         self,
@@ -87,15 +92,11 @@ class GatedPixelCNN(nn.Module):
         kernel_size: int = 3,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(codebook_size, grid_shape, num_classes)
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         if n_layer < 1:
             raise ValueError(f"n_layer must be >= 1, got {n_layer}")
-        self.codebook_size = codebook_size
-        self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
-        self.num_classes = num_classes
-        self.null_label = num_classes
         self.embed = nn.Embedding(codebook_size, channels)
         self.layers = nn.ModuleList(
             GatedLayer(channels, kernel_size, num_classes, first=i == 0, dropout=dropout)
@@ -114,15 +115,17 @@ class GatedPixelCNN(nn.Module):
         B, h, W = codes.shape
         if h > self.grid_shape[0] or W != self.grid_shape[1]:
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit grid_shape {self.grid_shape}")
-        if labels is None:
-            labels = torch.full((B,), self.null_label, dtype=torch.long, device=codes.device)
+        labels = self.labels_or_null(labels, B, codes.device)
         x = self.embed(codes).permute(0, 3, 1, 2).contiguous()  # (B, C, h, W)
         v, hs = x, x
         for layer in self.layers:
             v, hs = layer(v, hs, labels)
         return self.head(hs)  # (B, K, h, W)
 
-    def forward_rows(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for the first h rows only: codes (B, h, W) -> (B, K, h, W). Used by the sampler to
-        compute just the rows up to the current one at each step."""
-        return self.forward(codes, labels)
+    def step_logits(self, codes: torch.Tensor, t: int) -> torch.Tensor:
+        """codes (n, T) -> logits (n, K) at position t, computing only rows 0..t // W (causal in rows)."""
+        if self.step_labels is None:
+            raise RuntimeError(f"call begin({codes.shape[0]}, labels) before step_logits")
+        r, c = divmod(t, self.grid_shape[1])
+        rows = codes.view(codes.shape[0], -1, self.grid_shape[1])[:, : r + 1]  # (n, r + 1, W)
+        return self.forward(rows, self.step_labels)[:, :, r, c]

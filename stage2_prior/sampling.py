@@ -1,14 +1,16 @@
-"""Drawing codes from a stage-2 prior (Transformer or GatedPixelCNN), torch only.
+"""Drawing codes from a stage-2 prior (any :class:`stage2_prior.decoding.CodePrior`), torch only.
 
 ``filter_logits`` does top-k / top-p (nucleus) filtering. ``sample_codes`` draws codes (n, H, W) in
 raster order with temperature, filtering, classifier-free guidance and completion of given codes. Its
-fast path (KV cache for the Transformer, rows <= current row for the PixelCNN) and its naive path (a
-full forward over the whole grid at every step, ``use_cache=False``) make the same random draws in
-the same order, so for the same generator seed they give identical codes.
+fast path (the prior's ``begin``/``step_logits``: a KV cache for the Transformer, rows <= the current
+row for the PixelCNN) and its naive path (a full forward over the whole grid at every step,
+``use_cache=False``) make the same random draws in the same order, so for the same generator seed they
+give identical codes.
 """
 
 import torch
-from torch import nn
+
+from stage2_prior.decoding import CodePrior
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -39,16 +41,23 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 def _check_inputs(
-    prior: nn.Module,
+    prior: CodePrior,
     n: int,
     labels: torch.Tensor | None,
     temperature: float,
+    top_k: int | None,
+    top_p: float | None,
     prime: torch.Tensor | None,
     keep: torch.Tensor | None,
     device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Validate the arguments of sample_codes; return labels (n,), prime (n, T), keep (n, T) on device."""
     H, W = prior.grid_shape
+    K = prior.codebook_size
+    if top_k is not None and not 1 <= top_k <= K:
+        raise ValueError(f"top_k must be in [1, {K}] (the codebook size), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if n <= 0:
         raise ValueError(f"n (number of samples) must be >= 1, got {n}")
     if temperature <= 0:
@@ -86,7 +95,7 @@ def _check_inputs(
 
 
 def sample_codes(
-    prior: nn.Module,
+    prior: CodePrior,
     n: int,
     labels: torch.Tensor | None = None,
     *,
@@ -114,7 +123,7 @@ def sample_codes(
     """
     param = next(prior.parameters())
     device = param.device
-    labels, prime, keep = _check_inputs(prior, n, labels, temperature, prime, keep, device)
+    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device)
     H, W = prior.grid_shape
     T = H * W
     guided = labels is not None and cfg_scale != 1.0
@@ -123,24 +132,17 @@ def sample_codes(
     nb = 2 * n if guided else n
     codes = torch.zeros(nb, T, dtype=torch.long, device=device)  # both halves hold the same codes
     grid = codes.view(nb, H, W)
-    kv_cache = use_cache and hasattr(prior, "forward_step")
-
-    def step_logits(t: int) -> torch.Tensor:  # (nb, K) logits for the code at raster position t
-        r, c = divmod(t, W)
-        if kv_cache:
-            return prior.forward_step(codes[:, max(t - 1, 0)], labels, t)
-        if use_cache:
-            return prior.forward_rows(grid[:, : r + 1], labels)[:, :, r, c]
-        return prior(grid, labels)[:, :, r, c]
 
     was_training = prior.training
     prior.eval()
     try:
-        with torch.no_grad():
-            if kv_cache:
-                prior.setup_cache(nb, device, param.dtype)
+        with torch.no_grad(), prior.decoding(nb, labels):
             for t in range(T):
-                logits = step_logits(t).float()
+                if use_cache:
+                    logits = prior.step_logits(codes, t).float()  # (nb, K)
+                else:
+                    r, c = divmod(t, W)
+                    logits = prior(grid, labels)[:, :, r, c].float()
                 if guided:
                     cond, uncond = logits.chunk(2)  # (n, K) each
                     logits = uncond + cfg_scale * (cond - uncond)
@@ -150,7 +152,5 @@ def sample_codes(
                     drawn = torch.where(keep[:, t], prime[:, t], drawn)
                 codes[:, t] = drawn.repeat(nb // n)
     finally:
-        if kv_cache:
-            prior.reset_cache()
         prior.train(was_training)
     return codes[:n].view(n, H, W).clone()

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from pytorch_lightning import Callback
 
-from common.cli import VQGenCLI
 from common.images import make_grid, save_grid
 from common.logging import log_image
-from stage1_vqvae.vqvae import VQVAE
+from common.runs import VQGenCLI
+from stage1_vqvae.vqvae import VQVAE, load_stage1
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
 
@@ -43,7 +43,7 @@ class SampleGrid(Callback):
 
     def vqvae(self, device: torch.device) -> VQVAE:
         if self._vqvae is None:
-            self._vqvae = VQVAE.load_from_checkpoint(self.stage1_ckpt, map_location="cpu").eval()
+            self._vqvae = load_stage1(self.stage1_ckpt, "the codes' stage-1 checkpoint")[0]
         return self._vqvae.to(device)
 
     def on_validation_epoch_end(self, trainer, pl_module: Prior) -> None:
@@ -80,7 +80,7 @@ class Stage2CLI(VQGenCLI):
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
         print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
-        vqvae = VQVAE.load_from_checkpoint(self.datamodule.stage1_ckpt, map_location="cpu").eval()
+        vqvae = load_stage1(self.datamodule.stage1_ckpt, "the codes' stage-1 checkpoint")[0]
         images, per_row = sample_grid_images(self.model.cpu(), vqvae)
         path = self.run_dir / "samples.png"
         save_grid(images, path, nrow=per_row, scale=2)

@@ -6,7 +6,8 @@ c_<t. Position embeddings are 2-D: learned row and column tables, summed, where 
 the (row, col) embedding of the code c_t it predicts (so the start token carries position (0, 0)).
 The class table has num_classes + 1 rows; the last row (``null_label``) is the unconditional class
 used for label dropout and classifier-free guidance, and ``labels=None`` means "all null".
-Imports torch only.
+Decoding (:mod:`stage2_prior.decoding`): `begin` allocates a static KV cache, `step_logits` feeds one
+token and attends to the cached slots. Imports torch only.
 """
 
 import math
@@ -14,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stage2_prior.decoding import CodePrior
 
 TRANSFORMER_SIZES = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64),
@@ -92,8 +95,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class Transformer(nn.Module):
+class Transformer(CodePrior):
     """Autoregressive prior p(codes | label) = prod_t p(c_t | label, c_<t) in raster order."""
+
+    sizes = TRANSFORMER_SIZES
 
     def __init__(
         self,
@@ -105,11 +110,7 @@ class Transformer(nn.Module):
         n_embd: int = 128,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.codebook_size = codebook_size
-        self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
-        self.num_classes = num_classes
-        self.null_label = num_classes
+        super().__init__(codebook_size, grid_shape, num_classes)
         H, W = self.grid_shape
         self.tok_emb = nn.Embedding(codebook_size, n_embd)
         self.class_emb = nn.Embedding(num_classes + 1, n_embd)  # last row: null / start token
@@ -132,11 +133,6 @@ class Transformer(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
-    def _labels(self, labels: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-        if labels is None:
-            return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
-        return labels
-
     def _pos(self, t: torch.Tensor) -> torch.Tensor:
         """(row, col) embedding of the code at raster position(s) t."""
         W = self.grid_shape[1]
@@ -150,7 +146,7 @@ class Transformer(nn.Module):
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit grid_shape {self.grid_shape}")
         T = h * W
         codes = codes.reshape(B, T)
-        start = self.class_emb(self._labels(labels, B, codes.device))[:, None]  # (B, 1, C)
+        start = self.class_emb(self.labels_or_null(labels, B, codes.device))[:, None]  # (B, 1, C)
         x = torch.cat([start, self.tok_emb(codes[:, :-1])], dim=1)  # (B, T, C)
         x = self.drop(x + self._pos(torch.arange(T, device=codes.device)))
         for block in self.blocks:
@@ -160,44 +156,31 @@ class Transformer(nn.Module):
 
     # --- incremental decoding with a static KV cache ---
 
-    def setup_cache(
-        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> None:
-        """Allocate K/V buffers of shape (batch_size, n_head, H*W, head_dim) in every layer, once."""
+    def begin(self, n: int, labels: torch.Tensor | None) -> None:
+        """Allocate K/V buffers (n, n_head, T, head_dim) in every layer and the position table (T, C)."""
+        super().begin(n, labels)
         ref = self.head.weight
-        device = ref.device if device is None else device
-        dtype = ref.dtype if dtype is None else dtype
-        T = self.grid_shape[0] * self.grid_shape[1]
         for block in self.blocks:
             attn = block.attn
-            shape = (batch_size, attn.n_head, T, self.head.in_features // attn.n_head)
-            attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-            attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+            shape = (n, attn.n_head, self.seq_len, self.head.in_features // attn.n_head)
+            attn.k_cache = torch.zeros(shape, device=ref.device, dtype=ref.dtype)
+            attn.v_cache = torch.zeros(shape, device=ref.device, dtype=ref.dtype)
+        self._pos_table = self._pos(torch.arange(self.seq_len, device=ref.device))  # (T, C)
 
-    def reset_cache(self) -> None:
-        """Release the K/V buffers (call setup_cache again before the next forward_step)."""
-        for block in self.blocks:
-            block.attn.k_cache = None
-            block.attn.v_cache = None
-
-    def forward_step(self, tokens: torch.Tensor, labels: torch.Tensor | None, t: int) -> torch.Tensor:
-        """Consume the input at sequence position t and return logits (B, K) for code c_t.
-
-        For t == 0 ``tokens`` is ignored and the class token (``labels``; None = null) is used; for
-        t >= 1, tokens (B,) are the codes c_{t-1}. Steps must be taken in order t = 0, 1, 2, ...
-        """
-        B, device = tokens.shape[0], tokens.device
-        caches = [block.attn.k_cache for block in self.blocks]
-        if any(c is None or c.shape[0] != B for c in caches):
-            raise RuntimeError(f"call setup_cache({B}, device, dtype) before forward_step on batch size {B}")
-        T = self.grid_shape[0] * self.grid_shape[1]
-        if not 0 <= t < T:
-            raise ValueError(f"step t={t} is outside the sequence 0..{T - 1}")
-        if t == 0:
-            x = self.class_emb(self._labels(labels, B, device))  # (B, C)
-        else:
-            x = self.tok_emb(tokens)  # (B, C)
-        x = (x + self._pos(torch.tensor(t, device=device)))[:, None]  # (B, 1, C)
+    def step_logits(self, codes: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed input position t (the class token at t = 0, else code c_{t-1}) -> logits (n, K) for c_t."""
+        if self.step_labels is None or self.blocks[0].attn.k_cache.shape[0] != codes.shape[0]:
+            raise RuntimeError(f"call begin({codes.shape[0]}, labels) before step_logits")
+        if not 0 <= t < self.seq_len:
+            raise ValueError(f"step t={t} is outside the sequence 0..{self.seq_len - 1}")
+        x = self.class_emb(self.step_labels) if t == 0 else self.tok_emb(codes[:, t - 1])  # (n, C)
+        x = (x + self._pos_table[t])[:, None]  # (n, 1, C)
         for block in self.blocks:
             x = block.forward_step(x, t)
-        return self.head(self.ln_f(x))[:, 0]  # (B, K)
+        return self.head(self.ln_f(x))[:, 0]  # (n, K)
+
+    def end(self) -> None:
+        super().end()
+        for block in self.blocks:
+            block.attn.k_cache = block.attn.v_cache = None
+        self._pos_table = None

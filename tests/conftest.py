@@ -52,3 +52,15 @@ def write_shapes(folder: Path, n: int = 64, size: int = 16, seed: int = 0) -> Pa
 def shapes_folder(tmp_path_factory) -> Path:
     """A session-wide image_folder dataset: 64 16x16 grayscale shapes in two classes."""
     return write_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+def user_error(main, args: list[str], capsys) -> str:
+    """Run a command's main(args), expecting a user error: exit code 2 and exactly one line on stderr
+    (no traceback). Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2, f"exit code {info.value.code!r}, expected 2"
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.codes import sha256_file
 from common.images import from_uint8, to_uint8
 from stage1_vqvae.vqvae import VQVAE
-from stage2_prior.anomaly import COLUMNS, auroc, generic_code_bits, main, score_images
 from stage2_prior.prior import Prior
+from tools.anomaly import COLUMNS, auroc, generic_code_bits, main, score_images
 
 SIZE, K = 16, 16
 

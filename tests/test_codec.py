@@ -15,8 +15,9 @@ from PIL import Image
 
 from common.codes import sha256_file
 from stage1_vqvae.vqvae import VQVAE
-from stage2_prior.codec import HEADER, Container, ContainerError, decode_codes, encode_codes, pack, unpack
-from stage2_prior.compress import (
+from stage2_prior.prior import PRIORS, Prior
+from tools.codec import HEADER, Container, ContainerError, decode_codes, encode_codes, pack, unpack
+from tools.compress import (
     Models,
     compress_codes,
     decode_images,
@@ -24,7 +25,6 @@ from stage2_prior.compress import (
     main_compress,
     main_decompress,
 )
-from stage2_prior.prior import KINDS, Prior
 
 K, GRID, SIZE = 32, (4, 4), 16
 
@@ -53,6 +53,13 @@ def some_codes(prior: Prior, n: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([sampled, uniform])
 
 
+def models_with(prior: Prior, vqvae: VQVAE, prior_sha256: str, stage1_sha256: str) -> Models:
+    """Models as load_models makes them, with given checkpoint hashes instead of files."""
+    models = Models(prior, vqvae, Path("prior.ckpt"), Path("stage1.ckpt"), torch.device("cpu"))
+    models.prior_sha256, models.stage1_sha256 = prior_sha256, stage1_sha256
+    return models
+
+
 def save_ckpt(model: pl.LightningModule, path: Path) -> Path:
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "pytorch-lightning_version": pl.__version__}, path)  # fmt: skip
@@ -63,13 +70,13 @@ def save_ckpt(model: pl.LightningModule, path: Path) -> Path:
 def small_file() -> tuple[bytes, np.ndarray, Models]:
     """A 5-image .vqz (two batches) made with a transformer prior, with its codes and models."""
     prior, vqvae = make_prior("transformer"), make_vqvae()
-    models = Models(prior, vqvae, "ab" * 32, "cd" * 32)
+    models = models_with(prior, vqvae, "ab" * 32, "cd" * 32)
     codes = some_codes(prior, 5)
     data, _ = compress_codes(models, codes, batch_size=3)
     return data, codes, models
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(PRIORS))
 def test_round_trip_exact_over_many_images(kind: str) -> None:
     prior = make_prior(kind)
     codes = some_codes(prior, 40)
@@ -84,10 +91,10 @@ def test_round_trip_exact_over_many_images(kind: str) -> None:
     assert actual <= 1.01 * ideal + 64 * len(streams), (actual, ideal)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(PRIORS))
 def test_images_round_trip_through_both_stages(kind: str) -> None:
     vqvae = make_vqvae()
-    models = Models(make_prior(kind), vqvae, "ab" * 32, "cd" * 32)
+    models = models_with(make_prior(kind), vqvae, "ab" * 32, "cd" * 32)
     images = torch.rand(12, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
     codes = vqvae.encode_to_codes(images).numpy()
     data, _ = compress_codes(models, codes, batch_size=5)
@@ -146,12 +153,12 @@ def test_hostile_but_crc_valid_header_is_rejected(small_file) -> None:
 
 def test_other_checkpoints_are_rejected(small_file) -> None:
     data, _, models = small_file
-    other_prior = Models(models.prior, models.vqvae, "ef" * 32, models.stage1_sha256)
+    other_prior = models_with(models.prior, models.vqvae, "ef" * 32, models.stage1_sha256)
     with pytest.raises(
         ContainerError, match="different prior: checkpoint SHA-256 differs .*; pass the prior it was made with"
     ):
         decompress_codes(other_prior, data, "f.vqz")
-    other_stage1 = Models(models.prior, models.vqvae, models.prior_sha256, "ef" * 32)
+    other_stage1 = models_with(models.prior, models.vqvae, models.prior_sha256, "ef" * 32)
     with pytest.raises(ContainerError, match="different stage-1 checkpoint"):
         decompress_codes(other_stage1, data, "f.vqz")
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from common.codes import (
     CodesError,
     CodesMeta,
     CodesWriter,
-    check_compatible,
+    check_matches,
     check_stage1,
     load_split,
     read_meta,
@@ -213,13 +214,40 @@ def test_check_stage1(tmp_path: Path, ckpt: Path) -> None:
         check_stage1(meta)
 
 
-def test_check_compatible(ckpt: Path) -> None:
-    meta = make_meta(ckpt)
-    check_compatible(meta, K, list(GRID))
-    with pytest.raises(CodesError, match=r"prior checkpoint.*codebook_size 32 \(codes: 16\)"):
-        check_compatible(meta, 32, GRID, what="prior checkpoint")
-    with pytest.raises(CodesError, match=r"grid_shape \(4, 4\) \(codes: \(3, 4\)\)"):
-        check_compatible(meta, K, (4, 4))
+def test_check_matches(ckpt: Path) -> None:
+    meta = asdict(make_meta(ckpt))
+    prior = {"codebook_size": K, "grid_shape": list(GRID), "num_classes": meta["num_classes"],
+             "stage1_sha256": meta["stage1_sha256"]}  # fmt: skip
+    check_matches(prior, meta, "codes", "fix")
+    check_matches({**prior, "num_classes": 0}, meta, "codes", "fix")  # unconditional priors fit labelled codes
+    check_matches({**prior, "stage1_sha256": None}, meta, "codes", "fix")  # unknown facts are not compared
+    with pytest.raises(CodesError, match=r"codes does not fit the prior: codebook_size 16 \(the prior's: 32\); do X"):
+        check_matches({**prior, "codebook_size": 32}, meta, "the codes", "do X")
+    with pytest.raises(CodesError, match=r"grid_shape \(3, 4\) \(the prior's: \(4, 4\)\)"):
+        check_matches({**prior, "grid_shape": (4, 4)}, meta, "codes", "fix")
+    with pytest.raises(CodesError, match=r"num_classes .*; stage1_sha256 .*\(the prior's: 000000000000...\)"):
+        check_matches({**prior, "num_classes": 7, "stage1_sha256": "0" * 64}, meta, "codes", "fix")
+
+
+def test_writer_never_deletes_outside_its_own_splits(tmp_path: Path, ckpt: Path) -> None:
+    """A crafted old meta.json naming "../victim" as a split must not make --overwrite delete outside --out."""
+    out, victim = tmp_path / "codes", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "codes.npy").write_bytes(b"precious")
+    (victim / "labels.npy").write_bytes(b"precious")
+    with CodesWriter(out, make_meta(ckpt)) as w:
+        w.add_split("train", 2).write(0, np.zeros((2, *GRID), np.int64))
+        w.commit()
+    meta = json.loads((out / "meta.json").read_text())
+    meta["counts"]["../victim"] = 2
+    (out / "meta.json").write_text(json.dumps(meta))
+    with CodesWriter(out, make_meta(ckpt), overwrite=True) as w:
+        w.add_split("test", 1).write(0, np.zeros((1, *GRID), np.int64))
+        w.commit()
+    assert (victim / "codes.npy").read_bytes() == b"precious" and (victim / "labels.npy").read_bytes() == b"precious"
+    assert not (out / "train" / "codes.npy").exists()  # our own stale split is removed
+    with pytest.raises(CodesError, match="not a split name"):
+        CodesWriter(out, make_meta(ckpt), overwrite=True).add_split("../victim", 1)
 
 
 def test_sha256_file(ckpt: Path) -> None:

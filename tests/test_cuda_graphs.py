@@ -24,10 +24,9 @@ def make(kind: str) -> torch.nn.Module:
 def test_graphed_steps_equal_sample_codes(kind, opts, conditional):
     net = make(kind)
     labels = torch.tensor([0, 1, 2, 1, 0]) if conditional else None
-    sampler_labels = labels if conditional else torch.full((5,), net.null_label)
-    got = GraphedSampler(net, sampler_labels, **opts).sample(torch.Generator().manual_seed(7))
-    if hasattr(net, "reset_cache"):
-        net.reset_cache()
+    with GraphedSampler(net, labels, 5, **opts) as sampler:
+        got = sampler.sample(torch.Generator().manual_seed(7))
+    assert net.step_labels is None  # close() released the decoding state
     want = sample_codes(net, 5, labels, generator=torch.Generator().manual_seed(7), **opts)
     assert got.shape == (5, 3, 4)
     assert torch.equal(got, want)

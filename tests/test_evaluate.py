@@ -5,6 +5,7 @@ artifacts that do not belong together."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,14 +14,15 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import user_error
 
-from common.images import ImageDataModule
-from stage1_vqvae import extract, train_feature_net
+from common.datamodule import ImageDataModule
+from stage1_vqvae import extract
 from stage1_vqvae.vqvae import VQVAE
-from stage2_prior import sample
 from stage2_prior.data import CodesDataModule
-from stage2_prior.evaluate import main
 from stage2_prior.prior import Prior
+from tools import sample, train_feature_net
+from tools.evaluate import main
 
 DATA = dict(dataset="image_folder", image_size=16, batch_size=8, val_size=8, test_size=8)
 
@@ -44,7 +46,7 @@ def artifacts(shapes_folder, tmp_path_factory) -> dict[str, Path]:
     stage1 = fit(vqvae, dm, 6, tmp / "stage1.ckpt")
     extract.main(["--ckpt", str(stage1), "--out", str(tmp / "codes"), "--accelerator", "cpu"])
     codes = CodesDataModule(str(tmp / "codes"), batch_size=8)
-    prior = Prior("transformer", "tiny", codes.codebook_size, codes.grid_shape, codes.num_classes, codes.meta_dict,
+    prior = Prior(codes.codebook_size, codes.grid_shape, codes.num_classes, "transformer", "tiny", codes.meta_dict,
                   warmup_steps=1)  # fmt: skip
     prior_ckpt = fit(prior, codes, 4, tmp / "prior.ckpt")
     sample.main(["--prior", str(prior_ckpt), "--n", "16", "--out", str(tmp / "samples.png"), "--device", "cpu"])
@@ -60,9 +62,9 @@ def test_train_feature_net_saves_its_accuracy_and_refuses_to_overwrite(artifacts
     record = torch.load(artifacts["features"], weights_only=True)
     assert 0.0 <= record["test_accuracy"] <= 1.0 and record["dataset"] == "image_folder"
     assert (record["image_size"], record["channels"], record["steps"]) == (16, 1, 20)
-    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
-        train_feature_net.main(["--data.dataset", "image_folder", "--data.root", str(shapes_folder),
-                                "--out", str(artifacts["features"])])  # fmt: skip
+    err = user_error(train_feature_net.main, ["--data.dataset", "image_folder", "--data.root", str(shapes_folder),
+                                              "--out", str(artifacts["features"])], capsys)  # fmt: skip
+    assert "already exists; pass --overwrite" in err
 
 
 def test_evaluate_stage1(artifacts, shapes_folder, capsys):
@@ -114,34 +116,45 @@ def _with_meta(artifacts, name: str, **changes) -> Path:
     return codes
 
 
-def test_prior_and_codes_that_do_not_belong_together(artifacts):
+def test_prior_and_codes_that_do_not_belong_together(artifacts, capsys):
     other = _with_meta(artifacts, "codes_k64", codebook_size=64)
-    with pytest.raises(SystemExit, match=r"codebook_size 16 \(codes: 64\).*use the matching codes directory"):
-        main(["prior", "--ckpt", str(artifacts["prior"]), "--codes", str(other), "--device", "cpu"])
+    base = ["prior", "--ckpt", str(artifacts["prior"]), "--device", "cpu", "--codes"]
+    err = user_error(main, [*base, str(other)], capsys)
+    assert re.search(r"codebook_size 64 \(the prior's: 16\).*pass the codes directory .* was trained on", err), err
     other = _with_meta(artifacts, "codes_other_stage1", stage1_sha256="0" * 64)
-    with pytest.raises(SystemExit, match="was trained on codes of stage-1 checkpoint .* would mean nothing"):
-        main(["prior", "--ckpt", str(artifacts["prior"]), "--codes", str(other), "--device", "cpu"])
-    with pytest.raises(SystemExit, match="not a stage-2 prior checkpoint"):
-        main(["prior", "--ckpt", str(artifacts["stage1"]), "--codes", str(artifacts["codes"])])
+    assert "stage1_sha256 000000000000..." in user_error(main, [*base, str(other)], capsys)
+    err = user_error(main, ["prior", "--ckpt", str(artifacts["stage1"]), "--codes", str(artifacts["codes"])], capsys)
+    assert "is not a stage-2 prior checkpoint (it is a stage-1 VQ-VAE checkpoint" in err
 
 
-def test_samples_that_do_not_fit_the_data_or_the_features(artifacts, tmp_path):
+def test_unlabelled_codes_use_the_null_class(artifacts, tmp_path, capsys):
+    """labels -1 mean "unlabelled" in the codes format: the prior scores them with its null class."""
+    codes = tmp_path / "codes"
+    shutil.copytree(artifacts["codes"], codes)
+    labels = np.load(codes / "test" / "labels.npy")
+    np.save(codes / "test" / "labels.npy", np.full_like(labels, -1))
+    r = evaluate("prior", "--ckpt", str(artifacts["prior"]), "--codes", str(codes), out=tmp_path / "r.json")
+    assert np.isfinite(r["bits_per_code"]) and r["code_maps"] == len(labels)
+
+
+def test_samples_that_do_not_fit_the_data_or_the_features(artifacts, tmp_path, capsys):
     small = tmp_path / "small.npz"
     np.savez(small, images=np.zeros((4, 1, 8, 8), np.uint8))
     base = ["samples", "--features", str(artifacts["features"]), "--device", "cpu"]
-    with pytest.raises(SystemExit, match="holds 8x8 images with 1 channel.*fashion_mnist cannot provide"):
-        main([*base, "--samples", str(small), "--data.dataset", "fashion_mnist"])
-    with pytest.raises(SystemExit, match="the samples are 8x8 with 1 channel.*expect 16x16"):
-        main([*base, "--samples", str(small), "--ckpt", str(artifacts["stage1"])])
     np.savez(tmp_path / "codes_only.npz", codes=np.zeros((4, 4, 4), np.uint16))
-    with pytest.raises(SystemExit, match="has no 'images' array"):
-        main([*base, "--samples", str(tmp_path / "codes_only.npz")])
-    with pytest.raises(SystemExit, match="no such file"):
-        main([*base, "--samples", str(tmp_path / "missing.npz")])
+    for args, message in [
+        (["--samples", str(small), "--data.dataset", "fashion_mnist"],
+         "holds 8x8 images with 1 channel.*fashion_mnist cannot provide"),
+        (["--samples", str(small), "--ckpt", str(artifacts["stage1"])],
+         "the samples are 8x8 with 1 channel.*expect 16x16"),
+        (["--samples", str(tmp_path / "codes_only.npz")], "has no 'images' array"),
+        (["--samples", str(tmp_path / "missing.npz")], "no such file"),
+    ]:  # fmt: skip
+        assert re.search(message, user_error(main, [*base, *args], capsys)), message
 
 
-def test_missing_features_say_what_to_run(artifacts, tmp_path, monkeypatch):
+def test_missing_features_say_what_to_run(artifacts, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no runs/feature_net/ here
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
-    with pytest.raises(SystemExit, match="train_feature_net --data.dataset image_folder"):
-        main(["stage1", "--ckpt", str(artifacts["stage1"]), "--device", "cpu"])
+    err = user_error(main, ["stage1", "--ckpt", str(artifacts["stage1"]), "--device", "cpu"], capsys)
+    assert "train_feature_net --data.dataset image_folder" in err

@@ -1,6 +1,7 @@
 """Tests for stage1_vqvae/extract.py (`extract_codes`) on a tiny stage-1 checkpoint trained for 2 steps."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import user_error
 from PIL import Image
 
 from common.codes import load_split, read_meta, sha256_file
-from common.images import ImageDataModule, from_uint8
+from common.datamodule import ImageDataModule
+from common.images import from_uint8
 from stage1_vqvae.extract import main, shard_bounds
 from stage1_vqvae.vqvae import VQVAE
 
@@ -87,33 +90,31 @@ def test_data_options_and_splits_override(stage1, tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_split(tmp_path, "test")[0], expected_codes(ckpt, root, "test", limit=3)[0])
 
 
-def test_existing_codes_need_overwrite(stage1, tmp_path: Path) -> None:
+def test_existing_codes_need_overwrite(stage1, tmp_path: Path, capsys) -> None:
     ckpt, _ = stage1
     args = ["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "val"]
     main(args)
-    with pytest.raises(SystemExit, match="already holds extracted codes; pass --overwrite"):
-        main(args)
+    assert "already holds extracted codes; pass --overwrite" in user_error(main, args, capsys)
     main([*args[:-1], "test", "--overwrite"])
     assert read_meta(tmp_path).counts == {"test": 4}
 
 
-def test_clear_errors(stage1, tmp_path: Path) -> None:
+def test_clear_errors(stage1, tmp_path: Path, capsys) -> None:
     ckpt, _ = stage1
     out = str(tmp_path / "codes")
-    with pytest.raises(SystemExit, match="missing.ckpt does not exist"):
-        main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", out])
     (tmp_path / "garbage.ckpt").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="not a PyTorch checkpoint"):
-        main(["--ckpt", str(tmp_path / "garbage.ckpt"), "--out", out])
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "other.ckpt")
-    with pytest.raises(SystemExit, match="not a stage-1 VQVAE checkpoint"):
-        main(["--ckpt", str(tmp_path / "other.ckpt"), "--out", out])
-    with pytest.raises(SystemExit, match="unknown split.*'trian'"):
-        main(["--ckpt", str(ckpt), "--out", out, "--splits", "trian"])
-    with pytest.raises(SystemExit, match="image folder .* does not exist"):
-        main(["--ckpt", str(ckpt), "--out", out, "--data.root", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match="use --strategy ddp"):
-        main(["--ckpt", str(ckpt), "--out", out, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"])
+    cases = [
+        (["--ckpt", str(tmp_path / "missing.ckpt")], "--ckpt .*missing.ckpt: no such file"),
+        (["--ckpt", str(tmp_path / "garbage.ckpt")], "not a PyTorch checkpoint"),
+        (["--ckpt", str(tmp_path / "other.ckpt")], "is not a stage-1 \\(VQ-VAE\\) checkpoint"),
+        (["--ckpt", str(ckpt), "--splits", "trian"], "unknown split.*'trian'"),
+        (["--ckpt", str(ckpt), "--data.root", str(tmp_path / "nowhere")], "image folder .* does not exist"),
+        (["--ckpt", str(ckpt), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"],
+         "use --strategy ddp"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert re.search(message, user_error(main, [*args, "--out", out], capsys)), message
     assert not (tmp_path / "codes").exists()
 
 

@@ -10,7 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from common.features import (
+from common.images import from_uint8
+from tools.features import (
     FeatureNet,
     FeaturesError,
     accuracy,
@@ -20,8 +21,7 @@ from common.features import (
     load_features,
     save_feature_net,
 )
-from common.fid import feature_stats, fid, frechet_distance, kid
-from common.images import from_uint8
+from tools.fid import feature_stats, fid, frechet_distance, kid
 
 
 def gaussian(n: int, d: int = 16, seed: int = 0, shift: float = 0.0) -> np.ndarray:

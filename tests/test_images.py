@@ -10,19 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common import images as im
-from common.images import (
-    DatasetNotFoundError,
-    ImageDataModule,
-    from_uint8,
-    load_cifar10,
-    load_image,
-    load_image_folder,
-    load_mnist_like,
-    read_idx,
-    save_grid,
-    to_uint8,
-)
+from common import readers as im
+from common.datamodule import ImageDataModule
+from common.images import from_uint8, load_image, save_grid, to_uint8
+from common.readers import DatasetNotFoundError, load_cifar10, load_image_folder, load_mnist_like, read_idx
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False, magic: int | None = None) -> Path:

@@ -10,8 +10,8 @@ from PIL import Image
 
 from stage1_vqvae.extract import main as extract_main
 from stage1_vqvae.train import main as train_stage1
-from stage2_prior.sample import main as sample_main
 from stage2_prior.train import main as train_stage2
+from tools.sample import main as sample_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -106,19 +106,22 @@ def test_class_conditioning_changes_logits(kind):
     torch.testing.assert_close(logits[2], null[0], atol=1e-6, rtol=0)
 
 
-def test_kv_cache_matches_full_forward():
-    prior = make_prior("transformer")
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_decoding_matches_full_forward(kind):
+    """The decoding interface (begin / step_logits / end) gives the full forward's logits at every position."""
+    prior = make_prior(kind)
     codes, labels = random_codes(), torch.tensor([2, 0])
     with torch.no_grad():
         full = prior(codes, labels).flatten(2)  # (B, K, T)
-        flat = codes.view(2, T)
-        prior.setup_cache(2, "cpu", torch.float32)
-        for t in range(T):
-            step = prior.forward_step(flat[:, max(t - 1, 0)], labels, t)
-            torch.testing.assert_close(step, full[:, :, t], atol=1e-5, rtol=0)
-        prior.reset_cache()
-    with pytest.raises(RuntimeError, match="setup_cache"):
-        prior.forward_step(flat[:, 0], labels, 0)
+        flat = codes.view(2, T).clone()
+        with prior.decoding(2, labels):
+            for t in range(T):
+                later = flat.clone()
+                later[:, t:] = 0  # what the sampler's buffer holds at step t: only positions < t are known
+                torch.testing.assert_close(prior.step_logits(later, t), full[:, :, t], atol=1e-5, rtol=0)
+    assert prior.step_labels is None
+    with pytest.raises(RuntimeError, match="begin"):
+        prior.step_logits(flat, 0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

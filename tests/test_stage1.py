@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.images import ImageDataModule, from_uint8, make_grid
+from common.datamodule import ImageDataModule
+from common.images import from_uint8, make_grid
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.train import main
 from stage1_vqvae.vqvae import VQVAE

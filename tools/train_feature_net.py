@@ -4,7 +4,7 @@
     train_feature_net --data.dataset cifar10 --data.root data/cifar10 --steps 4000
     train_feature_net --data.dataset image_folder --data.root photos/ --data.image_size 64 --out photos.pt
 
-It trains :class:`common.features.FeatureNet` on the train split (plain loop, AdamW, warm-up + cosine,
+It trains :class:`tools.features.FeatureNet` on the train split (plain loop, AdamW, warm-up + cosine,
 2-px random shifts) and saves it with its architecture, the data options, the image size and channels and
 its accuracy on the test split (atomically: temp file + rename). The default 1,000 steps of 128 images
 (about 2.3 epochs) are meant to reach about 0.9 test accuracy on Fashion-MNIST in about 2 minutes on a
@@ -14,41 +14,37 @@ its accuracy on the test split (atomically: temp file + rename). The default 1,0
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
 
-from common.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
-from common.images import DatasetNotFoundError, ImageDataModule
+from common.cli import add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
+from common.datamodule import ImageDataModule
+from common.io import check_output
+from tools.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="train_feature_net", description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = make_parser("train_feature_net", __doc__)
     parser.add_argument("--steps", type=int, default=1000, help="training steps (of --data.batch_size images)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=str, default=None, help="default: runs/feature_net/<dataset>.pt")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out file")
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, ...")
+    add_overwrite(parser, "an existing --out file (FIDs computed with it are then no longer comparable)")
+    add_device(parser)
     parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
     parser.add_class_arguments(ImageDataModule, "data")
     return parser
 
 
 def run(cfg) -> tuple[Path, float]:
-    if cfg.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    at_least(1, steps=cfg.steps, width=cfg.width)
+    at_least(0, log_every=cfg.log_every)
     data = cfg.data.as_dict()
-    out = Path(cfg.out or default_path(data["dataset"]))
-    if out.exists() and not cfg.overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it (FIDs computed with it will "
-                         "no longer be comparable with new ones) or choose another --out")  # fmt: skip
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
+    out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     dm = ImageDataModule(**data)
     train_images, train_labels = dm.split_arrays("train")
@@ -68,13 +64,12 @@ def run(cfg) -> tuple[Path, float]:
     return out, acc
 
 
+def _run(args: list[str] | None) -> None:
+    run(build_parser().parse_args(args))
+
+
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else list(args)
-    cfg = build_parser().parse_args(args)
-    try:
-        run(cfg)
-    except (ValueError, DatasetNotFoundError, FileNotFoundError) as e:
-        raise SystemExit(f"train_feature_net: error: {e}") from e
+    run_command("train_feature_net", _run, args)
 
 
 if __name__ == "__main__":

@@ -30,22 +30,20 @@ ones a large L. What the codes cannot express (fine detail, noise) shows up in `
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.codes import CodesError
-from common.images import save_grid
+from common.cli import add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
+from common.images import image_files, load_images, save_grid
+from common.io import check_output, write_atomic
 from stage1_vqvae.vqvae import VQVAE
-from stage2_prior.compress import image_files, load_images, load_models, refuse_existing, write_atomic
 from stage2_prior.prior import Prior
+from tools.load import load_models
 
 COLUMNS = ("path", "nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score")
 SCORES = COLUMNS[1:]
@@ -116,45 +114,43 @@ def csv_text(paths: list[str], scores: dict[str, np.ndarray]) -> str:
     return buf.getvalue()
 
 
-def parse_args(args: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="score_anomalies", description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="+", help="image files and/or directories of images")
-    p.add_argument("--prior", required=True, help="stage-2 prior checkpoint (.ckpt)")
-    p.add_argument("--vqvae", help="stage-1 checkpoint (default: the one named in the prior's codes metadata)")
-    p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of the most anomalous images")
+def build_parser():
+    p = make_parser("score_anomalies", __doc__)
+    p.add_argument("images", nargs="+", type=str, help="image files and/or directories of images")
+    p.add_argument("--prior", type=str, required=True, help="stage-2 prior checkpoint (.ckpt)")
+    p.add_argument("--vqvae", type=str, help="stage-1 checkpoint (default: the one the prior's codes came from)")
+    p.add_argument("--out", type=str, required=True, help="CSV file to write")
+    p.add_argument("--grid", type=str, default=None, help="also write a PNG grid of the most anomalous images")
     p.add_argument("--top", type=int, default=16, help="images in --grid")
-    p.add_argument("--rank_by", default="combined_score", choices=SCORES, help="score that orders --grid")
+    p.add_argument("--rank_by", type=str, default="combined_score", choices=SCORES, help="score that orders --grid")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return p.parse_args(args)
+    add_device(p)
+    add_overwrite(p)
+    return p
 
 
-def run(a: argparse.Namespace) -> str:
-    if a.top < 1 or a.batch_size < 1:
-        raise ValueError(f"--top and --batch_size must be >= 1, got {a.top} and {a.batch_size}")
-    out, grid = Path(a.out), Path(a.grid) if a.grid else None
-    refuse_existing([out] + ([grid] if grid else []), a.overwrite)
+def _run(args: list[str] | None) -> str:
+    a = build_parser().parse_args(args)
+    at_least(1, top=a.top, batch_size=a.batch_size)
+    out = check_output(a.out, a.overwrite)
+    grid = check_output(a.grid, a.overwrite, "--grid") if a.grid else None
+    if grid is not None and grid.resolve() == out.resolve():
+        raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
     files = image_files(a.images)
-    m = load_models(a.prior, a.vqvae)
-    images = load_images(files, m.vqvae)
+    m = load_models(a.prior, a.vqvae, resolve_device(a.device))
+    images = load_images(files, m.image_size, m.channels)
     scores = score_images(m.prior, m.vqvae, images, a.batch_size)
     write_atomic(out, csv_text([str(f) for f in files], scores).encode())
     order = np.argsort(-scores[a.rank_by], kind="stable")
     if grid:
         top = torch.from_numpy(order[: a.top].copy())
-        save_grid(images[top], grid, scale=2 if m.vqvae.hparams.image_size < 64 else 1)
+        save_grid(images[top], grid, scale=2 if m.image_size < 64 else 1)
     head = ", ".join(f"{files[i].name} ({scores[a.rank_by][i]:.4g})" for i in order[:3])
     return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {a.rank_by}: {head}"
 
 
 def main(args: list[str] | None = None) -> None:
-    a = parse_args(args)
-    try:
-        print(run(a))
-    except (CodesError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable files
-        print(f"score_anomalies: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_command("score_anomalies", _run, args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import UserError
 from common.images import from_uint8
 from common.optim import adamw_warmup_cosine
 
@@ -37,7 +38,7 @@ DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": 
 INCEPTION_LABEL = "Inception-v3 pool3"
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError, ValueError):
     """Features cannot be loaded or do not fit the images; the message says what to do."""
 
 

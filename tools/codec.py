@@ -5,8 +5,8 @@ the prior's probabilities (``Categorical(perfect=False)``: constriction quantize
 frequencies, every symbol at least one unit, deterministically given identical floats).
 
 Decoding is exact only if the decoder computes bit-identical probabilities, so encoder and decoder share
-one function, :func:`code_positions`: the same network path (the Transformer's KV-cached
-``forward_step``; the PixelCNN's ``forward_rows`` over rows <= r with the codes not yet known set to 0),
+one function, :func:`code_positions`: the same network path (the prior's ``begin``/``step_logits``, see
+:mod:`stage2_prior.decoding`, with the codes not yet known set to 0),
 the same fixed batches of images, fp32 on the CPU, eval mode, one torch thread, and a float64 softmax of
 the fp32 logits. Labels are always the null class (the images' classes are unknown). The container stores
 a CRC32 of each batch's codes, so a machine that computes different floats (another CPU or torch build)
@@ -44,6 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cli import UserError
+from stage2_prior.decoding import CodePrior
+
 MAGIC = b"VQZ1"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<4sH32s32sHBHHIII")  # magic .. batch size: 89 bytes
@@ -53,7 +56,7 @@ MAX_CODEBOOK_SIZE = 1 << 16
 CRC_SIZE = 4
 
 
-class ContainerError(ValueError):
+class ContainerError(UserError, ValueError):
     """A .vqz file is unusable (truncated, corrupt, another version, made with other checkpoints)."""
 
 
@@ -163,35 +166,24 @@ def probabilities(logits: torch.Tensor) -> np.ndarray:
     return logits.float().double().softmax(dim=-1).numpy()
 
 
-def code_positions(net: nn.Module, n: int, code_at: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+def code_positions(net: CodePrior, n: int, code_at: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
     """THE probability path of encoder and decoder: for raster positions t = 0 .. T-1, compute the
     probabilities (n, K) of the codes at t given the codes before t, and ask ``code_at(t, probs)`` for the
     codes (n,) at t (the encoder returns the known ones, the decoder decodes them). Returns codes (n, H, W).
-    Call inside :func:`deterministic`."""
-    H, W = net.grid_shape
-    grid = torch.zeros(n, H * W, dtype=torch.long)  # codes not yet known are 0, identically on both sides
-    cached = hasattr(net, "forward_step")
-    if cached:
-        net.setup_cache(n, "cpu", torch.float32)
-    try:
-        for t in range(H * W):
-            if cached:
-                logits = net.forward_step(grid[:, max(t - 1, 0)], None, t)  # (n, K)
-            else:
-                r, c = divmod(t, W)
-                logits = net.forward_rows(grid.view(n, H, W)[:, : r + 1], None)[:, :, r, c]  # (n, K)
+    Labels are the null class. Call inside :func:`deterministic`."""
+    grid = torch.zeros(n, net.seq_len, dtype=torch.long)  # codes not yet known are 0, identically on both sides
+    with net.decoding(n, None):
+        for t in range(net.seq_len):
+            logits = net.step_logits(grid, t)  # (n, K)
             grid[:, t] = torch.from_numpy(np.asarray(code_at(t, probabilities(logits)), dtype=np.int64))
-    finally:
-        if cached:
-            net.reset_cache()
-    return grid.view(n, H, W).numpy()
+    return grid.view(n, *net.grid_shape).numpy()
 
 
 def _model() -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(perfect=False)
 
 
-def encode_batch(net: nn.Module, codes: np.ndarray) -> tuple[bytes, float]:
+def encode_batch(net: CodePrior, codes: np.ndarray) -> tuple[bytes, float]:
     """codes (B, H, W) -> (range-coder stream, ideal code length -sum log2 p in bits)."""
     encoder, model, ideal = constriction.stream.queue.RangeEncoder(), _model(), 0.0
     flat = codes.reshape(len(codes), -1).astype(np.int32)
@@ -207,7 +199,7 @@ def encode_batch(net: nn.Module, codes: np.ndarray) -> tuple[bytes, float]:
     return encoder.get_compressed().astype("<u4").tobytes(), ideal
 
 
-def decode_batch(net: nn.Module, stream: bytes, n: int) -> np.ndarray:
+def decode_batch(net: CodePrior, stream: bytes, n: int) -> np.ndarray:
     """A stream from :func:`encode_batch` -> codes (n, H, W); garbage decodes to garbage or raises
     ContainerError, in bounded time (n * H * W steps)."""
     words = np.frombuffer(stream, dtype="<u4").astype(np.uint32)
@@ -227,7 +219,7 @@ def decode_batch(net: nn.Module, stream: bytes, n: int) -> np.ndarray:
     return code_positions(net, n, code_at)
 
 
-def encode_codes(net: nn.Module, codes: np.ndarray, batch_size: int) -> tuple[list[bytes], list[int], float]:
+def encode_codes(net: CodePrior, codes: np.ndarray, batch_size: int) -> tuple[list[bytes], list[int], float]:
     """codes (N, H, W) -> (one stream per batch, their codes' CRC32s, ideal total bits)."""
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be in [1, {MAX_BATCH_SIZE}], got {batch_size}")
@@ -247,7 +239,7 @@ def encode_codes(net: nn.Module, codes: np.ndarray, batch_size: int) -> tuple[li
     return streams, crcs, ideal
 
 
-def decode_codes(net: nn.Module, c: Container, name: str = "<bytes>") -> np.ndarray:
+def decode_codes(net: CodePrior, c: Container, name: str = "<bytes>") -> np.ndarray:
     """Recover codes (N, H, W) from a parsed container, checking each batch's codes CRC32."""
     if tuple(net.grid_shape) != c.grid_shape or net.codebook_size != c.codebook_size:
         raise ContainerError(f"{name}: made for codes of grid {c.grid_shape} and codebook_size {c.codebook_size}, "

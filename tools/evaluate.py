@@ -20,27 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jsonargparse import ArgumentParser
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from common.codes import CodesError, check_compatible
-from common.features import Features, FeaturesError, load_features
-from common.fid import fid, kid
-from common.images import DatasetNotFoundError, ImageDataModule, to_uint8
-from stage1_vqvae.extract import ExtractError, load_stage1, make_datamodule
+from common.cli import Parser, add_device, at_least, make_parser, resolve_device, run_command
+from common.codes import CodesError, check_matches
+from common.datamodule import ImageDataModule, data_options
+from common.images import to_uint8
+from common.io import atomic_file, check_output
 from stage1_vqvae.vqvae import VQVAE, CodeUsage
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
-from stage2_prior.sample import load_prior
+from tools.features import Features, load_features
+from tools.fid import fid, kid
+from tools.load import load_prior, load_stage1, prior_facts
 
 KID_SUBSET = 1000
 # Not --data options: size and channels come from the model or the samples, batching from --batch_size.
@@ -90,19 +89,8 @@ def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------ prior
 def check_prior_codes(prior: Prior, dm: CodesDataModule, ckpt: str) -> None:
     """CodesError unless the prior was trained on codes like these (same stage 1, codebook, grid, classes)."""
-    meta, what = dm.meta, f"prior checkpoint {ckpt}"
-    check_compatible(meta, prior.codebook_size, prior.grid_shape, what=what)
-    if prior.num_classes not in (0, meta.num_classes):
-        raise CodesError(f"{what} has {prior.num_classes} classes, the codes in {dm.hparams.codes_dir} have "
-                         f"{meta.num_classes}; use the codes directory the prior was trained on")  # fmt: skip
-    trained_on = (prior.hparams.codes_meta or {}).get("stage1_sha256")
-    if trained_on and trained_on != meta.stage1_sha256:
-        raise CodesError(
-            f"{what} was trained on codes of stage-1 checkpoint {prior.hparams.codes_meta.get('stage1_ckpt')} "
-            f"(sha256 {trained_on[:12]}...), but {dm.hparams.codes_dir} holds codes of {meta.stage1_ckpt} "
-            f"(sha256 {meta.stage1_sha256[:12]}...); its NLL on them would mean nothing. Pass the codes directory "
-            "the prior was trained on"
-        )
+    check_matches(prior_facts(prior), dm.meta_dict, f"the codes in {dm.hparams.codes_dir}",
+                  f"pass the codes directory prior {ckpt} was trained on; its NLL on other codes means nothing")
 
 
 @torch.no_grad()
@@ -115,7 +103,7 @@ def evaluate_prior(prior: Prior, dm: CodesDataModule, device: torch.device, spli
     nll, correct, n = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
         codes = data.codes[start : start + batch_size].to(device)  # (B, H, W)
-        labels = data.labels[start : start + batch_size].to(device) if prior.num_classes else None
+        labels = prior._labels(data.labels[start : start + batch_size].to(device))  # -1 -> the null class
         logits = prior(codes, labels).float()  # (B, K, H, W)
         nll += float(F.cross_entropy(logits, codes, reduction="sum"))
         correct += int((logits.argmax(1) == codes).sum())
@@ -185,17 +173,13 @@ def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]
 
 
 def write_json(path: str | Path, result: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
+    with atomic_file(path) as f:
+        f.write((json.dumps(result, indent=2) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
-    parser = ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
+def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
+    parser = make_parser("evaluate", __doc__)
     subs = parser.add_subcommands(dest="mode")
     helps = {
         "stage1": "test MSE, PSNR, SSIM, reconstruction FID, codebook usage of a stage-1 checkpoint",
@@ -203,7 +187,7 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
         "samples": "FID and KID of a `sample` .npz against the test split, beside the real-data floor",
     }
     for mode, text in helps.items():
-        p = ArgumentParser(description=text)
+        p = make_parser(f"evaluate {mode}", text)
         if mode == "prior":
             p.add_argument("--ckpt", type=str, required=True, help="stage-2 prior checkpoint (.ckpt)")
             p.add_argument("--codes", type=str, required=True, help="codes directory (extract_codes --out)")
@@ -220,19 +204,20 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> ArgumentParser:
         if mode != "samples":
             p.add_argument("--split", type=str, default="test", help="train, val or test")
         p.add_argument("--batch_size", type=int, default=500)
-        p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, ...")
+        add_device(p)
         p.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
         subs.add_subcommand(mode, p, help=text)
     return parser
 
 
 def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    at_least(1, batch_size=cfg.batch_size)
+    if cfg.json:
+        check_output(cfg.json, cfg.overwrite, "--json")
+    device = resolve_device(cfg.device)
     if mode == "prior":
-        prior = load_prior(cfg.ckpt, torch.device("cpu"))
+        prior = load_prior(cfg.ckpt, "--ckpt")
         dm = CodesDataModule(cfg.codes, check_stage1=False)
         check_prior_codes(prior, dm, cfg.ckpt)
         result = {"mode": mode, "ckpt": cfg.ckpt, "codes": cfg.codes, **evaluate_prior(prior, dm, device, cfg.split,
@@ -243,7 +228,7 @@ def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
     data = cfg.data.as_dict()
     features = load_features(cfg.features, data["dataset"], device)
     if mode == "stage1":
-        dm = make_datamodule(model, **data)
+        dm = ImageDataModule(**data, image_size=model.hparams.image_size, channels=model.hparams.in_channels)
         result = {"mode": mode, "ckpt": cfg.ckpt, "dataset": data["dataset"],
                   **evaluate_stage1(model, dm, features, device, cfg.split, cfg.batch_size)}  # fmt: skip
         print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
@@ -265,23 +250,26 @@ def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
     return result
 
 
-def main(args: list[str] | None = None) -> None:
+def _run(args: list[str] | None) -> str | None:
     args = sys.argv[1:] if args is None else list(args)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("mode", nargs="?")
     pre.add_argument("--ckpt")
     known = pre.parse_known_args(args)[0]
-    errors = (ExtractError, CodesError, FeaturesError, DatasetNotFoundError, FileNotFoundError, ValueError)
-    try:
-        stage1 = known.mode in ("stage1", "samples") and known.ckpt
-        model, data_defaults = load_stage1(known.ckpt) if stage1 else (None, {})
-        cfg = build_parser(data_defaults).parse_args(args)
-        result = run(cfg.mode, cfg[cfg.mode], model)
-        if cfg[cfg.mode].json:
-            write_json(cfg[cfg.mode].json, result)
-            print(f"written to {cfg[cfg.mode].json}")
-    except errors as e:
-        raise SystemExit(f"evaluate: error: {e}") from e
+    model, data_defaults = None, {}
+    if known.mode in ("stage1", "samples") and known.ckpt:  # its data options become the --data.* defaults
+        model, saved = load_stage1(known.ckpt, "--ckpt")
+        data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
+    cfg = build_parser(data_defaults).parse_args(args)
+    result = run(cfg.mode, cfg[cfg.mode], model)
+    if cfg[cfg.mode].json:
+        write_json(cfg[cfg.mode].json, result)
+        return f"written to {cfg[cfg.mode].json}"
+    return None
+
+
+def main(args: list[str] | None = None) -> None:
+    run_command("evaluate", _run, args)
 
 
 if __name__ == "__main__":

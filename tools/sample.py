@@ -4,78 +4,70 @@
     sample --prior prior.ckpt --per_class 8 --cfg_scale 2 --top_p 0.9
     sample --prior prior.ckpt --prime shirt.png --keep_rows 3 --n 6    # complete the lower part
 
-Beside the PNG it writes ``<out>.npz`` with ``codes`` (n, H, W), ``images`` (n, C, H, W) uint8 and
-``labels`` (n,), -1 for unconditional. The stage-1 checkpoint is the one the prior's codes metadata
-names (checked by SHA-256) unless ``--vqvae`` is given.
+``--out`` names the grid's format by its suffix (.png, .jpg, .webp); beside it goes ``<out>.npz`` with
+``codes`` (n, H, W), ``images`` (n, C, H, W) uint8 and ``labels`` (n,), -1 for unconditional.
+``--out x.npz`` writes only the .npz. Existing files are never replaced without ``--overwrite``. The
+stage-1 checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae``
+is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.codes import CodesError, CodesMeta, check_compatible, check_stage1
-from common.images import load_image, save_grid, to_uint8
-from stage1_vqvae.vqvae import VQVAE
+from common.cli import (
+    UserError,
+    add_device,
+    add_overwrite,
+    at_least,
+    make_parser,
+    resolve_device,
+    run_command,
+    wandb_offline_unless_logged_in,
+)  # fmt: skip
+from common.images import GRID_FORMATS, load_image, make_grid, save_grid, to_uint8
+from common.io import atomic_file, check_output
 from stage2_prior.cuda_graphs import GraphedSampler
-from stage2_prior.prior import KINDS, Prior
+from stage2_prior.prior import Prior
+from tools.load import load_models
 
 
-def parse_args(args: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prior", required=True, help="stage-2 prior checkpoint (.ckpt)")
-    p.add_argument("--vqvae", help="stage-1 checkpoint (default: the one named in the prior's codes metadata)")
+def build_parser():
+    p = make_parser("sample", __doc__)
+    p.add_argument("--prior", type=str, required=True, help="stage-2 prior checkpoint (.ckpt)")
+    p.add_argument("--vqvae", type=str, help="stage-1 checkpoint (default: the one the prior's codes came from)")
     p.add_argument("--n", type=int, default=64, help="number of samples (completions with --prime)")
-    p.add_argument("--out", default="samples.png", help="output PNG grid; codes/images go to <out>.npz")
+    p.add_argument("--out", type=str, default="samples.png", help="grid (.png/.jpg/.webp; + <out>.npz) or .npz")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely codes at each step")
     p.add_argument("--top_p", type=float, default=None, help="nucleus: keep the smallest set with mass >= p")
-    p.add_argument("--classes", default=None, help="comma-separated class ids, e.g. 0,3,7")
+    p.add_argument("--classes", type=str, default=None, help="comma-separated class ids, e.g. 0,3,7")
     p.add_argument("--per_class", type=int, default=None, help="samples per class: one grid row per class")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="same seed and device => identical output")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device(p)
     p.add_argument("--scale", type=int, default=None, help="nearest-neighbour upscale (default: 2 below 64 px)")
-    p.add_argument("--prime", default=None, help="an image whose visible codes are kept (completion)")
+    p.add_argument("--prime", type=str, default=None, help="an image whose visible codes are kept (completion)")
     p.add_argument("--keep_rows", type=int, default=None, help="with --prime: keep the top r rows of CODES")
-    p.add_argument("--mask", default=None, help="with --prime: a mask image, white = keep (resized to the grid)")
+    p.add_argument("--mask", type=str, default=None, help="with --prime: a mask image, white = keep")
     p.add_argument("--wandb", action="store_true", help="also log the grid to a W&B run (offline if not logged in)")
-    return p.parse_args(args)
+    add_overwrite(p)
+    return p
 
 
-def load_prior(path: str, device: torch.device) -> Prior:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--prior {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp = ckpt.get("hyper_parameters", {})
-    if hp.get("kind") not in KINDS:
-        hint = " (it looks like a stage-1 VQ-VAE checkpoint: pass it as --vqvae)" if "codebook_size" in hp else ""
-        raise ValueError(f"--prior {path} is not a stage-2 prior checkpoint{hint}")
-    return Prior.load_from_checkpoint(path, map_location=device).eval()
-
-
-def load_vqvae(prior: Prior, path: str | None, device: torch.device) -> VQVAE:
-    meta = prior.hparams.codes_meta
-    if path is None:
-        if not meta:
-            raise ValueError("the prior's checkpoint names no stage-1 checkpoint; pass --vqvae PATH")
-        path = check_stage1(CodesMeta(**meta))  # raises if moved or changed since extraction
-    vqvae = VQVAE.load_from_checkpoint(path, map_location=device).eval()
-    check_compatible(CodesMeta(**meta) if meta else _meta_of(prior), vqvae.codebook_size, vqvae.grid_shape,
-                     what=f"stage-1 checkpoint {path}")  # fmt: skip
-    return vqvae
-
-
-def _meta_of(prior: Prior) -> CodesMeta:
-    return CodesMeta(codebook_size=prior.codebook_size, grid_shape=prior.grid_shape, num_classes=prior.num_classes,
-                     class_names=[], image_size=0, channels=0, stage1_ckpt="", stage1_sha256="")  # fmt: skip
+def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
+    """(grid path or None, npz path), both checked before any work."""
+    out = Path(a.out)
+    suffix = out.suffix.lower()
+    if suffix != ".npz" and suffix not in GRID_FORMATS:
+        raise UserError(f"--out {out}: use a .png, .jpg, .webp (grid + .npz) or .npz (codes and images) name")
+    grid = None if suffix == ".npz" else check_output(out, a.overwrite)
+    return grid, check_output(out.with_suffix(".npz"), a.overwrite)
 
 
 def choose_labels(prior: Prior, a: argparse.Namespace) -> tuple[torch.Tensor | None, int]:
@@ -133,41 +125,37 @@ def completion_keep(a: argparse.Namespace, grid_shape: tuple[int, int]) -> torch
 
 
 def draw(prior: Prior, n: int, labels: torch.Tensor | None, opts: dict, device: torch.device) -> torch.Tensor:
-    """n code grids; on CUDA without guidance, each step's forward is replayed from a CUDA graph."""
+    """n code grids; on CUDA without guidance, each step's logits are replayed from a CUDA graph."""
     if device.type != "cuda" or opts["cfg_scale"] != 1.0:
         return prior.sample(n, labels, **opts)
-    if opts["temperature"] <= 0:
-        raise ValueError(f"--temperature must be > 0, got {opts['temperature']}")
-    if labels is None:
-        labels = torch.full((n,), prior.net.null_label, device=device)
-    sampler = GraphedSampler(prior.net, labels, opts["temperature"], opts["top_k"], opts["top_p"])
-    try:
+    with GraphedSampler(prior.net, labels, n, opts["temperature"], opts["top_k"], opts["top_p"]) as sampler:
         return sampler.sample(opts["generator"])
-    finally:
-        if hasattr(prior.net, "reset_cache"):
-            prior.net.reset_cache()
 
 
-def run(a: argparse.Namespace) -> Path:
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)  # fmt: skip
-    prior = load_prior(a.prior, device)
-    vqvae = load_vqvae(prior, a.vqvae, device)
+def _run(args: list[str] | None) -> str:
+    a = build_parser().parse_args(args)
+    at_least(1, n=a.n, batch_size=a.batch_size, scale=a.scale, per_class=a.per_class)
+    if a.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {a.temperature}")
+    grid_path, npz_path = outputs(a)
+    device = resolve_device(a.device)
+    m = load_models(a.prior, a.vqvae, device)
+    prior, vqvae = m.prior, m.vqvae
+    if a.top_k is not None and not 1 <= a.top_k <= prior.codebook_size:
+        raise UserError(f"--top_k must be in [1, {prior.codebook_size}] (the codebook size), got {a.top_k}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
     gen = torch.Generator(device=device).manual_seed(a.seed)
     opts = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, generator=gen)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scale = a.scale or (2 if vqvae.hparams.image_size < 64 else 1)
+    scale = a.scale or (2 if m.image_size < 64 else 1)
     if a.prime:
-        if a.n <= 0:
-            raise ValueError(f"--n must be >= 1, got {a.n}")
         keep = completion_keep(a, vqvae.grid_shape).to(device)  # check the options before reading the image
-        image = load_image(a.prime, vqvae.hparams.image_size, vqvae.hparams.in_channels).to(device)
+        image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
         labels = None
         codes = prior.sample(a.n, None, prime=prime, keep=keep, **opts)
         masked = vqvae.decode_codes(prime[:1]).clone()
-        cell = vqvae.hparams.image_size // vqvae.grid_shape[0]
+        cell = m.image_size // vqvae.grid_shape[0]
         pixel_keep = keep.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
         pixel_keep = torch.nn.functional.pad(pixel_keep, (0, masked.shape[-1] - pixel_keep.shape[-1],
                                                           0, masked.shape[-2] - pixel_keep.shape[-2]))  # fmt: skip
@@ -184,37 +172,26 @@ def run(a: argparse.Namespace) -> Path:
         codes = torch.cat(chunks)
         images = torch.cat([vqvae.decode_codes(c) for c in codes.split(a.batch_size)])
         grid_images = rows_by_label(images.cpu(), labels, per_row)
-    grid = save_grid(grid_images, out, nrow=per_row, scale=scale)
-    npz = out.with_suffix(".npz")
-    with tempfile.NamedTemporaryFile(dir=npz.parent, suffix=".npz", delete=False) as f:
+    grid = save_grid(grid_images, grid_path, nrow=per_row, scale=scale) if grid_path else None
+    with atomic_file(npz_path) as f:
         np.savez(f, codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).cpu().numpy(),
                  labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)))  # fmt: skip
-    os.replace(f.name, npz)
     if a.wandb:
-        _log_wandb(grid, a)
-    return out
+        _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a)
+    return f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
 
 
 def _log_wandb(grid: np.ndarray, a: argparse.Namespace) -> None:
     import wandb
 
-    from common.logging import wandb_has_credentials
-
-    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
-        os.environ["WANDB_MODE"] = "offline"
+    wandb_offline_unless_logged_in()
     run = wandb.init(project="vqgen", job_type="sample", config=vars(a))
     run.log({"samples": wandb.Image(grid)})
     run.finish()
 
 
 def main(args: list[str] | None = None) -> None:
-    a = parse_args(args)
-    try:
-        out = run(a)
-    except (ValueError, FileNotFoundError, CodesError) as e:
-        print(f"sample: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {out} and {out.with_suffix('.npz')}")
+    run_command("sample", _run, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Reading checkpoints a user passes, safely: `torch.load(weights_only=True)` and nothing else.
+
+A checkpoint is a dict of tensors and plain values; torch's weights-only unpickler refuses any other
+object, so a crafted file cannot run code. Whatever the problem (missing, truncated, text, a pickle of
+arbitrary objects, the wrong stage), the `CheckpointError` names the flag and the file and says what to pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.cli import UserError
+
+STAGE1_KEYS = {"in_channels", "image_size", "codebook_size"}  # hyperparameters only a VQVAE checkpoint has
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file is unusable; the message says why and what to pass instead."""
+
+
+def kind_of(ckpt: dict) -> str | None:
+    """"stage1", "prior" or None, from a checkpoint's hyperparameters."""
+    hp = ckpt.get("hyper_parameters") or {}
+    if STAGE1_KEYS <= set(hp):
+        return "stage1"
+    if "kind" in hp and "codebook_size" in hp:
+        return "prior"
+    return None
+
+
+def read_checkpoint(path: str | Path, flag: str, want: str | None = None) -> dict[str, Any]:
+    """The checkpoint at `path` (given as `flag`) as a dict, loaded weights-only on the CPU.
+
+    `want` ("stage1" or "prior") also checks which stage wrote it, and says so when it is the other one.
+    """
+    path = Path(path)
+    names = {"stage1": "a stage-1 (VQ-VAE) checkpoint", "prior": "a stage-2 prior checkpoint", None: "a checkpoint"}
+    if not path.exists():
+        raise CheckpointError(f"{flag} {path}: no such file; pass {names[want]} (.ckpt)")
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path} is a directory; pass {names[want]} (.ckpt file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # torch's weights-only unpickler met an object it does not allow
+            raise CheckpointError(
+                f"{flag} {path} holds a Python object ({found.group(1)}) beyond tensors and plain values; it is not "
+                f"loaded (it could run code). Pass {names[want]} written by vqgen"
+            ) from None
+        raise CheckpointError(
+            f"{flag} {path} is not a PyTorch checkpoint (unreadable pickle); pass {names[want]}"
+        ) from None
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint (truncated, text, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{flag} {path} is not a PyTorch checkpoint ({type(e).__name__}: {first}); "
+                              f"pass {names[want]}") from None  # fmt: skip
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{flag} {path} is not a Lightning checkpoint (no state_dict); pass {names[want]}")
+    kind = kind_of(ckpt)
+    if want is not None and kind != want:
+        hint = {"stage1": " (it is a stage-1 VQ-VAE checkpoint: pass it as --vqvae or --ckpt of extract_codes)",
+                "prior": " (it is a stage-2 prior checkpoint: pass it as --prior)"}.get(kind, "")  # fmt: skip
+        raise CheckpointError(f"{flag} {path} is not {names[want]}{hint}")
+    return ckpt
+
+
+def constructor_args(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyperparameters `cls.__init__` takes (LightningCLI adds keys such as _class_path)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in hparams.items() if k in params and k != "self"}

@@ -1,0 +1,112 @@
+"""Atomic writes and output checks: nothing is half-written, and nothing is replaced that the user did not name.
+
+Every file a command writes goes to a temporary name beside its final one and is renamed into place, so a
+kill leaves either the old file or the new one. `check_output` runs before any long work: it refuses an
+existing output without ``--overwrite``, a directory where a file is wanted (or the reverse), a parent path
+that is a file, and a folder we cannot write into. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+class OutputError(OSError):
+    """An output path is unusable or would replace something the user did not name; the message says what to do."""
+
+
+@contextmanager
+def atomic_file(dest: str | Path) -> Iterator[BinaryIO]:
+    """A temp file beside `dest`, moved into place only if the block succeeds: never a half-written file."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(dest: str | Path, data: bytes) -> None:
+    with atomic_file(dest) as f:
+        f.write(data)
+
+
+def check_writable_dir(path: str | Path, flag: str = "--out") -> None:
+    """`path` is, or can be created as, a directory we can write into (checked before any long work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; give a directory")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: cannot write into it (permission denied); choose another {flag}")
+    _check_parent(path / "x", flag)
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory we can write into."""
+    parent = path.parent
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link: mkdir would fail later
+            raise OutputError(f"{flag} {path}: {parent} is a broken symbolic link; choose another {flag}")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: cannot write into {parent} (permission denied); choose another {flag}")
+
+
+def check_output(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """A file the command will write: refuse a directory, an unwritable place, or an existing file without
+    --overwrite. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a directory; give a file name")
+    _check_parent(path, flag)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another {flag}")
+    return path
+
+
+def check_output_dir(path: str | Path, names: list[str], overwrite: bool, flag: str = "--out") -> Path:
+    """A directory the command will fill with `names`: refuse a file, an unwritable place, or (without
+    --overwrite) a directory that already holds one of `names`."""
+    path = Path(path)
+    check_writable_dir(path, flag)
+    if path.is_dir() and not overwrite:
+        existing = [n for n in names if (path / n).exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise OutputError(f"{path / existing[0]} already exists{more}; pass --overwrite to replace, "
+                              f"or choose another {flag}")  # fmt: skip
+    return path
+
+
+@contextmanager
+def staging_dir(dest: str | Path) -> Iterator[Path]:
+    """A hidden temporary folder beside `dest` to write into. On success its files move into `dest` (created
+    if missing: then the whole folder is renamed into place); on failure it is removed. A kill leaves only
+    the hidden ``.<name>.*.tmp`` folder, never a `dest` that looks complete."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+        if not dest.exists():
+            os.replace(tmp, dest)
+        else:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, dest / f.name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # only the folder this function created

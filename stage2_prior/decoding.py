@@ -1,0 +1,71 @@
+"""The one interface every stage-2 prior network implements: a full forward, and step-by-step decoding.
+
+    logits = prior(codes, labels)              # codes (B, H, W) -> logits (B, K, H, W), for training
+    prior.begin(n, labels)                     # labels (n,) or None (= the null class); allocates state
+    logits = prior.step_logits(codes, t)       # codes (n, T) with positions < t filled -> logits (n, K) at t
+    prior.end()                                # releases the state
+
+Steps go t = 0, 1, ..., T-1 (T = H * W, raster order) and may reuse the same `codes` buffer; they must
+not create tensors from Python values (no host-to-device copy), so that one step can be captured in a
+CUDA graph. The sampler (:mod:`stage2_prior.sampling`), the CUDA-graph sampler and the codec use only
+this interface; a new prior is one new file that subclasses `CodePrior` (plus its entry in
+``stage2_prior.prior.PRIORS``). Imports torch only.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class CodePrior(nn.Module, metaclass=ABCMeta):
+    """Base class of the prior networks. Subclasses define `sizes` (named sizes -> constructor kwargs),
+    call `super().__init__(codebook_size, grid_shape, num_classes)` and implement forward/begin/step_logits/end."""
+
+    sizes: dict[str, dict] = {}
+
+    def __init__(self, codebook_size: int, grid_shape: tuple[int, int], num_classes: int) -> None:
+        super().__init__()
+        self.codebook_size = int(codebook_size)
+        self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
+        self.num_classes = int(num_classes)
+        self.null_label = self.num_classes  # the last row of every class table: unconditional
+        self.step_labels: torch.Tensor | None = None  # (n,) while decoding
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_shape[0] * self.grid_shape[1]
+
+    def labels_or_null(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        """labels (n,) long, with None meaning all null."""
+        if labels is None:
+            return torch.full((n,), self.null_label, dtype=torch.long, device=device)
+        return labels.to(device=device, dtype=torch.long)
+
+    def begin(self, n: int, labels: torch.Tensor | None) -> None:
+        """Prepare to decode n grids with these labels; subclasses extend this to allocate caches."""
+        self.step_labels = self.labels_or_null(labels, n, next(self.parameters()).device)
+
+    @abstractmethod
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, h, W), h <= H, labels (B,) or None -> logits (B, K, h, W); causal in raster order."""
+
+    @abstractmethod
+    def step_logits(self, codes: torch.Tensor, t: int) -> torch.Tensor:
+        """codes (n, T) long, positions < t known -> logits (n, K) for the code at raster position t."""
+
+    def end(self) -> None:
+        self.step_labels = None
+
+    @contextmanager
+    def decoding(self, n: int, labels: torch.Tensor | None) -> Iterator[None]:
+        """begin(n, labels) ... end(), also when the body raises."""
+        self.begin(n, labels)
+        try:
+            yield
+        finally:
+            self.end()
