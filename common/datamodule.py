@@ -23,6 +23,7 @@ from common.readers import (
     CIFAR10_CLASSES,
     DATASETS,
     SPLITS,
+    DatasetError,
     ImageArrays,
     load_cifar10,
     load_image_folder,
@@ -79,15 +80,15 @@ class ImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(
+            raise DatasetError(
                 f"ImageDataModule: unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}"
             )
         check_channels(channels, "ImageDataModule")
         if dataset == "image_folder" and root is None:
-            raise ValueError("ImageDataModule: dataset=image_folder needs --data.root DIR holding the images")
+            raise DatasetError("ImageDataModule: dataset=image_folder needs --data.root DIR holding the images")
         native = _NATIVE.get(dataset, (0, image_size))[1]
         if image_size not in (None, native) and (native, image_size) != (28, 32):
-            raise ValueError(
+            raise DatasetError(
                 f"ImageDataModule: {dataset} images are {native}x{native}; image_size must be None, {native}"
                 f"{' or 32 (zero-padded)' if native == 28 else ''}; got {image_size}"
             )
@@ -101,7 +102,7 @@ class ImageDataModule(pl.LightningDataModule):
         }
         bad = [f"{k}={v} (must be >= {m})" for k, (v, m) in at_least.items() if v is not None and v < m]
         if bad:
-            raise ValueError(f"ImageDataModule: {', '.join(bad)}")
+            raise DatasetError(f"ImageDataModule: {', '.join(bad)}")
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
         self.save_hyperparameters(ignore=["image_size", "channels"])
         self._image_size_arg, self._channels_arg = image_size, channels
@@ -176,7 +177,7 @@ class ImageDataModule(pl.LightningDataModule):
             arrays, test = self._read("train"), self._read("test")
             n, n_test, n_val = len(arrays.labels), 0, h.val_size
         if n_test + n_val >= n:
-            raise ValueError(
+            raise DatasetError(
                 f"ImageDataModule: {h.dataset} has {n} training images but val_size={n_val} and "
                 f"test_size={n_test} leave none to train on; pass smaller --data.val_size/--data.test_size"
             )
@@ -197,7 +198,7 @@ class ImageDataModule(pl.LightningDataModule):
     def split_arrays(self, split: str) -> tuple[Tensor, Tensor]:
         """(uint8 images (N, C, H, W), long labels (N,)) of "train", "val" or "test"."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
         ds = self._load()[split]
         return ds.images, ds.labels
 
@@ -221,7 +222,7 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         n, b = len(self.split_arrays("train")[1]), self.hparams.batch_size
         if n < b:
-            raise ValueError(
+            raise DatasetError(
                 f"ImageDataModule: the train split has {n} images, fewer than batch_size={b}, so "
                 "drop_last would leave no batches; lower --data.batch_size"
             )

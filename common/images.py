@@ -57,7 +57,7 @@ def infer_channels(files: list[Path]) -> int:
                 if img.mode not in _GRAY_MODES:
                     return 3
         except Exception as e:
-            raise ValueError(
+            raise ImageError(
                 f"{path}: cannot read image ({type(e).__name__}: {e}); fix or delete the file"
             ) from e
     return 1
@@ -81,7 +81,7 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
             arr = np.asarray(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise ValueError(
+        raise ImageError(
             f"{path}: cannot read image ({type(e).__name__}: {e}); fix or delete the file"
         ) from e
     return arr.reshape(image_size, image_size, channels)

@@ -47,13 +47,12 @@ def check_writable_dir(path: str | Path, flag: str = "--out") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file; give a directory")
-    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: cannot write into it (permission denied); choose another {flag}")
     _check_parent(path / "x", flag)
 
 
 def _check_parent(path: Path, flag: str) -> None:
-    """The nearest existing ancestor of `path` must be a directory we can write into."""
+    """The nearest existing ancestor of `path` must be a directory we can create a file in (tried for real:
+    permission bits say nothing for root or a read-only file system)."""
     parent = path.parent
     while not parent.exists():
         if parent.is_symlink():  # a dangling link: mkdir would fail later
@@ -61,8 +60,12 @@ def _check_parent(path: Path, flag: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: cannot write into {parent} (permission denied); choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".vqgen-write-check.")
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write into {parent} ({e.strerror}); choose another {flag}") from None
+    os.close(fd)
+    os.remove(probe)  # the file this function just created
 
 
 def check_output(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:

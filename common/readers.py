@@ -60,6 +60,10 @@ _MNIST_LIKE = {
 }
 
 
+class DatasetError(UserError, ValueError):
+    """A dataset file is corrupt or not what it should be; the message names it."""
+
+
 class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are missing; the message lists where we looked and how to get them."""
 
@@ -80,22 +84,22 @@ def _read_idx_array(path: Path, ndim: int) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":  # gzip magic; IDX files start with 0x00
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read IDX file ({e}); re-download it") from e
+        raise DatasetError(f"{path}: cannot read IDX file ({e}); re-download it") from e
     header = 4 + 4 * ndim
     expected = 0x800 | ndim  # 0x00000803 images (N, H, W), 0x00000801 labels (N,)
     if len(raw) < header:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: truncated IDX file ({len(raw)} bytes, header needs {header}); re-download it"
         )
     magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header])
     if magic != expected:
         kind = "images" if ndim == 3 else "labels"
-        raise ValueError(
+        raise DatasetError(
             f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{expected:08x} for an {kind} file; "
             "is this the right file?"
         )
     if len(raw) - header != math.prod(dims):
-        raise ValueError(
+        raise DatasetError(
             f"{path}: IDX header says shape {tuple(dims)} ({math.prod(dims)} bytes) but the file "
             f"holds {len(raw) - header} data bytes; it is truncated or corrupt, re-download it"
         )
@@ -107,7 +111,7 @@ def read_idx(images_path: str | Path, labels_path: str | Path) -> ImageArrays:
     images = _read_idx_array(Path(images_path), 3)
     labels = _read_idx_array(Path(labels_path), 1).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(
+        raise DatasetError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "
             "are they from the same split?"
         )
@@ -123,12 +127,15 @@ def _download(url: str, dest: Path, md5: str) -> Path:
             digest.update(chunk)
             out.write(chunk)
         if digest.hexdigest() != md5:
-            raise ValueError(f"{url}: MD5 {digest.hexdigest()} does not match the expected {md5}")
+            raise DatasetError(f"{url}: MD5 {digest.hexdigest()} does not match the expected {md5}")
     return dest
 
 
 def mnist_like_files(name: str, root: str | None, split: str, download: bool) -> tuple[Path, Path]:
-    """Find (or download into `root`, default data/<name>) the IDX images and labels files of one split."""
+    """Find (or download into `root`, default data/<name>) the IDX images and labels files of one split.
+
+    The system copy (Debian's package) is used only when no `root` is given: a root the user names is
+    where the data must be, never silently replaced by another copy."""
     if name not in _MNIST_LIKE or split not in ("train", "test"):
         raise ValueError(
             f"mnist_like_files: name must be one of {list(_MNIST_LIKE)} and split train|test, "
@@ -136,7 +143,7 @@ def mnist_like_files(name: str, root: str | None, split: str, download: bool) ->
         )
     source = _MNIST_LIKE[name]
     base = Path(root) if root else Path("data") / name
-    dirs = [base, base / source["torchvision"] / "raw", *map(Path, source["system_dirs"])]
+    dirs = [base, base / source["torchvision"] / "raw", *([] if root else map(Path, source["system_dirs"]))]
     prefix = "train" if split == "train" else "t10k"
     stems = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     found = [next((d / n for d in dirs for n in (s, s + ".gz") if (d / n).is_file()), None) for s in stems]
@@ -151,11 +158,12 @@ def mnist_like_files(name: str, root: str | None, split: str, download: bool) ->
             problem = f"download from {source['url']} failed: {e}"
     if None not in found:
         return found[0], found[1]
-    searched = "\n  ".join(f"{d / s}[.gz]" for d in dirs for s in stems)
+    searched = ", ".join(f"{d / s}[.gz]" for d in dirs for s in stems)
+    system = [d for d in source["system_dirs"] if (Path(d) / f"{stems[0]}.gz").is_file()]
+    hint = f"; or drop --data.root to use the system copy in {system[0]}" if root and system else ""
     raise DatasetNotFoundError(
-        f"{name} {split} split not found ({problem}). Looked for:\n  {searched}\n"
-        f"To fix: {source['apt']}pass --data.root DIR holding {stems[0]}.gz and {stems[1]}.gz "
-        f"(from {source['url']})."
+        f"{name} {split} split not found ({problem}); looked for {searched}. To fix: {source['apt']}pass "
+        f"--data.root DIR holding {stems[0]}.gz and {stems[1]}.gz (from {source['url']}){hint}"
     )
 
 
@@ -169,16 +177,30 @@ def load_mnist_like(
 
 
 # -------------------------------------------------------------------------------- CIFAR-10
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches are pickles by format: build plain containers and numpy arrays, refuse every other
+    global (a crafted batch could otherwise run code while being read)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays and plain containers")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DatasetNotFoundError(f"{path}: missing CIFAR-10 file; re-extract cifar-10-python.tar.gz there")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
     except Exception as e:  # a corrupt pickle can raise almost anything; name the file whatever it is
-        raise ValueError(
-            f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-extract it"
-        ) from e
+        raise DatasetError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); re-extract it") from None
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a dict); re-extract it")
+    return batch
 
 
 def load_cifar10(root: str | None = None, split: str = "train") -> ImageArrays:
@@ -201,9 +223,9 @@ def load_cifar10(root: str | None = None, split: str = "train") -> ImageArrays:
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             y = np.asarray(batch[b"labels"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{folder / name}: not a CIFAR-10 batch (no b'data'/b'labels': {e})") from e
+            raise DatasetError(f"{folder / name}: not a CIFAR-10 batch (no b'data'/b'labels': {e})") from e
         if data.ndim != 2 or data.shape[1] != 3072 or len(y) != len(data):
-            raise ValueError(
+            raise DatasetError(
                 f"{folder / name}: expected data (N, 3072) and N labels, got data {data.shape} "
                 f"and {len(y)} labels"
             )
@@ -234,7 +256,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     classes = [(d.name, files) for d in sorted(root.iterdir()) if d.is_dir() and (files := _image_files(d))]
     loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     if classes and loose:  # silently dropping the loose images would surprise; make the layout explicit
-        raise ValueError(
+        raise DatasetError(
             f"{root} holds both class sub-folders and loose images (e.g. {loose[0].name}); "
             "move the loose images into a sub-folder"
         )

@@ -108,6 +108,27 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.
         dm.prepare_data()
 
 
+def test_a_named_root_is_never_replaced_by_the_system_copy(tmp_path: Path, monkeypatch) -> None:
+    """--data.root DIR that does not hold the data is an error, not a silent fall-back to Debian's copy."""
+    system = tmp_path / "system"
+    system.mkdir()
+    write_mnist_split(system, "t10k", 12)
+    monkeypatch.setitem(im._MNIST_LIKE["fashion_mnist"], "system_dirs", [str(system)])
+    assert load_mnist_like("fashion_mnist", None, "test", download=False).images.shape == (12, 28, 28, 1)
+    with pytest.raises(DatasetNotFoundError, match=f"drop --data.root to use the system copy in {system}"):
+        load_mnist_like("fashion_mnist", str(tmp_path / "typo"), "test", download=False)
+
+
+class _Marker:
+    """An object whose unpickling would create a file: a crafted data file must never get that far."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
 def write_cifar(root: Path, n: int = 3) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -137,6 +158,12 @@ def test_cifar10(tmp_path: Path) -> None:
         load_cifar10(str(tmp_path), "test")
     with pytest.raises(DatasetNotFoundError, match="cifar-10-python.tar.gz"):
         load_cifar10(str(tmp_path / "nothing"), "test")
+    marker = tmp_path / "ran"
+    with open(folder / "test_batch", "wb") as f:  # a crafted batch: unpickling it would call Path.touch
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _Marker(marker)}, f)
+    with pytest.raises(ValueError, match="test_batch: not a CIFAR-10 python batch.*refused to load pathlib"):
+        load_cifar10(str(tmp_path), "test")
+    assert not marker.exists()
 
 
 def test_image_folder(folder: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import user_error
 from PIL import Image
 
 from stage1_vqvae.extract import main as extract_main
@@ -99,3 +100,36 @@ def test_stage1_that_does_not_fit_the_prior(pipeline, shapes_folder, tmp_path, c
         sample_main(["--prior", str(pipeline["prior"]), "--vqvae", str(other / "latest/checkpoints/last.ckpt"),
                      "--out", str(tmp_path / "s.png")])  # fmt: skip
     assert "codebook" in capsys.readouterr().err
+
+
+def test_out_suffix_names_the_format_and_nothing_is_replaced(pipeline, tmp_path, capsys):
+    base = ["--prior", str(pipeline["prior"]), "--n", "2"]
+    sample_main([*base, "--out", str(tmp_path / "g.jpg")])
+    assert (tmp_path / "g.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG, as the suffix says
+    assert set(np.load(tmp_path / "g.npz").files) == {"codes", "images", "labels"}
+    sample_main([*base, "--out", str(tmp_path / "only.npz")])  # codes and images only, no grid
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jpg", "g.npz", "only.npz"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out in ("g.jpg", "g.png", "only.npz"):  # g.png: its .npz (g.npz) exists
+        err = user_error(sample_main, [*base, "--seed", "1", "--out", str(tmp_path / out)], capsys)
+        assert "already exists; pass --overwrite" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    sample_main([*base, "--seed", "1", "--out", str(tmp_path / "only.npz"), "--overwrite"])
+    assert (tmp_path / "only.npz").read_bytes() != before["only.npz"]
+
+
+def test_a_moved_stage1_is_accepted_and_another_one_refused(pipeline, shapes_folder, tmp_path, capsys):
+    moved = tmp_path / "moved.ckpt"
+    moved.write_bytes(pipeline["stage1"].read_bytes())  # same bytes, other place: the prior's own stage 1
+    sample_main(["--prior", str(pipeline["prior"]), "--vqvae", str(moved), "--n", "2",
+                 "--out", str(tmp_path / "a.png")])  # fmt: skip
+    other = tmp_path / "other"
+    train_stage1([
+        "fit", "--config", str(CONFIGS / "stage1/tiny.yaml"), "--trainer.default_root_dir", str(other),
+        "--trainer.max_steps", "2", "--data.dataset", "image_folder", "--data.root", str(shapes_folder),
+        "--data.image_size", "16", "--data.val_size", "8", "--data.test_size", "8", "--data.batch_size", "16",
+    ])  # fmt: skip  (same sizes as the pipeline's stage 1, other weights)
+    err = user_error(sample_main, ["--prior", str(pipeline["prior"]), "--vqvae",
+                                   str(other / "latest/checkpoints/last.ckpt"), "--out", str(tmp_path / "b.png")],
+                     capsys)  # fmt: skip
+    assert "does not fit the prior: stage1_sha256" in err and "whose codes the prior was trained on" in err

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
-from common.images import image_files, load_images, save_grid
+from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
+from common.images import GRID_FORMATS, image_files, load_images, save_grid
 from common.io import check_output, write_atomic
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
@@ -134,6 +134,8 @@ def _run(args: list[str] | None) -> str:
     at_least(1, top=a.top, batch_size=a.batch_size)
     out = check_output(a.out, a.overwrite)
     grid = check_output(a.grid, a.overwrite, "--grid") if a.grid else None
+    if grid is not None and grid.suffix.lower() not in GRID_FORMATS:
+        raise UserError(f"--grid {grid}: name an image file ({', '.join(GRID_FORMATS)})")
     if grid is not None and grid.resolve() == out.resolve():
         raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
     files = image_files(a.images)

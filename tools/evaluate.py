@@ -226,6 +226,7 @@ def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
                     ("metric", "value"), prior_rows(result))  # fmt: skip
         return result
     data = cfg.data.as_dict()
+    samples = load_samples(cfg.samples) if mode == "samples" else None  # the user's file first, then the rest
     features = load_features(cfg.features, data["dataset"], device)
     if mode == "stage1":
         dm = ImageDataModule(**data, image_size=model.hparams.image_size, channels=model.hparams.in_channels)
@@ -234,7 +235,6 @@ def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
         print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
                     ("metric", "value"), stage1_rows(result, features.label))  # fmt: skip
     else:
-        samples = load_samples(cfg.samples)
         c, h, _ = samples.shape[1:]
         try:
             dm = ImageDataModule(**data, image_size=h, channels=c)

@@ -63,6 +63,8 @@ def build_parser():
 def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
     """(grid path or None, npz path), both checked before any work."""
     out = Path(a.out)
+    if out.is_dir():
+        check_output(out, a.overwrite)  # says it is a directory
     suffix = out.suffix.lower()
     if suffix != ".npz" and suffix not in GRID_FORMATS:
         raise UserError(f"--out {out}: use a .png, .jpg, .webp (grid + .npz) or .npz (codes and images) name")

@@ -1,0 +1,200 @@
+"""The table of bad inputs: every row is one command with one mistake a user makes, the message it must print,
+and the promise that it is one line on stderr, exit code 2, no traceback, and no file created, changed or
+deleted anywhere in the working folder (crafted checkpoints included: a file whose unpickling would create a
+marker file must never get that far). Models are tiny and untrained; every row runs in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import user_error
+
+from common.codes import read_meta
+from stage1_vqvae.extract import main as extract_codes
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.prior import Prior
+from tools.anomaly import main as score_anomalies
+from tools.compress import main_compress as compress
+from tools.compress import main_decompress as decompress
+from tools.evaluate import main as evaluate
+from tools.sample import main as sample
+from tools.train_feature_net import main as train_feature_net
+
+COMMANDS = {"sample": sample, "evaluate": evaluate, "compress": compress, "decompress": decompress,
+            "score_anomalies": score_anomalies, "extract_codes": extract_codes,
+            "train_feature_net": train_feature_net}  # fmt: skip
+UNWRITABLE = "/proc/vqgen-cannot-write-here"  # no file can be created under /proc, not even by root
+
+
+class Marker:
+    """Unpickling this object creates a file: proof that code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def save_ckpt(model: pl.LightningModule, path: Path, **extra) -> Path:
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__, **extra}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
+    """Trained-shaped files of both stages and the inputs the rows refer to, in one folder."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    torch.manual_seed(0)
+    data = dict(dataset="image_folder", root=str(shapes_folder), image_size=16, val_size=8, test_size=8)
+    stage1 = save_ckpt(VQVAE(1, 16, 16, 1, 8, 4, 8, codebook_size=16).eval(), root / "stage1.ckpt",
+                       datamodule_hyper_parameters=data)  # fmt: skip
+    extract_codes(["--ckpt", str(stage1), "--out", str(root / "codes"), "--accelerator", "cpu"])
+    meta = read_meta(root / "codes")
+    prior = Prior(meta.codebook_size, meta.grid_shape, meta.num_classes, "transformer", "tiny", asdict(meta))
+    save_ckpt(prior, root / "prior.ckpt")
+    images = root / "images"
+    images.mkdir()
+    for f in sorted((shapes_folder / "discs").iterdir())[:3]:
+        shutil.copy(f, images / f.name)
+    bad_images = root / "bad_images"
+    shutil.copytree(images, bad_images)
+    (bad_images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    bad_folder = root / "bad_folder"  # an image_folder dataset with one corrupt file
+    shutil.copytree(shapes_folder, bad_folder)
+    (bad_folder / "discs" / "zz_broken.png").write_bytes(b"not an image")
+    compress([str(images), "--prior", str(root / "prior.ckpt"), "--out", str(root / "images.vqz")])
+    decompress([str(root / "images.vqz"), "--prior", str(root / "prior.ckpt"), "--out", str(root / "decoded")])
+    vqz = (root / "images.vqz").read_bytes()
+    (root / "corrupt.vqz").write_bytes(vqz[:40] + bytes([vqz[40] ^ 1]) + vqz[41:])
+    data = (root / "prior.ckpt").read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (root / "text.ckpt").write_text("this is a text file, not a checkpoint\n")
+    torch.save({"state_dict": {}, "hyper_parameters": dict(prior.hparams), "x": Marker(root / "PWNED")},
+               root / "crafted.ckpt")  # fmt: skip
+    (root / "existing.png").write_bytes(b"keep me")
+    (root / "existing.csv").write_text("keep me\n")
+    (root / "a_file").write_text("a file, not a folder\n")
+    paths = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}  # "images.vqz" -> {images_vqz}
+    paths.update({p.stem: str(p) for p in root.glob("*.ckpt")})  # "prior.ckpt" -> {prior}
+    return {**paths, "root": str(root), "shapes": str(shapes_folder), "missing": str(root / "missing"),
+            "missing_png": str(root / "missing.png"), "corrupt_png": str(bad_images / "broken.png")}  # fmt: skip
+
+
+P = ["--prior", "{prior}"]
+ROWS = [
+    # ------------------------------------------------------------------ checkpoints
+    ("sample", ["--prior", "{truncated}"], r"--prior \S*truncated.ckpt is not a PyTorch checkpoint"),
+    ("sample", ["--prior", "{text}"], r"--prior \S*text.ckpt is not a PyTorch checkpoint"),
+    ("sample", ["--prior", "{crafted}"], r"holds a Python object \(getattr\) beyond tensors .*it is not loaded"),
+    ("sample", ["--prior", "{missing}"], r"--prior \S*missing: no such file"),
+    ("sample", ["--prior", "{root}"], r"--prior \S* is a directory"),
+    ("sample", ["--prior", "{stage1}"], r"is not a stage-2 prior checkpoint \(it is a stage-1 VQ-VAE checkpoint"),
+    ("sample", [*P, "--vqvae", "{prior}"], r"--vqvae \S*prior.ckpt is not a stage-1 .*\(it is a stage-2 prior"),
+    ("sample", [*P, "--vqvae", "{crafted}"], r"--vqvae \S*crafted.ckpt holds a Python object"),
+    ("evaluate", ["prior", "--ckpt", "{truncated}", "--codes", "{codes}"], r"--ckpt \S*truncated.ckpt is not a PyT"),
+    ("evaluate", ["prior", "--ckpt", "{crafted}", "--codes", "{codes}"], r"holds a Python object"),
+    ("evaluate", ["stage1", "--ckpt", "{crafted}"], r"holds a Python object"),
+    ("evaluate", ["stage1", "--ckpt", "{prior}"], r"--ckpt \S*prior.ckpt is not a stage-1"),
+    ("evaluate", ["samples", "--samples", "{images}", "--ckpt", "{text}"], r"--ckpt \S*text.ckpt is not a PyTorch"),
+    ("compress", ["{images}", "--prior", "{truncated}", "--out", "new.vqz"], r"is not a PyTorch checkpoint"),
+    ("compress", ["{images}", "--prior", "{crafted}", "--out", "new.vqz"], r"holds a Python object"),
+    ("compress", ["{images}", *P, "--vqvae", "{prior}", "--out", "new.vqz"], r"--vqvae \S* is not a stage-1"),
+    ("decompress", ["{images_vqz}", "--prior", "{crafted}", "--out", "new_dir"], r"holds a Python object"),
+    ("score_anomalies", ["{images}", "--prior", "{crafted}", "--out", "s.csv"], r"holds a Python object"),
+    ("extract_codes", ["--ckpt", "{crafted}", "--out", "new_codes"], r"holds a Python object"),
+    ("extract_codes", ["--ckpt", "{prior}", "--out", "new_codes"], r"is not a stage-1 .*it is a stage-2 prior"),
+    ("extract_codes", ["--ckpt", "{truncated}", "--out", "new_codes"], r"is not a PyTorch checkpoint"),
+    # ------------------------------------------------------------------ devices and numbers
+    ("sample", [*P, "--device", "cuda:7"], r"--device cuda:7: (no CUDA GPU|this machine has \d+ GPU)"),
+    ("sample", [*P, "--device", "foo"], r"--device 'foo' is not a device"),
+    ("sample", [*P, "--device", "mps"], r"only cpu and cuda devices"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--device", "foo"], r"'foo' is not a device"),
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--device", "cuda:7"], r"--device cuda:7"),
+    ("sample", [*P, "--batch_size", "0"], r"--batch_size must be >= 1, got 0"),
+    ("sample", [*P, "--n", "0"], r"--n must be >= 1, got 0"),
+    ("sample", [*P, "--scale", "-2"], r"--scale must be >= 1, got -2"),
+    ("sample", [*P, "--top_k", "100000"], r"--top_k must be in \[1, 16\] \(the codebook size\), got 100000"),
+    ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),
+    ("sample", [*P, "--temperature", "0"], r"--temperature must be > 0"),
+    ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; this prior has 2 classes"),
+    ("sample", [*P, "--per_class", "0"], r"--per_class must be >= 1"),
+    ("sample", [*P, "--n", "abc"], r"sample: error: .*n.*abc"),
+    ("sample", [*P, "--bogus"], r"unrecognized arguments: --bogus"),
+    ("sample", [], r"the following arguments are required: prior"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--batch_size", "0"], r"--batch_size must be"),
+    ("compress", ["{images}", *P, "--out", "new.vqz", "--batch_size", "0"], r"--batch_size must be in \[1, 4096\]"),
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--top", "0"], r"--top must be >= 1"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--batch_size", "0"], r"--batch_size must be"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--splits", "trian"], r"unknown split"),
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--steps", "0",
+                           "--out", "f.pt"], r"--steps must be >= 1"),  # fmt: skip
+    # ------------------------------------------------------------------ outputs
+    ("sample", [*P, "--out", "{existing_png}"], r"--out \S*existing.png already exists; pass --overwrite"),
+    ("sample", [*P, "--out", "{root}"], r"--out \S* is a directory"),
+    ("sample", [*P, "--out", "{a_file}/x.png"], r"a_file is a file, not a directory"),
+    ("sample", [*P, "--out", UNWRITABLE + "/x.png"], r"cannot write into /proc"),
+    ("sample", [*P, "--out", "grid.gif"], r"--out grid.gif: use a .png, .jpg, .webp"),
+    ("sample", [*P, "--out", "{images_vqz}"], r"--out \S*images.vqz: use a .png"),
+    ("compress", ["{images}", *P, "--out", "{images_vqz}"], r"images.vqz already exists; pass --overwrite"),
+    ("compress", ["{images}", *P, "--out", "{a_file}/x.vqz"], r"is a file, not a directory"),
+    ("decompress", ["{images_vqz}", *P, "--out", "{decoded}"], r"000000.png already exists .*pass --overwrite"),
+    ("decompress", ["{images_vqz}", *P, "--out", "{a_file}"], r"--out \S*a_file is a file; give a directory"),
+    ("decompress", ["{images_vqz}", *P, "--out", UNWRITABLE], r"cannot write into /proc"),
+    ("score_anomalies", ["{images}", *P, "--out", "{existing_csv}"], r"existing.csv already exists"),
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", "g.csv"], r"--grid g.csv: name an image"),
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", "{existing_png}"], r"existing.png already"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "{codes}"], r"already holds extracted codes; pass --overwrite"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "{a_file}"], r"a_file is a file; give a directory"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", UNWRITABLE], r"cannot write into /proc"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{existing_csv}"], r"already exists"),
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", "{existing_png}"],
+     r"existing.png already exists"),  # fmt: skip
+    # ------------------------------------------------------------------ inputs
+    ("sample", [*P, "--prime", "{missing_png}", "--keep_rows", "1"], r"missing.png: no such image file"),
+    ("sample", [*P, "--prime", "{corrupt_png}", "--keep_rows", "1"], r"broken.png: cannot read image"),
+    ("sample", [*P, "--prime", "{corrupt_png}"], r"--prime needs exactly one of --keep_rows R or --mask"),
+    ("compress", ["{bad_images}", *P, "--out", "new.vqz"], r"broken.png: cannot read image"),
+    ("compress", ["{missing}", *P, "--out", "new.vqz"], r"missing: no such image file or directory"),
+    ("decompress", ["{corrupt_vqz}", *P, "--out", "new_dir"], r"corrupt.vqz: file is corrupt or truncated"),
+    ("decompress", ["{stage1}", *P, "--out", "new_dir"], r"stage1.ckpt: not a .vqz file"),
+    ("decompress", ["{missing}", *P, "--out", "new_dir"], r"missing: no such file"),
+    ("score_anomalies", ["{bad_images}", *P, "--out", "s.csv"], r"broken.png: cannot read image"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.root", "{bad_folder}"],
+     r"zz_broken.png: cannot read image"),  # fmt: skip
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.root", "{missing}"], r"does not exist"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{missing}"], r"codes directory \S*missing does not"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{images}"], r"images has no meta.json"),
+    ("evaluate", ["samples", "--samples", "{missing}", "--ckpt", "{stage1}"], r"--samples \S*missing: no such file"),
+    ("evaluate", ["samples", "--samples", "{text}", "--ckpt", "{stage1}"], r"--samples \S*text.ckpt"),
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{missing}", "--out", "f.pt"],
+     r"image folder \S*missing does not exist"),  # fmt: skip
+    ("train_feature_net", ["--data.dataset", "cifar10", "--data.root", "{missing}", "--out", "f.pt"],
+     r"CIFAR-10 not found"),  # fmt: skip
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under root -> a hash of its bytes ("dir" for folders)."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+@pytest.mark.parametrize("command,args,message", ROWS, ids=[f"{i:02d}-{r[0]}" for i, r in enumerate(ROWS)])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, command, args, message, capsys, monkeypatch):
+    root = Path(world["root"])
+    monkeypatch.chdir(root)  # relative outputs ("new.vqz", "s.csv", the default samples.png) land here
+    before = snapshot(root)
+    err = user_error(COMMANDS[command], [a.format(**world) for a in args], capsys)
+    assert err.startswith(f"{command}: error: "), err
+    assert re.search(message, err), f"{message!r} not in {err!r}"
+    assert not (root / "PWNED").exists(), "a crafted checkpoint ran code"
+    assert snapshot(root) == before
