@@ -26,7 +26,8 @@ from PIL import Image
 from common.datamodule import ImageDataModule
 from common.images import from_uint8, to_uint8
 from tools.codec import uniform_bits, unpack
-from tools.compress import compress_codes, decode_images, decompress_codes, encode_images, load_models
+from tools.compress import compress_codes, decode_images, decompress_codes, encode_images
+from tools.load import load_models
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,7 +93,9 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=256, help="images per coded batch")
     ap.add_argument("--json", default="benchmarks/results/compression.json")
     a = ap.parse_args()
-    m = load_models(a.prior, a.vqvae)
+    m = load_models(a.prior, a.vqvae, "cpu")
+    m.prior.float()
+    m.vqvae.float()
     hp = m.vqvae.hparams
     dm = ImageDataModule(dataset="fashion_mnist", image_size=hp.image_size, channels=hp.in_channels)
     originals = dm.split_arrays("test")[0][: a.limit]  # uint8 (N, C, H, W)

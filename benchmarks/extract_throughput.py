@@ -22,9 +22,10 @@ import torch
 import yaml
 from _common import ROOT, machine  # also puts the repo root on sys.path
 
+from common.datamodule import data_options
 from common.readers import SPLITS
-from stage1_vqvae.extract import extract_codes, load_stage1, make_datamodule
-from stage1_vqvae.vqvae import VQVAE
+from stage1_vqvae.extract import SKIPPED_DATA_ARGS, extract_codes, make_datamodule
+from stage1_vqvae.vqvae import VQVAE, load_stage1
 
 CONFIG = ROOT / "configs" / "stage1" / "fashion_mnist.yaml"
 
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(Path(tmp))
-        model, data_args = load_stage1(ckpt)
+        model, saved = load_stage1(ckpt)
+        data_args = data_options(saved, skip=SKIPPED_DATA_ARGS)
         data_args.setdefault("dataset", "fashion_mnist")
         if args.root:
             data_args["root"] = args.root

@@ -192,7 +192,7 @@ def sampling(device: torch.device, kind: str, n: int, variant: str, a: argparse.
             return sample_codes(prior.net, n, labels, generator=gen.manual_seed(0))
     else:
         t0 = time.perf_counter()
-        sampler = GraphedSampler(prior.net, labels)
+        sampler = GraphedSampler(prior.net, labels, n)
         setup_s = time.perf_counter() - t0
 
         def draw() -> torch.Tensor:

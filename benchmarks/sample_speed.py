@@ -90,12 +90,12 @@ def main() -> None:
     device = torch.device(a.device)
     result: dict = {**machine(device)}
     if a.prior:
-        from tools.sample import load_prior, load_vqvae
+        from tools.load import load_models
 
         pairs = []
         for path in a.prior:
-            prior = load_prior(path, torch.device("cpu"))
-            pairs.append((prior, load_vqvae(prior, None, torch.device("cpu"))))
+            m = load_models(path, None, "cpu")
+            pairs.append((m.prior, m.vqvae))
         result["weights"] = "trained: " + ", ".join(a.prior)
     else:
         pairs = [default_models(kind) for kind in ("transformer", "pixelcnn")]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import user_error
 from PIL import Image
 
 from common.codes import sha256_file
@@ -260,3 +261,25 @@ def test_cli_bad_files_give_clear_errors(ckpts, tmp_path: Path, capsys) -> None:
             main_decompress([str(tmp_path / name), "--prior", str(ckpts[prior]), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and name in err and message in err and "Traceback" not in err
+
+
+def test_decompress_that_fails_midway_leaves_no_partial_folder(ckpts, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Images are written into a hidden temporary folder renamed into place at the end, so a run that dies
+    after some images leaves no `--out` that looks complete (and nothing of ours behind when it can clean up)."""
+    vqz, out = tmp_path / "x.vqz", tmp_path / "decoded"
+    main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz)])
+    real_save, calls = Image.Image.save, []
+
+    def dies_on_the_third(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", dies_on_the_third)
+    err = user_error(main_decompress, [str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)], capsys)
+    assert "No space left on device" in err and len(calls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.vqz"]  # no decoded/, no hidden temp folder
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
