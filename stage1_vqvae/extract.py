@@ -29,7 +29,8 @@ from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset
 
 from common.cli import Parser, UserError, add_overwrite, at_least, make_parser, run_command
-from common.codes import CodesMeta, CodesWriter, sha256_file
+from common.codes import CodesMeta, sha256_file
+from common.codes_writer import CodesWriter
 from common.datamodule import ImageDataModule, data_options
 from common.images import from_uint8
 from common.readers import SPLITS

@@ -13,13 +13,13 @@ from common.codes import (
     FORMAT_VERSION,
     CodesError,
     CodesMeta,
-    CodesWriter,
     check_matches,
     check_stage1,
     load_split,
     read_meta,
     sha256_file,
 )
+from common.codes_writer import CodesWriter
 
 K, GRID = 16, (3, 4)
 
