@@ -89,7 +89,7 @@ class Prior(pl.LightningModule):
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(codes, labels)  # (B, K, H, W)
 
-    def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
+    def net_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Class ids for the network: None for an unconditional prior; -1 (unlabelled) -> the null class."""
         if self.num_classes == 0:
             return None
@@ -97,7 +97,7 @@ class Prior(pl.LightningModule):
 
     def _metrics(self, batch, prefix: str, drop_labels: bool = False) -> torch.Tensor:
         codes, labels = batch
-        labels = self._labels(labels)
+        labels = self.net_labels(labels)
         if labels is not None and drop_labels and self.hparams.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
             labels = labels.masked_fill(drop, self.num_classes)  # the null class

@@ -103,7 +103,7 @@ def evaluate_prior(prior: Prior, dm: CodesDataModule, device: torch.device, spli
     nll, correct, n = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
         codes = data.codes[start : start + batch_size].to(device)  # (B, H, W)
-        labels = prior._labels(data.labels[start : start + batch_size].to(device))  # -1 -> the null class
+        labels = prior.net_labels(data.labels[start : start + batch_size].to(device))  # -1 -> the null class
         logits = prior(codes, labels).float()  # (B, K, H, W)
         nll += float(F.cross_entropy(logits, codes, reduction="sum"))
         correct += int((logits.argmax(1) == codes).sum())
