@@ -150,3 +150,17 @@ def test_training_steps_lower_loss(kind):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_unlabelled_codes_use_the_null_class():
+    """-1 means "unlabelled" in the codes format: such rows go to the prior's null class, never into
+    nn.Embedding as -1 (an IndexError)."""
+    from stage2_prior.prior import Prior
+
+    prior = Prior(16, GRID, NUM_CLASSES, "transformer", "tiny").eval()
+    labels = prior.net_labels(torch.tensor([-1, 0, -1, 2]))
+    assert labels.tolist() == [NUM_CLASSES, 0, NUM_CLASSES, 2]
+    codes = torch.randint(0, 16, (4, *GRID))
+    with torch.no_grad():
+        torch.testing.assert_close(prior(codes, labels)[[0, 2]], prior(codes[[0, 2]], None), atol=1e-6, rtol=0)
+    assert Prior(16, GRID, 0, "pixelcnn", "tiny").net_labels(torch.tensor([-1, 3])) is None  # unconditional
