@@ -8,6 +8,8 @@ missing wandb install falls back to CSV with a clear message.
 from __future__ import annotations
 
 import csv
+import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,29 +43,58 @@ class LogConfig:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps it and appends."""
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps the rows of the steps before
+    `resume_step` and appends. The rest were logged after the checkpoint the run resumes from (by a run
+    killed after it) and will be logged again: kept, they would be duplicates."""
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])  # the header; new keys rewrite it
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            self.metrics_keys = next(reader, [])  # the header; new keys rewrite it
+            rows = list(reader)
+        if "step" not in self.metrics_keys:
+            return
+        col = self.metrics_keys.index("step")
+        # Lightning logs the metrics of optimizer step s (1-based) as step s - 1, also a validation after it.
+        kept = [r for r in rows if not (len(r) > col and r[col].isdigit() and int(r[col]) >= self.resume_step)]
+        if len(kept) < len(rows):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([self.metrics_keys, *kept])
+            os.replace(tmp, path)  # a kill now leaves the old file or the new one, never half of one
 
 
 class ResumedCSVLogger(CSVLogger):
-    """CSVLogger for a run resumed in place: the metrics of the steps before the resume stay in metrics.csv."""
+    """CSVLogger for a run resumed in place from the checkpoint of step `resume_step`: the metrics of the
+    steps before it stay in metrics.csv, those after it are dropped."""
+
+    def __init__(self, *args, resume_step: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir, resume_step=self.resume_step)
         return self._experiment
 
 
-def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume: bool = False) -> Logger | None:
-    """Build the logger for a run whose files live in ``run_dir`` (``resume``: continuing it in place)."""
-    csv_logger = ResumedCSVLogger if resume else CSVLogger
+def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int | None = None) -> Logger | None:
+    """Build the logger for a run whose files live in ``run_dir`` (``resume_step``: the global step of the
+    checkpoint it continues from in place; None for a new run)."""
+    if resume_step is None:
+        csv_logger = CSVLogger
+    else:
+        csv_logger = functools.partial(ResumedCSVLogger, resume_step=resume_step)
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--log.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     run_dir.mkdir(parents=True, exist_ok=True)

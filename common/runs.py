@@ -1,31 +1,43 @@
-"""Shared LightningCLI pieces: one run folder per run, the default logger, checkpoints and progress output.
+"""Shared LightningCLI pieces: run folders, the default logger, checkpoints, exact resume, progress output,
+and user errors as one line.
 
-Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` over :class:`VQGenCLI`:
+Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` over :func:`train_main`:
 
 * each `fit` gets its own folder ``<trainer.default_root_dir>/<name>`` (``version_N`` unless
-  ``--log.name`` is given) holding ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and the logs,
-  and ``<root>/latest`` points at it, so a second run in the same directory never collides;
-* ``--ckpt_path last`` resumes the newest run in place (optimizer, step, EMA codebook: all in the ckpt);
+  ``--log.name`` is given; see :mod:`common.launch`) holding ``config.yaml``, ``checkpoints/{best,last}.ckpt``
+  and the logs; ``<root>/latest`` moves to it once it has written a checkpoint, so a run that fails early
+  never hides the last good one;
+* ``--ckpt_path last`` resumes the newest run (or ``--log.name NAME``) in place: optimizer, step, EMA
+  codebook and the global RNG states are in the checkpoint; the metrics logged after it are dropped;
 * the logger comes from ``--log.backend`` (W&B offline by default, see :mod:`common.logging`);
-* a progress bar on a terminal, one readable line every ``--log.every_n_steps`` steps otherwise.
+* a progress bar on a terminal, one readable line every ``--log.every_n_steps`` steps otherwise;
+* a user error (a bad flag, a missing or unusable file, data that cannot be read) is one line
+  ``<prog>: error: <message>`` and exit code 2, as in :mod:`common.cli`.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from pytorch_lightning import LightningModule, Trainer
+import numpy as np
+import torch
+import torch.distributed as dist
+from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from common.checkpoint import read_checkpoint
+from common.cli import EXIT_USER_ERROR, UserError, one_line
+from common.launch import RUN_ENV, Run, choose_run, join_run, lightning_child, on_rank_zero, point_latest
 from common.logging import LogConfig, finish_logger, make_logger
 
-RUN_ENV = "VQGEN_RUN_DIR"  # lets DDP child processes (re-launched scripts) join rank 0's run folder
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 
 class LineProgressBar(ProgressBar):
@@ -74,67 +86,173 @@ def _fmt(v: Any) -> str:
         return str(v)
 
 
-def next_version(root: Path) -> str:
-    taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return f"version_{max(taken, default=-1) + 1}"
+class RunWatch(Callback):
+    """Bookkeeping inside the fit. `started`: training (or its sanity check) has begun, so an error from
+    now on is a bug with a traceback, not a setup problem. `<root>/latest` moves to the run once its
+    last.ckpt exists (Lightning runs checkpoint callbacks after this one, so that is seen one hook later,
+    at the latest in on_fit_end). Logs are flushed before each checkpoint is written, so the metrics of
+    the steps a checkpoint holds are on disk with it."""
+
+    def __init__(self, root: Path, run_dir: Path) -> None:
+        self.root, self.run_dir = root, run_dir
+        self.started, self._pointed, self._resumed = False, False, False
+
+    def _point(self, trainer: Trainer) -> None:
+        if not self._pointed and trainer.is_global_zero and (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+            point_latest(self.root, self.run_dir)
+            self._pointed = True
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = True
+        self._resumed = bool(trainer.ckpt_path)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._resumed and pl_module.automatic_optimization and len(trainer.optimizers) == 1:
+            # Lightning numbers the logged rows with this counter and, resuming from a checkpoint written at
+            # a validation, adds the step it is short of only when the resumed run validates at the same
+            # steps (its restart bookkeeping); otherwise the resumed rows would repeat step numbers. With
+            # one optimizer it equals the global step. Set here, after that bookkeeping, before any log.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        self._resumed = False
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._point(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._point(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._point(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._point(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            logger.save()
 
 
-def point_latest(root: Path, run_dir: Path) -> None:
-    """Atomically make <root>/latest a relative symlink to run_dir."""
-    tmp = root / f".latest.{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, root / "latest")
+class RngState(Callback):
+    """The global RNG states (torch, this process's CUDA device, numpy, random) go into every checkpoint and
+    come back on resume, so a resumed run draws what the uninterrupted one would: a DataLoader seeds its
+    shuffling from torch's global RNG, and so do dead-code restarts and label dropout. Plain tensors and
+    tuples, so the checkpoint still loads weights-only. Rank 0's states are saved and restored on all ranks.
+
+    They are restored at the first epoch or batch start, not on load: resuming at an epoch's end,
+    Lightning creates a train iterator while it sets up (a draw the uninterrupted run never made) and then
+    the next epoch's iterator, which must draw from the saved state."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+
+    def _restore(self) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._restore()  # resumed mid-epoch: Lightning calls no on_train_epoch_start before the first batch
+
+
+class OneLineParser(LightningArgumentParser):
+    """LightningCLI's parser with parse errors as one line and exit code 2 (common.cli's format)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse trying alternatives: it catches this itself
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        print(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 class VQGenCLI(LightningCLI):
-    """LightningCLI with vqgen's run-folder, logger, checkpoint and progress conventions."""
+    """LightningCLI with vqgen's run-folder, logger, checkpoint, resume and progress conventions."""
+
+    checkpoint_kind: str | None = None  # "stage1" or "prior": what a --ckpt_path must hold
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", OneLineParser)
+        self.run: Run | None = None
+        self.run_dir: Path | None = None
+        self._watch: RunWatch | None = None
+        self._rank0 = True
         try:
             super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
+        except (ValueError, OSError) as e:
+            # Before training these come from the config, the data or the file system (a constructor's
+            # argument check, an unreadable file); after it starts they are bugs and keep their traceback.
+            if isinstance(e, UserError) or (self._watch is not None and self._watch.started):
+                raise
+            raise UserError(str(e)) from e
         finally:  # after every after_<subcommand> hook, also of subclasses
+            failed = sys.exc_info()[0] is not None
             trainer = getattr(self, "trainer", None)
-            finish_logger(getattr(trainer, "logger", None), failed=sys.exc_info()[0] is not None)
+            finish_logger(getattr(trainer, "logger", None), failed=failed)
+            if failed:
+                self._discard_unstarted_run()
+            os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(LogConfig, "log")
 
-    def before_instantiate_classes(self) -> None:
-        self.run_dir: Path | None = None
-        self._resume = False
-        sub = self.subcommand
-        if sub != "fit":
-            return
-        cfg = self.config[sub]
-        root = Path(cfg["trainer"].get("default_root_dir") or "runs")
-        child = os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_ENV)
-        self._child = bool(child)
-        if child:  # a DDP child process: join the folder rank 0 chose
-            run_dir = Path(os.environ[RUN_ENV])
-        elif cfg.get("ckpt_path") == "last":
-            latest = root / "latest"
-            last = latest / "checkpoints" / "last.ckpt"
-            if not last.exists():
-                raise SystemExit(
-                    f"--ckpt_path last: no checkpoint at {last}. Train first, or pass --ckpt_path PATH/TO.ckpt."
-                )
-            run_dir = latest.resolve()
-            cfg["ckpt_path"] = str(last)
-            self._resume = True
-        else:
-            run_dir = root / (cfg["log"]["name"] or next_version(root))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        os.environ[RUN_ENV] = str(run_dir.resolve())
-        self.run_dir, self._root = run_dir, root
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Right after parsing LightningCLI reads a --ckpt_path file's hyperparameters into the config, and
+        # fit resumes from it: check it first, so that a missing file, the other stage's checkpoint or a
+        # pickle that is more than tensors (it could run code) is a one-line error. "last" is ours (below).
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES:
+            read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)
 
-    def before_fit(self) -> None:
-        # Once everything is built (a config error must not hide the last good run from `--ckpt_path last`)
-        # but before training, so that a killed run can be resumed with `last`.
-        if self.run_dir is not None and not self._child:
-            point_latest(self._root, self.run_dir)
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand != "fit":
+            return
+        root = Path(cfg["trainer"].get("default_root_dir") or "runs")
+        name = cfg["log"]["name"]
+        self._rank0 = not lightning_child()
+        if not self._rank0:  # started by Lightning's launcher: join the folder rank 0 chose
+            run = join_run(ckpt)
+        elif (shared := on_rank_zero(lambda: choose_run(root, name, ckpt, self.checkpoint_kind))) is not None:
+            run, self._rank0 = shared  # torchrun, srun, ...: rank 0 chose for all
+        else:
+            run = choose_run(root, name, ckpt, self.checkpoint_kind)
+        cfg["ckpt_path"] = run.ckpt_path
+        os.environ[RUN_ENV] = str(run.dir)
+        self.run, self.run_dir, self._root = run, run.dir, root
+
+    def _discard_unstarted_run(self) -> None:
+        """A new run that failed before training (a config or data error) leaves no folder behind."""
+        run = self.run
+        if run is not None and run.created and self._rank0 and not (self._watch and self._watch.started):
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                shutil.rmtree(run.dir, ignore_errors=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.run_dir is None:  # validate/test/predict: no run folder, no logger by default
@@ -144,6 +262,8 @@ class VQGenCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_cfg.get("callbacks") or [])
         monitor, mode = getattr(model, "monitor", ("val/loss", "min"))
+        self._watch = RunWatch(self._root, self.run_dir)
+        callbacks += [self._watch, RngState()]
         callbacks.append(
             ModelCheckpoint(
                 dirpath=self.run_dir / "checkpoints",
@@ -157,12 +277,21 @@ class VQGenCLI(LightningCLI):
         if not any(isinstance(c, ProgressBar) for c in callbacks):
             tty = sys.stderr.isatty()
             callbacks.append(TQDMProgressBar() if tty else LineProgressBar(log.every_n_steps))
-        kwargs.setdefault("logger", make_logger(log, self.run_dir, self.run_dir.name, self._resume) or False)
+        logger = make_logger(log, self.run_dir, self.run_dir.name, self.run.resume_step) or False
+        kwargs.setdefault("logger", logger)
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def after_fit(self) -> None:
-        os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
         if self.run_dir is not None and self.trainer.is_global_zero:
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
+
+
+def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
+    """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
+    try:
+        cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
+    except UserError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None

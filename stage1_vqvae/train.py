@@ -13,11 +13,13 @@ import torch
 
 from common.datamodule import ImageDataModule
 from common.images import from_uint8, save_grid
-from common.runs import VQGenCLI
+from common.runs import VQGenCLI, train_main
 from stage1_vqvae.vqvae import VQVAE
 
 
 class Stage1CLI(VQGenCLI):
+    checkpoint_kind = "stage1"
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
@@ -38,7 +40,7 @@ class Stage1CLI(VQGenCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    Stage1CLI(VQVAE, ImageDataModule, args=args, seed_everything_default=0)
+    train_main("train_stage1", Stage1CLI, VQVAE, ImageDataModule, args)
 
 
 if __name__ == "__main__":

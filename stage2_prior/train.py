@@ -16,7 +16,7 @@ from pytorch_lightning import Callback
 
 from common.images import make_grid, save_grid
 from common.logging import log_image
-from common.runs import VQGenCLI
+from common.runs import VQGenCLI, train_main
 from stage1_vqvae.vqvae import VQVAE, load_stage1
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
@@ -56,6 +56,8 @@ class SampleGrid(Callback):
 
 
 class Stage2CLI(VQGenCLI):
+    checkpoint_kind = "prior"
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--sample_every_n_epochs", type=int, default=1,
@@ -75,7 +77,9 @@ class Stage2CLI(VQGenCLI):
         super().after_fit()
         if self.run_dir is None:
             return
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", verbose=False)
+        # "best" exists only if a validation ran (max_steps can end the run before the first one).
+        best = self.trainer.checkpoint_callback.best_model_path
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, verbose=False)
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
@@ -88,7 +92,7 @@ class Stage2CLI(VQGenCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    Stage2CLI(Prior, CodesDataModule, args=args, seed_everything_default=0)
+    train_main("train_stage2", Stage2CLI, Prior, CodesDataModule, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""A callback the stage-1 tests pass on the command line (``--trainer.callbacks``) to look inside a run:
-it saves each rank's quantizer state at the start and end of training as ``<out>/{start,end}_rank{r}.pt``,
-and at the end also the trained model's codes for the first test images."""
+"""Callbacks the stage-1 tests pass on the command line (``--trainer.callbacks``). `DumpCodebook` looks inside
+a run: it saves each rank's quantizer state at the start and end of training as
+``<out>/{start,end}_rank{r}.pt`` (with the rank's run folder), and at the end also the trained model's codes
+for the first test images. `FailAt` makes a run fail in training before it writes any checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class DumpCodebook(pl.Callback):
         state = {k: v.detach().cpu().clone() for k, v in pl_module.quantizer.state_dict().items()}
         state["global_step"] = trainer.global_step
         state["world_size"] = trainer.world_size
+        state["run_dir"] = str(trainer.default_root_dir)
         if when == "end":
             images, _ = trainer.datamodule.split_arrays("test")
             state["test_codes"] = pl_module.encode_to_codes(from_uint8(images[:8]).to(pl_module.device)).cpu()
@@ -31,3 +33,12 @@ class DumpCodebook(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dump(trainer, pl_module, "end")
+
+
+class FailAt(pl.Callback):
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"injected failure at step {trainer.global_step}")

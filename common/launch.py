@@ -1,0 +1,165 @@
+"""Where a run lives: its folder under ``<root>`` and the checkpoint it resumes, the same for all its processes.
+
+* a new run claims ``<root>/version_N`` (the next free N) or ``<root>/NAME`` (``--log.name``); a NAME that
+  already holds a run is refused, so a second run never overwrites the first;
+* ``--ckpt_path last`` continues ``<root>/latest`` (or ``<root>/NAME``) in place from its last.ckpt;
+* ``last.ckpt`` is read weights-only first (common.checkpoint, as common.runs does for a ``--ckpt_path``
+  file): a file that is not a checkpoint of this stage, or a pickle that could run code, is refused.
+
+Lightning's own DDP launcher re-runs the script for ranks 1.. after rank 0 has chosen, so those children
+find the folder in the environment (``VQGEN_RUN_DIR``). torchrun, SLURM's srun, LSF and MPI start every
+rank at once with nothing chosen yet: there the default process group is initialised first, from
+Lightning's own cluster-environment detection, rank 0 chooses and broadcasts its choice. Lightning's DDP
+strategy then finds the group initialised and uses it (``_init_dist_connection`` returns early when
+``torch.distributed.is_initialized()``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins.environments import (
+    ClusterEnvironment,
+    LSFEnvironment,
+    MPIEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
+
+from common.checkpoint import read_checkpoint
+from common.cli import UserError
+
+RUN_ENV = "VQGEN_RUN_DIR"  # set by rank 0; inherited by the processes Lightning's launcher starts
+
+
+@dataclass
+class Run:
+    """One fit's folder and what it starts from."""
+
+    dir: Path
+    ckpt_path: str | None = None  # passed to Trainer.fit ("last" resolved to a file)
+    resume_step: int | None = None  # global_step of last.ckpt when continuing `dir` in place
+    created: bool = False  # claimed by this call: removed again if the fit fails before training starts
+
+
+def next_version(root: Path) -> str:
+    taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return f"version_{max(taken, default=-1) + 1}"
+
+
+def point_latest(root: Path, run_dir: Path) -> None:
+    """Atomically make <root>/latest a relative symlink to run_dir."""
+    tmp = root / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, root / "latest")
+
+
+def _claim_version(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = root / next_version(root)
+        try:
+            folder.mkdir()  # atomic: two runs started at once cannot both get version_N
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
+    """(root/name, whether this call created it): an existing empty folder is used but never removed."""
+    if name in ("latest", ".", "..") or "/" in name or os.sep in name or name.startswith(".latest"):
+        raise UserError(f"--log.name {name!r}: a run name is one folder name, not 'latest', '.', '..' or a path")
+    folder = root / name
+    if folder.is_dir() and any(folder.iterdir()):
+        if (folder / "checkpoints" / "last.ckpt").is_file():
+            fix = f"pass --ckpt_path last (with --log.name {name}) to resume it"
+        else:
+            fix = "it has no checkpoint to resume (delete the folder to start it over)"
+        raise UserError(f"--log.name {name}: {folder} already holds a run; {fix}, or choose another --log.name")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, created
+
+
+def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | None) -> Run:
+    """Rank 0's choice (``kind``: "stage1" or "prior", what last.ckpt must hold); UserError for a fix. A
+    --ckpt_path file (a new run starting from it) was checked when the arguments were parsed."""
+    if ckpt_path == "last":
+        folder = root / name if name else root / "latest"
+        last = folder / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise UserError(
+                f"--ckpt_path last: no checkpoint at {last}; train first (without --ckpt_path), "
+                "or pass --ckpt_path PATH/TO.ckpt"
+            )
+        step = read_checkpoint(last, "--ckpt_path last", want=kind).get("global_step", 0)
+        return Run(folder.resolve(), str(last.resolve()), int(step))
+    folder, created = _claim_name(root, name) if name else (_claim_version(root), True)
+    return Run(folder.resolve(), ckpt_path, created=created)
+
+
+def join_run(ckpt_path: str | None) -> Run:
+    """The run a process started by Lightning's launcher joins: the folder rank 0 put in the environment."""
+    folder = Path(os.environ[RUN_ENV])
+    return Run(folder, str(folder / "checkpoints" / "last.ckpt") if ckpt_path == "last" else ckpt_path)
+
+
+# --------------------------------------------------------------------------------- external launchers
+def external_launcher() -> ClusterEnvironment | None:
+    """The cluster environment that started several ranks at once, or None (one process, or Lightning's
+    own launcher). Same order of detection as Lightning's accelerator connector."""
+    for env_type in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if env_type.detect():
+            env = env_type()
+            return env if env.world_size() > 1 else None
+    return None
+
+
+def lightning_child() -> bool:
+    """A process Lightning's launcher started for rank 1.. : rank 0's choice is in the environment."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" and bool(os.environ.get(RUN_ENV))
+
+
+def init_process_group(env: ClusterEnvironment) -> None:
+    """The default process group Lightning would create, created now: gloo for CPU tensors (and for the
+    broadcast of the run), NCCL for CUDA tensors when there is a GPU."""
+    if dist.is_initialized():
+        return
+    os.environ["MASTER_ADDR"] = env.main_address
+    os.environ["MASTER_PORT"] = str(env.main_port)
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, rank=env.global_rank(), world_size=env.world_size())
+
+
+def on_rank_zero(choose: Callable[[], Run]) -> tuple[Run, bool] | None:
+    """(choose() of global rank 0, whether this is rank 0) on every rank of an externally launched run;
+    None when this process is not part of one (it then chooses alone). A failure on rank 0 is raised on
+    every rank, so no rank waits for a folder that never comes."""
+    env = external_launcher()
+    if env is None or os.environ.get(RUN_ENV):
+        return None
+    init_process_group(env)
+    rank0 = dist.get_rank() == 0
+    payload: list[Any] = [None]
+    error: Exception | None = None
+    if rank0:
+        try:
+            payload[0] = ("ok", choose())
+        except Exception as e:  # whatever it is, the other ranks must hear of it; re-raised here below
+            error, payload[0] = e, ("error", str(e))
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    status, value = payload[0]
+    if status == "error":
+        raise UserError(value)
+    return value, rank0

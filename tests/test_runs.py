@@ -1,0 +1,255 @@
+"""Run folders, resume and user errors of `train_stage1` / `train_stage2` (common/runs.py, common/launch.py):
+one-line errors with exit code 2 (also for a checkpoint crafted to run code, which is never unpickled),
+`--log.name` never overwriting a run, `latest` moving only to a run that has a checkpoint, one run folder
+under torchrun, no duplicate metrics after a resume, and a resumed run equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import user_error
+from test_stage1 import ROOT, fit_args, train_losses
+
+from common.codes import CodesMeta, sha256_file
+from common.codes_writer import CodesWriter
+from stage1_vqvae.train import main as train_stage1
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.train import main as train_stage2
+
+FAIL = "tests.ddp_probe.FailAt"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """Each fit picks its own run folder, as a fresh process would."""
+    for var in ("VQGEN_RUN_DIR", "LOCAL_RANK", "WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------- one-line user errors
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("extra", [[], ["--weights_only", "false"]])
+def test_crafted_checkpoint_is_never_unpickled(shapes_folder, tmp_path, capsys, extra):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 0, "x": RunsCode(marker)}, evil)
+    err = user_error(train_stage1, fit_args(shapes_folder, tmp_path / "runs", 2, "--ckpt_path", str(evil), *extra),
+                     capsys)  # fmt: skip
+    assert err.startswith(f"train_stage1: error: --ckpt_path {evil} holds a Python object"), err
+    assert not marker.exists()
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was claimed
+
+
+def test_missing_checkpoint_and_last_without_a_run(shapes_folder, tmp_path, capsys):
+    root, missing = tmp_path / "runs", tmp_path / "some" / "missing.ckpt"
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--ckpt_path", str(missing)), capsys)
+    assert f"--ckpt_path {missing}: no such file" in err
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--ckpt_path", "last"), capsys)
+    assert f"--ckpt_path last: no checkpoint at {root / 'latest' / 'checkpoints' / 'last.ckpt'}" in err
+    assert not root.exists()
+
+
+def test_unreadable_image_in_the_folder(shapes_folder, tmp_path, capsys):
+    data, root = tmp_path / "data", tmp_path / "runs"
+    shutil.copytree(shapes_folder, data)
+    (data / "squares" / "broken.png").write_bytes(b"not a png")
+    err = user_error(train_stage1, fit_args(data, root, 2), capsys)
+    assert err.startswith("train_stage1: error: ") and "broken.png: cannot read image" in err
+    assert not list(root.glob("version_*"))  # a run that never started leaves no folder behind
+
+
+def test_bad_flag_is_one_line(shapes_folder, tmp_path, capsys):
+    err = user_error(train_stage1, fit_args(shapes_folder, tmp_path / "runs", 2, "--trainer.max_stepz", "3"), capsys)
+    assert err.startswith("train_stage1: error: ") and "--trainer.max_stepz" in err
+
+
+def write_codes(out: Path, tmp_path: Path) -> Path:
+    """A small, valid codes directory (8 codes, 2x2 grids, 2 classes)."""
+    stage1 = tmp_path / "stage1.ckpt"
+    stage1.write_bytes(b"stands in for the stage-1 checkpoint; only its hash is checked")
+    meta = CodesMeta(codebook_size=8, grid_shape=(2, 2), num_classes=2, class_names=["a", "b"], image_size=8,
+                     channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
+    rng = np.random.default_rng(0)
+    with CodesWriter(out, meta) as writer:
+        for split, n in (("train", 16), ("val", 8), ("test", 8)):
+            writer.add_split(split, n).write(0, rng.integers(0, 8, (n, 2, 2)), np.arange(n) % 2)
+        writer.commit()
+    return out
+
+
+def _no_meta(d: Path) -> None:
+    (d / "meta.json").unlink()
+
+
+def _bad_json(d: Path) -> None:
+    (d / "meta.json").write_text("{not json")
+
+
+def _int32_codes(d: Path) -> None:
+    np.save(d / "train" / "codes.npy", np.load(d / "train" / "codes.npy").astype(np.int32))
+
+
+def _code_out_of_range(d: Path) -> None:
+    np.save(d / "train" / "codes.npy", np.full((16, 2, 2), 8, np.uint16))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [(_no_meta, "has no meta.json"), (_bad_json, "not valid JSON"), (_int32_codes, "dtype int32, expected uint16"),
+     (_code_out_of_range, "code 8 out of range for codebook_size 8")],
+)  # fmt: skip
+def test_stage2_bad_codes_are_one_line(tmp_path, capsys, damage, message):
+    codes, root = write_codes(tmp_path / "codes", tmp_path), tmp_path / "runs"
+    damage(codes)
+    args = ["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir", str(codes),
+            "--data.batch_size", "4", "--trainer.default_root_dir", str(root)]  # fmt: skip
+    err = user_error(train_stage2, args, capsys)
+    assert err.startswith("train_stage2: error: ") and message in err, err
+    assert not list(root.glob("version_*"))
+
+
+# ------------------------------------------------------------------------------------- run names and latest
+def test_a_run_name_in_use_is_refused_and_resumed_with_last(shapes_folder, tmp_path, capsys):
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 4, "--log.name", "exp"))
+    run = root / "exp"
+    before = files(run)
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 4, "--log.name", "exp"), capsys)
+    assert f"--log.name exp: {run.resolve()} already holds a run; pass --ckpt_path last" in err
+    assert "or choose another --log.name" in err
+    assert files(run) == before  # config, hparams, checkpoints and metrics of the first run untouched
+    train_stage1(fit_args(shapes_folder, root, 2))  # a newer run: latest -> version_0
+    train_stage1(fit_args(shapes_folder, root, 6, "--log.name", "exp", "--ckpt_path", "last"))
+    assert sorted(p.name for p in root.iterdir()) == ["exp", "latest", "version_0"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and sorted(train_losses(run)) == list(range(6))
+
+
+def test_latest_moves_only_to_a_run_with_a_checkpoint(shapes_folder, tmp_path):
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2))
+    with pytest.raises(RuntimeError, match="injected failure"):  # a bug in training keeps its traceback
+        train_stage1(fit_args(shapes_folder, root, 4, f"--trainer.callbacks+={FAIL}", "--trainer.callbacks.step=1"))
+    assert (root / "version_1").is_dir()  # the failed run keeps its logs
+    assert (root / "latest").resolve() == (root / "version_0").resolve()
+    train_stage1(fit_args(shapes_folder, root, 4, "--ckpt_path", "last"))  # still finds the good run
+    ckpt = torch.load(root / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
+# ------------------------------------------------------------------------------------- resume
+def test_resume_drops_the_metrics_logged_after_the_checkpoint(shapes_folder, tmp_path):
+    root, every5 = tmp_path / "runs", ("--trainer.val_check_interval", "5")
+    train_stage1(fit_args(shapes_folder, root, 5, *every5))
+    run = root / "version_0"
+    original = (run / "metrics.csv").read_text()
+    # Killed at step 7 after its step-5 checkpoint, a run may have flushed rows for steps 6 and 7 (logged as
+    # step 5 and 6: Lightning logs optimizer step s as s - 1) and a validation.
+    header = original.splitlines()[0].split(",")
+    with open(run / "metrics.csv", "a", newline="") as f:
+        late = csv.DictWriter(f, fieldnames=header)
+        late.writerows([{"epoch": 0, "step": 5, "train/loss": 99}, {"epoch": 1, "step": 6, "train/loss": 99},
+                        {"epoch": 1, "step": 6, "val/loss": 99}])  # fmt: skip
+    train_stage1(fit_args(shapes_folder, root, 10, *every5, "--ckpt_path", "last"))
+    logged = rows(run)
+    assert (run / "metrics.csv").read_text().startswith(original)  # the rows up to the checkpoint, as they were
+    assert "99" not in {r.get("train/loss") for r in logged} | {r.get("val/loss") for r in logged}
+    keys = [(r["step"], tuple(k for k, v in sorted(r.items()) if v and k not in ("epoch", "step"))) for r in logged]
+    assert len(keys) == len(set(keys)), keys
+    assert [int(r["step"]) for r in logged if r["train/loss"]] == list(range(10))
+    assert [int(r["step"]) for r in logged if r["val/loss"]] == [4, 9]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path):
+    """12 steps straight vs a 12-step run that crashes after its step-6 checkpoint, resumed to 12 (6 batches
+    per epoch: the resume is at an epoch boundary). The same weights and losses, bit for bit: the checkpoint
+    carries the RNG states that shuffle epoch 2."""
+    every3 = ("--trainer.val_check_interval", "3")
+    train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *every3))
+    with pytest.raises(RuntimeError, match="injected failure at step 6"):
+        train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, f"--trainer.callbacks+={FAIL}",
+                              "--trainer.callbacks.step=6"))  # fmt: skip
+    train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
+    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+            for name in ("straight", "resumed"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    assert train_losses(tmp_path / "straight" / "version_0") == train_losses(tmp_path / "resumed" / "version_0")
+
+
+# ------------------------------------------------------------------------------------- launchers
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
+    """torchrun starts both ranks at once (no run folder in the environment): rank 0 chooses, broadcasts."""
+    root, probe = tmp_path / "runs", tmp_path / "probe"
+    args = fit_args(shapes_folder, root, 4, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp", "--data.batch_size", "4", probe=probe)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               WANDB_MODE="offline")  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*torchrun, "-m", "stage1_vqvae.train", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    assert proc.returncode == 0, out[-6000:]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "version_0"], out[-3000:]
+    run = (root / "version_0").resolve()
+    ranks = [torch.load(probe / f"end_rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [4, 4]
+    assert [Path(r["run_dir"]) for r in ranks] == [run, run]
+    assert torch.equal(ranks[0]["embed"], ranks[1]["embed"])
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (root / "latest").resolve() == run
+
+
+def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path):
+    """Labels -1 ("unlabelled") train the null class; a run that ends before its first validation (so with
+    no best.ckpt) is tested with its final weights and still writes its sample grid."""
+    stage1 = tmp_path / "stage1.ckpt"
+    vqvae = VQVAE(1, 8, 8, 1, 4, 4, 4, codebook_size=8)
+    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams)}, stage1)
+    meta = CodesMeta(codebook_size=8, grid_shape=(2, 2), num_classes=2, class_names=["a", "b"], image_size=8,
+                     channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
+    rng = np.random.default_rng(0)
+    with CodesWriter(tmp_path / "codes", meta) as writer:
+        for split, n in (("train", 16), ("val", 8), ("test", 8)):
+            writer.add_split(split, n).write(0, rng.integers(0, 8, (n, 2, 2)), np.full(n, -1))
+        writer.commit()
+    root = tmp_path / "runs"
+    train_stage2(["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir",
+                  str(tmp_path / "codes"), "--data.batch_size", "4", "--trainer.max_steps", "3",
+                  "--trainer.default_root_dir", str(root)])  # fmt: skip
+    run = root / "latest"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
+    assert (run / "samples.png").is_file()
