@@ -22,9 +22,10 @@ import torch
 from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
 from torch.utils.data import DataLoader
 
-from common.datamodule import ImageDataModule, UInt8ImageDataset
+from common.datamodule import ImageDataModule
 from common.images import from_uint8
 from common.readers import FASHION_MNIST_CLASSES
+from common.splits import UInt8ImageDataset
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import SCORES, auroc, score_images

@@ -23,8 +23,8 @@ import torch
 from _common import machine, report  # also puts the repo root on sys.path
 from PIL import Image
 
-from common.datamodule import ImageDataModule
 from common.images import from_uint8, to_uint8
+from common.splits import ImageSplits
 from tools.codec import uniform_bits, unpack
 from tools.compress import compress_codes, decode_images, decompress_codes, encode_images
 from tools.load import load_models
@@ -96,10 +96,9 @@ def main() -> None:
     m = load_models(a.prior, a.vqvae, "cpu")
     m.prior.float()
     m.vqvae.float()
-    hp = m.vqvae.hparams
-    dm = ImageDataModule(dataset="fashion_mnist", image_size=hp.image_size, channels=hp.in_channels)
+    dm = ImageSplits(dataset="fashion_mnist", image_size=m.image_size, channels=m.channels)
     originals = dm.split_arrays("test")[0][: a.limit]  # uint8 (N, C, H, W)
-    n, pixels = len(originals), len(originals) * hp.image_size**2
+    n, pixels = len(originals), len(originals) * m.image_size**2
 
     t0 = time.perf_counter()
     codes = encode_images(m.vqvae, from_uint8(originals), a.batch_size)
@@ -114,8 +113,8 @@ def main() -> None:
     ours_psnr = psnr(originals.numpy(), recon.numpy())
     images = originals.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for Pillow
     result = {
-        "prior": a.prior, "prior_kind": m.prior.hparams.kind, "images": n, "image_size": hp.image_size,
-        "channels": hp.in_channels, "grid_shape": list(m.vqvae.grid_shape), "codebook_size": m.vqvae.codebook_size,
+        "prior": a.prior, "prior_kind": type(m.prior).__name__, "images": n, "image_size": m.image_size,
+        "channels": m.channels, "grid_shape": list(m.vqvae.grid_shape), "codebook_size": m.vqvae.codebook_size,
         "batch_size": a.batch_size, "codes_exact": bool(np.array_equal(decoded_codes, codes)),
         "ours_file_bytes": len(data), "ours_bpp": round(8 * len(data) / pixels, 5),
         "ours_payload_bpp": round(payload / pixels, 5), "ideal_bpp": round(ideal / pixels, 5),

@@ -22,10 +22,11 @@ import torch
 import yaml
 from _common import ROOT, machine  # also puts the repo root on sys.path
 
-from common.datamodule import data_options
 from common.readers import SPLITS
+from common.splits import data_options
 from stage1_vqvae.extract import SKIPPED_DATA_ARGS, extract_codes, make_datamodule
-from stage1_vqvae.vqvae import VQVAE, load_stage1
+from stage1_vqvae.model import load_stage1
+from stage1_vqvae.vqvae import VQVAE
 
 CONFIG = ROOT / "configs" / "stage1" / "fashion_mnist.yaml"
 

@@ -18,19 +18,22 @@ import torch
 import yaml
 from _common import machine, report  # also puts the repo root on sys.path
 
+from stage1_vqvae.model import VQModel
 from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.build import PRIORS
+from stage2_prior.decoding import CodePrior
 from stage2_prior.prior import Prior
 from stage2_prior.sampling import sample_codes
 
 
-def default_models(kind: str) -> tuple[Prior, VQVAE]:
+def default_models(kind: str) -> tuple[CodePrior, VQVAE]:
     """Default-config models with random weights: the same shapes and cost as trained ones."""
     s1 = yaml.safe_load(open("configs/stage1/fashion_mnist.yaml"))["model"]
     s2 = yaml.safe_load(open(f"configs/stage2/fashion_mnist_{kind}.yaml"))["model"]
     vqvae = VQVAE(in_channels=1, image_size=28, **s1)
     prior = Prior(codebook_size=vqvae.codebook_size, grid_shape=vqvae.grid_shape, num_classes=10,
                   codes_meta={"image_size": 28, "channels": 1}, **s2)  # fmt: skip
-    return prior.eval(), vqvae.eval()
+    return prior.net.eval(), vqvae.eval()
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -48,7 +51,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def bench(prior: Prior, vqvae: VQVAE, device: torch.device, batch_size: int, repeats: int) -> dict:
+def bench(prior: CodePrior, vqvae: VQModel, device: torch.device, batch_size: int, repeats: int) -> dict:
     prior.to(device)
     vqvae.to(device)
     gen = torch.Generator(device=device)
@@ -59,7 +62,7 @@ def bench(prior: Prior, vqvae: VQVAE, device: torch.device, batch_size: int, rep
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             labels = (torch.arange(m, device=device) % prior.num_classes) if prior.num_classes else None
-            codes = sample_codes(prior.net, m, labels, generator=gen, use_cache=use_cache)
+            codes = sample_codes(prior, m, labels, generator=gen, use_cache=use_cache)
             out.append(vqvae.decode_codes(codes))
         return torch.cat(out)
 
@@ -76,7 +79,8 @@ def bench(prior: Prior, vqvae: VQVAE, device: torch.device, batch_size: int, rep
         "n1000_seconds": round(t1000, 3),
         "n1000_samples_per_s": round(1000 / t1000, 1),
     }
-    return {f"{prior.hparams.kind}_{k}": v for k, v in figures.items()}
+    kind = {cls: name for name, cls in PRIORS.items()}[type(prior)]
+    return {f"{kind}_{k}": v for k, v in figures.items()}
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def main() -> None:
     trainer.fit(model, datamodule=dm)
     train_s = time.perf_counter() - t0
     steps = trainer.global_step
-    images = steps * dm.hparams.batch_size
+    images = steps * dm.options.batch_size
     device = torch.device("cuda" if a.accelerator in ("gpu", "cuda") else "cpu")
     result = {
         "config": a.config, "overrides": a.set, **machine(device),

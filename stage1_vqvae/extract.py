@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 from common.cli import Parser, UserError, add_overwrite, at_least, make_parser, run_command
 from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
-from common.datamodule import ImageDataModule, data_options
+from common.datamodule import ImageDataModule
 from common.images import from_uint8
 from common.readers import SPLITS
-from stage1_vqvae.vqvae import VQVAE, load_stage1
+from common.splits import data_options
+from stage1_vqvae.model import VQModel, load_stage1
 
 # Not --data options: image size and channels come from the model; the split is sliced from memory in
 # batches of --batch_size, so the loader's batch_size and num_workers do not apply.
@@ -46,9 +47,9 @@ class ExtractError(UserError, RuntimeError):
     """A bad command line; `main` prints the message and exits."""
 
 
-def make_datamodule(model: VQVAE, **data_args: Any) -> ImageDataModule:
+def make_datamodule(model: VQModel, **data_args: Any) -> ImageDataModule:
     """The data, at the model's image size and channels."""
-    return ImageDataModule(**data_args, image_size=model.hparams.image_size, channels=model.hparams.in_channels)
+    return ImageDataModule(**data_args, image_size=model.image_size, channels=model.in_channels)
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -78,7 +79,7 @@ class CodesPredictor(pl.LightningModule):
     codes (uint16, rows `bounds[split][rank]..bounds[split][rank + 1]`).
     """
 
-    def __init__(self, vqvae: VQVAE, images: dict[str, torch.Tensor], batch_size: int, log_every: int = 50):
+    def __init__(self, vqvae: VQModel, images: dict[str, torch.Tensor], batch_size: int, log_every: int = 50):
         super().__init__()
         self.allow_zero_length_dataloader_with_multiple_devices = True  # a split smaller than the world size
         self.vqvae = vqvae
@@ -164,7 +165,7 @@ def gather_and_write(
 
 
 def extract_codes(
-    model: VQVAE,
+    model: VQModel,
     datamodule: ImageDataModule,
     out: str | Path,
     stage1_ckpt: str | Path,
@@ -182,11 +183,11 @@ def extract_codes(
         grid_shape=model.grid_shape,
         num_classes=datamodule.num_classes,
         class_names=datamodule.class_names,
-        image_size=model.hparams.image_size,
-        channels=model.hparams.in_channels,
+        image_size=model.image_size,
+        channels=model.in_channels,
         stage1_ckpt=ckpt,
         stage1_sha256=sha256_file(ckpt),
-        dataset=datamodule.hparams.dataset,
+        dataset=datamodule.options.dataset,
     )
     writer = CodesWriter(out, meta, overwrite=overwrite)  # checks `out` now, before the long part
     arrays = {split: datamodule.split_arrays(split) for split in splits}

@@ -2,14 +2,12 @@
 
 ``forward`` reads like the paper: ``z = encoder(images)``, ``q = quantizer(z)``, ``recon = decoder(q)``.
 ``encode_to_codes(images) -> codes (B, H, W)`` and ``decode_codes(codes) -> images`` are what the rest
-of the pipeline uses; :func:`load_stage1` rebuilds the model from its own saved hyperparameters, reading
-the checkpoint weights-only (Lightning's ``load_from_checkpoint`` works too, for training code).
+of the pipeline uses (they live in :class:`stage1_vqvae.model.VQModel`, which this module extends);
+``load_stage1`` rebuilds the plain network from a checkpoint read weights-only, Lightning's
+``load_from_checkpoint`` the whole module (training, resume).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -17,12 +15,10 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from common.checkpoint import CheckpointError, constructor_args, read_checkpoint
 from common.images import make_grid
 from common.logging import log_histogram, log_image
 from common.optim import adamw_warmup_cosine
-from stage1_vqvae.networks import Decoder, Encoder, latent_size
-from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
+from stage1_vqvae.model import VQModel
 
 
 class CodeUsage(Metric):
@@ -45,8 +41,9 @@ class CodeUsage(Metric):
         return {"perplexity": entropy.exp(), "usage": (self.counts > 0).float().mean(), "counts": self.counts.clone()}
 
 
-class VQVAE(pl.LightningModule):
-    """VQ-VAE with a VQ (EMA or loss-learned codebook) or FSQ bottleneck.
+class VQVAE(VQModel, pl.LightningModule):
+    """VQ-VAE with a VQ (EMA or loss-learned codebook) or FSQ bottleneck: the network is the plain
+    :class:`stage1_vqvae.model.VQModel` (same state-dict keys); this class adds losses, metrics, logging.
 
     Args:
         in_channels: image channels (linked from the data; no default).
@@ -92,49 +89,15 @@ class VQVAE(pl.LightningModule):
         cosine: bool = True,
         channels_last: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels, image_size, width, res_blocks, res_width, downsample, code_dim, quantizer, codebook_size,
+            beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, fsq_levels,
+        )  # fmt: skip  (VQModel's, then LightningModule's __init__)
         self.save_hyperparameters()
-        self.encoder = Encoder(in_channels, width, res_blocks, res_width, downsample, code_dim)
-        self.decoder = Decoder(in_channels, width, res_blocks, res_width, downsample, code_dim, image_size)
-        if quantizer == "vq":
-            self.quantizer = VectorQuantizer(
-                codebook_size, code_dim, beta, ema, decay, 1e-5, kmeans_init, restart_threshold, lookup_dim,
-                l2_normalize,
-            )  # fmt: skip
-        elif quantizer == "fsq":
-            self.quantizer = FSQ(fsq_levels or [8, 5, 5, 5], code_dim)
-        else:
-            raise ValueError(f"model.quantizer must be 'vq' or 'fsq', got {quantizer!r}")
-        self.codebook_size = self.quantizer.codebook_size
-        side = latent_size(image_size, downsample)
-        self.grid_shape = (side, side)
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         self.val_usage = CodeUsage(self.codebook_size)
         self._val_preview: torch.Tensor | None = None
-
-    # ------------------------------------------------------------------ model
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
-        z = self.encoder(images)  # (B, code_dim, h, w)
-        q = self.quantizer(z)
-        recon = self.decoder(q.quantized)  # (B, C, H, W)
-        return recon, q
-
-    @torch.no_grad()
-    def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) in [-1, 1] -> codes (B, h, w) long. Deterministic (eval mode)."""
-        was_training = self.training
-        self.eval()
-        codes = self.quantizer(self.encoder(images)).codes
-        self.train(was_training)
-        return codes
-
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, C, H, W) in [-1, 1]."""
-        if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
-        return self.decoder(self.quantizer.lookup(codes.long())).clamp(-1, 1)
 
     # ------------------------------------------------------------------ training
     def _prep(self, images: torch.Tensor) -> torch.Tensor:
@@ -187,29 +150,9 @@ class VQVAE(pl.LightningModule):
                 grid = make_grid(self._val_preview, nrow=n, scale=2)
                 log_image(self.logger, "val/originals_vs_reconstructions", grid, step, "top: originals")
 
-    def dead_codes(self) -> int:
-        """Codes whose EMA usage is under the restart threshold (VQ) — 0 for FSQ, which has no codebook."""
-        if isinstance(self.quantizer, VectorQuantizer):
-            threshold = max(self.quantizer.restart_threshold, 1e-3)
-            return int((self.quantizer.cluster_size < threshold).sum())
-        return 0
-
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_warmup_cosine(
             self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches, hp.cosine,
             no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name,  # never decay the codebook
         )
-
-
-def load_stage1(path: str | Path, flag: str = "--vqvae") -> tuple[VQVAE, dict[str, Any]]:
-    """(VQVAE rebuilt from its checkpoint, read weights-only, on the CPU in eval mode; the data module's
-    saved arguments, possibly empty)."""
-    ckpt = read_checkpoint(path, flag, want="stage1")
-    try:
-        model = VQVAE(**constructor_args(VQVAE, ckpt["hyper_parameters"]))
-        model.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # missing hparams, shapes that do not fit
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{flag} {path}: cannot rebuild the VQ-VAE from it ({first})") from None
-    return model.eval(), dict(ckpt.get("datamodule_hyper_parameters") or {})

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
-from common.datamodule import already_batched
+from common.splits import already_batched
 
 
 class CodesDataset(Dataset):

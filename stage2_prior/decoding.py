@@ -9,7 +9,7 @@ Steps go t = 0, 1, ..., T-1 (T = H * W, raster order) and may reuse the same `co
 not create tensors from Python values (no host-to-device copy), so that one step can be captured in a
 CUDA graph. The sampler (:mod:`stage2_prior.sampling`), the CUDA-graph sampler and the codec use only
 this interface; a new prior is one new file that subclasses `CodePrior` (plus its entry in
-``stage2_prior.prior.PRIORS``). Imports torch only.
+``stage2_prior.build.PRIORS``). Imports torch only.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ class CodePrior(nn.Module, metaclass=ABCMeta):
         return self.grid_shape[0] * self.grid_shape[1]
 
     def labels_or_null(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-        """labels (n,) long, with None meaning all null."""
+        """labels (n,) long, with None meaning all null and -1 (unlabelled, in the codes format) null."""
         if labels is None:
             return torch.full((n,), self.null_label, dtype=torch.long, device=device)
-        return labels.to(device=device, dtype=torch.long)
+        labels = labels.to(device=device, dtype=torch.long)
+        return labels.masked_fill(labels < 0, self.null_label)
 
     def begin(self, n: int, labels: torch.Tensor | None) -> None:
         """Prepare to decode n grids with these labels; subclasses extend this to allocate caches."""

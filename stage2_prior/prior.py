@@ -5,39 +5,22 @@ It wraps one of the networks in ``PRIORS`` (each a :class:`stage2_prior.decoding
 NLL in bits per code and in bits per image dimension plus top-1 accuracy, and samples through
 :func:`stage2_prior.sampling.sample_codes`.
 The checkpoint keeps the codes' metadata (``codes_meta``: the stage-1 checkpoint and its hash, image
-size, class names), so ``sample`` needs nothing but the prior checkpoint; :func:`load_prior` rebuilds it
-from a checkpoint read weights-only. Labels of -1 (unlabelled) train the unconditional (null) class.
+size, class names), so ``sample`` needs nothing but the prior checkpoint; ``stage2_prior.build.load_prior``
+rebuilds the network from a checkpoint read weights-only. Labels of -1 (unlabelled) train the
+unconditional (null) class.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import CheckpointError, constructor_args, read_checkpoint
 from common.optim import adamw_warmup_cosine
-from stage2_prior.decoding import CodePrior
-from stage2_prior.pixelcnn import GatedPixelCNN
+from stage2_prior.build import build_network
 from stage2_prior.sampling import sample_codes
-from stage2_prior.transformer import Transformer
-
-PRIORS: dict[str, type[CodePrior]] = {"transformer": Transformer, "pixelcnn": GatedPixelCNN}  # a new prior: add it
-
-
-def build_network(kind: str, size: str, codebook_size: int, grid_shape: tuple[int, int], num_classes: int,
-                  overrides: dict) -> CodePrior:  # fmt: skip
-    """`size`'s kwargs, then the overrides that are given (not None) and that this kind of network takes."""
-    if kind not in PRIORS:
-        raise ValueError(f"model.kind must be one of {', '.join(PRIORS)}, got {kind!r}")
-    cls = PRIORS[kind]
-    if size not in cls.sizes:
-        raise ValueError(f"model.size for {kind} must be one of {', '.join(cls.sizes)}, got {size!r}")
-    given = constructor_args(cls, {k: v for k, v in overrides.items() if v is not None})
-    return cls(codebook_size, tuple(grid_shape), num_classes, **{**cls.sizes[size], **given})
 
 
 class Prior(pl.LightningModule):
@@ -77,7 +60,7 @@ class Prior(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        overrides = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "channels": channels, "dropout": dropout}
+        overrides = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, channels=channels, dropout=dropout)
         self.net = build_network(kind, size, codebook_size, grid_shape, num_classes, overrides)
         self.codebook_size = codebook_size
         self.grid_shape = tuple(grid_shape)
@@ -90,10 +73,9 @@ class Prior(pl.LightningModule):
         return self.net(codes, labels)  # (B, K, H, W)
 
     def net_labels(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Class ids for the network: None for an unconditional prior; -1 (unlabelled) -> the null class."""
-        if self.num_classes == 0:
-            return None
-        return labels.masked_fill(labels < 0, self.num_classes)
+        """Class ids for the network: None for an unconditional prior (the network maps -1, unlabelled, to
+        its null class)."""
+        return labels if self.num_classes > 0 else None
 
     def _metrics(self, batch, prefix: str, drop_labels: bool = False) -> torch.Tensor:
         codes, labels = batch
@@ -133,15 +115,3 @@ class Prior(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches
         return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, total, hp.cosine,
                                    betas=(0.9, 0.95), final_fraction=0.05)  # fmt: skip
-
-
-def load_prior(path: str | Path, flag: str = "--prior") -> Prior:
-    """A prior rebuilt from its checkpoint (read weights-only) on the CPU, in eval mode."""
-    ckpt = read_checkpoint(path, flag, want="prior")
-    hp = ckpt["hyper_parameters"]
-    try:
-        prior = Prior(**constructor_args(Prior, hp))
-        prior.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # missing hparams, shapes that do not fit
-        raise CheckpointError(f"{flag} {path}: cannot rebuild the prior from it ({str(e).splitlines()[0]})") from None
-    return prior.eval()

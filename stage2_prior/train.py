@@ -17,12 +17,12 @@ from pytorch_lightning import Callback
 from common.images import make_grid, save_grid
 from common.logging import log_image
 from common.runs import VQGenCLI, train_main
-from stage1_vqvae.vqvae import VQVAE, load_stage1
+from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
 
 
-def sample_grid_images(prior: Prior, vqvae: VQVAE, per_row: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
+def sample_grid_images(prior: Prior, vqvae: VQModel, per_row: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
     """Images (n, C, H, W) for a grid with one row per class (or 8 unconditional rows), and its row length."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if prior.num_classes > 0:
@@ -39,9 +39,9 @@ class SampleGrid(Callback):
 
     def __init__(self, stage1_ckpt: str, every_n_epochs: int) -> None:
         self.stage1_ckpt, self.every_n_epochs = stage1_ckpt, every_n_epochs
-        self._vqvae: VQVAE | None = None
+        self._vqvae: VQModel | None = None
 
-    def vqvae(self, device: torch.device) -> VQVAE:
+    def vqvae(self, device: torch.device) -> VQModel:
         if self._vqvae is None:
             self._vqvae = load_stage1(self.stage1_ckpt, "the codes' stage-1 checkpoint")[0]
         return self._vqvae.to(device)

@@ -16,7 +16,9 @@ from PIL import Image
 
 from common.codes import sha256_file
 from stage1_vqvae.vqvae import VQVAE
-from stage2_prior.prior import PRIORS, Prior
+from stage2_prior.build import PRIORS
+from stage2_prior.decoding import CodePrior
+from stage2_prior.prior import Prior
 from tools.codec import HEADER, Container, ContainerError, decode_codes, encode_codes, pack, unpack
 from tools.compress import (
     Models,
@@ -54,9 +56,10 @@ def some_codes(prior: Prior, n: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([sampled, uniform])
 
 
-def models_with(prior: Prior, vqvae: VQVAE, prior_sha256: str, stage1_sha256: str) -> Models:
-    """Models as load_models makes them, with given checkpoint hashes instead of files."""
-    models = Models(prior, vqvae, Path("prior.ckpt"), Path("stage1.ckpt"), torch.device("cpu"))
+def models_with(prior: Prior | CodePrior, vqvae: VQVAE, prior_sha256: str, stage1_sha256: str) -> Models:
+    """Models as load_models makes them (the plain prior network), with given checkpoint hashes instead of files."""
+    net = prior.net if isinstance(prior, Prior) else prior
+    models = Models(net, vqvae, Path("prior.ckpt"), Path("stage1.ckpt"), torch.device("cpu"))
     models.prior_sha256, models.stage1_sha256 = prior_sha256, stage1_sha256
     return models
 

@@ -158,8 +158,8 @@ def test_unlabelled_codes_use_the_null_class():
     from stage2_prior.prior import Prior
 
     prior = Prior(16, GRID, NUM_CLASSES, "transformer", "tiny").eval()
-    labels = prior.net_labels(torch.tensor([-1, 0, -1, 2]))
-    assert labels.tolist() == [NUM_CLASSES, 0, NUM_CLASSES, 2]
+    labels = torch.tensor([-1, 0, -1, 2])
+    assert prior.net.labels_or_null(labels, 4, "cpu").tolist() == [NUM_CLASSES, 0, NUM_CLASSES, 2]
     codes = torch.randint(0, 16, (4, *GRID))
     with torch.no_grad():
         torch.testing.assert_close(prior(codes, labels)[[0, 2]], prior(codes[[0, 2]], None), atol=1e-6, rtol=0)

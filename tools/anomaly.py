@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.images import GRID_FORMATS, image_files, load_images, save_grid
 from common.io import check_output, write_atomic
-from stage1_vqvae.vqvae import VQVAE
-from stage2_prior.prior import Prior
+from stage1_vqvae.model import VQModel
+from stage2_prior.decoding import CodePrior
 from tools.load import load_models
 
 COLUMNS = ("path", "nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score")
@@ -72,7 +72,8 @@ def generic_code_bits(codes: np.ndarray, codebook_size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_images(prior: Prior, vqvae: VQVAE, images: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
+def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor,
+                 batch_size: int = 256) -> dict[str, np.ndarray]:  # fmt: skip
     """images (N, C, S, S) in [-1, 1] -> {score name: (N,) array}; see the module docstring."""
     prior.eval()
     dims = images[0].numel()
@@ -84,7 +85,7 @@ def score_images(prior: Prior, vqvae: VQVAE, images: torch.Tensor, batch_size: i
         recon = vqvae.decode_codes(codes)
         mse = ((recon.float() - x.float()) / 2).pow(2).flatten(1).mean(1)  # pixels in [0, 1]
         codes = codes.to(device)
-        logits = prior.net(codes, None).float()  # (B, K, h, w)
+        logits = prior(codes, None).float()  # (B, K, h, w)
         nll_bits = F.cross_entropy(logits, codes, reduction="none").flatten(1).sum(1) / math.log(2)
         nll = nll_bits.cpu().numpy() / dims
         complexity = generic_code_bits(codes.cpu().numpy(), prior.codebook_size) / dims

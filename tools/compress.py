@@ -25,20 +25,20 @@ from PIL import Image
 from common.cli import add_overwrite, make_parser, run_command
 from common.images import image_files, load_images, to_uint8
 from common.io import check_output, check_output_dir, staging_dir, write_atomic
-from stage1_vqvae.vqvae import VQVAE
+from stage1_vqvae.model import VQModel
 from tools.codec import MAX_BATCH_SIZE, Container, ContainerError, decode_codes, encode_codes, pack, unpack
 from tools.load import Models, load_models
 
 DEFAULT_BATCH_SIZE = 256
 
 
-def encode_images(vqvae: VQVAE, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+def encode_images(vqvae: VQModel, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     return torch.cat([vqvae.encode_to_codes(x) for x in images.split(batch_size)]).numpy()
 
 
 def compress_codes(m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[bytes, float]:
     """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p)."""
-    streams, crcs, ideal = encode_codes(m.prior.net, codes, batch_size)
+    streams, crcs, ideal = encode_codes(m.prior, codes, batch_size)
     c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
                   m.vqvae.codebook_size, len(codes), batch_size, streams, crcs)  # fmt: skip
     return pack(c), ideal
@@ -57,10 +57,10 @@ def decompress_codes(m: Models, data: bytes, name: str = "<bytes>") -> np.ndarra
         raise ContainerError(f"{name}: holds {c.channels}-channel {c.image_size}px images, but stage 1 makes "
                              f"{m.channels}-channel {m.image_size}px ones; pass the checkpoints it was "
                              "made with")  # fmt: skip
-    return decode_codes(m.prior.net, c, name)
+    return decode_codes(m.prior, c, name)
 
 
-def decode_images(vqvae: VQVAE, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+def decode_images(vqvae: VQModel, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
     return torch.cat([vqvae.decode_codes(c) for c in codes_t.split(batch_size)]) if len(codes_t) else codes_t
 

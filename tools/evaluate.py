@@ -21,22 +21,21 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from common.cli import Parser, add_device, at_least, make_parser, resolve_device, run_command
-from common.codes import CodesError, check_matches
-from common.datamodule import ImageDataModule, data_options
+from common.codes import CodesError, CodesMeta, check_matches, load_split, read_meta
 from common.images import to_uint8
 from common.io import atomic_file, check_output
-from stage1_vqvae.vqvae import VQVAE, CodeUsage
-from stage2_prior.data import CodesDataModule
-from stage2_prior.prior import Prior
+from common.splits import ImageSplits, data_options
+from stage1_vqvae.model import VQModel
+from stage2_prior.decoding import CodePrior
 from tools.features import Features, load_features
 from tools.fid import fid, kid
 from tools.load import load_prior, load_stage1, prior_facts
@@ -48,8 +47,12 @@ SKIPPED_DATA_ARGS = ("image_size", "channels", "batch_size", "num_workers")
 
 # ------------------------------------------------------------------------------------------ stage 1
 @torch.no_grad()
-def evaluate_stage1(model: VQVAE, dm: ImageDataModule, features: Features, device: torch.device,
+def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features, device: torch.device,
                     split: str = "test", batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # only this mode
+
+    from stage1_vqvae.vqvae import CodeUsage  # a torchmetrics Metric: imports Lightning
+
     model.to(device).eval()
     originals = dm.split_arrays(split)[0]
     features.check(originals, f"the {split} images")  # fail before the long part
@@ -87,31 +90,32 @@ def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ prior
-def check_prior_codes(prior: Prior, dm: CodesDataModule, ckpt: str) -> None:
+def check_prior_codes(prior: CodePrior, codes_meta: dict, meta: CodesMeta, codes_dir: str, ckpt: str) -> None:
     """CodesError unless the prior was trained on codes like these (same stage 1, codebook, grid, classes)."""
-    check_matches(prior_facts(prior), dm.meta_dict, f"the codes in {dm.hparams.codes_dir}",
+    check_matches(prior_facts(prior, codes_meta), asdict(meta), f"the codes in {codes_dir}",
                   f"pass the codes directory prior {ckpt} was trained on; its NLL on other codes means nothing")
 
 
 @torch.no_grad()
-def evaluate_prior(prior: Prior, dm: CodesDataModule, device: torch.device, split: str = "test",
+def evaluate_prior(prior: CodePrior, codes_dir: str, device: torch.device, split: str = "test",
                    batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
     prior.to(device).eval()
-    data = dm.split(split)
-    if len(data) == 0:
-        raise CodesError(f"the {split} split of {dm.hparams.codes_dir} is empty")
+    meta = read_meta(codes_dir)
+    codes_all, labels_all = load_split(codes_dir, split)  # (N, H, W) uint16 memory-mapped, (N,) int64
+    if len(codes_all) == 0:
+        raise CodesError(f"the {split} split of {codes_dir} is empty")
     nll, correct, n = 0.0, 0, 0
-    for start in range(0, len(data), batch_size):
-        codes = data.codes[start : start + batch_size].to(device)  # (B, H, W)
-        labels = prior.net_labels(data.labels[start : start + batch_size].to(device))  # -1 -> the null class
-        logits = prior(codes, labels).float()  # (B, K, H, W)
+    for start in range(0, len(codes_all), batch_size):
+        codes = torch.from_numpy(codes_all[start : start + batch_size].astype("int64")).to(device)  # (B, H, W)
+        labels = torch.from_numpy(labels_all[start : start + batch_size]).to(device) if prior.num_classes else None
+        logits = prior(codes, labels).float()  # (B, K, H, W); labels -1 (unlabelled) are the null class
         nll += float(F.cross_entropy(logits, codes, reduction="sum"))
         correct += int((logits.argmax(1) == codes).sum())
         n += codes.numel()
     bits_per_code = nll / n / math.log(2)
     h, w = prior.grid_shape
-    dims = dm.meta.image_size**2 * dm.meta.channels
-    return {"split": split, "code_maps": len(data), "bits_per_code": bits_per_code,
+    dims = meta.image_size**2 * meta.channels
+    return {"split": split, "code_maps": len(codes_all), "bits_per_code": bits_per_code,
             "bits_per_dim": bits_per_code * h * w / dims, "accuracy": correct / n}  # fmt: skip
 
 
@@ -140,12 +144,12 @@ def load_samples(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
-def evaluate_samples(samples: torch.Tensor, dm: ImageDataModule, features: Features, seed: int = 0,
+def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features, seed: int = 0,
                      kid_subsets: int = 100) -> dict[str, Any]:  # fmt: skip
     features.check(samples, "the samples")
     test, train = dm.split_arrays("test")[0], dm.split_arrays("train")[0]
     if tuple(test.shape[1:]) != tuple(samples.shape[1:]):
-        raise ValueError(f"the samples are {tuple(samples.shape[1:])} but the {dm.hparams.dataset} test images are "
+        raise ValueError(f"the samples are {tuple(samples.shape[1:])} but the {dm.options.dataset} test images are "
                          f"{tuple(test.shape[1:])} (C, H, W); pass the --data.* options of stage 1")  # fmt: skip
     n = len(samples)
     pick = np.sort(np.random.default_rng(seed).choice(len(train), min(n, len(train)), replace=False))
@@ -199,7 +203,7 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
             defaults = "" if mode == "stage1" else ": its data options are the defaults"
             p.add_argument("--ckpt", type=str, required=mode == "stage1", help=f"stage-1 checkpoint{defaults}")
             p.add_argument("--features", type=str, default="auto", help="feature-net file, inception or auto")
-            p.add_class_arguments(ImageDataModule, "data", skip=set(SKIPPED_DATA_ARGS))
+            p.add_class_arguments(ImageSplits, "data", skip=set(SKIPPED_DATA_ARGS))
             p.set_defaults({f"data.{k}": v for k, v in (data_defaults or {}).items() if k not in SKIPPED_DATA_ARGS})
         if mode != "samples":
             p.add_argument("--split", type=str, default="test", help="train, val or test")
@@ -211,17 +215,16 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
     return parser
 
 
-def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
+def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
     at_least(1, batch_size=cfg.batch_size)
     if cfg.json:
         check_output(cfg.json, cfg.overwrite, "--json")
     device = resolve_device(cfg.device)
     if mode == "prior":
-        prior = load_prior(cfg.ckpt, "--ckpt")
-        dm = CodesDataModule(cfg.codes, check_stage1=False)
-        check_prior_codes(prior, dm, cfg.ckpt)
-        result = {"mode": mode, "ckpt": cfg.ckpt, "codes": cfg.codes, **evaluate_prior(prior, dm, device, cfg.split,
-                                                                                      cfg.batch_size)}  # fmt: skip
+        prior, hparams = load_prior(cfg.ckpt, "--ckpt")
+        check_prior_codes(prior, hparams.get("codes_meta") or {}, read_meta(cfg.codes), cfg.codes, cfg.ckpt)
+        figures = evaluate_prior(prior, cfg.codes, device, cfg.split, cfg.batch_size)
+        result = {"mode": mode, "ckpt": cfg.ckpt, "codes": cfg.codes, **figures}
         print_table(f"prior {cfg.ckpt} on {cfg.codes} ({cfg.split}, {result['code_maps']} code maps)",
                     ("metric", "value"), prior_rows(result))  # fmt: skip
         return result
@@ -229,7 +232,7 @@ def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
     samples = load_samples(cfg.samples) if mode == "samples" else None  # the user's file first, then the rest
     features = load_features(cfg.features, data["dataset"], device)
     if mode == "stage1":
-        dm = ImageDataModule(**data, image_size=model.hparams.image_size, channels=model.hparams.in_channels)
+        dm = ImageSplits(**data, image_size=model.image_size, channels=model.in_channels)
         result = {"mode": mode, "ckpt": cfg.ckpt, "dataset": data["dataset"],
                   **evaluate_stage1(model, dm, features, device, cfg.split, cfg.batch_size)}  # fmt: skip
         print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
@@ -237,7 +240,7 @@ def run(mode: str, cfg, model: VQVAE | None) -> dict[str, Any]:
     else:
         c, h, _ = samples.shape[1:]
         try:
-            dm = ImageDataModule(**data, image_size=h, channels=c)
+            dm = ImageSplits(**data, image_size=h, channels=c)
         except ValueError as e:
             raise ValueError(f"--samples {cfg.samples} holds {h}x{h} images with {c} channel(s), which "
                              f"--data.dataset {data['dataset']} cannot provide ({e})") from e  # fmt: skip

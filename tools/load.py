@@ -1,13 +1,15 @@
 """The one loader of trained models for every tool: checkpoints read weights-only, checked against each other.
 
     models = load_models("prior.ckpt", vqvae_path=None, device=resolve_device("auto"))
-    models.prior, models.vqvae                  # in eval mode on the device
+    models.prior, models.vqvae                  # the plain networks (CodePrior, VQModel), eval mode, on the device
+    models.codes_meta                           # the codes the prior was trained on
     models.prior_sha256, models.stage1_sha256   # what a .vqz records
 
 The stage-1 checkpoint is the one the prior's codes metadata names (it must still have the SHA-256 it had
 at extraction) unless ``--vqvae`` is given; either way it must be the checkpoint the prior's codes came
 from (`common.codes.check_matches`). Nothing is unpickled beyond tensors and plain values
-(:mod:`common.checkpoint`).
+(:mod:`common.checkpoint`), and nothing here imports Lightning, torchmetrics or wandb: a command that
+samples or compresses starts in about the time torch takes to import.
 """
 
 from __future__ import annotations
@@ -19,25 +21,27 @@ import torch
 
 from common.checkpoint import CheckpointError
 from common.codes import CodesMeta, check_matches, check_stage1, sha256_file
-from stage1_vqvae.vqvae import VQVAE, load_stage1
-from stage2_prior.prior import Prior, load_prior
+from stage1_vqvae.model import VQModel, load_stage1
+from stage2_prior.build import load_prior
+from stage2_prior.decoding import CodePrior
 
 __all__ = ["Models", "load_models", "load_prior", "load_stage1", "prior_facts"]
 
 
-def prior_facts(prior: Prior) -> dict:
+def prior_facts(prior: CodePrior, codes_meta: dict | None) -> dict:
     """What a prior must agree on with its codes and stage 1 (for `check_matches`)."""
-    meta = prior.hparams.get("codes_meta") or {}
     return {"codebook_size": prior.codebook_size, "grid_shape": prior.grid_shape,
-            "num_classes": prior.num_classes, "stage1_sha256": meta.get("stage1_sha256")}  # fmt: skip
+            "num_classes": prior.num_classes, "stage1_sha256": (codes_meta or {}).get("stage1_sha256")}  # fmt: skip
 
 
 class Models:
-    """A prior and its stage 1, on one device, with their checkpoints' paths."""
+    """A prior network and its stage 1, on one device, with their checkpoints' paths and the prior's codes."""
 
-    def __init__(self, prior: Prior, vqvae: VQVAE, prior_path: Path, vqvae_path: Path, device: torch.device):
+    def __init__(self, prior: CodePrior, vqvae: VQModel, prior_path: Path, vqvae_path: Path, device: torch.device,
+                 codes_meta: dict | None = None) -> None:  # fmt: skip
         self.prior, self.vqvae = prior.to(device).eval(), vqvae.to(device).eval()
         self.prior_path, self.vqvae_path, self.device = prior_path, vqvae_path, device
+        self.codes_meta = codes_meta or {}
 
     @cached_property
     def prior_sha256(self) -> str:
@@ -49,16 +53,15 @@ class Models:
 
     @property
     def image_size(self) -> int:
-        return int(self.vqvae.hparams.image_size)
+        return self.vqvae.image_size
 
     @property
     def channels(self) -> int:
-        return int(self.vqvae.hparams.in_channels)
+        return self.vqvae.in_channels
 
 
-def stage1_path_of(prior: Prior, prior_path: str | Path) -> Path:
+def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
     """The stage-1 checkpoint the prior's codes metadata names, verified by SHA-256."""
-    meta = prior.hparams.get("codes_meta") or {}
     if not meta.get("stage1_ckpt"):
         raise CheckpointError(f"--prior {prior_path} names no stage-1 checkpoint; pass --vqvae PATH")
     try:
@@ -73,13 +76,14 @@ def stage1_path_of(prior: Prior, prior_path: str | Path) -> Path:
 def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
                 device: torch.device | str = "cpu") -> Models:  # fmt: skip
     """The prior and the stage 1 that decodes its codes, checked to fit each other, on `device`."""
-    prior = load_prior(prior_path)
-    path = Path(vqvae_path) if vqvae_path else stage1_path_of(prior, prior_path)
+    prior, hparams = load_prior(prior_path)
+    meta = hparams.get("codes_meta") or {}
+    path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path)
     vqvae, _ = load_stage1(path, "--vqvae")
-    models = Models(prior, vqvae, Path(prior_path), path, torch.device(device))
+    models = Models(prior, vqvae, Path(prior_path), path, torch.device(device), meta)
     if not vqvae_path:  # stage1_path_of has just checked it against the hash the codes recorded
-        models.stage1_sha256 = prior.hparams["codes_meta"]["stage1_sha256"]
-    facts = prior_facts(prior)
+        models.stage1_sha256 = meta["stage1_sha256"]
+    facts = prior_facts(prior, meta)
     target = {"codebook_size": vqvae.codebook_size, "grid_shape": vqvae.grid_shape,
               "stage1_sha256": models.stage1_sha256 if facts["stage1_sha256"] else None}  # fmt: skip
     check_matches(facts, target, f"--vqvae {path}",

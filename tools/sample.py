@@ -32,7 +32,8 @@ from common.cli import (
 from common.images import GRID_FORMATS, load_image, make_grid, save_grid, to_uint8
 from common.io import atomic_file, check_output
 from stage2_prior.cuda_graphs import GraphedSampler
-from stage2_prior.prior import Prior
+from stage2_prior.decoding import CodePrior
+from stage2_prior.sampling import sample_codes
 from tools.load import load_models
 
 
@@ -72,7 +73,7 @@ def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
     return grid, check_output(out.with_suffix(".npz"), a.overwrite)
 
 
-def choose_labels(prior: Prior, a: argparse.Namespace) -> tuple[torch.Tensor | None, int]:
+def choose_labels(prior: CodePrior, a: argparse.Namespace) -> tuple[torch.Tensor | None, int]:
     """Labels (n,) and the grid's row length: one row per class for a conditional prior."""
     k = prior.num_classes
     if k == 0:
@@ -126,11 +127,11 @@ def completion_keep(a: argparse.Namespace, grid_shape: tuple[int, int]) -> torch
     return mask > 0  # a grid cell is kept when most of its pixels are white
 
 
-def draw(prior: Prior, n: int, labels: torch.Tensor | None, opts: dict, device: torch.device) -> torch.Tensor:
+def draw(prior: CodePrior, n: int, labels: torch.Tensor | None, opts: dict, device: torch.device) -> torch.Tensor:
     """n code grids; on CUDA without guidance, each step's logits are replayed from a CUDA graph."""
     if device.type != "cuda" or opts["cfg_scale"] != 1.0:
-        return prior.sample(n, labels, **opts)
-    with GraphedSampler(prior.net, labels, n, opts["temperature"], opts["top_k"], opts["top_p"]) as sampler:
+        return sample_codes(prior, n, labels, **opts)
+    with GraphedSampler(prior, labels, n, opts["temperature"], opts["top_k"], opts["top_p"]) as sampler:
         return sampler.sample(opts["generator"])
 
 
@@ -155,7 +156,7 @@ def _run(args: list[str] | None) -> str:
         image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
         labels = None
-        codes = prior.sample(a.n, None, prime=prime, keep=keep, **opts)
+        codes = sample_codes(prior, a.n, None, prime=prime, keep=keep, **opts)
         masked = vqvae.decode_codes(prime[:1]).clone()
         cell = m.image_size // vqvae.grid_shape[0]
         pixel_keep = keep.repeat_interleave(cell, 0).repeat_interleave(cell, 1)

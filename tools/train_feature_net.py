@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from common.cli import add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
-from common.datamodule import ImageDataModule
 from common.io import check_output
+from common.splits import ImageSplits
 from tools.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
 
 
@@ -35,7 +35,7 @@ def build_parser():
     add_overwrite(parser, "an existing --out file (FIDs computed with it are then no longer comparable)")
     add_device(parser)
     parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
-    parser.add_class_arguments(ImageDataModule, "data")
+    parser.add_class_arguments(ImageSplits, "data")
     return parser
 
 
@@ -46,18 +46,18 @@ def run(cfg) -> tuple[Path, float]:
     out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    dm = ImageDataModule(**data)
+    dm = ImageSplits(**data)
     train_images, train_labels = dm.split_arrays("train")
     test_images, test_labels = dm.split_arrays("test")
     net = FeatureNet(dm.channels, dm.num_classes, width=cfg.width).to(device)
-    print(f"training a feature net on {dm.hparams.dataset} ({len(train_labels)} train images, {dm.num_classes} "
+    print(f"training a feature net on {dm.options.dataset} ({len(train_labels)} train images, {dm.num_classes} "
           f"classes, {cfg.steps} steps) on {device}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
     fit_feature_net(net, train_images, train_labels, cfg.steps, data["batch_size"], cfg.lr, cfg.seed, cfg.log_every)
     seconds = time.perf_counter() - t0
     acc = accuracy(net, test_images, test_labels)
     save_feature_net(
-        net, out, dataset=dm.hparams.dataset, data=dict(dm.hparams), image_size=dm.image_size, channels=dm.channels,
+        net, out, dataset=dm.options.dataset, data=vars(dm.options), image_size=dm.image_size, channels=dm.channels,
         class_names=dm.class_names, test_accuracy=acc, steps=cfg.steps, train_seconds=round(seconds, 1),
     )  # fmt: skip
     print(f"test accuracy {acc:.4f} on {len(test_labels)} images after {seconds:.0f}s; saved to {out}", flush=True)

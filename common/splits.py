@@ -1,0 +1,226 @@
+"""Train/val/test splits of one image dataset, each held as one uint8 tensor (`ImageSplits`), torch only.
+
+A batch costs one indexing op and one conversion to [-1, 1] (stage 1 must see > 1500 images/s on 2 CPU
+cores). The readers live in :mod:`common.readers`; the Lightning data module (:mod:`common.datamodule`)
+adds Lightning's hooks to this class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from common.images import check_channels, from_uint8, infer_channels
+from common.readers import (
+    _MNIST_LIKE,
+    _NATIVE,
+    CIFAR10_CLASSES,
+    DATASETS,
+    SPLITS,
+    DatasetError,
+    ImageArrays,
+    load_cifar10,
+    load_image_folder,
+    load_mnist_like,
+    scan_image_folder,
+)  # fmt: skip
+
+
+class UInt8ImageDataset(Dataset):
+    """One split as a uint8 tensor; `__getitems__` lets the DataLoader fetch a batch in one indexing op."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels  # (N, C, H, W) uint8, (N,) long
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return from_uint8(self.images[index]), self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return from_uint8(self.images[index]), self.labels[index]
+
+
+def already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return batch  # module-level so worker processes can pickle it
+
+
+class ImageSplits:
+    """Train/val/test splits of one image dataset, each one uint8 tensor, and loaders over them (images in
+    [-1, 1], labels). Plain Python and torch: the Lightning data module is :class:`common.datamodule.
+    ImageDataModule`, this class plus Lightning's hooks; commands that only read data use this one.
+
+    train/val are carved from the official train split (`val_size` images, permutation fixed by `seed`);
+    test is the official test split. An image_folder has no official split: val and test are both carved
+    from it, and a size of 0 there means 10%. `limit` truncates every split (quick runs, tests).
+    `image_size` None means the native size; 28-px data can be zero-padded to 32; image_folder defaults
+    to 64. `channels` None means native (inferred for a folder); 1 <-> 3 conversion is allowed.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashion_mnist",
+        root: str | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        test_size: int = 0,
+        seed: int = 0,
+        download: bool = True,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise DatasetError(
+                f"data: unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}"
+            )
+        check_channels(channels, "ImageDataModule")
+        if dataset == "image_folder" and root is None:
+            raise DatasetError("data: dataset=image_folder needs --data.root DIR holding the images")
+        native = _NATIVE.get(dataset, (0, image_size))[1]
+        if image_size not in (None, native) and (native, image_size) != (28, 32):
+            raise DatasetError(
+                f"data: {dataset} images are {native}x{native}; image_size must be None, {native}"
+                f"{' or 32 (zero-padded)' if native == 28 else ''}; got {image_size}"
+            )
+        at_least = {
+            "batch_size": (batch_size, 1),
+            "image_size": (image_size, 1),
+            "limit": (limit, 1),
+            "val_size": (val_size, 0),
+            "test_size": (test_size, 0),
+            "num_workers": (num_workers, 0),
+        }
+        bad = [f"{k}={v} (must be >= {m})" for k, (v, m) in at_least.items() if v is not None and v < m]
+        if bad:
+            raise DatasetError(f"data: {', '.join(bad)}")
+        # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
+        self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,
+                                       val_size=val_size, test_size=test_size, seed=seed, download=download,
+                                       limit=limit)  # fmt: skip
+        self.record_options(vars(self.options))
+        self._image_size_arg, self._channels_arg = image_size, channels
+        self._splits: dict[str, UInt8ImageDataset] | None = None
+        self._scan: tuple[list[Path], np.ndarray, list[str]] | None = None
+        self._channels: int | None = None
+
+    def record_options(self, options: dict[str, Any]) -> None:
+        """Where a subclass keeps the options (the Lightning data module saves them as hyperparameters)."""
+
+    # Cheap facts (no pixels read), so LightningCLI can link them into the model before setup().
+    @property
+    def image_size(self) -> int:
+        return self._image_size_arg or _NATIVE.get(self.options.dataset, (0, 64))[1]
+
+    @property
+    def channels(self) -> int:
+        if self._channels is None:
+            native = _NATIVE.get(self.options.dataset, (None,))[0]
+            self._channels = self._channels_arg or native or infer_channels(self._folder_scan()[0])
+        return self._channels
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.options.dataset == "image_folder":
+            return list(self._folder_scan()[2])
+        if self.options.dataset == "cifar10":
+            return list(CIFAR10_CLASSES)  # the same names batches.meta holds
+        return list(_MNIST_LIKE[self.options.dataset]["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _folder_scan(self) -> tuple[list[Path], np.ndarray, list[str]]:
+        if self._scan is None:
+            self._scan = scan_image_folder(self.options.root)
+        return self._scan
+
+    def _read(self, split: str) -> ImageArrays:
+        h = self.options
+        if h.dataset == "cifar10":
+            return load_cifar10(h.root, split)
+        return load_mnist_like(h.dataset, h.root, split, h.download)
+
+    def _to_tensor(self, images: np.ndarray) -> Tensor:
+        """(N, H, W, C) uint8 array -> (N, C, H, W) uint8 tensor with the requested channels and size."""
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        if self.channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif self.channels == 1 and x.shape[1] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
+        pad = (self.image_size - x.shape[-1]) // 2  # 28 -> 32: a zero border, like the black background
+        return torch.nn.functional.pad(x, (pad,) * 4).contiguous() if pad else x.contiguous()
+
+    def _load(self) -> dict[str, UInt8ImageDataset]:
+        if self._splits is not None:
+            return self._splits
+        h = self.options
+        if h.dataset == "image_folder":
+            arrays = load_image_folder(h.root, self.image_size, self.channels)
+            n = len(arrays.labels)
+            n_test, n_val = h.test_size or max(1, n // 10), h.val_size or max(1, n // 10)
+            test = arrays
+        else:
+            arrays, test = self._read("train"), self._read("test")
+            n, n_test, n_val = len(arrays.labels), 0, h.val_size
+        if n_test + n_val >= n:
+            raise DatasetError(
+                f"data: {h.dataset} has {n} training images but val_size={n_val} and "
+                f"test_size={n_test} leave none to train on; pass smaller --data.val_size/--data.test_size"
+            )
+        perm = np.random.default_rng(h.seed).permutation(n)
+        index = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+        if h.dataset != "image_folder":
+            index["test"] = np.arange(len(test.labels))
+        images = {"train": arrays.images, "val": arrays.images, "test": test.images}
+        labels = {"train": arrays.labels, "val": arrays.labels, "test": test.labels}
+        self._splits = {}
+        for split in SPLITS:
+            idx = np.sort(index[split])[: h.limit]  # sorted: same order as the source, whatever the seed
+            self._splits[split] = UInt8ImageDataset(
+                self._to_tensor(images[split][idx]), torch.from_numpy(labels[split][idx]).long()
+            )
+        return self._splits
+
+    def split_arrays(self, split: str) -> tuple[Tensor, Tensor]:
+        """(uint8 images (N, C, H, W), long labels (N,)) of "train", "val" or "test"."""
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+        ds = self._load()[split]
+        return ds.images, ds.labels
+
+    def dataloader(
+        self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False
+    ) -> DataLoader:
+        """A loader over one split; by default every image once, in order (what code extraction needs)."""
+        self.split_arrays(split)  # validates the name, loads once
+        workers = self.options.num_workers
+        return DataLoader(
+            self._load()[split],
+            batch_size=batch_size or self.options.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=already_batched,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+def data_options(saved: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The saved arguments (e.g. a checkpoint's datamodule_hyper_parameters) that ImageDataModule takes."""
+    known = set(inspect.signature(ImageSplits.__init__).parameters) - {"self", *skip}
+    return {k: v for k, v in saved.items() if k in known}
