@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
+from common.images import from_uint8
 from common.readers import _MNIST_LIKE, DatasetError, mnist_like_files
 from common.splits import ImageSplits
 
@@ -18,6 +20,28 @@ class ImageDataModule(ImageSplits, pl.LightningDataModule):
 
     def record_options(self, options: dict[str, Any]) -> None:
         self.save_hyperparameters(options)
+        self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None,
+                   drop_last: bool = False, indices_only: bool | None = None) -> DataLoader:  # fmt: skip
+        """As ImageSplits.dataloader; with --data.on_device the batches are row numbers (see below)."""
+        indices_only = self.options.on_device if indices_only is None else indices_only
+        return super().dataloader(split, shuffle, batch_size, drop_last, indices_only)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """--data.on_device: the whole split (uint8) is copied to the device once, and each batch of row numbers
+        is gathered there: (images (B, C, H, W) in [-1, 1], labels (B,)) without a host-to-device copy of
+        pixels per batch."""
+        if not (isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], str)):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        split, rows = batch
+        key = (split, torch.device(device))
+        if key not in self._on_device:
+            images, labels = self.split_arrays(split)  # (N, C, H, W) uint8, (N,) long
+            self._on_device[key] = (images.to(device), labels.to(device))
+        images, labels = self._on_device[key]
+        rows = rows.to(device, non_blocking=True)
+        return from_uint8(images[rows]), labels[rows]
 
     def prepare_data(self) -> None:
         if self.options.dataset in _MNIST_LIKE:  # download once, on rank 0

@@ -64,6 +64,8 @@ class ImageSplits:
     from it, and a size of 0 there means 10%. `limit` truncates every split (quick runs, tests).
     `image_size` None means the native size; 28-px data can be zero-padded to 32; image_folder defaults
     to 64. `channels` None means native (inferred for a folder); 1 <-> 3 conversion is allowed.
+    `on_device`: the Lightning data module keeps each split on the training device and draws batches there
+    (GPU training is then never loader-bound); plain loaders ignore it.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ImageSplits:
         seed: int = 0,
         download: bool = True,
         limit: int | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -108,7 +111,7 @@ class ImageSplits:
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
         self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,
                                        val_size=val_size, test_size=test_size, seed=seed, download=download,
-                                       limit=limit)  # fmt: skip
+                                       limit=limit, on_device=on_device)  # fmt: skip
         self.record_options(vars(self.options))
         self._image_size_arg, self._channels_arg = image_size, channels
         self._splits: dict[str, UInt8ImageDataset] | None = None
@@ -203,13 +206,15 @@ class ImageSplits:
         return ds.images, ds.labels
 
     def dataloader(
-        self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False
-    ) -> DataLoader:
-        """A loader over one split; by default every image once, in order (what code extraction needs)."""
-        self.split_arrays(split)  # validates the name, loads once
+        self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False,
+        indices_only: bool = False,
+    ) -> DataLoader:  # fmt: skip
+        """A loader over one split; by default every image once, in order (what code extraction needs).
+        `indices_only`: batches of row numbers (`SplitIndices`), drawn in the same order as the images."""
+        images, _ = self.split_arrays(split)  # validates the name, loads once
         workers = self.options.num_workers
         return DataLoader(
-            self._load()[split],
+            SplitIndices(split, len(images)) if indices_only else self._load()[split],
             batch_size=batch_size or self.options.batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
@@ -218,6 +223,23 @@ class ImageSplits:
             collate_fn=already_batched,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+class SplitIndices(Dataset):
+    """Row numbers of one split, fetched a batch at a time: (split name, indices (B,) long). The images
+    stay where they are (on the training device) and are gathered after the indices arrive there."""
+
+    def __init__(self, split: str, n: int) -> None:
+        self.split, self.n = split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[str, Tensor]:
+        return self.split, torch.tensor([index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[str, Tensor]:
+        return self.split, torch.as_tensor(indices, dtype=torch.long)
 
 
 def data_options(saved: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:

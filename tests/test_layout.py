@@ -64,3 +64,15 @@ def test_no_unrestricted_unpickling_in_library_code():
             text = path.read_text()
             assert "weights_only=False" not in text and "allow_pickle=True" not in text, path
             assert "pickle.load(" not in text, f"{path}: unpickle only through a restricted Unpickler"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("stage*/*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    """Every shipped YAML is valid for its command (LightningCLI checks keys and types with --print_config)."""
+    if config.parent.name == "stage1":
+        from stage1_vqvae.train import main
+    else:
+        from stage2_prior.train import main
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert info.value.code in (0, None) and "model:" in capsys.readouterr().out

@@ -266,3 +266,14 @@ def test_ddp_two_cpu_processes_keep_identical_codebooks(shapes_folder, tmp_path)
     # The code histogram counts the codes of the whole val split (8 images x 4x4 codes), all ranks together.
     histograms = sorted((run / "histograms").glob("*.npy"))
     assert histograms and np.load(histograms[-1]).sum() == 8 * 16
+
+
+def test_data_on_device_trains_exactly_like_the_loader(shapes_folder, tmp_path):
+    """--data.on_device keeps the splits as tensors on the training device and sends only row numbers per
+    batch; the batches (same sampler, same order) and so the trained weights are identical to the usual path."""
+    main(fit_args(shapes_folder, tmp_path / "loader", 6))
+    main(fit_args(shapes_folder, tmp_path / "device", 6, "--data.on_device", "true"))
+    a, b = (torch.load(tmp_path / d / "latest/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+            for d in ("loader", "device"))  # fmt: skip
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "loader/latest") == train_losses(tmp_path / "device/latest")
