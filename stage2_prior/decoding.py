@@ -27,6 +27,9 @@ class CodePrior(nn.Module, metaclass=ABCMeta):
     call `super().__init__(codebook_size, grid_shape, num_classes)` and implement forward/begin/step_logits/end."""
 
     sizes: dict[str, dict] = {}
+    # The floating-point arithmetic of step_logits, as .vqz files record it: exact decoding needs the same
+    # arithmetic as the encoder, so bump it whenever a change to the step path can change a logit's bits.
+    step_version: int = 1
 
     def __init__(self, codebook_size: int, grid_shape: tuple[int, int], num_classes: int) -> None:
         super().__init__()

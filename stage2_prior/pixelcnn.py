@@ -108,6 +108,7 @@ class GatedPixelCNN(CodePrior):
     """Autoregressive prior over codes (B, H, W) -> logits (B, codebook_size, H, W), raster order."""
 
     sizes = PIXELCNN_SIZES
+    step_version = 2  # 1: a full forward over rows 0..r per step; 2: the incremental caches
 
     def __init__(
         self,

@@ -85,7 +85,7 @@ def test_round_trip_exact_over_many_images(kind: str) -> None:
     prior = make_prior(kind)
     codes = some_codes(prior, 40)
     streams, crcs, ideal = encode_codes(prior.net, codes, batch_size=16)  # batches 16, 16, 8
-    c = Container("00" * 32, "11" * 32, SIZE, 1, GRID, K, len(codes), 16, streams, crcs)
+    c = Container("00" * 32, "11" * 32, SIZE, 1, GRID, K, len(codes), 16, prior.net.step_version, streams, crcs)
     threads = torch.get_num_threads()
     decoded = decode_codes(prior.net, unpack(pack(c)))
     assert torch.get_num_threads() == threads and not prior.training  # settings restored
@@ -139,8 +139,8 @@ def _with_crc(body: bytes) -> bytes:
 
 def test_wrong_version_is_rejected(small_file) -> None:
     data = bytearray(small_file[0][:-4])
-    data[4:6] = struct.pack("<H", 2)
-    with pytest.raises(ContainerError, match="unsupported .vqz format version 2"):
+    data[4:6] = struct.pack("<H", 3)
+    with pytest.raises(ContainerError, match="unsupported .vqz format version 3; this code reads versions 1 to 2"):
         unpack(_with_crc(bytes(data)), "f.vqz")
 
 
@@ -286,3 +286,28 @@ def test_decompress_that_fails_midway_leaves_no_partial_folder(ckpts, tmp_path: 
     monkeypatch.setattr(Image.Image, "save", real_save)
     main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def as_version_1(data: bytes) -> bytes:
+    """A version-2 file rewritten as the version-1 layout (no step-version byte), CRC fixed."""
+    body = bytearray(data[: HEADER.size] + data[HEADER.size + 1 : -4])
+    body[4:6] = struct.pack("<H", 1)
+    return _with_crc(bytes(body))
+
+
+@pytest.mark.parametrize("kind", list(PRIORS))
+def test_version_1_files_decode_where_the_arithmetic_is_unchanged(kind) -> None:
+    """.vqz files record the prior's step version: a version-1 file (step version 1 implied) still decodes
+    with a Transformer (same arithmetic); with the PixelCNN, whose step path changed, it is a clear error
+    instead of a CRC failure blamed on the machine."""
+    vqvae = make_vqvae()
+    models = models_with(make_prior(kind), vqvae, "ab" * 32, "cd" * 32)
+    codes = some_codes(make_prior(kind), 4)
+    data, _ = compress_codes(models, codes, batch_size=3)
+    assert unpack(data).step_version == models.prior.step_version
+    old = as_version_1(data)
+    if models.prior.step_version == 1:
+        np.testing.assert_array_equal(decompress_codes(models, old, "old.vqz"), codes)
+    else:
+        with pytest.raises(ContainerError, match="old.vqz: made with step arithmetic version 1 .* computes version 2"):
+            decompress_codes(models, old, "old.vqz")

@@ -16,13 +16,14 @@ Container layout (little-endian; ``HEADER`` below)::
 
     offset  size  field
     0       4     magic b"VQZ1"
-    4       2     format version (1)
+    4       2     format version (2; version 1 files, which have no step-version byte, are still read)
     6       32    SHA-256 of the prior checkpoint
     38      32    SHA-256 of the stage-1 checkpoint
     70      2     image_size          72  1  channels
     73      2+2   grid height, width  77  4  codebook_size
     81      4     image count         85  4  batch size (images per coded batch)
-    89      8*nb  per batch (nb = ceil(count / batch_size)): stream length in bytes, CRC32 of its codes
+    89      1     the prior's step version (`CodePrior.step_version`: the arithmetic that made the streams)
+    90      8*nb  per batch (nb = ceil(count / batch_size)): stream length in bytes, CRC32 of its codes
     ...           the batches' range-coder streams, concatenated (32-bit little-endian words)
     end-4   4     CRC32 of every byte before it
 
@@ -48,8 +49,9 @@ from common.cli import UserError
 from stage2_prior.decoding import CodePrior
 
 MAGIC = b"VQZ1"
-FORMAT_VERSION = 1
-HEADER = struct.Struct("<4sH32s32sHBHHIII")  # magic .. batch size: 89 bytes
+FORMAT_VERSION = 2
+HEADER = struct.Struct("<4sH32s32sHBHHIII")  # magic .. batch size: 89 bytes, the same in versions 1 and 2
+STEP = struct.Struct("<B")  # version 2 only: the prior's step version (version 1 files: 1)
 BATCH_ENTRY = struct.Struct("<II")  # stream length in bytes, CRC32 of the batch's codes
 MAX_BATCH_SIZE = 4096  # bounds the work a (CRC-valid but hostile) header can ask for per batch entry
 MAX_CODEBOOK_SIZE = 1 << 16
@@ -72,6 +74,7 @@ class Container:
     codebook_size: int
     count: int
     batch_size: int
+    step_version: int  # the prior's CodePrior.step_version: the arithmetic that made the streams
     streams: list[bytes] = field(default_factory=list)
     codes_crc: list[int] = field(default_factory=list)
 
@@ -90,6 +93,7 @@ def pack(c: Container) -> bytes:
         raise ValueError(f"{c.num_batches} batches expected, got {len(c.streams)} streams")
     head = HEADER.pack(MAGIC, FORMAT_VERSION, bytes.fromhex(c.prior_sha256), bytes.fromhex(c.stage1_sha256),
                        c.image_size, c.channels, *c.grid_shape, c.codebook_size, c.count, c.batch_size)  # fmt: skip
+    head += STEP.pack(c.step_version)
     table = b"".join(BATCH_ENTRY.pack(len(s), crc) for s, crc in zip(c.streams, c.codes_crc))
     body = head + table + b"".join(c.streams)
     return body + struct.pack("<I", zlib.crc32(body))
@@ -105,8 +109,8 @@ def unpack(data: bytes, name: str = "<bytes>") -> Container:
     if size < HEADER.size + CRC_SIZE:
         raise ContainerError(f"{name}: truncated ({size} bytes, shorter than the {HEADER.size}-byte header)")
     (_, version, prior_sha, stage1_sha, image_size, channels, gh, gw, k, count, batch_size) = HEADER.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise ContainerError(f"{name}: unsupported .vqz format version {version}; this code reads version "
+    if version not in (1, FORMAT_VERSION):
+        raise ContainerError(f"{name}: unsupported .vqz format version {version}; this code reads versions 1 to "
                              f"{FORMAT_VERSION} (decompress it with the vqgen version that wrote it)")  # fmt: skip
     if zlib.crc32(data[:-CRC_SIZE]) != struct.unpack_from("<I", data, size - CRC_SIZE)[0]:
         raise ContainerError(f"{name}: file is corrupt or truncated (CRC32 mismatch); re-create it with `compress`")
@@ -118,8 +122,14 @@ def unpack(data: bytes, name: str = "<bytes>") -> Container:
     ] if not ok]  # fmt: skip
     if problems:
         raise ContainerError(f"{name}: corrupt header ({', '.join(problems)})")
-    c = Container(prior_sha.hex(), stage1_sha.hex(), image_size, channels, (gh, gw), k, count, batch_size)
-    pos, end = HEADER.size, size - CRC_SIZE
+    pos, end, step_version = HEADER.size, size - CRC_SIZE, 1  # version 1 files: step version 1
+    if version >= 2:
+        if end - pos < STEP.size:
+            raise ContainerError(f"{name}: truncated (no step version after the header)")
+        (step_version,) = STEP.unpack_from(data, pos)
+        pos += STEP.size
+    c = Container(prior_sha.hex(), stage1_sha.hex(), image_size, channels, (gh, gw), k, count, batch_size,
+                  step_version)  # fmt: skip
     if c.num_batches * BATCH_ENTRY.size > end - pos:
         raise ContainerError(f"{name}: truncated or corrupt: the header announces {count} images in "
                              f"{c.num_batches} batches, more than the file can hold")  # fmt: skip
@@ -245,6 +255,10 @@ def decode_codes(net: CodePrior, c: Container, name: str = "<bytes>") -> np.ndar
         raise ContainerError(f"{name}: made for codes of grid {c.grid_shape} and codebook_size {c.codebook_size}, "
                              f"but the prior has {tuple(net.grid_shape)} and {net.codebook_size}; pass the prior "
                              "it was made with")  # fmt: skip
+    if c.step_version != net.step_version:
+        raise ContainerError(f"{name}: made with step arithmetic version {c.step_version} of this kind of prior, "
+                             f"but this vqgen computes version {net.step_version} (the probabilities would differ); "
+                             "decompress it with the vqgen release that made it")  # fmt: skip
     out = np.zeros((c.count, *c.grid_shape), dtype=np.int64)
     with deterministic(net):
         for i, ((start, stop), stream) in enumerate(zip(c.batch_bounds(), c.streams)):

@@ -40,7 +40,8 @@ def compress_codes(m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH
     """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p)."""
     streams, crcs, ideal = encode_codes(m.prior, codes, batch_size)
     c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
-                  m.vqvae.codebook_size, len(codes), batch_size, streams, crcs)  # fmt: skip
+                  m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version,
+                  streams, crcs)  # fmt: skip
     return pack(c), ideal
 
 
