@@ -4,8 +4,8 @@
     python benchmarks/sample_speed.py            # default-size priors with random weights (speed only)
     python benchmarks/sample_speed.py --device cuda
 
-For each prior it times the fast path (Transformer: static KV cache, one token per step; PixelCNN: only
-the rows up to the current one) and, at n = 64, the naive path (a full forward over the whole grid at
+For each prior it times the fast path (Transformer: static KV cache, one token per step; PixelCNN: per-layer
+row caches, one new position per step) and, at n = 64, the naive path (a full forward over the whole grid at
 every step) in the same run, and reports their ratio. The latency includes decoding with stage 1.
 """
 

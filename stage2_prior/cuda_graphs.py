@@ -5,7 +5,7 @@ On a GPU the step loop of :func:`stage2_prior.sampling.sample_codes` is bound by
 removes it (17.7 ms instead of 185 ms for 64 Fashion-MNIST samples on an H200, same codes). It uses only
 the decoding interface (:mod:`stage2_prior.decoding`): ``begin`` once, then ``step_logits(codes, t)`` on
 one static codes buffer, captured per t (the shapes differ per t: the Transformer attends to cache slots
-0..t, the PixelCNN computes rows 0..t // W). Softmax, filtering and the multinomial draw stay eager on the
+0..t, the PixelCNN starts a new row at t % W == 0). Softmax, filtering and the multinomial draw stay eager on the
 caller's generator, so for bit-equal logits the codes are those of ``sample_codes``.
 """
 

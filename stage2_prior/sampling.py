@@ -2,8 +2,8 @@
 
 ``filter_logits`` does top-k / top-p (nucleus) filtering. ``sample_codes`` draws codes (n, H, W) in
 raster order with temperature, filtering, classifier-free guidance and completion of given codes. Its
-fast path (the prior's ``begin``/``step_logits``: a KV cache for the Transformer, rows <= the current
-row for the PixelCNN) and its naive path (a full forward over the whole grid at every step,
+fast path (the prior's ``begin``/``step_logits``: a KV cache for the Transformer, per-layer row caches
+for the PixelCNN) and its naive path (a full forward over the whole grid at every step,
 ``use_cache=False``) make the same random draws in the same order, so for the same generator seed they
 give identical codes.
 """
