@@ -9,7 +9,7 @@ STAGE1_CKPT := $(RUNS)/stage1/latest/checkpoints/last.ckpt
 PRIOR_CKPT := $(RUNS)/stage2_transformer/latest/checkpoints/best.ckpt
 export WANDB_SILENT ?= true
 
-.PHONY: setup data demo demo-stage1 test lint bench clean
+.PHONY: setup data data-emoji demo demo-stage1 test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ data:
 	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
 		|| echo "could not apt-get dataset-fashion-mnist; the loader will try to download Fashion-MNIST"; fi
+
+# Emoji (colour, 64 px): the npm packages emoji-datasource-{apple,google,twitter,facebook}@16.0.0 into data/emoji
+# (checked against pinned SHA-256s; nothing is done when they are already there).
+data-emoji: setup
+	$(BIN)/python -m common.emoji data/emoji
 
 demo-stage1: setup data
 	$(BIN)/train_stage1 fit --config configs/stage1/fashion_mnist.yaml --trainer.default_root_dir $(RUNS)/stage1

@@ -22,14 +22,15 @@ from common.cli import UserError
 from common.images import IMAGE_SUFFIXES, check_channels, infer_channels, read_image
 from common.io import atomic_file
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "image_folder")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "image_folder", "emoji")
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(
     ","
 )
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DOWNLOAD_TIMEOUT_S = 20  # short: on a closed network we want the clear error now, not after minutes
-_NATIVE = {"fashion_mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32)}  # (channels, size)
+_NATIVE = {"fashion_mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "emoji": (3, 64)}  # (channels, size)
+_OTHER_SIZES = {"fashion_mnist": 32, "mnist": 32, "emoji": 32}  # 28 -> 32: zero-padded; emoji 64 -> 32: resized
 _MNIST_LIKE = {
     "fashion_mnist": dict(
         url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",

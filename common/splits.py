@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from common.emoji import emoji_class_names, group_split, load_emoji
 from common.images import check_channels, from_uint8, infer_channels
 from common.readers import (
     _MNIST_LIKE,
     _NATIVE,
+    _OTHER_SIZES,
     CIFAR10_CLASSES,
     DATASETS,
     SPLITS,
@@ -91,11 +93,12 @@ class ImageSplits:
         check_channels(channels, "ImageDataModule")
         if dataset == "image_folder" and root is None:
             raise DatasetError("data: dataset=image_folder needs --data.root DIR holding the images")
-        native = _NATIVE.get(dataset, (0, image_size))[1]
-        if image_size not in (None, native) and (native, image_size) != (28, 32):
+        native, other = _NATIVE.get(dataset, (0, image_size))[1], _OTHER_SIZES.get(dataset)
+        if image_size not in (None, native, other):
+            how = {28: " (zero-padded)", 64: " (resized)"}.get(native, "")
             raise DatasetError(
                 f"data: {dataset} images are {native}x{native}; image_size must be None, {native}"
-                f"{' or 32 (zero-padded)' if native == 28 else ''}; got {image_size}"
+                f"{f' or {other}{how}' if other else ''}; got {image_size}"
             )
         at_least = {
             "batch_size": (batch_size, 1),
@@ -139,6 +142,8 @@ class ImageSplits:
             return list(self._folder_scan()[2])
         if self.options.dataset == "cifar10":
             return list(CIFAR10_CLASSES)  # the same names batches.meta holds
+        if self.options.dataset == "emoji":
+            return emoji_class_names(self.options.root)
         return list(_MNIST_LIKE[self.options.dataset]["classes"])
 
     @property
@@ -171,6 +176,10 @@ class ImageSplits:
         if self._splits is not None:
             return self._splits
         h = self.options
+        if h.dataset == "emoji":  # whole base emoji per split: the test split holds unseen glyphs
+            arrays = load_emoji(h.root, self.image_size)
+            index = group_split(arrays.groups, h.val_size, h.test_size, h.seed)
+            return self._make_splits(index, {s: arrays for s in SPLITS})
         if h.dataset == "image_folder":
             arrays = load_image_folder(h.root, self.image_size, self.channels)
             n = len(arrays.labels)
@@ -188,13 +197,16 @@ class ImageSplits:
         index = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
         if h.dataset != "image_folder":
             index["test"] = np.arange(len(test.labels))
-        images = {"train": arrays.images, "val": arrays.images, "test": test.images}
-        labels = {"train": arrays.labels, "val": arrays.labels, "test": test.labels}
+        return self._make_splits(index, {"train": arrays, "val": arrays, "test": test})
+
+    def _make_splits(
+        self, index: dict[str, np.ndarray], source: dict[str, ImageArrays]
+    ) -> dict[str, UInt8ImageDataset]:
         self._splits = {}
         for split in SPLITS:
-            idx = np.sort(index[split])[: h.limit]  # sorted: same order as the source, whatever the seed
+            idx = np.sort(index[split])[: self.options.limit]  # sorted: the source's order, whatever the seed
             self._splits[split] = UInt8ImageDataset(
-                self._to_tensor(images[split][idx]), torch.from_numpy(labels[split][idx]).long()
+                self._to_tensor(source[split].images[idx]), torch.from_numpy(source[split].labels[idx]).long()
             )
         return self._splits
 

@@ -1,0 +1,195 @@
+"""Emoji: a real colour data set that installs offline-first (`make data-emoji`), and its reader.
+
+The npm packages ``emoji-datasource-{apple,google,twitter,facebook}@16.0.0`` each ship
+``img/<vendor>/64/*.png`` (RGBA 64x64: about 1,900 emoji plus skin-tone variants) and ``emoji.json``
+(name, category, subcategory, ``has_img_<vendor>``, ``skin_variations``). `fetch` gets the four tarballs
+with ``npm pack`` (checked against pinned SHA-256s) and extracts only those PNGs and emoji.json into
+``data/emoji/``; it does nothing when they are already there.
+
+`load_emoji` composites every RGBA glyph over white, at 64 px or resized to 32. Labels are the category
+(the "Component" category, skin-tone swatches and hair parts, is dropped). Each image's base emoji (its
+row in emoji.json) is its split group: all vendors and skin tones of one emoji fall in the same split, so
+the test split holds glyphs the model has never seen. Vendor and name are kept for grids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.cli import UserError
+from common.readers import DatasetError, DatasetNotFoundError, ImageArrays
+
+VERSION = "16.0.0"
+VENDORS = ("apple", "google", "twitter", "facebook")
+TARBALL_SHA256 = {  # npm pack of each package at VERSION
+    "apple": "b34d1665e136f163b0d4433318df151895b785186e8c729b2211b43017945075",
+    "google": "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438",
+    "twitter": "f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877",
+    "facebook": "017038cf5a4e7fcf03dd9133cbed43d4c281c4b3ce7b927c7160261b92b8821e",
+}
+DROPPED_CATEGORIES = ("Component",)
+DEFAULT_ROOT = Path("data") / "emoji"
+SIZES = (64, 32)
+HOW_TO_GET = "run `make data-emoji` (npm fetches the emoji-datasource packages) or pass --data.root DIR"
+
+
+@dataclass
+class EmojiArrays(ImageArrays):
+    """ImageArrays plus what the split and the grids need."""
+
+    groups: np.ndarray  # int64 (N,): the base emoji's row in emoji.json
+    vendors: list[str]
+    names: list[str]
+
+
+# ------------------------------------------------------------------------------------------ fetch
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(root: str | Path = DEFAULT_ROOT, vendors: tuple[str, ...] = VENDORS, npm: str = "npm") -> Path:
+    """Put emoji.json and img/<vendor>/64/*.png under `root` (idempotent: a vendor whose marker file is
+    there is skipped). Each tarball is checked against its pinned SHA-256 before anything is extracted."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for vendor in vendors:
+        marker = root / f".{vendor}-{VERSION}.ok"
+        if marker.is_file() and (root / "emoji.json").is_file():
+            print(f"emoji: {vendor} already in {root}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            package = f"emoji-datasource-{vendor}@{VERSION}"
+            try:
+                subprocess.run([npm, "pack", package, "--silent"], cwd=tmp, check=True, capture_output=True, text=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", "") or str(e)
+                raise UserError(f"`npm pack {package}` failed ({' '.join(detail.split())[:300]}); "
+                                "it needs npm and the npm registry") from None  # fmt: skip
+            tarball = Path(tmp) / f"emoji-datasource-{vendor}-{VERSION}.tgz"
+            if _sha256(tarball) != TARBALL_SHA256[vendor]:
+                raise UserError(f"{package}: the tarball's SHA-256 is not the pinned one; refusing to extract it")
+            _extract(tarball, vendor, root)
+        marker.write_text(TARBALL_SHA256[vendor] + "\n")
+        print(f"emoji: {vendor} -> {root / 'img' / vendor / '64'}")
+    return root
+
+
+def _extract(tarball: Path, vendor: str, root: Path) -> None:
+    """Only emoji.json and img/<vendor>/64/*.png, as plain files (tarfile's "data" filter: no links, no
+    paths outside `root`)."""
+    prefix = f"package/img/{vendor}/64/"
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and (m.name == "package/emoji.json" or (
+            m.name.startswith(prefix) and m.name.endswith(".png") and "/" not in m.name[len(prefix):]))]  # fmt: skip
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            tar.extractall(tmp, members=members, filter="data")
+            target = root / "img" / vendor / "64"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)  # our own extraction of this vendor, left incomplete by a kill
+            shutil.move(str(Path(tmp) / prefix), target)
+            shutil.move(str(Path(tmp) / "package" / "emoji.json"), root / "emoji.json")
+
+
+# ------------------------------------------------------------------------------------------ read
+def _entries(root: Path) -> list[dict]:
+    path = root / "emoji.json"
+    if not path.is_file():
+        raise DatasetNotFoundError(f"emoji not found: no {path}; {HOW_TO_GET}")
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable emoji.json ({e}); {HOW_TO_GET}") from None
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: expected a list of emoji; {HOW_TO_GET}")
+    return entries
+
+
+def emoji_class_names(root: str | Path | None = None) -> list[str]:
+    """The categories that become labels, sorted (cheap: reads emoji.json only)."""
+    entries = _entries(Path(root) if root else DEFAULT_ROOT)
+    return sorted({e.get("category") for e in entries} - {None, *DROPPED_CATEGORIES})
+
+
+def composite_over_white(path: Path, image_size: int) -> np.ndarray:
+    """An RGBA file -> uint8 (image_size, image_size, 3), alpha-composited over white, resized if needed."""
+    try:
+        with Image.open(path) as img:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(white, rgba).convert("RGB")
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
+            return np.asarray(rgb, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for a broken file
+        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e}); re-run `make data-emoji`") from None
+
+
+def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArrays:
+    """Every vendor's glyphs under `root` (default data/emoji) with their category labels and split groups."""
+    if image_size not in SIZES:
+        raise DatasetError(f"data: emoji images are 64 or 32 px, got image_size={image_size}")
+    root = Path(root) if root else DEFAULT_ROOT
+    entries = _entries(root)
+    names = emoji_class_names(root)
+    vendors = [v for v in VENDORS if (root / "img" / v / "64").is_dir()]
+    if not vendors:
+        raise DatasetNotFoundError(f"emoji not found: no {root}/img/<vendor>/64 folder; {HOW_TO_GET}")
+    images, labels, groups, who, what = [], [], [], [], []
+    for row, e in enumerate(entries):
+        if e.get("category") not in names:
+            continue
+        variants = [e, *(e.get("skin_variations") or {}).values()]
+        for vendor in vendors:
+            for v in variants:
+                file = root / "img" / vendor / "64" / str(v.get("image", ""))
+                if v.get(f"has_img_{vendor}") and file.is_file():
+                    images.append(composite_over_white(file, image_size))
+                    labels.append(names.index(e["category"]))
+                    groups.append(row)
+                    who.append(vendor)
+                    what.append(str(e.get("name") or e.get("short_name") or ""))
+    if not images:
+        raise DatasetNotFoundError(f"emoji: no glyph images found under {root}/img; {HOW_TO_GET}")
+    return EmojiArrays(np.stack(images), np.asarray(labels, np.int64), names, np.asarray(groups, np.int64), who, what)
+
+
+def group_split(groups: np.ndarray, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
+    """Image indices of train/val/test when whole groups (base emoji) are assigned: `n_val` and `n_test`
+    groups (0: 10% each), chosen by a permutation fixed by `seed`."""
+    unique = np.unique(groups)
+    n_val, n_test = n_val or max(1, len(unique) // 10), n_test or max(1, len(unique) // 10)
+    if n_val + n_test >= len(unique):
+        raise DatasetError(f"data: emoji has {len(unique)} base emoji; val_size={n_val} and test_size={n_test} "
+                           "(counted in base emoji) leave none to train on")  # fmt: skip
+    order = unique[np.random.default_rng(seed).permutation(len(unique))]
+    chosen = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return {split: np.flatnonzero(np.isin(groups, g)) for split, g in chosen.items()}
+
+
+def main(args: list[str] | None = None) -> None:
+    """`python -m common.emoji [ROOT]`: what `make data-emoji` runs."""
+    import sys
+
+    from common.cli import run_command
+
+    argv = sys.argv[1:] if args is None else args
+    run_command("data-emoji", lambda a: f"emoji ready in {fetch(a[0] if a else DEFAULT_ROOT)}", argv)
+
+
+if __name__ == "__main__":
+    main()

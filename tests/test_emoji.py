@@ -1,0 +1,142 @@
+"""Emoji on generated files of the real layout (emoji.json + img/<vendor>/64/*.png): fetching with a stand-in
+npm, compositing over white, category labels, and splits by base emoji. Never the network."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import stat
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import emoji
+from common.cli import UserError
+from common.readers import DatasetNotFoundError
+from common.splits import ImageSplits
+
+ENTRIES = [  # (name, category, image stem, skin-tone variant stems, vendors with an image)
+    ("GRINNING FACE", "Smileys & Emotion", "1f600", [], ("apple", "google")),
+    ("WAVING HAND SIGN", "People & Body", "1f44b", ["1f44b-1f3fb", "1f44b-1f3ff"], ("apple", "google")),
+    ("EMOJI MODIFIER FITZPATRICK TYPE-1-2", "Component", "1f3fb", [], ("apple", "google")),
+    ("FLAG IN HOLE", "Activities", "26f3", [], ("apple",)),
+    ("PIZZA", "Food & Drink", "1f355", [], ("apple", "google")),
+    ("CAT FACE", "Animals & Nature", "1f431", [], ("apple", "google")),
+]
+
+
+def glyph(seed: int) -> Image.Image:
+    """64x64 RGBA: transparent, with one opaque coloured square."""
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = [(seed * 40) % 256, 100, 200, 255]
+    return Image.fromarray(rgba, "RGBA")
+
+
+def write_emoji(root: Path) -> Path:
+    entries = []
+    for i, (name, category, stem, variants, vendors) in enumerate(ENTRIES):
+        has = {f"has_img_{v}": v in vendors for v in emoji.VENDORS}
+        skin = {f"1F3F{k}": {"image": f"{s}.png", **has} for k, s in enumerate(variants)}
+        entries.append({"name": name, "category": category, "image": f"{stem}.png", **has,
+                        **({"skin_variations": skin} if skin else {})})  # fmt: skip
+        for vendor in vendors:
+            folder = root / "img" / vendor / "64"
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, s in enumerate([stem, *variants]):
+                glyph(i * 7 + j).save(folder / f"{s}.png")
+    (root / "emoji.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture
+def emoji_root(tmp_path: Path) -> Path:
+    return write_emoji(tmp_path / "emoji")
+
+
+def test_load_composites_over_white_with_category_labels(emoji_root):
+    arrays = emoji.load_emoji(emoji_root, 64)
+    # apple: 1 + 3 + 1 + 1 + 1 = 7 glyphs, google: 1 + 3 + 1 + 1 = 6; the Component entry is dropped
+    assert arrays.images.shape == (13, 64, 64, 3) and arrays.images.dtype == np.uint8
+    assert arrays.class_names == ["Activities", "Animals & Nature", "Food & Drink", "People & Body",
+                                  "Smileys & Emotion"]  # fmt: skip
+    assert (arrays.images[:, 0, 0] == 255).all()  # transparent corners became white
+    assert not (arrays.images[:, 32, 32] == 255).all(axis=1).any()  # the opaque square kept its colour
+    waving = [i for i, n in enumerate(arrays.names) if n == "WAVING HAND SIGN"]
+    assert len(waving) == 6 and set(arrays.labels[waving]) == {3} and len(set(arrays.groups[waving])) == 1
+    assert sorted(set(arrays.vendors)) == ["apple", "google"]
+    assert emoji.load_emoji(emoji_root, 32).images.shape == (13, 32, 32, 3)
+    with pytest.raises(ValueError, match="64 or 32 px"):
+        emoji.load_emoji(emoji_root, 28)
+
+
+def test_splits_hold_whole_base_emoji(emoji_root):
+    groups = emoji.load_emoji(emoji_root).groups
+    index = emoji.group_split(groups, 1, 1, seed=0)
+    assert sorted(np.concatenate(list(index.values())).tolist()) == list(range(len(groups)))
+    seen = [set(groups[index[s]].tolist()) for s in ("train", "val", "test")]
+    assert all(len(a & b) == 0 for a in seen for b in seen if a is not b)  # no base emoji in two splits
+    assert len(seen[1]) == len(seen[2]) == 1
+    assert {k: v.tolist() for k, v in emoji.group_split(groups, 1, 1, seed=0).items()} == {
+        k: v.tolist() for k, v in index.items()}  # fmt: skip
+    with pytest.raises(ValueError, match="leave none to train on"):
+        emoji.group_split(groups, 3, 2, seed=0)
+
+
+def test_image_splits_read_emoji(emoji_root):
+    data = ImageSplits("emoji", root=str(emoji_root), val_size=1, test_size=1)
+    assert (data.image_size, data.channels, data.num_classes) == (64, 3, 5)
+    sizes = {s: len(data.split_arrays(s)[1]) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 13 and min(sizes.values()) >= 1
+    assert data.split_arrays("test")[0].shape[1:] == (3, 64, 64)
+    small = ImageSplits("emoji", root=str(emoji_root), image_size=32, channels=1, val_size=1, test_size=1)
+    assert small.split_arrays("train")[0].shape[1:] == (1, 32, 32)
+    with pytest.raises(ValueError, match="image_size must be None, 64 or 32"):
+        ImageSplits("emoji", root=str(emoji_root), image_size=48)
+
+
+def test_missing_emoji_says_how_to_get_them(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="make data-emoji"):
+        ImageSplits("emoji", root=str(tmp_path / "nothing")).split_arrays("train")
+
+
+def fake_package(vendor: str, evil: bool = False) -> bytes:
+    """A tarball laid out like npm's, with a path-traversal member that must never be extracted."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("package/emoji.json", json.dumps([{"name": "PIZZA", "category": "Food & Drink", "image": "1f355.png",
+                                                f"has_img_{vendor}": True}]).encode())  # fmt: skip
+        png = io.BytesIO()
+        glyph(1).save(png, format="PNG")
+        add(f"package/img/{vendor}/64/1f355.png", png.getvalue())
+        add(f"package/img/{vendor}/64/../../../../escaped.png", png.getvalue())
+        add(f"package/img/{vendor}/sheets/big.png", png.getvalue())
+    return buf.getvalue()
+
+
+def test_fetch_checks_the_tarball_extracts_only_glyphs_and_is_idempotent(tmp_path, monkeypatch, capsys):
+    tarball = fake_package("google")
+    store = tmp_path / "npm_store.tgz"
+    store.write_bytes(tarball)
+    npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION`: copies the tarball into the cwd
+    npm.write_text(f"#!/bin/sh\ncp {store} \"emoji-datasource-google-{emoji.VERSION}.tgz\"\n")
+    npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
+    root = tmp_path / "data" / "emoji"
+    with pytest.raises(UserError, match="SHA-256 is not the pinned one"):
+        emoji.fetch(root, ("google",), npm=str(npm))
+    assert not (root / "img").exists()
+    monkeypatch.setitem(emoji.TARBALL_SHA256, "google", hashlib.sha256(tarball).hexdigest())
+    emoji.fetch(root, ("google",), npm=str(npm))
+    assert sorted(p.name for p in (root / "img" / "google" / "64").iterdir()) == ["1f355.png"]
+    assert not list(tmp_path.rglob("escaped.png")) and not (root / "img" / "google" / "sheets").exists()
+    assert emoji.load_emoji(root).images.shape == (1, 64, 64, 3)
+    emoji.fetch(root, ("google",), npm=str(npm))
+    assert "already in" in capsys.readouterr().out
