@@ -1,6 +1,6 @@
 """One-class anomaly benchmark on Fashion-MNIST: for each held-out class, train stage 1 and an unconditional
 prior on the training images of the *other* nine classes, score the test set with
-:func:`stage2_prior.anomaly.score_images` and report the AUROC of detecting the held-out class with each
+:func:`tools.anomaly.score_images` and report the AUROC of detecting the held-out class with each
 score (prior NLL, reconstruction error, the complexity-corrected combined score, and complexity alone).
 
     python benchmarks/anomaly_auroc.py                                    # classes 0,5,9, ~6 min per class
@@ -28,7 +28,10 @@ from common.readers import FASHION_MNIST_CLASSES
 from common.splits import UInt8ImageDataset
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
-from tools.anomaly import SCORES, auroc, score_images
+from tools.anomaly import OPTIONAL, auroc, score_images
+from tools.anomaly import SCORES as ALL_SCORES
+
+SCORES = [k for k in ALL_SCORES if k not in OPTIONAL]  # no background prior or typicality statistics here
 
 
 def fit(model: pl.LightningModule, dataset, batch_size: int, steps: int) -> float:
@@ -71,7 +74,7 @@ def held_out_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: arg
     bs2 = cfg2.get("data", {}).get("batch_size", 128)
     prior_s = fit(prior, CodesDataset(codes), bs2, a.prior_steps)
     t0 = time.perf_counter()
-    scores = score_images(prior.eval(), vqvae, from_uint8(test_x[: a.limit]))
+    scores, _ = score_images(prior.eval(), vqvae, from_uint8(test_x[: a.limit]))
     score_s = time.perf_counter() - t0
     is_ood = (test_y[: a.limit] == cls).numpy()
     row = {"class": cls, "name": FASHION_MNIST_CLASSES[cls], "test_images": int(len(is_ood)),

@@ -45,11 +45,16 @@ class CodesDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (0 is fastest for in-memory codes).
         check_stage1: verify the stage-1 checkpoint named in meta.json still exists with the same
             SHA-256 (so samples are decoded by the model that made the codes).
+        perturb: while training, replace each code by a uniformly random one with this probability: a
+            background prior for `score_anomalies --background` (Ren et al. 2019); validation stays clean.
     """
 
-    def __init__(self, codes_dir: str, batch_size: int = 128, num_workers: int = 0, check_stage1: bool = True) -> None:
+    def __init__(self, codes_dir: str, batch_size: int = 128, num_workers: int = 0, check_stage1: bool = True,
+                 perturb: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
+        if not 0.0 <= perturb < 1.0:
+            raise CodesError(f"--data.perturb must be in [0, 1), got {perturb}")
         self.meta = read_meta(codes_dir)
         # verify_stage1_ckpt raises CodesError if the checkpoint was moved or changed since extraction.
         self.stage1_ckpt = verify_stage1_ckpt(self.meta) if check_stage1 else self.meta.stage1_ckpt
@@ -103,6 +108,15 @@ class CodesDataModule(pl.LightningDataModule):
             collate_fn=already_batched,  # __getitems__ returns whole batches
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
+        """--data.perturb: random codes in place of a fraction of the training codes (on the device)."""
+        p = self.hparams.perturb
+        if p <= 0 or self.trainer is None or not self.trainer.training:
+            return batch
+        codes, labels = batch  # (B, H, W), (B,)
+        noise = torch.randint(0, self.codebook_size, codes.shape, device=codes.device)
+        return torch.where(torch.rand(codes.shape, device=codes.device) < p, noise, codes), labels
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -64,3 +64,20 @@ def user_error(main, args: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
+
+
+def write_codes_dir(tmp_path: Path) -> Path:
+    """A small valid codes directory (K 512, 7x7 grids, 10 classes; the stage-1 file is a stand-in)."""
+    from common.codes import CodesMeta, sha256_file
+    from common.codes_writer import CodesWriter
+
+    stage1 = tmp_path / "stand_in_stage1.ckpt"
+    stage1.write_bytes(b"only its hash is recorded")
+    meta = CodesMeta(codebook_size=512, grid_shape=(7, 7), num_classes=10, class_names=[str(i) for i in range(10)],
+                     image_size=28, channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
+    rng = np.random.default_rng(0)
+    with CodesWriter(tmp_path / "codes", meta) as writer:
+        for split, n in (("train", 32), ("val", 8), ("test", 8)):
+            writer.add_split(split, n).write(0, rng.integers(0, 512, (n, 7, 7)), np.arange(n) % 10)
+        writer.commit()
+    return tmp_path / "codes"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import user_error
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -15,7 +16,7 @@ from common.codes import sha256_file
 from common.images import from_uint8, to_uint8
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
-from tools.anomaly import COLUMNS, auroc, generic_code_bits, main, score_images
+from tools.anomaly import COLUMNS, auroc, generic_code_bits, heat_map_grid, main, mean_nll_bits, score_images
 
 SIZE, K = 16, 16
 
@@ -58,12 +59,60 @@ def trained() -> tuple[Prior, VQVAE]:
 
 def test_noise_ranks_above_in_distribution(trained) -> None:
     prior, vqvae = trained
-    scores = score_images(prior, vqvae, torch.cat([squares(48, seed=1), noise(16, seed=2)]), batch_size=20)
+    images = torch.cat([squares(48, seed=1), noise(16, seed=2)])
+    scores, surprise = score_images(prior, vqvae, images, batch_size=20)
     is_ood = np.r_[np.zeros(48), np.ones(16)].astype(bool)
     assert set(scores) == set(COLUMNS[1:]) and all(v.shape == (64,) for v in scores.values())
+    assert surprise.shape == (64, *vqvae.grid_shape) and (surprise >= 0).all()
     np.testing.assert_allclose(scores["combined_score"], scores["nll_bits_per_dim"] - scores["complexity_bits_per_dim"])
-    for key in ("combined_score", "recon_mse"):
+    np.testing.assert_allclose(scores["max_surprise_bits"], surprise.reshape(64, -1).max(1))
+    np.testing.assert_allclose(scores["nll_bits_per_dim"], surprise.reshape(64, -1).sum(1) / SIZE**2, rtol=1e-6)
+    assert np.isnan(scores["likelihood_ratio"]).all() and np.isnan(scores["typicality"]).all()  # not asked for
+    for key in ("combined_score", "recon_mse", "max_surprise_bits"):
         assert auroc(scores[key], is_ood) > 0.9, key
+
+
+def test_likelihood_ratio_and_typicality(trained) -> None:
+    """Against itself as the background the ratio is 0; typicality is |NLL - the training mean| per dim."""
+    prior, vqvae = trained
+    images = torch.cat([squares(8, seed=5), noise(4, seed=6)])
+    mean_bits = mean_nll_bits(prior, vqvae.encode_to_codes(squares(64, seed=0)).numpy())
+    scores, _ = score_images(prior, vqvae, images, background=prior, train_nll_bits=mean_bits)
+    np.testing.assert_allclose(scores["likelihood_ratio"], 0.0, atol=1e-6)
+    expected = np.abs(scores["nll_bits_per_dim"] * SIZE**2 - mean_bits) / SIZE**2
+    np.testing.assert_allclose(scores["typicality"], expected, rtol=1e-5)
+    assert scores["typicality"][8:].min() > scores["typicality"][:8].max()  # noise is far from typical
+
+
+def test_heat_map_grid_marks_the_surprising_code() -> None:
+    images = torch.full((2, 1, SIZE, SIZE), -1.0)
+    surprise = np.zeros((2, 4, 4))
+    surprise[1, 2, 3] = 5.0
+    tiles = heat_map_grid(images, surprise)  # image, overlay, image, overlay
+    assert tiles.shape == (4, 3, SIZE, SIZE)
+    cell = SIZE // 4
+    hot = tiles[3, 0, 2 * cell : 3 * cell, 3 * cell :]
+    assert (hot == 1.0).all() and (tiles[3, 0, :cell, :cell] < 0).all() and (tiles[1, 0] < 0).all()
+
+
+def test_perturbed_codes_for_a_background_prior(tmp_path: Path) -> None:
+    """--data.perturb replaces about that fraction of the training codes by random ones, never at validation."""
+    from types import SimpleNamespace
+
+    from conftest import write_codes_dir
+
+    from stage2_prior.data import CodesDataModule
+
+    dm = CodesDataModule(str(write_codes_dir(tmp_path)), check_stage1=False, perturb=0.3)
+    codes = torch.zeros(64, 7, 7, dtype=torch.long)
+    dm.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    changed = (dm.on_after_batch_transfer((codes, torch.zeros(64)), 0)[0] != 0).float().mean()
+    assert 0.25 < changed < 0.32  # 0.3 replaced, a few by the code they had
+    dm.trainer = SimpleNamespace(training=False)
+    assert torch.equal(dm.on_after_batch_transfer((codes, torch.zeros(64)), 0)[0], codes)
+    with pytest.raises(ValueError, match="perturb must be in"):
+        CodesDataModule(str(tmp_path / "codes"), check_stage1=False, perturb=1.0)
 
 
 def test_generic_code_bits() -> None:
@@ -111,9 +160,16 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     with open(out) as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == COLUMNS and len(rows) == 9
-    assert all(np.isfinite(float(v)) for row in rows[1:] for v in row[1:])
-    assert Image.open(grid).size[0] > 3 * SIZE
+    optional = [COLUMNS.index(k) for k in ("likelihood_ratio", "typicality")]
+    assert all(np.isfinite(float(v)) for row in rows[1:] for i, v in enumerate(row) if i and i not in optional)
+    assert all(row[i] == "" for row in rows[1:] for i in optional)
+    assert Image.open(grid).size[0] > 6 * 2 * SIZE  # 3 images, each beside its heat map, at scale 2
     with pytest.raises(SystemExit) as e:
         main(args)  # exists: refused without --overwrite
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    main([*args, "--overwrite"])
+    main([*args, "--overwrite", "--background", str(tmp_path / "p.ckpt"), "--rank_by", "likelihood_ratio"])
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert all(abs(float(row[COLUMNS.index("likelihood_ratio")])) < 1e-6 for row in rows[1:])  # itself as background
+    err = user_error(main, [*args, "--overwrite", "--rank_by", "typicality"], capsys)
+    assert "--rank_by typicality needs --codes" in err
