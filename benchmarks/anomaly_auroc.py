@@ -34,11 +34,11 @@ from tools.anomaly import SCORES as ALL_SCORES
 SCORES = [k for k in ALL_SCORES if k not in OPTIONAL]  # no background prior or typicality statistics here
 
 
-def fit(model: pl.LightningModule, dataset, batch_size: int, steps: int) -> float:
+def fit(model: pl.LightningModule, dataset, batch_size: int, steps: int, accelerator: str = "cpu") -> float:
     """Train for `steps` steps (no validation, no logger); returns seconds."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=lambda b: b)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0, logger=False,
+        accelerator=accelerator, devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     t0 = time.perf_counter()
