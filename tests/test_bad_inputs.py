@@ -179,6 +179,8 @@ ROWS = [
      r"image folder \S*missing does not exist"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "cifar10", "--data.root", "{missing}", "--out", "f.pt"],
      r"CIFAR-10 not found"),  # fmt: skip
+    ("train_feature_net", ["--data.dataset", "fashion_mnist", "--data.root", "{missing}", "--data.download", "false",
+                           "--out", "f.pt"], r"fashion_mnist train split not found .*looked for \S*missing"),  # fmt: skip
 ]
 
 
