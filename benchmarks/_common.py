@@ -29,6 +29,17 @@ def load_config(path: str, sets: list[str]) -> dict:
     return cfg
 
 
+def load_stage_configs(stage1_config: str, prior_config: str, sets: list[str]) -> tuple[dict, dict]:
+    """Both stages' configs with `stage1.a.b=v` / `prior.a.b=v` overrides applied to the right one."""
+    split: dict[str, list[str]] = {"stage1": [], "prior": []}
+    for item in sets:
+        which, _, rest = item.partition(".")
+        if which not in split:
+            raise SystemExit(f"--set {item!r}: must start with stage1. or prior.")
+        split[which].append(rest)
+    return load_config(stage1_config, split["stage1"]), load_config(prior_config, split["prior"])
+
+
 def machine(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
+from _common import load_stage_configs, machine, peak_ram_mb, report  # also puts the repo root on sys.path
 from torch.utils.data import DataLoader
 
 from common.datamodule import ImageDataModule
@@ -101,13 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="benchmarks/results/anomaly_auroc.json")
     a = ap.parse_args()
-    sets = {"stage1": [], "prior": []}
-    for item in a.set:
-        which, _, rest = item.partition(".")
-        if which not in sets:
-            raise SystemExit(f"--set {item!r}: must start with stage1. or prior.")
-        sets[which].append(rest)
-    cfg1, cfg2 = load_config(a.stage1_config, sets["stage1"]), load_config(a.prior_config, sets["prior"])
+    cfg1, cfg2 = load_stage_configs(a.stage1_config, a.prior_config, a.set)
     cfg2.get("model", {}).pop("label_dropout", None)  # unconditional: the held-out class has no label
     data = ImageDataModule(dataset="fashion_mnist")
     classes = [int(c) for c in a.classes.split(",")]

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
+from _common import load_stage_configs, machine, peak_ram_mb, report  # also puts the repo root on sys.path
 from anomaly_auroc import fit
 
 from common.datamodule import ImageDataModule
@@ -102,13 +102,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="benchmarks/results/anomaly_one_class_cpu.json")
     a = ap.parse_args()
-    sets = {"stage1": [], "prior": []}
-    for item in a.set:
-        which, _, rest = item.partition(".")
-        if which not in sets:
-            raise SystemExit(f"--set {item!r}: must start with stage1. or prior.")
-        sets[which].append(rest)
-    cfg1, cfg2 = load_config(a.stage1_config, sets["stage1"]), load_config(a.prior_config, sets["prior"])
+    cfg1, cfg2 = load_stage_configs(a.stage1_config, a.prior_config, a.set)
     data = ImageDataModule(dataset="fashion_mnist", val_size=0)  # the whole official train split: 6,000 a class
     t0 = time.perf_counter()
     rows = [one_class_run(int(c), data, cfg1, cfg2, a) for c in a.classes.split(",")]
