@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common.optim import adamw_warmup_cosine
-from stage2_prior.build import build_network
+from stage2_prior.build import OVERRIDES, build_network
 from stage2_prior.sampling import sample_codes
 
 
@@ -60,7 +60,7 @@ class Prior(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        overrides = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, channels=channels, dropout=dropout)
+        overrides = {k: self.hparams[k] for k in OVERRIDES}  # the same names load_prior reads back
         self.net = build_network(kind, size, codebook_size, grid_shape, num_classes, overrides)
         self.codebook_size = codebook_size
         self.grid_shape = tuple(grid_shape)
