@@ -180,7 +180,7 @@ ROWS = [
     ("train_feature_net", ["--data.dataset", "cifar10", "--data.root", "{missing}", "--out", "f.pt"],
      r"CIFAR-10 not found"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "fashion_mnist", "--data.root", "{missing}", "--data.download", "false",
-                           "--out", "f.pt"], r"fashion_mnist train split not found .*looked for \S*missing"),  # fmt: skip
+                           "--out", "f.pt"], r"fashion_mnist train split not found .*looked for \S*missing"),
 ]
 
 

@@ -133,3 +133,12 @@ def test_a_moved_stage1_is_accepted_and_another_one_refused(pipeline, shapes_fol
                                    str(other / "latest/checkpoints/last.ckpt"), "--out", str(tmp_path / "b.png")],
                      capsys)  # fmt: skip
     assert "does not fit the prior: stage1_sha256" in err and "whose codes the prior was trained on" in err
+
+
+def test_wandb_logs_the_grid_offline_beside_the_outputs(pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out" / "w.png"
+    sample_main(["--prior", str(pipeline["prior"]), "--n", "2", "--out", str(out), "--wandb"])
+    runs = list((out.parent / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].rglob("*.wandb"))
+    assert not (tmp_path / "wandb").exists()  # nothing in the working directory

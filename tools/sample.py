@@ -180,15 +180,16 @@ def _run(args: list[str] | None) -> str:
         np.savez(f, codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).cpu().numpy(),
                  labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)))  # fmt: skip
     if a.wandb:
-        _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a)
+        _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
     return f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
 
 
-def _log_wandb(grid: np.ndarray, a: argparse.Namespace) -> None:
-    import wandb
+def _log_wandb(grid: np.ndarray, a: argparse.Namespace, folder: Path) -> None:
+    """Log the grid to a W&B run whose files go beside the outputs (offline unless logged in)."""
+    import wandb  # only for --wandb: it costs seconds to import
 
     wandb_offline_unless_logged_in()
-    run = wandb.init(project="vqgen", job_type="sample", config=vars(a))
+    run = wandb.init(project="vqgen", job_type="sample", config=vars(a), dir=str(folder))
     run.log({"samples": wandb.Image(grid)})
     run.finish()
 
