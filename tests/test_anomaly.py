@@ -167,9 +167,9 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(args)  # exists: refused without --overwrite
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    main([*args, "--overwrite", "--background", str(tmp_path / "p.ckpt"), "--rank_by", "likelihood_ratio"])
+    main([*args, "--overwrite", "--background", str(tmp_path / "p.ckpt"), "--method", "likelihood_ratio"])
     with open(out) as f:
         rows = list(csv.reader(f))
     assert all(abs(float(row[COLUMNS.index("likelihood_ratio")])) < 1e-6 for row in rows[1:])  # itself as background
-    err = user_error(main, [*args, "--overwrite", "--rank_by", "typicality"], capsys)
-    assert "--rank_by typicality needs --codes" in err
+    err = user_error(main, [*args, "--overwrite", "--rank_by", "typicality"], capsys)  # the old name still works
+    assert "--method typicality needs --codes" in err

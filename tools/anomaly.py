@@ -20,7 +20,8 @@ CSV columns, one row per image; for every score, higher means more anomalous:
 * ``typicality`` (with ``--codes DIR``, the codes the prior was trained on): |NLL - the mean NLL of its
   training code maps| per dimension (Nalisnick et al. 2019): unusually *likely* inputs are flagged too.
 
-``--grid`` shows the most anomalous images (by ``--rank_by``) beside a heat map of each code's surprise.
+``--grid`` shows the most anomalous images (by ``--method``: by default ``combined_score``, the best in
+both benchmarks) beside a heat map of each code's surprise.
 
 Why a complexity correction. A likelihood model gives simple inputs high likelihood whatever they show:
 a mostly blank image from an unseen class can be *more* likely than a typical training image, so raw NLL
@@ -177,7 +178,8 @@ def build_parser():
     p.add_argument("--out", type=str, required=True, help="CSV file to write")
     p.add_argument("--grid", type=str, default=None, help="also write a PNG grid of the most anomalous images")
     p.add_argument("--top", type=int, default=16, help="images in --grid")
-    p.add_argument("--rank_by", type=str, default="combined_score", choices=SCORES, help="score that orders --grid")
+    p.add_argument("--method", "--rank_by", dest="method", type=str, default="combined_score", choices=SCORES,
+                   help="the score that ranks the images (printed, orders --grid); default: the best measured")
     p.add_argument("--background", type=str, default=None,
                    help="a prior trained on perturbed codes (train_stage2 --data.perturb 0.2): likelihood_ratio")
     p.add_argument("--codes", type=str, default=None, help="the prior's codes directory: typicality")
@@ -196,9 +198,9 @@ def _run(args: list[str] | None) -> str:
         raise UserError(f"--grid {grid}: name an image file ({', '.join(GRID_FORMATS)})")
     if grid is not None and grid.resolve() == out.resolve():
         raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
-    needs = OPTIONAL.get(a.rank_by)
+    needs = OPTIONAL.get(a.method)
     if needs and getattr(a, needs[2:]) is None:
-        raise UserError(f"--rank_by {a.rank_by} needs {needs}")
+        raise UserError(f"--method {a.method} needs {needs}")
     files = image_files(a.images)
     m = load_models(a.prior, a.vqvae, resolve_device(a.device))
     background = train_nll = None
@@ -214,13 +216,13 @@ def _run(args: list[str] | None) -> str:
     images = load_images(files, m.image_size, m.channels)
     scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll)
     write_atomic(out, csv_text([str(f) for f in files], scores).encode())
-    order = np.argsort(-scores[a.rank_by], kind="stable")
+    order = np.argsort(-scores[a.method], kind="stable")
     if grid:
         top = order[: a.top].copy()
         tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top])
         save_grid(tiles, grid, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
-    head = ", ".join(f"{files[i].name} ({scores[a.rank_by][i]:.4g})" for i in order[:3])
-    return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {a.rank_by}: {head}"
+    head = ", ".join(f"{files[i].name} ({scores[a.method][i]:.4g})" for i in order[:3])
+    return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {a.method}: {head}"
 
 
 def main(args: list[str] | None = None) -> None:
