@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from _common import machine, report  # also puts the repo root on sys.path
 
-from common.codes import check_matches, load_split, read_meta
 from common.images import from_uint8
 from common.splits import ImageSplits
-from tools.anomaly import SCORES, auroc, mean_nll_bits, score_images
-from tools.load import load_models, load_prior, prior_facts
+from tools.anomaly import SCORES, auroc, references, score_images
+from tools.load import load_models
 
 
 def ood_sets(test: torch.Tensor, n: int, seed: int, emoji_root: str | None) -> dict[str, torch.Tensor]:
@@ -65,15 +63,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     m = load_models(a.prior, a.vqvae, "cpu")
-    background = None
-    if a.background:
-        background, hp = load_prior(a.background, "--background")
-        check_matches(prior_facts(background, hp.get("codes_meta")), prior_facts(m.prior, m.codes_meta),
-                      "--background", "train it on the same codes")  # fmt: skip
-    typical = None
-    if a.codes:
-        check_matches(prior_facts(m.prior, m.codes_meta), asdict(read_meta(a.codes)), "--codes", "pass the prior's")
-        typical = mean_nll_bits(m.prior, load_split(a.codes, "train")[0][:5000])
+    background, typical = references(m, a.background, a.codes)
     test = ImageSplits("fashion_mnist").split_arrays("test")[0][: a.limit]
     inlier, _ = score_images(m.prior, m.vqvae, from_uint8(test), 500, background, typical)
     result = {"prior": a.prior, "background": a.background, "codes": a.codes, "images_per_set": len(test)}

@@ -56,7 +56,7 @@ from common.images import GRID_FORMATS, image_files, load_images, save_grid
 from common.io import check_output, write_atomic
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
-from tools.load import load_models, load_prior, prior_facts
+from tools.load import Models, load_models, load_prior, prior_facts
 
 COLUMNS = ("path", "nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score",
            "max_surprise_bits", "likelihood_ratio", "typicality")  # fmt: skip
@@ -136,6 +136,22 @@ def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor, batch_s
     return scores, np.concatenate(maps) if maps else np.zeros((0, *prior.grid_shape))
 
 
+def references(m: Models, background_path: str | None, codes_dir: str | None) -> tuple[CodePrior | None, float | None]:
+    """(the background prior, the mean training NLL in bits) that likelihood_ratio and typicality need, each
+    checked to belong to the prior in `m`; None where not asked for."""
+    background = train_nll = None
+    if background_path:
+        background, hparams = load_prior(background_path, "--background")
+        background.to(m.device)
+        check_matches(prior_facts(background, hparams.get("codes_meta")), prior_facts(m.prior, m.codes_meta),
+                      f"--background {background_path}", "train it on the same codes (train_stage2 ... --data.perturb)")
+    if codes_dir:
+        check_matches(prior_facts(m.prior, m.codes_meta), asdict(read_meta(codes_dir)), f"--codes {codes_dir}",
+                      "pass the codes directory the prior was trained on")  # fmt: skip
+        train_nll = mean_nll_bits(m.prior, load_split(codes_dir, "train")[0][:5000])
+    return background, train_nll
+
+
 def heat_map_grid(images: torch.Tensor, surprise: np.ndarray) -> torch.Tensor:
     """Images (n, C, S, S) in [-1, 1] and their per-code surprise (n, h, w) -> (2n, 3, S, S): each image
     followed by itself in grey with the surprise in red (scaled to the largest value shown)."""
@@ -203,16 +219,7 @@ def _run(args: list[str] | None) -> str:
         raise UserError(f"--method {a.method} needs {needs}")
     files = image_files(a.images)
     m = load_models(a.prior, a.vqvae, resolve_device(a.device))
-    background = train_nll = None
-    if a.background:
-        background, hparams = load_prior(a.background, "--background")
-        background.to(m.device)
-        check_matches(prior_facts(background, hparams.get("codes_meta")), prior_facts(m.prior, m.codes_meta),
-                      f"--background {a.background}", "train it on the same codes (train_stage2 ... --data.perturb)")
-    if a.codes:
-        check_matches(prior_facts(m.prior, m.codes_meta), asdict(read_meta(a.codes)), f"--codes {a.codes}",
-                      "pass the codes directory the prior was trained on")  # fmt: skip
-        train_nll = mean_nll_bits(m.prior, load_split(a.codes, "train")[0][:5000])
+    background, train_nll = references(m, a.background, a.codes)
     images = load_images(files, m.image_size, m.channels)
     scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll)
     write_atomic(out, csv_text([str(f) for f in files], scores).encode())
