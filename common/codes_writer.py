@@ -25,7 +25,7 @@ from common.codes import (
     CodesMeta,
     read_meta,
 )  # fmt: skip
-from common.io import OutputError, check_writable_dir
+from common.io import OutputError, check_writable_dir, write_atomic
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -168,10 +168,7 @@ class CodesWriter:
             for name, tmp in writer.temp.items():
                 os.replace(tmp, writer.final[name])
         self.meta.counts = {split: w.n for split, w in self.splits.items()}
-        tmp = _temp_path(meta_path)
-        tmp.write_text(self.meta.to_json())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, self.meta.to_json().encode())
         self.committed = True
         return self.meta
 

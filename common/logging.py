@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import os
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from common.cli import wandb_offline_unless_logged_in
+from common.io import write_atomic
 
 BACKENDS = ("wandb", "csv", "tensorboard", "none")
 
@@ -65,10 +66,9 @@ class _AppendingWriter(ExperimentWriter):
         # Lightning logs the metrics of optimizer step s (1-based) as step s - 1, also a validation after it.
         kept = [r for r in rows if not (len(r) > col and r[col].isdigit() and int(r[col]) >= self.resume_step)]
         if len(kept) < len(rows):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([self.metrics_keys, *kept])
-            os.replace(tmp, path)  # a kill now leaves the old file or the new one, never half of one
+            text = io.StringIO(newline="")
+            csv.writer(text).writerows([self.metrics_keys, *kept])
+            write_atomic(path, text.getvalue().encode())  # a kill leaves the old file or the new one
 
 
 class ResumedCSVLogger(CSVLogger):

@@ -15,9 +15,7 @@ test_accuracy, steps.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
+from common.io import atomic_file
 from common.optim import adamw_warmup_cosine
 
 FORMAT = "vqgen-feature-net"
@@ -131,20 +130,12 @@ def save_feature_net(net: FeatureNet, path: str | Path, **info: Any) -> Path:
     """Write the net, its architecture and `info` (dataset, data, image_size, channels, class_names,
     test_accuracy, steps) to `path`, atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arch = {"channels": net.body[0].in_channels, "num_classes": net.head[-1].out_features,
             "width": net.body[0].out_channels, "feature_dim": net.head[-1].in_features}  # fmt: skip
     record = {"format": FORMAT, "version": VERSION, "arch": arch,
               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **info}  # fmt: skip
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(record, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as f:
+        torch.save(record, f)
     return path
 
 
