@@ -2,9 +2,15 @@
 
 A codes directory holds::
 
-    meta.json              CodesMeta: format version, codebook size, grid shape, classes, stage-1 ckpt + hash
-    <split>/codes.npy      uint16 (N, H, W), read with memory mapping
+    meta.json              CodesMeta: format version, levels, codebook size, grid shape, classes, stage-1 ckpt + hash
+    <split>/codes.npy      uint16 (N, H, W), read with memory mapping  (one level)
+    <split>/codes_<level>.npy   uint16 (N, h, w) per level            (several levels: VQ-VAE-2)
     <split>/labels.npy     int64 (N,), -1 where unlabelled
+
+Version 2 lists the levels in meta.json (name, grid shape, codebook size), top (coarsest) first; version-1
+directories (one level, no list) are still read. Readers get every level as one flat sequence per image,
+top level first, like the stage-1 model's ``encode_to_codes``: (N, *grid_shape), where ``grid_shape`` is
+the level's (h, w) for one level and (1, T), T = sum of h * w, for several (`split_levels` cuts it back).
 
 `common.codes_writer.CodesWriter` writes every array to a temporary file beside its final name and moves
 them into place, meta.json last: a directory with a meta.json is complete. `read_meta`, `load_split`, `check_stage1`
@@ -25,7 +31,8 @@ import numpy as np
 
 from common.cli import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 CODES_FILE = "codes.npy"
 LABELS_FILE = "labels.npy"
@@ -58,9 +65,28 @@ class CodesMeta:
     stage1_sha256: str
     counts: dict[str, int] = field(default_factory=dict)
     dataset: str = ""  # informational
+    levels: list[dict] = field(default_factory=list)  # top first: {name, grid_shape, codebook_size}
 
     def __post_init__(self) -> None:
         self.grid_shape = tuple(int(s) for s in self.grid_shape)  # JSON has lists
+        if not self.levels:  # version 1, or a one-level writer that did not say
+            self.levels = [{"name": "codes", "grid_shape": self.grid_shape, "codebook_size": self.codebook_size}]
+        self.levels = [{"name": str(lv["name"]), "grid_shape": tuple(int(s) for s in lv["grid_shape"]),
+                        "codebook_size": int(lv["codebook_size"])} for lv in self.levels]  # fmt: skip
+        names = [lv["name"] for lv in self.levels]
+        if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+            raise ValueError(f"level names must be distinct identifiers, got {names}")
+        if any(len(lv["grid_shape"]) != 2 for lv in self.levels):
+            raise ValueError("every level's grid_shape must have 2 entries")
+        flat = sequence_shape(self.levels)
+        if self.grid_shape != flat or self.codebook_size != max(lv["codebook_size"] for lv in self.levels):
+            raise ValueError(f"grid_shape {self.grid_shape} and codebook_size {self.codebook_size} do not match the "
+                             f"levels {self.levels} (expected {flat} and the largest codebook)")  # fmt: skip
+
+    @property
+    def level_files(self) -> list[str]:
+        """The codes file of each level, top first: codes.npy for one level, codes_<name>.npy for several."""
+        return [CODES_FILE] if len(self.levels) == 1 else [f"codes_{lv['name']}.npy" for lv in self.levels]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -77,22 +103,45 @@ class CodesMeta:
             raise CodesError(f"{source}: expected a JSON object, got {type(raw).__name__}; {_rerun(codes_dir)}")
         version = raw.get("format_version")
         ckpt = raw.get("stage1_ckpt") if isinstance(raw.get("stage1_ckpt"), str) else None
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise CodesError(
-                f"{source}: codes format version {version!r}, but this code reads version {FORMAT_VERSION}; "
-                f"{_rerun(codes_dir, ckpt)}"
+                f"{source}: codes format version {version!r}, but this code reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}; {_rerun(codes_dir, ckpt)}"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names if n not in raw and n not in ("counts", "dataset"))
+        missing = sorted(n for n in names if n not in raw and n not in ("counts", "dataset", "levels"))
         if missing:
             raise CodesError(f"{source}: missing {', '.join(missing)}; {_rerun(codes_dir, ckpt)}")
         try:
+            if len(raw["grid_shape"]) != 2:
+                raise ValueError(f"grid_shape must have 2 entries, got {raw['grid_shape']}")
+            if version == 1:
+                raw.pop("levels", None)
             meta = cls(**{k: v for k, v in raw.items() if k in names})
-            if len(meta.grid_shape) != 2:
-                raise ValueError(f"grid_shape must have 2 entries, got {meta.grid_shape}")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise CodesError(f"{source}: malformed ({e}); {_rerun(codes_dir, ckpt)}") from e
         return meta
+
+
+def sequence_shape(levels: list[dict]) -> tuple[int, int]:
+    """The shape of one image's codes as the pipeline sees them: the level's grid for one level, else
+    (1, T), T = sum of h * w (the levels flattened one after the other, top first)."""
+    if len(levels) == 1:
+        return tuple(int(s) for s in levels[0]["grid_shape"])
+    return (1, sum(int(lv["grid_shape"][0]) * int(lv["grid_shape"][1]) for lv in levels))
+
+
+def split_levels(codes: Any, levels: list[dict]) -> list[Any]:
+    """codes (N, *sequence_shape(levels)) -> one (N, h, w) array per level, top first (numpy or torch)."""
+    if len(levels) == 1:
+        return [codes]
+    n, out, start = codes.shape[0], [], 0
+    flat = codes.reshape(n, sequence_shape(levels)[1])
+    for lv in levels:
+        h, w = lv["grid_shape"]
+        out.append(flat[:, start : start + h * w].reshape(n, h, w))
+        start += h * w
+    return out
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -135,7 +184,8 @@ def _load_array(path: Path, mmap: bool, rerun: str) -> np.ndarray:
 
 
 def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(codes uint16 (N, H, W) memory-mapped read-only, labels int64 (N,)) of one split, all checked."""
+    """(codes uint16 (N, *grid_shape), labels int64 (N,)) of one split, all checked. One level is memory-mapped
+    read-only; several are read and joined into one flat sequence per image, top level first."""
     codes_dir = Path(codes_dir)
     meta = read_meta(codes_dir)
     rerun = _rerun(codes_dir, meta.stage1_ckpt)
@@ -146,23 +196,29 @@ def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
             f"with {split} among the splits"
         )
     n = meta.counts[split]
-    codes_path, labels_path = codes_dir / split / CODES_FILE, codes_dir / split / LABELS_FILE
-    codes = _load_array(codes_path, mmap=n > 0, rerun=rerun)
+    labels_path = codes_dir / split / LABELS_FILE
+    levels = []
+    for level, name in zip(meta.levels, meta.level_files):
+        codes_path, k = codes_dir / split / name, level["codebook_size"]
+        codes = _load_array(codes_path, mmap=n > 0, rerun=rerun)
+        expected = (n, *level["grid_shape"])
+        if codes.dtype != CODES_DTYPE:
+            raise CodesError(f"{codes_path}: dtype {codes.dtype}, expected {CODES_DTYPE}; {rerun}")
+        if codes.shape != expected:
+            raise CodesError(
+                f"{codes_path}: shape {codes.shape}, but meta.json says {n} images of grid {level['grid_shape']} "
+                f"{expected}; {rerun}"
+            )
+        if n and int(codes.max()) >= k:
+            raise CodesError(f"{codes_path}: code {int(codes.max())} out of range for codebook_size {k}; {rerun}")
+        levels.append(codes)
     labels = _load_array(labels_path, mmap=False, rerun=rerun)
-    expected = (n, *meta.grid_shape)
-    if codes.dtype != CODES_DTYPE:
-        raise CodesError(f"{codes_path}: dtype {codes.dtype}, expected {CODES_DTYPE}; {rerun}")
-    if codes.shape != expected:
-        raise CodesError(
-            f"{codes_path}: shape {codes.shape}, but meta.json says {n} images of grid {meta.grid_shape} "
-            f"{expected}; {rerun}"
-        )
     if labels.dtype != LABELS_DTYPE or labels.shape != (n,):
         raise CodesError(f"{labels_path}: {labels.dtype} {labels.shape}, expected {LABELS_DTYPE} ({n},); {rerun}")
-    if n and int(codes.max()) >= meta.codebook_size:
-        raise CodesError(
-            f"{codes_path}: code {int(codes.max())} out of range for codebook_size {meta.codebook_size}; {rerun}"
-        )
+    # several levels: one flat sequence per image, top first (a copy: the levels live in separate files)
+    if len(levels) > 1:
+        levels = [np.concatenate([c.reshape(n, c.shape[1] * c.shape[2]) for c in levels], 1)[:, None]]
+    codes = levels[0]
     if n and (labels.min() < -1 or labels.max() >= max(meta.num_classes, 0)):
         raise CodesError(
             f"{labels_path}: labels in [{labels.min()}, {labels.max()}], expected -1 (unlabelled) or "

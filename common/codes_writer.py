@@ -24,6 +24,7 @@ from common.codes import (
     CodesError,
     CodesMeta,
     read_meta,
+    split_levels,
 )  # fmt: skip
 from common.io import OutputError, check_writable_dir, write_atomic
 
@@ -41,13 +42,18 @@ def _temp_path(final: Path) -> Path:
 
 
 class SplitWriter:
-    """Fills one split's arrays (temporary memory-mapped files) batch by batch; see `CodesWriter`."""
+    """Fills one split's arrays (temporary memory-mapped files) batch by batch; see `CodesWriter`.
+
+    Codes arrive as the pipeline sees them, (B, *grid_shape) (all levels in one flat sequence); with several
+    levels the finished array is cut into one file per level before anything is moved into place."""
 
     def __init__(self, folder: Path, split: str, n: int, meta: CodesMeta) -> None:
         self.split, self.n, self.meta = split, n, meta
         folder.mkdir(parents=True, exist_ok=True)
-        self.final = {CODES_FILE: folder / CODES_FILE, LABELS_FILE: folder / LABELS_FILE}
+        self.final = {name: folder / name for name in [*meta.level_files, LABELS_FILE]}
         self.temp = {name: _temp_path(path) for name, path in self.final.items()}
+        if len(meta.levels) > 1:  # the flat sequences, cut into the level files by _finish
+            self.temp[CODES_FILE] = _temp_path(folder / CODES_FILE)
         if n > 0:
             shape = (n, *meta.grid_shape)
             self.codes = np.lib.format.open_memmap(self.temp[CODES_FILE], "w+", CODES_DTYPE, shape)
@@ -88,11 +94,17 @@ class SplitWriter:
         if self.n > 0:
             self.codes.flush()
             self.labels.flush()
-            del self.codes, self.labels  # close the memory maps before renaming
+            del self.labels  # close the memory map before renaming
         else:
-            for name, array in ((CODES_FILE, self.codes), (LABELS_FILE, self.labels)):
-                with open(self.temp[name], "wb") as f:  # a file object: np.save(path) would append .npy
-                    np.save(f, array)
+            with open(self.temp[LABELS_FILE], "wb") as f:  # a file object: np.save(path) would append .npy
+                np.save(f, self.labels)
+        if len(self.meta.levels) > 1 or self.n == 0:
+            for name, level in zip(self.meta.level_files, split_levels(self.codes, self.meta.levels)):
+                with open(self.temp[name], "wb") as f:
+                    np.save(f, np.ascontiguousarray(level))
+        del self.codes
+        if len(self.meta.levels) > 1:
+            self.temp.pop(CODES_FILE).unlink()
         for path in self.temp.values():
             os.chmod(path, 0o644)  # mkstemp makes 0600 files
 
@@ -153,20 +165,24 @@ class CodesWriter:
             writer._finish()
         meta_path = self.out_dir / META_FILE
         old_counts: dict[str, int] = {}
+        old_files: list[str] = [CODES_FILE]
         if meta_path.exists():  # overwrite: invalidate the old directory before touching its arrays
             try:
-                old_counts = read_meta(self.out_dir).counts
+                old = read_meta(self.out_dir)
+                old_counts, old_files = old.counts, old.level_files
             except CodesError:
                 pass
             meta_path.unlink()
         # Stale splits the new meta won't list: only our own split names, whatever an old meta.json says
         # (a crafted "../victim" must not reach outside out_dir).
         for split in (set(old_counts) & set(SPLIT_NAMES)) - self.splits.keys():
-            for name in (CODES_FILE, LABELS_FILE):
+            for name in (*old_files, LABELS_FILE):
                 (self.out_dir / split / name).unlink(missing_ok=True)
         for writer in self.splits.values():
             for name, tmp in writer.temp.items():
                 os.replace(tmp, writer.final[name])
+            for name in set(old_files) - set(writer.final):  # e.g. one level's codes.npy, now two levels
+                (writer.final[LABELS_FILE].parent / name).unlink(missing_ok=True)
         self.meta.counts = {split: w.n for split, w in self.splits.items()}
         write_atomic(meta_path, self.meta.to_json().encode())
         self.committed = True

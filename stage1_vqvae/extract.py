@@ -181,6 +181,7 @@ def extract_codes(
     meta = CodesMeta(
         codebook_size=model.codebook_size,
         grid_shape=model.grid_shape,
+        levels=model.levels,
         num_classes=datamodule.num_classes,
         class_names=datamodule.class_names,
         image_size=model.image_size,
@@ -268,7 +269,9 @@ def _run(args: list[str] | None) -> str | None:
     if meta is None:  # not rank 0
         return None
     counts = ", ".join(f"{s} {n}" for s, n in meta.counts.items())
-    return f"codes ({counts}; grid {meta.grid_shape}, K={meta.codebook_size}) written to {cfg.out}"
+    levels = ", ".join(f"{lv['name']} {lv['grid_shape'][0]}x{lv['grid_shape'][1]} K={lv['codebook_size']}"
+                       for lv in meta.levels)  # fmt: skip
+    return f"codes ({counts}; {levels}) written to {cfg.out}"
 
 
 def main(args: list[str] | None = None) -> None:

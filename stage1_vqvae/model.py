@@ -15,13 +15,55 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError, constructor_args, read_checkpoint
+from common.codes import sequence_shape, split_levels
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 
+DEFAULT_LEVEL = "codes"  # the name of the only level of a one-level model (and of version-1 codes)
+
+
+def level_specs(levels: list[dict] | None, downsample: int, codebook_size: int,
+                fsq_levels: list[int] | None) -> list[dict]:  # fmt: skip
+    """The levels, bottom (finest) first, each {name, downsample, codebook_size, fsq_levels}, checked.
+
+    ``levels=None`` is one level from the flat arguments (every one-level config and checkpoint)."""
+    if not levels:
+        return [{"name": DEFAULT_LEVEL, "downsample": downsample, "codebook_size": codebook_size,
+                 "fsq_levels": fsq_levels}]  # fmt: skip
+    specs, known = [], {"name", "downsample", "codebook_size", "fsq_levels"}
+    for i, raw in enumerate(levels):
+        if not isinstance(raw, dict) or "downsample" not in raw or set(raw) - known:
+            raise ValueError(f"model.levels[{i}] must be a mapping with downsample (and name, codebook_size, "
+                             f"fsq_levels), got {raw!r}")  # fmt: skip
+        spec = {"name": str(raw.get("name", f"level{i}")), "downsample": int(raw["downsample"]),
+                "codebook_size": int(raw.get("codebook_size", codebook_size)),
+                "fsq_levels": raw.get("fsq_levels", fsq_levels)}  # fmt: skip
+        if not spec["name"].isidentifier():
+            raise ValueError(f"model.levels[{i}].name must be a plain identifier, got {spec['name']!r}")
+        specs.append(spec)
+    specs.sort(key=lambda s: s["downsample"])
+    names = [s["name"] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model.levels: names must differ, got {names}")
+    for below, above in zip(specs, specs[1:]):
+        ratio = above["downsample"] // below["downsample"]
+        if above["downsample"] != ratio * below["downsample"] or ratio < 2:
+            raise ValueError(f"model.levels: each level's downsample must be 2, 4, 8 or 16 times the one below, "
+                             f"got {below['downsample']} then {above['downsample']}")  # fmt: skip
+    return specs
+
 
 class VQModel(nn.Module):
-    """VQ-VAE network with a VQ (EMA or loss-learned codebook) or FSQ bottleneck; arguments as
-    :class:`stage1_vqvae.vqvae.VQVAE` documents them."""
+    """VQ-VAE network with a VQ (EMA or loss-learned codebook) or FSQ bottleneck, on one level or on a
+    hierarchy of levels (VQ-VAE-2); arguments as :class:`stage1_vqvae.vqvae.VQVAE` documents them.
+
+    With levels, each level above the bottom encodes the features of the level below further (``level_encoders``),
+    has its own quantizer, and is upsampled back to the bottom grid (``level_upsamplers``); the decoder reads
+    the bottom's quantized features concatenated with the upsampled ones. The codes the rest of the pipeline
+    sees are then one flat sequence per image, top level first: ``grid_shape == (1, T)`` with T the sum of
+    the levels' h * w (``levels`` lists them; :func:`common.codes.split_levels` cuts a sequence back). One
+    level is the same code path with one entry, its codes (B, h, w), state-dict keys as before levels existed.
+    """
 
     def __init__(
         self,
@@ -42,56 +84,100 @@ class VQModel(nn.Module):
         lookup_dim: int | None = None,
         l2_normalize: bool = False,
         fsq_levels: list[int] | None = None,
+        levels: list[dict] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels, self.image_size = int(in_channels), int(image_size)
-        self.encoder = Encoder(in_channels, width, res_blocks, res_width, downsample, code_dim)
-        self.decoder = Decoder(in_channels, width, res_blocks, res_width, downsample, code_dim, image_size)
-        if quantizer == "vq":
-            self.quantizer = VectorQuantizer(
-                codebook_size, code_dim, beta, ema, decay, 1e-5, kmeans_init, restart_threshold, lookup_dim,
-                l2_normalize,
-            )  # fmt: skip
-        elif quantizer == "fsq":
-            self.quantizer = FSQ(fsq_levels or [8, 5, 5, 5], code_dim)
-        else:
+        specs = level_specs(levels, downsample, codebook_size, fsq_levels)  # bottom first
+
+        def make_quantizer(spec: dict) -> nn.Module:
+            if quantizer == "vq":
+                return VectorQuantizer(spec["codebook_size"], code_dim, beta, ema, decay, 1e-5, kmeans_init,
+                                       restart_threshold, lookup_dim, l2_normalize)  # fmt: skip
+            if quantizer == "fsq":
+                return FSQ(spec["fsq_levels"] or [8, 5, 5, 5], code_dim)
             raise ValueError(f"model.quantizer must be 'vq' or 'fsq', got {quantizer!r}")
-        self.codebook_size = self.quantizer.codebook_size
-        side = latent_size(image_size, downsample)
-        self.grid_shape = (side, side)
+
+        f0 = specs[0]["downsample"]
+        self.encoder = Encoder(in_channels, width, res_blocks, res_width, f0, code_dim)
+        self.quantizer = make_quantizer(specs[0])
+        self.decoder = Decoder(in_channels, width, res_blocks, res_width, f0, code_dim * len(specs), image_size)
+        bottom_side = latent_size(image_size, f0)
+        self.level_encoders = nn.ModuleList(
+            Encoder(code_dim, width, res_blocks, res_width, above["downsample"] // below["downsample"], code_dim)
+            for below, above in zip(specs, specs[1:])
+        )  # fmt: skip
+        self.level_quantizers = nn.ModuleList(make_quantizer(s) for s in specs[1:])
+        self.level_upsamplers = nn.ModuleList(
+            Decoder(code_dim, width, res_blocks, res_width, s["downsample"] // f0, code_dim, bottom_side)
+            for s in specs[1:]
+        )  # fmt: skip
+        quantizers = [self.quantizer, *self.level_quantizers]
+        # The public order, as codes, meta.json and priors see the levels: top (coarsest) first.
+        self.levels = [
+            {"name": s["name"], "grid_shape": (latent_size(image_size, s["downsample"]),) * 2,
+             "codebook_size": q.codebook_size}
+            for s, q in zip(specs, quantizers)
+        ][::-1]  # fmt: skip
+        self.codebook_size = max(level["codebook_size"] for level in self.levels)
+        self.grid_shape = sequence_shape(self.levels)
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
-        z = self.encoder(images)  # (B, code_dim, h, w)
-        q = self.quantizer(z)
-        recon = self.decoder(q.quantized)  # (B, C, H, W)
-        return recon, q
+    def _quantizers_top_first(self) -> list[nn.Module]:
+        return [*self.level_quantizers][::-1] + [self.quantizer]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Quantized]]:
+        """images -> (reconstructions (B, C, H, W), one Quantized per level, top first)."""
+        zs = [self.encoder(images)]  # (B, code_dim, h0, w0)
+        for enc in self.level_encoders:
+            zs.append(enc(zs[-1]))  # (B, code_dim, h_i, w_i), coarser each time
+        qs = [q(z) for q, z in zip([self.quantizer, *self.level_quantizers], zs)]
+        recon = self._decode([q.quantized for q in qs])  # (B, C, H, W)
+        return recon, qs[::-1]
+
+    def _decode(self, quantized: list[torch.Tensor]) -> torch.Tensor:
+        """Quantized features bottom first -> images; upper levels are upsampled to the bottom grid."""
+        parts = [quantized[0]] + [up(q) for up, q in zip(self.level_upsamplers, quantized[1:])]
+        return self.decoder(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
 
     @torch.no_grad()
     def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) in [-1, 1] -> codes (B, h, w) long. Deterministic (eval mode)."""
+        """images (B, C, H, W) in [-1, 1] -> codes (B, *grid_shape) long. Deterministic (eval mode)."""
         was_training = self.training
         self.eval()
-        codes = self.quantizer(self.encoder(images)).codes
+        codes = [q.codes for q in self(images)[1]]  # top first, (B, h_i, w_i) each
         self.train(was_training)
-        return codes
+        return codes[0] if len(codes) == 1 else torch.cat([c.flatten(1) for c in codes], 1).unsqueeze(1)
+
+    def split_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """codes (B, *grid_shape) -> one (B, h_i, w_i) tensor per level, top first."""
+        return split_levels(codes, self.levels)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, C, H, W) in [-1, 1]."""
-        if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
-        return self.decoder(self.quantizer.lookup(codes.long())).clamp(-1, 1)
+        """codes (B, *grid_shape) -> images (B, C, H, W) in [-1, 1]."""
+        if codes.shape[1:] != self.grid_shape:
+            raise ValueError(f"codes must have shape (B, *{self.grid_shape}), got {tuple(codes.shape)}")
+        quantized = []
+        for level, q, c in zip(self.levels, self._quantizers_top_first(), self.split_codes(codes)):
+            k = level["codebook_size"]
+            if c.numel() and (c.min() < 0 or c.max() >= k):
+                raise ValueError(f"codes of level {level['name']} must lie in [0, {k}), got [{c.min()}, {c.max()}]")
+            quantized.append(q.lookup(c.long()))
+        return self._decode(quantized[::-1]).clamp(-1, 1)
 
-    def dead_codes(self) -> int:
-        """Codes whose EMA usage is under the restart threshold (VQ) — 0 for FSQ, which has no codebook."""
-        if isinstance(self.quantizer, VectorQuantizer):
-            threshold = max(self.quantizer.restart_threshold, 1e-3)
-            return int((self.quantizer.cluster_size < threshold).sum())
-        return 0
+    def dead_codes(self) -> list[int]:
+        """Per level, top first: codes whose EMA usage is under the restart threshold (0 for FSQ)."""
+        out = []
+        for q in self._quantizers_top_first():
+            if isinstance(q, VectorQuantizer):
+                out.append(int((q.cluster_size < max(q.restart_threshold, 1e-3)).sum()))
+            else:
+                out.append(0)
+        return out
 
 
 def load_stage1(path: str | Path, flag: str = "--vqvae") -> tuple[VQModel, dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -58,6 +59,10 @@ class VQVAE(VQModel, pl.LightningModule):
         beta: commitment weight. decay, ema, kmeans_init, restart_threshold, lookup_dim, l2_normalize:
             see :class:`stage1_vqvae.quantizer.VectorQuantizer`.
         fsq_levels: levels per channel for "fsq".
+        levels: None for one level, or a list of levels (VQ-VAE-2), e.g. ``[{name: bottom, downsample: 4,
+            codebook_size: 512}, {name: top, downsample: 8, codebook_size: 512}]``: each level's downsample is
+            2-16 times the one below; codebook_size and fsq_levels default to the flat arguments, which
+            ``downsample`` is ignored beside. Metrics are logged per level (``val/usage/top`` ...).
         lr, weight_decay: AdamW. warmup_steps: linear warm-up. cosine: cosine decay to 0 over the run.
         channels_last: use the channels_last memory format (faster convolutions on many CPUs/GPUs).
     """
@@ -83,6 +88,7 @@ class VQVAE(VQModel, pl.LightningModule):
         lookup_dim: int | None = None,
         l2_normalize: bool = False,
         fsq_levels: list[int] | None = None,
+        levels: list[dict] | None = None,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -91,12 +97,12 @@ class VQVAE(VQModel, pl.LightningModule):
     ) -> None:
         super().__init__(
             in_channels, image_size, width, res_blocks, res_width, downsample, code_dim, quantizer, codebook_size,
-            beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, fsq_levels,
+            beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, fsq_levels, levels,
         )  # fmt: skip  (VQModel's, then LightningModule's __init__)
         self.save_hyperparameters()
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        self.val_usage = CodeUsage(self.codebook_size)
+        self.val_usage = nn.ModuleList(CodeUsage(level["codebook_size"]) for level in self.levels)  # top first
         self._val_preview: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ training
@@ -109,42 +115,52 @@ class VQVAE(VQModel, pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = self._prep(batch[0])
-        recon, q = self(images)
+        recon, qs = self(images)
         recon_loss = F.mse_loss(recon.float(), images.float())
-        loss = recon_loss + q.loss
-        counts = torch.bincount(q.codes.flatten(), minlength=self.codebook_size).float()
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
-        self.log_dict(
-            {"train/loss": loss, "train/recon": recon_loss, "train/commitment": q.commitment,
-             "train/perplexity": perplexity},
-            prog_bar=True, on_step=True, on_epoch=False,
-        )  # fmt: skip
+        loss = recon_loss + sum(q.loss for q in qs)
+        metrics = {"train/loss": loss, "train/recon": recon_loss}
+        for level, q in zip(self.levels, qs):
+            counts = torch.bincount(q.codes.flatten(), minlength=level["codebook_size"]).float()
+            p = counts / counts.sum()
+            metrics[self._per_level("train/commitment", level)] = q.commitment
+            metrics[self._per_level("train/perplexity", level)] = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+        self.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def _per_level(self, key: str, level: dict) -> str:
+        """One level keeps the names dashboards had before levels (val/usage); more get val/usage/<name>."""
+        return key if len(self.levels) == 1 else f"{key}/{level['name']}"
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = self._prep(batch[0])
-        recon, q = self(images)
+        recon, qs = self(images)
         recon = recon.float().clamp(-1, 1)
         self.val_psnr(recon, images.float())
         self.val_ssim(recon, images.float())
-        self.val_usage(q.codes)
-        self.log("val/loss", F.mse_loss(recon, images.float()) + q.loss, sync_dist=True)
+        for usage, q in zip(self.val_usage, qs):
+            usage(q.codes)
+        self.log("val/loss", F.mse_loss(recon, images.float()) + sum(q.loss for q in qs), sync_dist=True)
         if batch_idx == 0:
             n = min(8, len(images))
             self._val_preview = torch.cat([images[:n].float(), recon[:n]]).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        stats = self.val_usage.compute()
-        counts = stats["counts"].cpu().numpy()  # all ranks' codes
-        self.val_usage.reset()
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True)
-        self.log("val/perplexity", stats["perplexity"])
-        self.log("val/usage", stats["usage"], prog_bar=True)
-        self.log("val/dead_codes", float(self.dead_codes()))
+        histograms, usages = {}, []
+        for level, usage, dead in zip(self.levels, self.val_usage, self.dead_codes()):
+            stats = usage.compute()
+            histograms[self._per_level("val/code_histogram", level)] = stats["counts"].cpu().numpy()  # all ranks
+            usage.reset()
+            usages.append(stats["usage"])
+            self.log(self._per_level("val/perplexity", level), stats["perplexity"])
+            self.log(self._per_level("val/usage", level), stats["usage"], prog_bar=len(self.levels) == 1)
+            self.log(self._per_level("val/dead_codes", level), float(dead))
+        if len(self.levels) > 1:  # the least-used level: what a "codes used" target is about
+            self.log("val/usage", torch.stack(usages).min(), prog_bar=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             step = self.global_step
-            log_histogram(self.logger, "val/code_histogram", counts, step)
+            for key, counts in histograms.items():
+                log_histogram(self.logger, key, counts, step)
             if self._val_preview is not None:
                 n = len(self._val_preview) // 2
                 grid = make_grid(self._val_preview, nrow=n, scale=2)

@@ -154,9 +154,9 @@ def test_read_meta_rejections(tmp_path: Path, ckpt: Path) -> None:
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(CodesError, match="not valid JSON.*extract_codes"):
         read_meta(tmp_path)
-    old = json.loads(make_meta(ckpt).to_json()) | {"format_version": FORMAT_VERSION - 1}
-    (tmp_path / "meta.json").write_text(json.dumps(old))
-    with pytest.raises(CodesError, match=f"version {FORMAT_VERSION - 1}.*extract_codes --ckpt {ckpt}"):
+    future = json.loads(make_meta(ckpt).to_json()) | {"format_version": FORMAT_VERSION + 1}
+    (tmp_path / "meta.json").write_text(json.dumps(future))
+    with pytest.raises(CodesError, match=f"version {FORMAT_VERSION + 1}.*extract_codes --ckpt {ckpt}"):
         read_meta(tmp_path)
     partial = json.loads(make_meta(ckpt).to_json())
     del partial["grid_shape"]

@@ -112,6 +112,7 @@ def _with_meta(artifacts, name: str, **changes) -> Path:
     codes = artifacts["tmp"] / name
     shutil.copytree(artifacts["codes"], codes)
     meta = json.loads((codes / "meta.json").read_text())
+    meta.pop("levels")  # one level: derived again from the changed codebook_size / grid_shape
     (codes / "meta.json").write_text(json.dumps({**meta, **changes}))
     return codes
 
