@@ -61,9 +61,10 @@ class ImageSplits:
     [-1, 1], labels). Plain Python and torch: the Lightning data module is :class:`common.datamodule.
     ImageDataModule`, this class plus Lightning's hooks; commands that only read data use this one.
 
-    train/val are carved from the official train split (`val_size` images, permutation fixed by `seed`);
-    test is the official test split. An image_folder has no official split: val and test are both carved
-    from it, and a size of 0 there means 10%. `limit` truncates every split (quick runs, tests).
+    train/val are carved from the official train split (`val_size` images, default 5,000, permutation fixed
+    by `seed`); test is the official test split. An image_folder has no official split: val and test are
+    both carved from it, and a size of 0 or None there means 10%; emoji likewise, counted in base emoji.
+    `limit` truncates every split (quick runs, tests).
     `image_size` None means the native size; 28-px data can be zero-padded to 32; image_folder defaults
     to 64. `channels` None means native (inferred for a folder); 1 <-> 3 conversion is allowed.
     `on_device`: the Lightning data module keeps each split on the training device and draws batches there
@@ -78,7 +79,7 @@ class ImageSplits:
         channels: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
-        val_size: int = 5000,
+        val_size: int | None = None,
         test_size: int = 0,
         seed: int = 0,
         download: bool = True,
@@ -178,7 +179,7 @@ class ImageSplits:
         h = self.options
         if h.dataset == "emoji":  # whole base emoji per split: the test split holds unseen glyphs
             arrays = load_emoji(h.root, self.image_size)
-            index = group_split(arrays.groups, h.val_size, h.test_size, h.seed)
+            index = group_split(arrays.groups, h.val_size or 0, h.test_size, h.seed)
             return self._make_splits(index, {s: arrays for s in SPLITS})
         if h.dataset == "image_folder":
             arrays = load_image_folder(h.root, self.image_size, self.channels)
@@ -187,7 +188,7 @@ class ImageSplits:
             test = arrays
         else:
             arrays, test = self._read("train"), self._read("test")
-            n, n_test, n_val = len(arrays.labels), 0, h.val_size
+            n, n_test, n_val = len(arrays.labels), 0, 5000 if h.val_size is None else h.val_size
         if n_test + n_val >= n:
             raise DatasetError(
                 f"data: {h.dataset} has {n} training images but val_size={n_val} and "

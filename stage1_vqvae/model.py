@@ -99,9 +99,10 @@ class VQModel(nn.Module):
             raise ValueError(f"model.quantizer must be 'vq' or 'fsq', got {quantizer!r}")
 
         f0 = specs[0]["downsample"]
+        # encoder, decoder, quantizer: the order one-level models always drew their initial weights in
         self.encoder = Encoder(in_channels, width, res_blocks, res_width, f0, code_dim)
-        self.quantizer = make_quantizer(specs[0])
         self.decoder = Decoder(in_channels, width, res_blocks, res_width, f0, code_dim * len(specs), image_size)
+        self.quantizer = make_quantizer(specs[0])
         bottom_side = latent_size(image_size, f0)
         self.level_encoders = nn.ModuleList(
             Encoder(code_dim, width, res_blocks, res_width, above["downsample"] // below["downsample"], code_dim)

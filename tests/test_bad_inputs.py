@@ -25,11 +25,12 @@ from tools.compress import main_compress as compress
 from tools.compress import main_decompress as decompress
 from tools.evaluate import main as evaluate
 from tools.sample import main as sample
+from tools.serve import main as serve
 from tools.train_feature_net import main as train_feature_net
 
 COMMANDS = {"sample": sample, "evaluate": evaluate, "compress": compress, "decompress": decompress,
             "score_anomalies": score_anomalies, "extract_codes": extract_codes,
-            "train_feature_net": train_feature_net}  # fmt: skip
+            "train_feature_net": train_feature_net, "serve": serve}  # fmt: skip
 UNWRITABLE = "/proc/vqgen-cannot-write-here"  # no file can be created under /proc, not even by root
 
 
@@ -61,6 +62,8 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     meta = read_meta(root / "codes")
     prior = Prior(meta.codebook_size, meta.grid_shape, meta.num_classes, "transformer", "tiny", asdict(meta))
     save_ckpt(prior, root / "prior.ckpt")
+    save_ckpt(Prior(meta.codebook_size, meta.grid_shape, meta.num_classes, "maskgit", "tiny", asdict(meta)),
+              root / "maskgit.ckpt")  # fmt: skip
     images = root / "images"
     images.mkdir()
     for f in sorted((shapes_folder / "discs").iterdir())[:3]:
@@ -137,6 +140,15 @@ ROWS = [
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--splits", "trian"], r"unknown split"),
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--steps", "0",
                            "--out", "f.pt"], r"--steps must be >= 1"),  # fmt: skip
+    ("serve", [], r"the following arguments are required: prior"),
+    ("serve", ["--prior", "{missing}", "--port", "0"], r"--prior \S*missing: no such file"),
+    ("serve", ["--prior", "{crafted}", "--port", "0"], r"holds a Python object"),
+    ("serve", ["--prior", "{stage1}", "--port", "0"], r"is not a stage-2 prior checkpoint"),
+    ("serve", [*P, "--port", "70000"], r"--port must be in \[0, 65535\], got 70000"),
+    ("serve", [*P, "--port", "http"], r"serve: error: .*port.*http"),
+    ("serve", [*P, "--port", "0", "--max_upload_mb", "0"], r"--max_upload_mb must be in \(0, 1000\]"),
+    ("serve", [*P, "--port", "0", "--host", "203.0.113.7"], r"cannot listen on --host 203.0.113.7 --port 0"),
+    ("serve", [*P, "--port", "0", "--device", "cuda:7"], r"--device cuda:7"),
     # ------------------------------------------------------------------ outputs
     ("sample", [*P, "--out", "{existing_png}"], r"--out \S*existing.png already exists; pass --overwrite"),
     ("sample", [*P, "--out", "{root}"], r"--out \S* is a directory"),
@@ -158,6 +170,18 @@ ROWS = [
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{existing_csv}"], r"already exists"),
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", "{existing_png}"],
      r"existing.png already exists"),  # fmt: skip
+    # ------------------------------------------------------------------ a masked-token prior: no exact likelihood
+    ("compress", ["{images}", "--prior", "{maskgit}", "--out", "new.vqz"],
+     r"--prior \S*maskgit.ckpt is a maskgit prior, which has no exact likelihood; compress takes transformer or "
+     r"pixelcnn priors"),  # fmt: skip
+    ("decompress", ["{images_vqz}", "--prior", "{maskgit}", "--out", "new_dir"],
+     r"is a maskgit prior, which has no exact likelihood; decompress takes transformer or pixelcnn"),  # fmt: skip
+    ("score_anomalies", ["{images}", "--prior", "{maskgit}", "--out", "s.csv"],
+     r"is a maskgit prior, which has no exact likelihood; score_anomalies takes transformer or pixelcnn"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--background", "{maskgit}", "--out", "s.csv"],
+     r"--background \S*maskgit.ckpt is a maskgit prior, which has no exact likelihood"),  # fmt: skip
+    ("sample", [*P, "--steps", "4"], r"--steps is for maskgit priors; --prior \S*prior.ckpt is autoregressive"),
+    ("sample", ["--prior", "{maskgit}", "--steps", "0"], r"--steps must be >= 1, got 0"),
     # ------------------------------------------------------------------ inputs
     ("sample", [*P, "--prime", "{missing_png}", "--keep_rows", "1"], r"missing.png: no such image file"),
     ("sample", [*P, "--prime", "{corrupt_png}", "--keep_rows", "1"], r"broken.png: cannot read image"),

@@ -14,7 +14,8 @@ LAYERS = ["common", "stage1_vqvae", "stage2_prior", "tools"]  # each may import 
 SCRIPTS = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
 ENTRY_POINTS = sorted(set(re.findall(r'^\w+ = "([\w.]+):\w+"', SCRIPTS, re.M)))  # tomllib needs Python 3.11
 TORCH_ONLY = ["stage1_vqvae/networks.py", "stage1_vqvae/quantizer.py", "stage2_prior/decoding.py",
-              "stage2_prior/transformer.py", "stage2_prior/pixelcnn.py", "stage2_prior/sampling.py"]  # fmt: skip
+              "stage2_prior/transformer.py", "stage2_prior/pixelcnn.py", "stage2_prior/sampling.py",
+              "stage2_prior/maskgit.py", "stage2_prior/masked_sampling.py"]  # fmt: skip
 
 
 def imports(path: Path) -> set[str]:

@@ -190,3 +190,18 @@ def test_extract_writes_every_level(two_level_ckpt, tmp_path: Path) -> None:
     codes, _ = load_split(tmp_path / "codes", "train")
     np.testing.assert_array_equal(codes, model.encode_to_codes(from_uint8(images)).numpy())
     assert (tmp_path / "codes" / "train" / "codes_top.npy").is_file()
+
+
+def test_heat_map_spreads_each_levels_bits_over_its_cells() -> None:
+    from tools.anomaly_scores import heat_map_grid
+
+    levels = [{"name": "top", "grid_shape": (2, 2), "codebook_size": 4},
+              {"name": "bottom", "grid_shape": (4, 4), "codebook_size": 4}]  # fmt: skip
+    surprise = np.zeros((1, 1, 20), np.float32)
+    surprise[0, 0, 0] = 8.0  # the top-left top code: a 4x4-pixel cell of the 8x8 image
+    surprise[0, 0, 4 + 15] = 1.0  # the bottom-right bottom code: a 2x2 cell
+    tiles = heat_map_grid(torch.zeros(1, 1, 8, 8), surprise, levels)
+    red = tiles[1, 0]  # the heat map's red channel, in [-1, 1]
+    assert red[:4, :4].min() == 1.0  # 8 bits over 16 pixels = 0.5 bits/pixel: the largest, full red
+    assert (red[6:, 6:] == 0.0).all()  # 1 bit over 4 pixels: half that density, 0.5 -> 0.0 in [-1, 1]
+    assert red[4:6, :].max() < 0  # nothing there: only the darkened grey

@@ -59,11 +59,12 @@ def test_same_seed_same_samples_and_per_class_rows(pipeline, tmp_path):
 def test_completion_keeps_the_visible_codes(pipeline, shapes_folder, tmp_path):
     prime = next(shapes_folder.rglob("*.png"))
     out = tmp_path / "complete.png"
-    sample_main(["--prior", str(pipeline["prior"]), "--prime", str(prime), "--keep_rows", "2", "--n", "3",
+    sample_main(["--prior", str(pipeline["prior"]), "--prime", str(prime), "--keep_rows", "9", "--n", "3",
                  "--out", str(out)])  # fmt: skip
     codes = np.load(out.with_suffix(".npz"))["codes"]
     assert codes.shape == (3, 4, 4)
-    assert (codes[:, :2] == codes[0, :2]).all()  # the kept rows are the primed image's, in every completion
+    # 9 of 16 pixel rows: the 2 code rows (4 px cells) wholly inside are kept, in every completion
+    assert (codes[:, :2] == codes[0, :2]).all() and not (codes[:, 2:] == codes[0, 2:]).all()
 
 
 @pytest.mark.parametrize(

@@ -33,3 +33,16 @@ def test_model_commands_never_import_training_frameworks(world, module, fn, args
                           timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+def test_serve_builds_its_page_without_training_frameworks(world):  # noqa: F811
+    """`serve` loads the models, warms up and builds its app (everything but serving) without them too."""
+    args = ["--prior", world["prior"], "--port", "0", "--device", "cpu"]
+    code = (f"import sys\nfrom tools.serve import build_server\nserver, sock, url = build_server({args!r})\n"
+            f"sock.close()\nprint('URL', url)\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=world["root"], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "URL http://127.0.0.1:" in proc.stdout and "HEAVY []" in proc.stdout, proc.stdout

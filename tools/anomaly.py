@@ -43,97 +43,29 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.codes import check_matches, load_split, read_meta
 from common.images import GRID_FORMATS, image_files, load_images, save_grid
 from common.io import check_output, write_atomic
-from stage1_vqvae.model import VQModel
+from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
+from tools.anomaly_scores import (  # noqa: F401  (generic_code_bits, code_surprise: tests import them from here)
+    SCORES,
+    code_surprise,
+    generic_code_bits,
+    heat_map_grid,
+    mean_nll_bits,
+    score_images,
+)
 from tools.load import Models, load_models, load_prior, prior_facts
 
-COLUMNS = ("path", "nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score",
-           "max_surprise_bits", "likelihood_ratio", "typicality")  # fmt: skip
-SCORES = COLUMNS[1:]
+COLUMNS = ("path", *SCORES)
 OPTIONAL = {"likelihood_ratio": "--background", "typicality": "--codes"}  # scores that need another input
-
-
-def generic_code_bits(codes: np.ndarray, codebook_size: int) -> np.ndarray:
-    """codes (N, H, W) -> (N,) bits to code each grid in raster order with an adaptive order-0 model
-    with PPM method-C escapes (see the module docstring). No training, no knowledge of images."""
-    flat = np.asarray(codes, dtype=np.int64).reshape(len(codes), -1)
-    n_img, T = flat.shape
-    counts = np.zeros((n_img, codebook_size), dtype=np.int64)
-    distinct = np.zeros(n_img, dtype=np.int64)
-    rows = np.arange(n_img)
-    bits = np.zeros(n_img)
-    for t in range(T):  # t symbols seen so far
-        c = flat[:, t]
-        seen = counts[rows, c]
-        new_p = np.where(distinct > 0, distinct / np.maximum(t + distinct, 1), 1.0) / np.maximum(
-            codebook_size - distinct, 1
-        )
-        p = np.where(seen > 0, seen / np.maximum(t + distinct, 1), new_p)
-        bits -= np.log2(p)
-        distinct += seen == 0
-        counts[rows, c] += 1
-    return bits
-
-
-def code_surprise(prior: CodePrior, codes: torch.Tensor) -> torch.Tensor:
-    """codes (B, h, w) -> -log2 p(c_t | c_<t) (B, h, w) under the prior's null class."""
-    logits = prior(codes, None).float()  # (B, K, h, w)
-    return F.cross_entropy(logits, codes, reduction="none") / math.log(2)
-
-
-@torch.no_grad()
-def mean_nll_bits(prior: CodePrior, codes: np.ndarray, batch_size: int = 256) -> float:
-    """The mean NLL in bits per code map of `codes` (N, h, w): the typical-set centre for `typicality`."""
-    device = next(prior.parameters()).device
-    total = [code_surprise(prior, torch.from_numpy(np.asarray(c, np.int64)).to(device)).flatten(1).sum(1)
-             for c in np.array_split(codes, max(1, -(-len(codes) // batch_size)))]  # fmt: skip
-    return float(torch.cat(total).mean())
-
-
-@torch.no_grad()
-def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor, batch_size: int = 256,
-                 background: CodePrior | None = None, train_nll_bits: float | None = None,
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
-    """images (N, C, S, S) in [-1, 1] -> ({score name: (N,) array}, per-code surprise (N, h, w) in bits);
-    scores that need an input not given are NaN. See the module docstring."""
-    prior.eval()
-    dims = images[0].numel()
-    out: dict[str, list[np.ndarray]] = {k: [] for k in SCORES}
-    maps = []
-    device = next(prior.parameters()).device
-    for x in images.split(batch_size):
-        x = x.to(vqvae.device)
-        codes = vqvae.encode_to_codes(x)  # (B, h, w)
-        recon = vqvae.decode_codes(codes)
-        mse = ((recon.float() - x.float()) / 2).pow(2).flatten(1).mean(1).cpu().numpy()  # pixels in [0, 1]
-        codes = codes.to(device)
-        surprise = code_surprise(prior, codes)  # (B, h, w) bits
-        nll_bits = surprise.flatten(1).sum(1).cpu().numpy()
-        nll = nll_bits / dims
-        complexity = generic_code_bits(codes.cpu().numpy(), prior.codebook_size) / dims
-        nan = np.full(len(codes), np.nan)
-        if background is None:
-            ratio = nan
-        else:
-            ratio = nll - code_surprise(background.eval(), codes).flatten(1).sum(1).cpu().numpy() / dims
-        typical = nan if train_nll_bits is None else np.abs(nll_bits - train_nll_bits) / dims
-        values = (nll, mse, complexity, nll - complexity, surprise.flatten(1).amax(1).cpu().numpy(), ratio, typical)
-        for key, value in zip(SCORES, values):
-            out[key].append(np.asarray(value, dtype=np.float64))
-        maps.append(surprise.cpu().numpy())
-    scores = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
-    return scores, np.concatenate(maps) if maps else np.zeros((0, *prior.grid_shape))
 
 
 def references(m: Models, background_path: str | None, codes_dir: str | None) -> tuple[CodePrior | None, float | None]:
@@ -142,6 +74,7 @@ def references(m: Models, background_path: str | None, codes_dir: str | None) ->
     background = train_nll = None
     if background_path:
         background, hparams = load_prior(background_path, "--background")
+        require_likelihood(background, background_path, "score_anomalies", "--background")
         background.to(m.device)
         check_matches(prior_facts(background, hparams.get("codes_meta")), prior_facts(m.prior, m.codes_meta),
                       f"--background {background_path}", "train it on the same codes (train_stage2 ... --data.perturb)")
@@ -150,19 +83,6 @@ def references(m: Models, background_path: str | None, codes_dir: str | None) ->
                       "pass the codes directory the prior was trained on")  # fmt: skip
         train_nll = mean_nll_bits(m.prior, load_split(codes_dir, "train")[0][:5000])
     return background, train_nll
-
-
-def heat_map_grid(images: torch.Tensor, surprise: np.ndarray) -> torch.Tensor:
-    """Images (n, C, S, S) in [-1, 1] and their per-code surprise (n, h, w) -> (2n, 3, S, S): each image
-    followed by itself in grey with the surprise in red (scaled to the largest value shown)."""
-    n, _, size, _ = images.shape
-    gray = images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1)  # (n, 3, S, S)
-    heat = torch.from_numpy(surprise).float()[:, None]  # (n, 1, h, w)
-    heat = F.interpolate(heat / heat.max().clamp(min=1e-9), size=(size, size), mode="nearest")[:, 0]
-    overlay = gray.clone() * 0.5 - 0.5  # darkened grey, so red shows
-    overlay[:, 0] = torch.maximum(overlay[:, 0], heat * 2 - 1)
-    rgb = images.float().expand(-1, 3, -1, -1)
-    return torch.stack([rgb, overlay], 1).reshape(2 * n, 3, size, size)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -219,6 +139,7 @@ def _run(args: list[str] | None) -> str:
         raise UserError(f"--method {a.method} needs {needs}")
     files = image_files(a.images)
     m = load_models(a.prior, a.vqvae, resolve_device(a.device))
+    require_likelihood(m.prior, a.prior, "score_anomalies")  # every score but recon_mse is a likelihood
     background, train_nll = references(m, a.background, a.codes)
     images = load_images(files, m.image_size, m.channels)
     scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll)
@@ -226,7 +147,7 @@ def _run(args: list[str] | None) -> str:
     order = np.argsort(-scores[a.method], kind="stable")
     if grid:
         top = order[: a.top].copy()
-        tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top])
+        tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top], m.vqvae.levels)
         save_grid(tiles, grid, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
     head = ", ".join(f"{files[i].name} ({scores[a.method][i]:.4g})" for i in order[:3])
     return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {a.method}: {head}"

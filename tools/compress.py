@@ -18,52 +18,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
 from common.cli import add_overwrite, make_parser, run_command
 from common.images import image_files, load_images, to_uint8
 from common.io import check_output, check_output_dir, staging_dir, write_atomic
-from stage1_vqvae.model import VQModel
-from tools.codec import MAX_BATCH_SIZE, Container, ContainerError, decode_codes, encode_codes, pack, unpack
-from tools.load import Models, load_models
-
-DEFAULT_BATCH_SIZE = 256
-
-
-def encode_images(vqvae: VQModel, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    return torch.cat([vqvae.encode_to_codes(x) for x in images.split(batch_size)]).numpy()
-
-
-def compress_codes(m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[bytes, float]:
-    """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p)."""
-    streams, crcs, ideal = encode_codes(m.prior, codes, batch_size)
-    c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
-                  m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version,
-                  streams, crcs)  # fmt: skip
-    return pack(c), ideal
-
-
-def decompress_codes(m: Models, data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """.vqz bytes -> codes (N, H, W); ContainerError if the file is bad or made with other checkpoints."""
-    c = unpack(data, name)
-    for what, flag, ours, theirs in [("prior", "--prior", m.prior_sha256, c.prior_sha256),
-                                     ("stage-1 checkpoint", "--vqvae", m.stage1_sha256, c.stage1_sha256)]:  # fmt: skip
-        if ours != theirs:
-            raise ContainerError(f"{name} was made with a different {what}: checkpoint SHA-256 differs (file: "
-                                 f"{theirs[:12]}..., given: {ours[:12]}...); pass the {what} it was made with "
-                                 f"({flag})")  # fmt: skip
-    if (c.image_size, c.channels) != (m.image_size, m.channels):
-        raise ContainerError(f"{name}: holds {c.channels}-channel {c.image_size}px images, but stage 1 makes "
-                             f"{m.channels}-channel {m.image_size}px ones; pass the checkpoints it was "
-                             "made with")  # fmt: skip
-    return decode_codes(m.prior, c, name)
-
-
-def decode_images(vqvae: VQModel, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
-    codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
-    return torch.cat([vqvae.decode_codes(c) for c in codes_t.split(batch_size)]) if len(codes_t) else codes_t
+from stage2_prior.build import require_likelihood
+from tools.codec import MAX_BATCH_SIZE, unpack
+from tools.load import Models  # noqa: F401  (re-exported: tests build Models through this module)
+from tools.vqz import DEFAULT_BATCH_SIZE, compress_codes, cpu_models, decode_images, decompress_codes, encode_images
 
 
 def _parser(prog: str):
@@ -72,14 +35,6 @@ def _parser(prog: str):
     p.add_argument("--vqvae", type=str, help="stage-1 checkpoint (default: the one the prior's codes came from)")
     add_overwrite(p)
     return p
-
-
-def cpu_models(a) -> Models:
-    """Prior and stage 1 in fp32 on the CPU: the coder's probabilities must be bit-identical both ways."""
-    m = load_models(a.prior, a.vqvae, "cpu")
-    m.prior.float()
-    m.vqvae.float()
-    return m
 
 
 def run_compress(args: list[str] | None) -> str:
@@ -92,7 +47,8 @@ def run_compress(args: list[str] | None) -> str:
         raise ValueError(f"--batch_size must be in [1, {MAX_BATCH_SIZE}], got {a.batch_size}")
     out = check_output(a.out, a.overwrite)
     files = image_files(a.images)
-    m = cpu_models(a)
+    m = cpu_models(a.prior, a.vqvae)
+    require_likelihood(m.prior, a.prior, "compress")  # the codec needs exact probabilities
     t0 = time.perf_counter()
     codes = encode_images(m.vqvae, load_images(files, m.image_size, m.channels))
     data, ideal = compress_codes(m, codes, a.batch_size)
@@ -115,7 +71,8 @@ def run_decompress(args: list[str] | None) -> str:
     count = unpack(data, str(path)).count  # check the file before loading the models
     names = [f"{i:06d}.png" for i in range(count)]
     out = check_output_dir(a.out, names, a.overwrite)
-    m = cpu_models(a)
+    m = cpu_models(a.prior, a.vqvae)
+    require_likelihood(m.prior, a.prior, "decompress")
     t0 = time.perf_counter()
     images = to_uint8(decode_images(m.vqvae, decompress_codes(m, data, str(path))))
     seconds = time.perf_counter() - t0

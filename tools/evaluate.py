@@ -6,7 +6,9 @@
 
 stage1 (test split): MSE in [-1, 1] pixel units, PSNR, SSIM, reconstruction FID (reconstructions vs the
 originals), codebook usage, perplexity, dead codes. prior (codes' test split): NLL in bits per code and
-bits per image dimension, top-1 accuracy. samples (a `sample` .npz): FID and KID against the test split,
+bits per image dimension, top-1 accuracy; for a masked-token (maskgit) prior, which has no exact likelihood,
+the NLL and accuracy at masked positions under its training mask schedule (seeded masks), labelled as not
+a likelihood. samples (a `sample` .npz): FID and KID against the test split,
 each beside its real-data floor: a random train subset of the same size against the test split (FID is
 biased upwards at small n, so the floor, not 0, is what a perfect model would score).
 
@@ -36,6 +38,7 @@ from common.io import atomic_file, check_output
 from common.splits import ImageSplits, data_options
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
+from stage2_prior.maskgit import MaskedPrior, random_mask
 from tools.features import Features, load_features
 from tools.fid import fid, kid
 from tools.load import load_prior, load_stage1, prior_facts
@@ -58,35 +61,45 @@ def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features, device:
     features.check(originals, f"the {split} images")  # fail before the long part
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)  # images live in [-1, 1]
     ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
-    usage = CodeUsage(model.codebook_size).to(device)
+    usages = [CodeUsage(level["codebook_size"]).to(device) for level in model.levels]  # top first
     sq_err, n_values, recons = 0.0, 0, []
     for images, _ in dm.dataloader(split, batch_size=batch_size):
         images = images.to(device)
-        codes = model.encode_to_codes(images)  # (B, h, w)
+        codes = model.encode_to_codes(images)  # (B, *grid_shape): every level
         recon = model.decode_codes(codes)  # (B, C, H, W) in [-1, 1]
         psnr.update(recon, images)
         ssim.update(recon, images)
-        usage.update(codes)
+        for usage, level_codes in zip(usages, model.split_codes(codes)):
+            usage.update(level_codes)
         sq_err += float(F.mse_loss(recon, images, reduction="sum"))
         n_values += images.numel()
         recons.append(to_uint8(recon).cpu())
-    stats = usage.compute()
-    used = int((stats["counts"] > 0).sum())
+    levels = []
+    for level, usage, dead in zip(model.levels, usages, model.dead_codes()):
+        stats = usage.compute()
+        used = int((stats["counts"] > 0).sum())
+        levels.append({"name": level["name"], "grid_shape": list(level["grid_shape"]), "codes_used": used,
+                       "codebook_size": level["codebook_size"], "codebook_usage": used / level["codebook_size"],
+                       "perplexity": float(stats["perplexity"]), "dead_codes": dead})  # fmt: skip
     fid_recon = fid(features(torch.cat(recons), "the reconstructions"), features(originals, f"the {split} images"))
+    least = min(levels, key=lambda lv: lv["codebook_usage"])  # one level: that level
     return {
         "split": split, "images": len(originals), "mse": sq_err / max(1, n_values),
-        "psnr_db": float(psnr.compute()), "ssim": float(ssim.compute()),
-        "fid_recon": fid_recon,
-        "codebook_usage": used / model.codebook_size, "codes_used": used, "codebook_size": model.codebook_size,
-        "perplexity": float(stats["perplexity"]), "dead_codes": model.dead_codes(), "features": features.description,
+        "psnr_db": float(psnr.compute()), "ssim": float(ssim.compute()), "fid_recon": fid_recon,
+        **{k: least[k] for k in ("codebook_usage", "codes_used", "codebook_size", "perplexity", "dead_codes")},
+        "levels": levels, "features": features.description,
     }  # fmt: skip
 
 
 def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
-    return [("test MSE ([-1, 1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB)", f"{r['psnr_db']:.2f}"),
-            ("SSIM", f"{r['ssim']:.4f}"), (f"reconstruction FID ({label})", f"{r['fid_recon']:.3f}"),
-            ("codebook usage", f"{r['codebook_usage']:.3f} ({r['codes_used']}/{r['codebook_size']} codes)"),
-            ("perplexity", f"{r['perplexity']:.1f}"), ("dead codes", str(r["dead_codes"]))]  # fmt: skip
+    rows = [("test MSE ([-1, 1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB)", f"{r['psnr_db']:.2f}"),
+            ("SSIM", f"{r['ssim']:.4f}"), (f"reconstruction FID ({label})", f"{r['fid_recon']:.3f}")]  # fmt: skip
+    for lv in r["levels"]:
+        name = "" if len(r["levels"]) == 1 else f" ({lv['name']} {lv['grid_shape'][0]}x{lv['grid_shape'][1]})"
+        used = f"{lv['codebook_usage']:.3f} ({lv['codes_used']}/{lv['codebook_size']} codes)"
+        rows += [(f"codebook usage{name}", used), (f"perplexity{name}", f"{lv['perplexity']:.1f}"),
+                 (f"dead codes{name}", str(lv["dead_codes"]))]  # fmt: skip
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ prior
@@ -97,9 +110,10 @@ def check_prior_codes(prior: CodePrior, codes_meta: dict, meta: CodesMeta, codes
 
 
 @torch.no_grad()
-def evaluate_prior(prior: CodePrior, codes_dir: str, device: torch.device, split: str = "test",
+def evaluate_prior(prior: CodePrior | MaskedPrior, codes_dir: str, device: torch.device, split: str = "test",
                    batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
     prior.to(device).eval()
+    masked_prior, gen = isinstance(prior, MaskedPrior), torch.Generator().manual_seed(0)  # the same masks each run
     meta = read_meta(codes_dir)
     codes_all, labels_all = load_split(codes_dir, split)  # (N, H, W) uint16 memory-mapped, (N,) int64
     if len(codes_all) == 0:
@@ -108,10 +122,15 @@ def evaluate_prior(prior: CodePrior, codes_dir: str, device: torch.device, split
     for start in range(0, len(codes_all), batch_size):
         codes = torch.from_numpy(codes_all[start : start + batch_size].astype("int64")).to(device)  # (B, H, W)
         labels = torch.from_numpy(labels_all[start : start + batch_size]).to(device) if prior.num_classes else None
-        logits = prior(codes, labels).float()  # (B, K, H, W); labels -1 (unlabelled) are the null class
-        nll += float(F.cross_entropy(logits, codes, reduction="sum"))
-        correct += int((logits.argmax(1) == codes).sum())
-        n += codes.numel()
+        # scored: every code (autoregressive), or those masked by the training schedule (maskgit)
+        scored = random_mask(codes.shape, gen, device) if masked_prior else torch.ones_like(codes, dtype=torch.bool)
+        logits = (prior(codes, scored, labels) if masked_prior else prior(codes, labels)).float()  # (B, K, H, W)
+        nll += float((F.cross_entropy(logits, codes, reduction="none") * scored).sum())  # labels -1: null class
+        correct += int(((logits.argmax(1) == codes) & scored).sum())
+        n += int(scored.sum())
+    if masked_prior:
+        return {"split": split, "code_maps": len(codes_all), "kind": "maskgit", "masked_codes": n,
+                "masked_nll_bits": nll / n / math.log(2), "masked_accuracy": correct / n}  # fmt: skip
     bits_per_code = nll / n / math.log(2)
     h, w = prior.grid_shape
     dims = meta.image_size**2 * meta.channels
@@ -120,6 +139,9 @@ def evaluate_prior(prior: CodePrior, codes_dir: str, device: torch.device, split
 
 
 def prior_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    if "masked_nll_bits" in r:
+        return [("masked-token NLL (bits per masked code; not a likelihood)", f"{r['masked_nll_bits']:.4f}"),
+                ("masked-token top-1 accuracy", f"{r['masked_accuracy']:.4f}")]  # fmt: skip
     return [("NLL (bits per code)", f"{r['bits_per_code']:.4f}"), ("NLL (bits per dim)", f"{r['bits_per_dim']:.4f}"),
             ("top-1 accuracy", f"{r['accuracy']:.4f}")]  # fmt: skip
 

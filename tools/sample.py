@@ -2,13 +2,15 @@
 
     sample --prior prior.ckpt --n 64 --out samples.png                 # one row per class if conditional
     sample --prior prior.ckpt --per_class 8 --cfg_scale 2 --top_p 0.9
-    sample --prior prior.ckpt --prime shirt.png --keep_rows 3 --n 6    # complete the lower part
+    sample --prior prior.ckpt --prime shirt.png --keep_rows 12 --n 6   # keep 12 pixel rows, redraw the rest
+    sample --prior maskgit.ckpt --n 64 --steps 8                       # a masked-token prior: 8 passes per grid
+    sample --prior maskgit.ckpt --prime shirt.png --mask hole.png --n 6  # repair with context from every side
 
 ``--out`` names the grid's format by its suffix (.png, .jpg, .webp); beside it goes ``<out>.npz`` with
 ``codes`` (n, H, W), ``images`` (n, C, H, W) uint8 and ``labels`` (n,), -1 for unconditional.
 ``--out x.npz`` writes only the .npz. Existing files are never replaced without ``--overwrite``. The
 stage-1 checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae``
-is given.
+is given. ``--mask`` is in pixels (white = keep): a code is redrawn if any pixel of its cell is not white.
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ from common.cli import (
 )  # fmt: skip
 from common.images import GRID_FORMATS, load_image, make_grid, save_grid, to_uint8
 from common.io import atomic_file, check_output
+from stage1_vqvae.model import VQModel
 from stage2_prior.cuda_graphs import GraphedSampler
 from stage2_prior.decoding import CodePrior
+from stage2_prior.masked_sampling import DEFAULT_STEPS, sample_masked
+from stage2_prior.maskgit import MaskedPrior
 from stage2_prior.sampling import sample_codes
+from tools.drawing import keep_from_painted, redrawn_pixels, rows_by_label
 from tools.load import load_models
+from tools.repair import hole_from_mask_image
 
 
 def build_parser():
@@ -54,8 +61,10 @@ def build_parser():
     add_device(p)
     p.add_argument("--scale", type=int, default=None, help="nearest-neighbour upscale (default: 2 below 64 px)")
     p.add_argument("--prime", type=str, default=None, help="an image whose visible codes are kept (completion)")
-    p.add_argument("--keep_rows", type=int, default=None, help="with --prime: keep the top r rows of CODES")
+    p.add_argument("--keep_rows", type=int, default=None, help="with --prime: keep the top R pixel rows (whole codes)")
     p.add_argument("--mask", type=str, default=None, help="with --prime: a mask image, white = keep")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"maskgit priors only: decoding steps, one network pass each (default {DEFAULT_STEPS})")
     p.add_argument("--wandb", action="store_true", help="also log the grid to a W&B run (offline if not logged in)")
     add_overwrite(p)
     return p
@@ -99,36 +108,28 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace) -> tuple[torch.Tensor
     return labels, int(torch.bincount(labels).max())
 
 
-def rows_by_label(images: torch.Tensor, labels: torch.Tensor | None, per_row: int) -> torch.Tensor:
-    """Lay images out one row per label, padding short rows with blank (-1) tiles."""
-    if labels is None:
-        return images
-    rows = []
-    for c in labels.unique(sorted=True):
-        row = images[labels == c]
-        blank = torch.full((per_row - len(row), *images.shape[1:]), -1.0)
-        rows.append(torch.cat([row, blank]))
-    return torch.cat(rows)
-
-
-def completion_keep(a: argparse.Namespace, grid_shape: tuple[int, int]) -> torch.Tensor:
-    """(H, W) bool: which codes of the primed image are kept."""
-    h, w = grid_shape
+def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
+    """(*grid_shape) bool: which codes of the primed image are kept. Both options are in pixels and map onto
+    every level: a code is redrawn when any pixel of its cell is below --keep_rows or not white in --mask."""
+    size = vqvae.image_size
     if (a.keep_rows is None) == (a.mask is None):
         raise ValueError("--prime needs exactly one of --keep_rows R or --mask MASK.png")
     if a.keep_rows is not None:
-        if not 0 <= a.keep_rows <= h:
-            raise ValueError(f"--keep_rows must be in [0, {h}] (rows of the {h}x{w} code grid), got {a.keep_rows}")
-        keep = torch.zeros(h, w, dtype=torch.bool)
-        keep[: a.keep_rows] = True
-        return keep
-    mask = load_image(a.mask, max(h, w) * 8, channels=1)  # (1, 1, S, S) in [-1, 1]
-    mask = torch.nn.functional.adaptive_avg_pool2d(mask, (h, w))[0, 0]
-    return mask > 0  # a grid cell is kept when most of its pixels are white
+        if not 0 <= a.keep_rows <= size:
+            raise ValueError(f"--keep_rows must be in [0, {size}] (pixel rows of the {size}x{size} image), "
+                             f"got {a.keep_rows}")  # fmt: skip
+        hole = torch.zeros(size, size, dtype=torch.bool)
+        hole[a.keep_rows :] = True
+    else:
+        hole = hole_from_mask_image(a.mask, size)
+    return keep_from_painted(vqvae, hole)
 
 
-def draw(prior: CodePrior, n: int, labels: torch.Tensor | None, opts: dict, device: torch.device) -> torch.Tensor:
+def draw(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None, opts: dict,
+         device: torch.device) -> torch.Tensor:  # fmt: skip
     """n code grids; on CUDA without guidance, each step's logits are replayed from a CUDA graph."""
+    if isinstance(prior, MaskedPrior):
+        return sample_masked(prior, n, labels, **opts)
     if device.type != "cuda" or opts["cfg_scale"] != 1.0:
         return sample_codes(prior, n, labels, **opts)
     with GraphedSampler(prior, labels, n, opts["temperature"], opts["top_k"], opts["top_p"]) as sampler:
@@ -137,32 +138,33 @@ def draw(prior: CodePrior, n: int, labels: torch.Tensor | None, opts: dict, devi
 
 def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
-    at_least(1, n=a.n, batch_size=a.batch_size, scale=a.scale, per_class=a.per_class)
+    at_least(1, n=a.n, batch_size=a.batch_size, scale=a.scale, per_class=a.per_class, steps=a.steps)
     if a.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {a.temperature}")
     grid_path, npz_path = outputs(a)
     device = resolve_device(a.device)
     m = load_models(a.prior, a.vqvae, device)
     prior, vqvae = m.prior, m.vqvae
+    if a.steps is not None and not isinstance(prior, MaskedPrior):
+        raise UserError(f"--steps is for maskgit priors; --prior {a.prior} is autoregressive (one pass per code)")
     if a.top_k is not None and not 1 <= a.top_k <= prior.codebook_size:
         raise UserError(f"--top_k must be in [1, {prior.codebook_size}] (the codebook size), got {a.top_k}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
     gen = torch.Generator(device=device).manual_seed(a.seed)
     opts = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, generator=gen)
+    if isinstance(prior, MaskedPrior):
+        opts["steps"] = a.steps or DEFAULT_STEPS
     scale = a.scale or (2 if m.image_size < 64 else 1)
     if a.prime:
-        keep = completion_keep(a, vqvae.grid_shape).to(device)  # check the options before reading the image
+        keep = completion_keep(a, vqvae).to(device)  # the options before the image
         image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
         labels = None
-        codes = sample_codes(prior, a.n, None, prime=prime, keep=keep, **opts)
+        sampler = sample_masked if isinstance(prior, MaskedPrior) else sample_codes  # draw()'s graphs keep no codes
+        codes = sampler(prior, a.n, None, prime=prime, keep=keep, **opts)
         masked = vqvae.decode_codes(prime[:1]).clone()
-        cell = m.image_size // vqvae.grid_shape[0]
-        pixel_keep = keep.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-        pixel_keep = torch.nn.functional.pad(pixel_keep, (0, masked.shape[-1] - pixel_keep.shape[-1],
-                                                          0, masked.shape[-2] - pixel_keep.shape[-2]))  # fmt: skip
-        masked[:, :, ~pixel_keep] = 0.0  # grey where codes are resampled
+        masked[:, :, redrawn_pixels(vqvae, keep)] = 0.0  # grey where codes are redrawn
         images = vqvae.decode_codes(codes)
         grid_images, per_row = torch.cat([image, masked, images]).cpu(), a.n + 2
     else:

@@ -1,0 +1,142 @@
+"""Sample quality of the masked-token prior vs the autoregressive Transformer: FID of 1,000 samples each.
+
+    python benchmarks/maskgit_quality.py --ar runs/stage2_transformer/latest/checkpoints/best.ckpt \\
+        --masked runs/stage2_maskgit/latest/checkpoints/best.ckpt
+
+Both priors must come from the same codes (same stage 1) and configs that differ only in `kind` (same size,
+batch, steps, optimiser: configs/stage2/fashion_mnist_{transformer,maskgit}.yaml). Equal training time is
+checked here rather than assumed: both networks' training steps (forward, backward, AdamW on batches of
+real codes) are timed in this process, interleaved, and their ratio reported.
+
+Samples: n per prior and setting, classes in turn (as `sample --n`), temperature 1, seed 0, for every
+--cfg_scale given (classifier-free guidance, 1 = off) and, for the masked prior (--steps passes), every
+--choice_temperature. FID with the project's feature net against the test split and against the validation
+split, beside the real-data floor (n train images). Reported: the defaults (no guidance, the sampler's
+default choice temperature) side by side, and each prior at its best setting chosen on the validation FID
+(so the test split chooses nothing), with the ratio of their test FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from _common import machine, report  # also puts the repo root on sys.path
+
+from common.codes import load_split
+from common.images import to_uint8
+from common.splits import ImageSplits
+from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
+from stage2_prior.maskgit import masked_token_loss, random_mask
+from stage2_prior.sampling import sample_codes
+from tools.features import load_features
+from tools.fid import fid
+from tools.load import load_models
+
+
+def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, steps: int, rounds: int) -> dict:
+    """Code maps per second of a training step (forward, loss, backward, AdamW) per network, interleaved.
+    Trains copies: the networks given stay as they are."""
+    nets = {k: copy.deepcopy(net) for k, net in nets.items()}
+    opts = {k: torch.optim.AdamW(net.parameters(), lr=1e-4) for k, net in nets.items()}
+    best = {k: float("inf") for k in nets}
+    for r in range(rounds + 1):  # round 0: warm-up
+        for k, net in nets.items():
+            net.train()
+            t = time.perf_counter()
+            for i in range(steps):
+                batch = slice((i * 128) % (len(codes) - 128), (i * 128) % (len(codes) - 128) + 128)
+                c, y = codes[batch], labels[batch]
+                if k == "masked":
+                    masked = random_mask(c.shape)
+                    loss = masked_token_loss(net(c, masked, y), c, masked)["nll"]
+                else:
+                    loss = torch.nn.functional.cross_entropy(net(c, y), c)
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
+            if r:
+                best[k] = min(best[k], time.perf_counter() - t)
+        for net in nets.values():
+            net.eval()
+    return {k: round(steps * 128 / v, 1) for k, v in best.items()}
+
+
+def draw(sampler, prior, n: int, batch_size: int, **kw) -> tuple[torch.Tensor, float]:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % prior.num_classes if prior.num_classes else None
+    t = time.perf_counter()
+    out = [sampler(prior, len(y), y, generator=gen, **kw) for y in labels.split(batch_size)]
+    return torch.cat(out), time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ar", default="runs/stage2_transformer/latest/checkpoints/best.ckpt")
+    ap.add_argument("--masked", default="runs/stage2_maskgit/latest/checkpoints/best.ckpt")
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--codes", default="codes/fashion_mnist", help="the codes both priors were trained on")
+    ap.add_argument("--features", default="auto")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--choice_temperature", type=float, nargs="+", default=[DEFAULT_CHOICE_TEMPERATURE])
+    ap.add_argument("--cfg_scale", type=float, nargs="+", default=[1.0], help="guidance scales tried (1: off)")
+    ap.add_argument("--batch_size", type=int, default=256)
+    ap.add_argument("--train_steps", type=int, default=10, help="timed training steps per round and network")
+    ap.add_argument("--json", default="benchmarks/results/maskgit_quality_cpu.json")
+    a = ap.parse_args()
+    ar, masked = load_models(a.ar, None, "cpu"), load_models(a.masked, None, "cpu")
+    if ar.stage1_sha256 != masked.stage1_sha256:
+        raise SystemExit("the two priors were trained on codes of different stage-1 checkpoints")
+    train_codes, train_labels = load_split(a.codes, "train")
+    codes = torch.from_numpy(np.asarray(train_codes[:5120], dtype=np.int64))
+    labels = torch.from_numpy(np.asarray(train_labels[:5120], dtype=np.int64))
+    result: dict = {**machine(), "ar": a.ar, "masked": a.masked, "n": a.n, "masked_steps": a.steps}
+    speed = training_maps_per_s({"ar": ar.prior, "masked": masked.prior}, codes, labels, a.train_steps, 3)
+    result.update({f"train_maps_per_s_{k}": v for k, v in speed.items()})
+    result["train_step_time_ratio_masked_over_ar"] = round(speed["ar"] / speed["masked"], 3)
+
+    data = ImageSplits(a.dataset, image_size=ar.image_size, channels=ar.channels)
+    features = load_features(a.features, a.dataset)
+    result["features"] = features.description
+    f_test = features(data.split_arrays("test")[0], "the test images")
+    f_val = features(data.split_arrays("val")[0], "the validation images")
+    train_images = data.split_arrays("train")[0]
+    pick = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(train_images), a.n, replace=False)))
+    f_floor = features(train_images[pick], "the train subset")
+    result["fid_floor_test"] = round(fid(f_floor, f_test), 3)
+
+    def score(name: str, codes: torch.Tensor, seconds: float) -> None:
+        with torch.inference_mode():
+            images = torch.cat([ar.vqvae.decode_codes(c) for c in codes.split(a.batch_size)])
+        f = features(to_uint8(images), "the samples")
+        result[f"{name}_fid_test"], result[f"{name}_fid_val"] = round(fid(f, f_test), 3), round(fid(f, f_val), 3)
+        result[f"{name}_sample_seconds"] = round(seconds, 2)
+        print(f"{name}: FID test {result[f'{name}_fid_test']}, val {result[f'{name}_fid_val']}, "
+              f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
+
+    with torch.inference_mode():
+        for cfg in a.cfg_scale:
+            score(f"ar_cfg{cfg:g}", *draw(sample_codes, ar.prior, a.n, a.batch_size, cfg_scale=cfg))
+            for ct in a.choice_temperature:
+                score(f"masked_cfg{cfg:g}_ct{ct:g}", *draw(sample_masked, masked.prior, a.n, a.batch_size,
+                                                            steps=a.steps, choice_temperature=ct, cfg_scale=cfg))
+    # the defaults (no guidance, the sampler's choice temperature), then each prior at its best setting on val
+    default = f"masked_cfg1_ct{DEFAULT_CHOICE_TEMPERATURE:g}"
+    if "ar_cfg1_fid_test" in result and f"{default}_fid_test" in result:
+        ratio = result[f"{default}_fid_test"] / result["ar_cfg1_fid_test"]
+        result["defaults_fid_ratio_masked_over_ar"] = round(ratio, 3)
+    for kind in ("ar", "masked"):
+        names = [k[: -len("_fid_val")] for k in result if k.startswith(f"{kind}_") and k.endswith("_fid_val")]
+        best = min(names, key=lambda k: result[f"{k}_fid_val"])
+        result[f"best_on_val_{kind}"], result[f"best_on_val_{kind}_fid_test"] = best, result[f"{best}_fid_test"]
+    result["best_on_val_fid_ratio_masked_over_ar"] = round(result["best_on_val_masked_fid_test"]
+                                                           / result["best_on_val_ar_fid_test"], 3)  # fmt: skip
+    report(result, a.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The page's server without a browser (starlette's TestClient on tools.webapp over tiny untrained models):
+the page's samples, .vqz files and decodings are the commands' own, a repair changes only painted pixels,
+every bad input is a 400 (413, 503) with a one-line message and the server goes on, model work is queued."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import user_error
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_bad_inputs import world  # noqa: F401  (tiny checkpoints of both stages, images, a .vqz)
+
+from stage1_vqvae.model import VQModel
+from tools.compress import main_compress, main_decompress
+from tools.drawing import keep_from_painted
+from tools.load import load_models
+from tools.playground import Playground
+from tools.sample import main as sample_main
+from tools.serve import main as serve
+from tools.uploads import encode_at_most, psnr, read_mask
+from tools.webapp import WEB, HttpError, ModelQueue, create_app
+
+LIMIT = 300_000  # bytes per request in these tests
+
+
+def decode(url: str) -> bytes:
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def pixels(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(decode(url))))
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(world):  # noqa: F811
+    play = Playground(load_models(world["prior"], None, "cpu"))
+    play.load_test_images()
+    with TestClient(create_app(play, max_upload_bytes=LIMIT)) as c:
+        yield c
+
+
+def first_image(world) -> Path:  # noqa: F811
+    return sorted(Path(world["images"]).iterdir())[0]
+
+
+def test_info_and_test_images(client):
+    info = client.get("/api/info").json()
+    assert info["image_size"] == 16 and info["channels"] == 1 and info["classes"] == ["discs", "squares"]
+    assert info["test_images"] > 0, info["test_message"]
+    r = client.get("/api/test_image/0")
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (16, 16)
+
+
+@pytest.mark.parametrize("label", [-1, 1])
+def test_sample_gives_the_sample_commands_codes(client, world, tmp_path, label):  # noqa: F811
+    data = client.post("/api/sample", data={"label": label, "n": 6, "seed": 3, "temperature": 0.9}).json()
+    page = np.load(io.BytesIO(decode(data["npz"])))
+    classes = [] if label < 0 else ["--classes", str(label)]
+    sample_main(["--prior", world["prior"], "--n", "6", "--seed", "3", "--temperature", "0.9", *classes,
+                 "--device", "cpu", "--out", str(tmp_path / "s.npz")])  # fmt: skip
+    cli = np.load(tmp_path / "s.npz")
+    for key in ("codes", "images", "labels"):
+        np.testing.assert_array_equal(page[key], cli[key], err_msg=key)
+    assert pixels(data["grid"]).ndim == 2  # greyscale grid
+
+
+def test_repair_changes_only_painted_pixels(client):
+    mask = np.zeros((16, 16, 4), np.uint8)
+    mask[2:7, 5:11] = 255  # a 5x6 rectangle: cells (0, 1), (0, 2), (1, 1), (1, 2) of the 4x4 code grid
+    data = client.post("/api/repair", data={"test_index": 2, "n": 3, "seed": 1},
+                       files={"mask": ("mask.png", png(mask, "RGBA"), "image/png")}).json()  # fmt: skip
+    original, painted = pixels(data["original"]), pixels(data["painted"]) > 0
+    np.testing.assert_array_equal(painted, mask[..., 3] > 0)
+    assert data["codes_redrawn"] == 4 and data["codes"] == 16
+    changed = np.zeros_like(painted)
+    for url in data["repairs"]:
+        repair = pixels(url)
+        np.testing.assert_array_equal(repair[~painted], original[~painted])  # kept pixels: exactly the same
+        changed |= repair != original
+    assert changed.any() and not changed[~painted].any()
+
+
+def test_compress_and_decompress_give_the_commands_files(client, world, tmp_path):  # noqa: F811
+    image = first_image(world)
+    data = client.post("/api/compress", files={"image": (image.name, image.read_bytes(), "image/png")}).json()
+    main_compress([str(image), "--prior", world["prior"], "--out", str(tmp_path / "cli.vqz")])
+    assert decode(data["vqz"]) == (tmp_path / "cli.vqz").read_bytes()
+    assert data["vq"]["bytes"] == len(decode(data["vqz"])) and data["vq"]["payload_bytes"] < data["vq"]["bytes"]
+    for fmt in ("jpeg", "webp"):  # at most the .vqz's size, unless even the lowest quality is larger
+        assert data[fmt]["fits"] == (data[fmt]["bytes"] <= data["vq"]["bytes"]), data[fmt]
+    main_decompress([str(tmp_path / "cli.vqz"), "--prior", world["prior"], "--out", str(tmp_path / "out")])
+    page = client.post("/api/decompress", files={"file": ("x.vqz", decode(data["vqz"]))}).json()
+    assert page["count"] == 1
+    np.testing.assert_array_equal(pixels(page["images"][0]), np.asarray(Image.open(tmp_path / "out" / "000000.png")))
+    np.testing.assert_array_equal(pixels(page["images"][0]), pixels(data["vq"]["png"]))
+
+
+def test_a_flat_image_compresses_and_identical_pixels_are_not_infinite_psnr(client):
+    r = client.post("/api/compress", files={"image": ("black.png", png(np.zeros((16, 16), np.uint8)))})
+    assert r.status_code == 200, r.text
+    assert None in [r.json()[k]["psnr"] for k in ("vq", "jpeg", "webp")]  # some codec gets black exactly right
+    assert psnr(torch.zeros(1, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4, dtype=torch.uint8)) is None
+
+
+def test_anomaly_scores_and_heat_maps(client, world):  # noqa: F811
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(Path(world["images"]).iterdir())]
+    data = client.post("/api/anomaly", files=files).json()
+    assert len(data["rows"]) == len(files) and "combined_score" in data["scores"]
+    combined = [r["scores"]["combined_score"] for r in data["rows"]]
+    assert combined == sorted(combined, reverse=True)
+    assert pixels(data["rows"][0]["heat"]).shape == (36, 70, 3)  # image | heat map, 2x, 2 px padding
+
+
+BIG = png(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels in a few kB
+RGB = np.zeros((16, 16, 3), np.uint8)
+RGB[..., 0] = 200
+ALPHA = np.full((16, 16, 4), 255, np.uint8)
+ALPHA[0, 0, 3] = 0
+MASK = png(np.full((16, 16, 4), 255, np.uint8), "RGBA")
+BAD = [  # (endpoint, form fields, files, status, message)
+    ("compress", {}, {"image": ("notes.txt", b"not an image at all")}, 400, r"notes.txt: not an image this page can"),
+    ("compress", {}, {"image": ("empty.png", b"")}, 400, r"empty.png: the file is empty"),
+    ("compress", {}, {"image": ("huge.png", BIG)}, 400, r"huge.png: 4100x4100 pixels is too large; the limit is"),
+    ("compress", {}, {"image": ("big.bin", b"0" * (LIMIT + 10))}, 413, r"upload too large .*the limit is 0.3 MB"),
+    ("compress", {}, {"image": ("red.png", png(RGB))}, 400, r"red.png is a colour image \(3 channels\), but this "
+                                                           r"model reads 1-channel"),  # fmt: skip
+    ("compress", {}, {"image": ("see.png", png(ALPHA, "RGBA"))}, 400, r"see.png has transparent pixels"),
+    ("compress", {}, {}, 400, r"no file given \(image\)"),
+    ("decompress", {}, {"file": ("x.vqz", b"VQZ1\x02\x00" + bytes(200))}, 400, r"x.vqz: file is corrupt or truncated"),
+    ("decompress", {}, {"file": ("a.png", png(RGB))}, 400, r"a.png: not a .vqz file"),
+    ("repair", {"test_index": 0}, {"mask": ("m.png", png(np.zeros((16, 16, 4), np.uint8), "RGBA"))}, 400,
+     r"nothing is painted"),  # fmt: skip
+    ("repair", {"test_index": 999}, {"mask": ("m.png", MASK)}, 400, r"test image 999 does not exist"),
+    ("repair", {}, {"mask": ("m.png", MASK)}, 400, r"test_index is missing"),
+    ("repair", {"test_index": 0}, {"mask": ("m.png", b"garbage")}, 400, r"the mask: not an image"),
+    ("repair", {"test_index": 0, "n": 99}, {"mask": ("m.png", MASK)}, 400, r"number of repairs must be in \[1, 16\]"),
+    ("sample", {"n": 0}, {}, 400, r"number of samples must be in \[1, 256\], got 0"),
+    ("sample", {"n": "abc"}, {}, 400, r"n must be an integer, got 'abc'"),
+    ("sample", {"temperature": "0"}, {}, 400, r"temperature must be in \(0, 10\]"),
+    ("sample", {"temperature": "nan"}, {}, 400, r"temperature must be a finite number"),
+    ("sample", {"top_p": "1.5"}, {}, 400, r"top-p must be in \(0, 1\]"),
+    ("sample", {"label": 5}, {}, 400, r"unknown class id 5; this prior has 2 classes"),
+    ("anomaly", {}, {}, 400, r"no images given"),
+]
+
+
+@pytest.mark.parametrize("endpoint,fields,files,status,message", BAD, ids=[f"{i:02d}" for i in range(len(BAD))])
+def test_bad_input_is_a_one_line_message_and_the_server_goes_on(client, endpoint, fields, files, status, message):
+    r = client.post(f"/api/{endpoint}", data=fields, files=files or None)
+    error = r.json()["error"]
+    assert r.status_code == status and re.search(message, error), (r.status_code, error)
+    assert "\n" not in error and "Traceback" not in error
+    assert client.post("/api/sample", data={"n": 2}).status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_with_one_line_and_the_server_goes_on(client, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(client.app.state.play, "sample", broken)
+    r = TestClient(client.app, raise_server_exceptions=False).post("/api/sample", data={"n": 2})
+    assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError: boom second line)")
+    monkeypatch.undo()
+    assert client.post("/api/sample", data={"n": 2}).status_code == 200
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit(client):
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(LIMIT // 10_000 + 2):
+            yield b"x" * 10_000
+
+    r = client.post("/api/compress", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "upload too large" in r.json()["error"]
+    assert client.get("/api/health").json()["ok"]
+
+
+def test_page_fetches_nothing_from_elsewhere(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "default-src 'none'" in r.headers["content-security-policy"]
+    for f in WEB.iterdir():
+        text = f.read_text()
+        assert not re.search(r"(https?:)?//[\w.-]+\.\w+/|@import|url\(", text), f"{f.name} refers to another origin"
+    assert client.get("/docs").status_code == 404  # FastAPI's docs pages would load a CDN
+
+
+def test_model_work_runs_one_at_a_time_and_a_full_queue_says_busy():
+    queue, spans = ModelQueue(max_waiting=4), []
+
+    def work(i: int) -> int:
+        start = time.perf_counter()
+        time.sleep(0.02)
+        spans.append((start, time.perf_counter(), threading.current_thread().name))
+        return i
+
+    async def main():
+        results = await asyncio.gather(*(queue.run(work, i) for i in range(6)), return_exceptions=True)
+        return results
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results[:4]] == [0, 1, 2, 3]
+    assert all(isinstance(r, HttpError) and r.status == 503 and "busy" in str(r) for r in results[4:])
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and len({s[2] for s in spans}) == 1
+
+
+def test_same_size_codecs_and_masks():
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 32, 32), dtype=np.uint8))
+    roomy, tight = encode_at_most(x, "JPEG", 5000), encode_at_most(x, "WEBP", 10)
+    assert roomy["fits"] and roomy["bytes"] <= 5000 and roomy["quality"] > 50 and roomy["decoded"].shape == x.shape
+    assert not tight["fits"] and tight["quality"] == 1 and tight["bytes"] > 10
+    big = np.zeros((64, 64, 4), np.uint8)
+    big[0, 0, 3] = 1  # one faint mask pixel over image pixel (0, 0) at 4x
+    painted = read_mask(png(big, "RGBA"), 16)
+    assert painted[0, 0] and painted.sum() == 1
+
+
+def test_a_busy_port_is_a_one_line_error(world, capsys):  # noqa: F811
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        err = user_error(serve, ["--prior", world["prior"], "--port", str(port)], capsys)
+    assert re.search(rf"cannot listen on --host 127.0.0.1 --port {port}: .*in use; pick another --port", err), err
+
+
+def test_painted_pixels_map_onto_each_level_of_a_multi_level_stage1():
+    vqvae = VQModel(1, 16, width=8, res_blocks=1, res_width=4, code_dim=4, codebook_size=8,
+                    levels=[{"downsample": 2}, {"downsample": 4}])  # fmt: skip
+    painted = torch.zeros(16, 16, dtype=torch.bool)
+    painted[5, 9] = True  # in cell (1, 2) of the 4x4 level and (2, 4) of the 8x8 level
+    keep = keep_from_painted(vqvae, painted)
+    assert keep.shape == vqvae.grid_shape == (1, 80)
+    redrawn = [(~k[0]).nonzero().tolist() for k in vqvae.split_codes(keep[None])]
+    assert sorted(redrawn) == sorted([[[1, 2]], [[2, 4]]])
+
+
+def test_a_masked_prior_samples_and_repairs_and_says_why_it_cannot_compress(world):  # noqa: F811
+    play = Playground(load_models(world["maskgit"], None, "cpu"))
+    play.load_test_images()
+    with TestClient(create_app(play)) as c:
+        assert c.get("/api/info").json()["masked"] is True
+        assert c.post("/api/sample", data={"n": 3, "steps": 2}).status_code == 200
+        mask = np.zeros((16, 16, 4), np.uint8)
+        mask[8:, :] = 255
+        data = c.post("/api/repair", data={"test_index": 0, "n": 2, "steps": 3},
+                      files={"mask": ("m.png", png(mask, "RGBA"))}).json()  # fmt: skip
+        original = pixels(data["original"])
+        for url in data["repairs"]:
+            np.testing.assert_array_equal(pixels(url)[:8], original[:8])
+        image = first_image(world)
+        r = c.post("/api/compress", files={"image": (image.name, image.read_bytes())})
+        assert r.status_code == 400 and re.search(r"is a maskgit prior, which has no exact likelihood; the Compress "
+                                                  r"tab takes transformer or pixelcnn priors", r.json()["error"])

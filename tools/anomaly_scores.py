@@ -1,0 +1,109 @@
+"""The per-image anomaly scores of `score_anomalies` and the page (`serve`), and the heat map of each
+code's surprise; what each score means and why is in :mod:`tools.anomaly`'s docstring.
+
+    scores, surprise = score_images(prior, vqvae, images)   # {name: (N,)}, (N, h, w) bits per code
+    tiles = heat_map_grid(images, surprise)                  # each image beside its heat map
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.codes import split_levels
+from stage1_vqvae.model import VQModel
+from stage2_prior.decoding import CodePrior
+
+SCORES = ("nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score", "max_surprise_bits",
+          "likelihood_ratio", "typicality")  # fmt: skip
+
+
+def generic_code_bits(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """codes (N, H, W) -> (N,) bits to code each grid in raster order with an adaptive order-0 model
+    with PPM method-C escapes (see tools.anomaly's docstring). No training, no knowledge of images."""
+    flat = np.asarray(codes, dtype=np.int64).reshape(len(codes), -1)
+    n_img, T = flat.shape
+    counts = np.zeros((n_img, codebook_size), dtype=np.int64)
+    distinct = np.zeros(n_img, dtype=np.int64)
+    rows = np.arange(n_img)
+    bits = np.zeros(n_img)
+    for t in range(T):  # t symbols seen so far
+        c = flat[:, t]
+        seen = counts[rows, c]
+        new_p = np.where(distinct > 0, distinct / np.maximum(t + distinct, 1), 1.0) / np.maximum(
+            codebook_size - distinct, 1
+        )
+        p = np.where(seen > 0, seen / np.maximum(t + distinct, 1), new_p)
+        bits -= np.log2(p)
+        distinct += seen == 0
+        counts[rows, c] += 1
+    return bits
+
+
+def code_surprise(prior: CodePrior, codes: torch.Tensor) -> torch.Tensor:
+    """codes (B, h, w) -> -log2 p(c_t | c_<t) (B, h, w) under the prior's null class."""
+    logits = prior(codes, None).float()  # (B, K, h, w)
+    return F.cross_entropy(logits, codes, reduction="none") / math.log(2)
+
+
+@torch.no_grad()
+def mean_nll_bits(prior: CodePrior, codes: np.ndarray, batch_size: int = 256) -> float:
+    """The mean NLL in bits per code map of `codes` (N, h, w): the typical-set centre for `typicality`."""
+    device = next(prior.parameters()).device
+    total = [code_surprise(prior, torch.from_numpy(np.asarray(c, np.int64)).to(device)).flatten(1).sum(1)
+             for c in np.array_split(codes, max(1, -(-len(codes) // batch_size)))]  # fmt: skip
+    return float(torch.cat(total).mean())
+
+
+@torch.no_grad()
+def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor, batch_size: int = 256,
+                 background: CodePrior | None = None, train_nll_bits: float | None = None,
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+    """images (N, C, S, S) in [-1, 1] -> ({score name: (N,) array}, per-code surprise (N, h, w) in bits);
+    scores that need an input not given are NaN. See tools.anomaly's docstring."""
+    prior.eval()
+    dims = images[0].numel()
+    out: dict[str, list[np.ndarray]] = {k: [] for k in SCORES}
+    maps = []
+    device = next(prior.parameters()).device
+    for x in images.split(batch_size):
+        x = x.to(vqvae.device)
+        codes = vqvae.encode_to_codes(x)  # (B, h, w)
+        recon = vqvae.decode_codes(codes)
+        mse = ((recon.float() - x.float()) / 2).pow(2).flatten(1).mean(1).cpu().numpy()  # pixels in [0, 1]
+        codes = codes.to(device)
+        surprise = code_surprise(prior, codes)  # (B, h, w) bits
+        nll_bits = surprise.flatten(1).sum(1).cpu().numpy()
+        nll = nll_bits / dims
+        complexity = generic_code_bits(codes.cpu().numpy(), prior.codebook_size) / dims
+        nan = np.full(len(codes), np.nan)
+        if background is None:
+            ratio = nan
+        else:
+            ratio = nll - code_surprise(background.eval(), codes).flatten(1).sum(1).cpu().numpy() / dims
+        typical = nan if train_nll_bits is None else np.abs(nll_bits - train_nll_bits) / dims
+        values = (nll, mse, complexity, nll - complexity, surprise.flatten(1).amax(1).cpu().numpy(), ratio, typical)
+        for key, value in zip(SCORES, values):
+            out[key].append(np.asarray(value, dtype=np.float64))
+        maps.append(surprise.cpu().numpy())
+    scores = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+    return scores, np.concatenate(maps) if maps else np.zeros((0, *prior.grid_shape))
+
+
+def heat_map_grid(images: torch.Tensor, surprise: np.ndarray, levels: list[dict] | None = None) -> torch.Tensor:
+    """Images (n, C, S, S) in [-1, 1] and their per-code surprise (n, *grid_shape) -> (2n, 3, S, S): each image
+    followed by itself in grey with the surprise in red (scaled to the largest value shown). With several
+    `levels` (the stage-1 model's), each level's bits are spread over its cells' pixels and summed."""
+    n, _, size, _ = images.shape
+    gray = images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1)  # (n, 3, S, S)
+    parts = split_levels(torch.from_numpy(surprise).float(), levels) if levels else [torch.from_numpy(surprise).float()]
+    heat = sum(F.interpolate(p[:, None], size=(size, size), mode="nearest")[:, 0] * p[0].numel() / size**2
+               for p in parts)  # (n, S, S): bits per pixel  # fmt: skip
+    heat = heat / heat.max().clamp(min=1e-9)
+    overlay = gray.clone() * 0.5 - 0.5  # darkened grey, so red shows
+    overlay[:, 0] = torch.maximum(overlay[:, 0], heat * 2 - 1)
+    rgb = images.float().expand(-1, 3, -1, -1)
+    return torch.stack([rgb, overlay], 1).reshape(2 * n, 3, size, size)

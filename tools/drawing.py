@@ -1,0 +1,89 @@
+"""Drawing and completing code grids for the tools, and laying the decoded images out (torch only).
+
+    labels, per_row = class_labels(prior.num_classes, label=None, n=16)   # one row per class
+    codes = draw_codes(prior, n, labels, opts)                           # opts: sample_codes' keywords
+    keep = keep_from_painted(vqvae, painted)                             # pixels painted -> codes kept
+    codes = complete_codes(prior, prime, keep, opts)                     # the painted codes re-drawn
+
+`draw_codes` and `complete_codes` are the one place each where the page (`serve`) meets a sampler: the
+raster-order sampler for autoregressive priors, the parallel one (``opts["steps"]`` passes) for masked priors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stage1_vqvae.model import VQModel
+from stage2_prior.decoding import CodePrior
+from stage2_prior.masked_sampling import sample_masked
+from stage2_prior.maskgit import MaskedPrior
+from stage2_prior.sampling import sample_codes
+from tools.repair import cell_pixels, codes_to_redraw
+
+
+def class_labels(num_classes: int, label: int | None, n: int) -> tuple[torch.Tensor | None, int]:
+    """(labels (n,) or None, images per grid row). label None: every class in turn, sorted, so the grid has one
+    row per class (the labels `sample --n n` draws); a class id: n of that class; unconditional priors: None."""
+    if num_classes == 0:
+        if label is not None:
+            raise ValueError("this prior is unconditional: it has no classes to choose from")
+        return None, max(1, int(n**0.5 + 0.999))
+    if label is None:
+        labels = torch.arange(num_classes).repeat(-(-n // num_classes))[:n].sort().values
+        return labels, int(torch.bincount(labels).max())
+    if not 0 <= label < num_classes:
+        raise ValueError(f"unknown class id {label}; this prior has {num_classes} classes (0..{num_classes - 1})")
+    return torch.full((n,), label, dtype=torch.long), max(1, int(n**0.5 + 0.999))
+
+
+def rows_by_label(images: torch.Tensor, labels: torch.Tensor | None, per_row: int) -> torch.Tensor:
+    """Lay images out one row per label, padding short rows with blank (-1) tiles."""
+    if labels is None:
+        return images
+    rows = []
+    for c in labels.unique(sorted=True):
+        row = images[labels == c]
+        blank = torch.full((per_row - len(row), *images.shape[1:]), -1.0)
+        rows.append(torch.cat([row, blank]))
+    return torch.cat(rows)
+
+
+def _sampler(prior: CodePrior | MaskedPrior, opts: dict):
+    """The sampler for this kind of prior, and its keywords (`steps` is for masked priors only)."""
+    if isinstance(prior, MaskedPrior):
+        return sample_masked, opts
+    return sample_codes, {k: v for k, v in opts.items() if k != "steps"}
+
+
+def draw_codes(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None, opts: dict) -> torch.Tensor:
+    """n new code grids (n, *grid_shape); opts are the samplers' keywords (temperature, top_k, top_p,
+    cfg_scale, generator; steps for a masked prior)."""
+    sampler, kwargs = _sampler(prior, opts)
+    return sampler(prior, n, labels, **kwargs)
+
+
+def complete_codes(prior: CodePrior | MaskedPrior, prime: torch.Tensor, keep: torch.Tensor, opts: dict) -> torch.Tensor:
+    """Re-draw the codes of prime (n, *grid_shape) where keep (*grid_shape) is False, keeping the others
+    exactly, with the null class; opts as in :func:`draw_codes`. A raster-order prior sees only the codes
+    before each position, so a re-drawn code cannot look at the kept codes below or right of it; a masked
+    prior sees them all."""
+    sampler, kwargs = _sampler(prior, opts)
+    return sampler(prior, len(prime), None, prime=prime, keep=keep, **kwargs)
+
+
+def keep_from_painted(vqvae: VQModel, painted: torch.Tensor) -> torch.Tensor:
+    """painted pixels (S, S) bool -> which codes to keep (*grid_shape) bool: a code is re-drawn when any
+    pixel of its cell is painted. A multi-level stage 1 (codes flattened into grid_shape (1, T)) gets the
+    same rule on each level's own grid, in the order `VQModel.split_codes` reads them."""
+    if painted.shape != (vqvae.image_size, vqvae.image_size):
+        raise ValueError(f"the painted mask must be {vqvae.image_size}x{vqvae.image_size}, got {tuple(painted.shape)}")
+    redraw = [codes_to_redraw(painted, level["grid_shape"]) for level in vqvae.levels]
+    if len(redraw) == 1:
+        return ~redraw[0]
+    return ~torch.cat([r.flatten() for r in redraw]).view(vqvae.grid_shape)
+
+
+def redrawn_pixels(vqvae: VQModel, keep: torch.Tensor) -> torch.Tensor:
+    """keep (*grid_shape) bool -> (S, S) bool: the pixels of every redrawn code's cell, on any level."""
+    parts = vqvae.split_codes(~keep.cpu()[None])  # one (1, h, w) per level
+    return torch.stack([cell_pixels(p[0], vqvae.image_size) for p in parts]).any(0)

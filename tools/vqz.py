@@ -1,0 +1,71 @@
+"""Images <-> ``.vqz`` bytes with loaded models: what `compress`/`decompress` and the page (`serve`) share.
+
+    codes = encode_images(m.vqvae, images)            # (N, C, S, S) in [-1, 1] -> codes (N, H, W)
+    data, ideal_bits = compress_codes(m, codes)       # -> the .vqz file's bytes
+    codes = decompress_codes(m, data, "x.vqz")        # -> codes, exactly; ContainerError if the file is bad
+    images = decode_images(m.vqvae, codes)            # -> stage 1's decoding, [-1, 1]
+
+The coding itself (range coder, container layout) is :mod:`tools.codec`; `m` must hold fp32 CPU models
+(:func:`cpu_models`), since exact decoding needs bit-identical probabilities on both sides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stage1_vqvae.model import VQModel
+from tools.codec import Container, ContainerError, decode_codes, encode_codes, pack, unpack
+from tools.load import Models, load_models
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def cpu_models(prior_path: str | Path, vqvae_path: str | Path | None = None) -> Models:
+    """Prior and stage 1 in fp32 on the CPU: the coder's probabilities must be bit-identical both ways."""
+    return as_codec_models(load_models(prior_path, vqvae_path, "cpu"))
+
+
+def as_codec_models(m: Models) -> Models:
+    """`m` itself, its networks made fp32 (they must already be on the CPU)."""
+    if m.device.type != "cpu":
+        raise ValueError(f"the codec runs on the CPU; these models are on {m.device}: load them with device='cpu'")
+    m.prior.float()
+    m.vqvae.float()
+    return m
+
+
+def encode_images(vqvae: VQModel, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    return torch.cat([vqvae.encode_to_codes(x) for x in images.split(batch_size)]).numpy()
+
+
+def compress_codes(m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[bytes, float]:
+    """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p)."""
+    streams, crcs, ideal = encode_codes(m.prior, codes, batch_size)
+    c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
+                  m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version,
+                  streams, crcs)  # fmt: skip
+    return pack(c), ideal
+
+
+def decompress_codes(m: Models, data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """.vqz bytes -> codes (N, H, W); ContainerError if the file is bad or made with other checkpoints."""
+    c = unpack(data, name)
+    for what, flag, ours, theirs in [("prior", "--prior", m.prior_sha256, c.prior_sha256),
+                                     ("stage-1 checkpoint", "--vqvae", m.stage1_sha256, c.stage1_sha256)]:  # fmt: skip
+        if ours != theirs:
+            raise ContainerError(f"{name} was made with a different {what}: checkpoint SHA-256 differs (file: "
+                                 f"{theirs[:12]}..., given: {ours[:12]}...); pass the {what} it was made with "
+                                 f"({flag})")  # fmt: skip
+    if (c.image_size, c.channels) != (m.image_size, m.channels):
+        raise ContainerError(f"{name}: holds {c.channels}-channel {c.image_size}px images, but stage 1 makes "
+                             f"{m.channels}-channel {m.image_size}px ones; pass the checkpoints it was "
+                             "made with")  # fmt: skip
+    return decode_codes(m.prior, c, name)
+
+
+def decode_images(vqvae: VQModel, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
+    return torch.cat([vqvae.decode_codes(c) for c in codes_t.split(batch_size)]) if len(codes_t) else codes_t

@@ -1,0 +1,242 @@
+"""The page's web layer: a FastAPI app that serves tools/web/ (one hand-written page, no external assets)
+and a small JSON API over a :class:`tools.playground.Playground`.
+
+    GET  /                      the page            GET /api/info, /api/health, /api/test_image/{i}
+    POST /api/sample            form: label, n, temperature, top_p, cfg_scale, seed (, steps: masked priors)
+    POST /api/repair            form: image (file) or test_index, mask (PNG), n, temperature, top_p, seed (, steps)
+    POST /api/compress          form: image (file)          POST /api/decompress   form: file (.vqz)
+    POST /api/anomaly           form: images (files)
+
+Answers are JSON; files inside them are base64 data URLs. A problem the user can fix is HTTP 400 (413 for an
+upload over the size limit, 503 when the queue is full) with {"error": "<one line>"}; anything else is a
+500 with a one-line message, logged with its traceback, and the server goes on serving. Model work runs on
+one worker thread, so concurrent requests queue instead of running the models at once (on a 2-core CPU
+two at once would each take twice as long, and the networks' decoding state is not shared-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from common.cli import UserError, one_line
+from tools.playground import MAX_IMAGES, Playground
+from tools.uploads import MAX_PIXELS, png_bytes, read_mask, read_upload_image
+
+WEB = Path(__file__).with_name("web")
+# Nothing from another origin: no fonts, scripts, styles or beacons, whatever a later edit of the page adds.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+
+
+class HttpError(UserError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Guard:
+    """ASGI middleware: security headers on every answer, and a request body over `max_bytes` refused with 413,
+    by its Content-Length before anything is read, or (chunked uploads) as soon as the bytes read pass it.
+    (Plain ASGI: Starlette's BaseHTTPMiddleware would turn an error raised while reading into a 500.)"""
+
+    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+               (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]  # fmt: skip
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            answer = JSONResponse({"error": self.message(length.decode(errors="replace"))}, status_code=413)
+            return await answer(scope, receive, send_with_headers)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # raised inside the route's form parsing: the HttpError handler answers
+                raise HttpError(413, self.message(f"over {self.max_bytes}"))
+            return message
+
+        return await self.app(scope, counted, send_with_headers)
+
+    def message(self, length: str) -> str:
+        return f"upload too large ({length} bytes); the limit is {self.max_bytes / 1e6:g} MB per request"
+
+
+class ModelQueue:
+    """Runs model work on one thread, in arrival order; refuses work when `max_waiting` requests already wait."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
+        self.max_waiting, self.waiting = max_waiting, 0
+
+    async def run(self, fn, *args):
+        if self.waiting >= self.max_waiting:
+            raise HttpError(503, f"the server is busy ({self.waiting} requests queued); try again in a moment")
+        self.waiting += 1  # only the event loop's thread touches the counter
+        try:
+            t0 = time.perf_counter()
+            result = await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            return result, time.perf_counter() - t0
+        finally:
+            self.waiting -= 1
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def number(form, name: str, kind: type = float, default: float | None = None) -> float:
+    """A form field as int or float; 400 naming the field if missing or not a number."""
+    raw = form.get(name)
+    if raw is None or str(raw).strip() == "":
+        if default is None:
+            raise HttpError(400, f"{name} is missing")
+        return default
+    try:
+        value = kind(str(raw).strip())
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise HttpError(400, f"{name} must be {what}, got {str(raw)[:40]!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise HttpError(400, f"{name} must be a finite number, got {raw!r}")
+    return value
+
+
+async def upload(form, name: str) -> tuple[bytes, str]:
+    f = form.get(name)
+    if f is None or isinstance(f, str):
+        raise HttpError(400, f"no file given ({name}); choose a file to upload")
+    return await f.read(), f.filename or name
+
+
+def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting: int = 64) -> FastAPI:
+    """The app; `play` is used from the queue's one worker thread only."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="vqgen")  # the docs pages load a CDN
+    queue = ModelQueue(max_waiting)
+    size, channels = play.m.image_size, play.m.channels
+    app.state.queue, app.state.play = queue, play
+
+    @app.exception_handler(HttpError)
+    async def http_error(request: Request, e: HttpError):
+        return JSONResponse({"error": one_line(e)}, status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def starlette_error(request: Request, e: HTTPException):  # e.g. too many files in one form
+        return JSONResponse({"error": one_line(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(UserError)
+    @app.exception_handler(ValueError)
+    async def user_error(request: Request, e: Exception):  # what the commands report as user errors
+        return JSONResponse({"error": one_line(e)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, e: Exception):  # Starlette logs the traceback after this answer
+        return JSONResponse({"error": f"internal error ({type(e).__name__}: {one_line(e)[:200]}); the server "
+                                      "goes on: try other inputs"}, status_code=500)  # fmt: skip
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    @app.get("/api/info")
+    async def info():
+        return play.info() | {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS}
+
+    @app.get("/api/health")
+    async def health():
+        return {"ok": True, "queued": queue.waiting}
+
+    @app.get("/api/test_image/{index}")
+    async def test_image(index: int):
+        return Response(png_bytes(play.test_image(index)), media_type="image/png")
+
+    async def form_of(request: Request):
+        return await request.form(max_files=MAX_IMAGES, max_fields=32)
+
+    @app.post("/api/sample")
+    async def sample(request: Request):
+        form = await form_of(request)
+        label = int(number(form, "label", int, -1))
+        args = (None if label < 0 else label, int(number(form, "n", int, 16)), number(form, "temperature", float, 1.0),
+                number(form, "top_p", float, 1.0), number(form, "cfg_scale", float, 1.0), number(form, "seed", int, 0),
+                number(form, "steps", int, 0))
+        out, seconds = await queue.run(play.sample, *args)
+        return {"grid": data_url(out["grid"]), "npz": data_url(out["npz"], "application/octet-stream"),
+                "n": out["n"], "model_seconds": out["seconds"], "seconds": seconds}  # fmt: skip
+
+    async def image_for_repair(form) -> torch.Tensor:
+        if form.get("image") is not None and not isinstance(form.get("image"), str):
+            data, name = await upload(form, "image")
+            return await asyncio.to_thread(read_upload_image, data, name, size, channels)
+        return play.test_image(int(number(form, "test_index", int)))
+
+    @app.post("/api/repair")
+    async def repair(request: Request):
+        form = await form_of(request)
+        image = await image_for_repair(form)
+        mask, _ = await upload(form, "mask")
+        painted = await asyncio.to_thread(read_mask, mask, size)
+        args = (image, painted, int(number(form, "n", int, 4)), number(form, "temperature", float, 1.0),
+                number(form, "top_p", float, 1.0), number(form, "seed", int, 0), number(form, "steps", int, 0))
+        out, seconds = await queue.run(play.repair, *args)
+        return {"original": data_url(out["original"]), "painted": data_url(out["painted"]),
+                "repairs": [data_url(r) for r in out["repairs"]], "codes_redrawn": out["codes_redrawn"],
+                "codes": out["codes"], "seconds": seconds}  # fmt: skip
+
+    @app.post("/api/compress")
+    async def compress(request: Request):
+        data, name = await upload(await form_of(request), "image")
+        image = await asyncio.to_thread(read_upload_image, data, name, size, channels)
+        out, seconds = await queue.run(play.compress, image, name)
+        answer = {"original": data_url(out["original"]), "seconds": seconds, "name": Path(name).stem + ".vqz",
+                  "vqz": data_url(out["vqz"], "application/octet-stream"),
+                  "vq": {**out["vq"], "png": data_url(out["vq"]["png"])}}  # fmt: skip
+        for fmt, mime in (("jpeg", "image/jpeg"), ("webp", "image/webp")):
+            answer[fmt] = {**out[fmt], "data": data_url(out[fmt]["data"], mime)}
+        return answer
+
+    @app.post("/api/decompress")
+    async def decompress(request: Request):
+        data, name = await upload(await form_of(request), "file")
+        out, seconds = await queue.run(play.decompress, data, name)
+        return {"count": out["count"], "bpp": out["bpp"], "images": [data_url(x) for x in out["images"]],
+                "seconds": seconds}  # fmt: skip
+
+    @app.post("/api/anomaly")
+    async def anomaly(request: Request):
+        form = await form_of(request)
+        files = [f for f in form.getlist("images") if not isinstance(f, str)]
+        if not files:
+            raise HttpError(400, "no images given; choose one or more image files")
+        images = [await asyncio.to_thread(read_upload_image, await f.read(), f.filename or "image", size, channels)
+                  for f in files]  # decoded off the event loop: a large upload does not stall other requests
+        out, seconds = await queue.run(play.anomaly, torch.stack(images), [f.filename or "image" for f in files])
+        rows = [{**r, "heat": data_url(r["heat"])} for r in out["rows"]]
+        return {"rows": rows, "scores": out["scores"], "seconds": seconds}
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+    app.add_middleware(Guard, max_bytes=max_upload_bytes)
+    return app
