@@ -122,8 +122,8 @@ def main() -> None:
         for cfg in a.cfg_scale:
             score(f"ar_cfg{cfg:g}", *draw(sample_codes, ar.prior, a.n, a.batch_size, cfg_scale=cfg))
             for ct in a.choice_temperature:
-                score(f"masked_cfg{cfg:g}_ct{ct:g}", *draw(sample_masked, masked.prior, a.n, a.batch_size,
-                                                            steps=a.steps, choice_temperature=ct, cfg_scale=cfg))
+                kw = dict(steps=a.steps, choice_temperature=ct, cfg_scale=cfg)
+                score(f"masked_cfg{cfg:g}_ct{ct:g}", *draw(sample_masked, masked.prior, a.n, a.batch_size, **kw))
     # the defaults (no guidance, the sampler's choice temperature), then each prior at its best setting on val
     default = f"masked_cfg1_ct{DEFAULT_CHOICE_TEMPERATURE:g}"
     if "ar_cfg1_fid_test" in result and f"{default}_fid_test" in result:

@@ -4,14 +4,14 @@
         --masked runs/stage2_maskgit/latest/checkpoints/best.ckpt --n 1000
 
 Holes are given in pixels and mapped to codes as `sample --prime --mask` maps them (a code is redrawn if any
-pixel of its cell is in the hole; the others are kept exactly): a centre square (side 0.4 of the image),
-the lower half, and a random 50 % of the codes (per image). Both priors repair the same holes, unconditionally
-(the null class, as `sample --prime` does), with the same seed; the masked one in 8 steps. Per hole and
-prior: PSNR of the repaired region (the redrawn codes' pixels) to the original image; seam PSNR, on the band
-of pixels within one code cell of the region's edge, on both sides (the decoder mixes neighbouring codes, so
-kept pixels near the hole change too); FID of the repaired images against the test split with the
-project's feature net. The same figures for stage 1's reconstruction (the original codes, nothing redrawn)
-are the ceiling.
+pixel of its cell is in the hole, on every stage-1 level; the others are kept exactly): a centre square (side
+0.4 of the image), the lower half, and a random 50 % of the codes (per image). Both priors repair the same
+holes, unconditionally (the null class, as `sample --prime` does), with the same seed; the masked one in 8
+steps. Per hole and prior: PSNR of the repaired region (the redrawn codes' pixels) to the original image;
+seam PSNR, on the band of pixels within one code cell of the region's edge, on both sides (the decoder mixes
+neighbouring codes, so kept pixels near the hole change too); FID of the repaired images against the test
+split with the project's feature net. The same figures for stage 1's reconstruction (the original codes,
+nothing redrawn) are the ceiling.
 """
 
 from __future__ import annotations
@@ -28,31 +28,33 @@ from common.images import from_uint8, to_uint8
 from common.splits import ImageSplits
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
 from stage2_prior.sampling import sample_codes
+from tools.drawing import keep_from_painted, redrawn_pixels
 from tools.features import load_features
 from tools.fid import fid
 from tools.load import load_models
-from tools.repair import cell_pixels, codes_to_redraw
 
 HOLES = ("centre_square", "lower_half", "random_half_of_codes")
 
 
-def holes(kind: str, n: int, size: int, grid: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """(n, S, S) bool pixel holes of one kind."""
-    hole = torch.zeros(n, size, size, dtype=torch.bool)
-    if kind == "centre_square":
-        side = int(0.4 * size)
-        start = (size - side) // 2
-        hole[:, start : start + side, start : start + side] = True
-    elif kind == "lower_half":
-        hole[:, size // 2 :] = True
-    elif kind == "random_half_of_codes":
-        g = torch.Generator().manual_seed(seed)
+def kept_codes(kind: str, n: int, vqvae, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep (n, *grid_shape) bool, region (n, S, S) bool: the redrawn codes' pixels) for one kind of hole,
+    mapped onto every stage-1 level as `sample --mask` maps a painted hole."""
+    size, grid = vqvae.image_size, tuple(vqvae.grid_shape)
+    if kind == "random_half_of_codes":  # on the codes themselves (all levels, flattened)
         T = grid[0] * grid[1]
-        ranks = torch.rand(n, T, generator=g).argsort(1).argsort(1)
-        hole = cell_pixels((ranks < T // 2).reshape(n, *grid), size)
+        ranks = torch.rand(n, T, generator=torch.Generator().manual_seed(seed)).argsort(1).argsort(1)
+        keep = (ranks >= T // 2).reshape(n, *grid)
+        return keep, torch.stack([redrawn_pixels(vqvae, k) for k in keep])
+    hole = torch.zeros(size, size, dtype=torch.bool)
+    if kind == "centre_square":
+        side, start = int(0.4 * size), (size - int(0.4 * size)) // 2
+        hole[start : start + side, start : start + side] = True
+    elif kind == "lower_half":
+        hole[size // 2 :] = True
     else:
         raise ValueError(kind)
-    return hole
+    keep = keep_from_painted(vqvae, hole)
+    return keep.expand(n, *grid), redrawn_pixels(vqvae, keep).expand(n, size, size)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
@@ -107,10 +109,10 @@ def main() -> None:
                         "masked_steps": a.steps, "masked_choice_temperature": a.choice_temperature,
                         "features": features.description,
                         "fid_reconstruction": round(fid(features(to_uint8(recon)), f_test), 3)}  # fmt: skip
-        cell = size // grid[0]
+        cell = min(size // level["grid_shape"][0] for level in vqvae.levels)  # the finest level's cells
         for kind in a.holes:
-            redraw = codes_to_redraw(holes(kind, len(codes), size, grid), grid)  # (n, H, W)
-            region = cell_pixels(redraw, size)  # (n, S, S): the redrawn codes' pixels
+            keep, region = kept_codes(kind, len(codes), vqvae)
+            redraw = ~keep
             band = seam_band(region, cell)
             result[f"{kind}_codes_redrawn"] = round(float(redraw.float().mean()), 3)
             result[f"{kind}_reconstruction_psnr_hole_db"] = round(psnr(recon, originals, region), 2)

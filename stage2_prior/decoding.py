@@ -22,14 +22,11 @@ import torch
 from torch import nn
 
 
-class CodePrior(nn.Module, metaclass=ABCMeta):
-    """Base class of the prior networks. Subclasses define `sizes` (named sizes -> constructor kwargs),
-    call `super().__init__(codebook_size, grid_shape, num_classes)` and implement forward/begin/step_logits/end."""
+class PriorNetwork(nn.Module):
+    """What every prior network has, autoregressive or masked: the sizes of the codes it models, a class
+    table whose last row (``null_label``) is the unconditional class, and the label convention."""
 
-    sizes: dict[str, dict] = {}
-    # The floating-point arithmetic of step_logits, as .vqz files record it: exact decoding needs the same
-    # arithmetic as the encoder, so bump it whenever a change to the step path can change a logit's bits.
-    step_version: int = 1
+    sizes: dict[str, dict] = {}  # named sizes -> constructor kwargs
 
     def __init__(self, codebook_size: int, grid_shape: tuple[int, int], num_classes: int) -> None:
         super().__init__()
@@ -37,7 +34,6 @@ class CodePrior(nn.Module, metaclass=ABCMeta):
         self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
         self.num_classes = int(num_classes)
         self.null_label = self.num_classes  # the last row of every class table: unconditional
-        self.step_labels: torch.Tensor | None = None  # (n,) while decoding
 
     @property
     def seq_len(self) -> int:
@@ -49,6 +45,20 @@ class CodePrior(nn.Module, metaclass=ABCMeta):
             return torch.full((n,), self.null_label, dtype=torch.long, device=device)
         labels = labels.to(device=device, dtype=torch.long)
         return labels.masked_fill(labels < 0, self.null_label)
+
+
+class CodePrior(PriorNetwork, metaclass=ABCMeta):
+    """Base class of the autoregressive prior networks. Subclasses define `sizes` (named sizes -> constructor
+    kwargs), call `super().__init__(codebook_size, grid_shape, num_classes)` and implement
+    forward/begin/step_logits/end."""
+
+    # The floating-point arithmetic of step_logits, as .vqz files record it: exact decoding needs the same
+    # arithmetic as the encoder, so bump it whenever a change to the step path can change a logit's bits.
+    step_version: int = 1
+
+    def __init__(self, codebook_size: int, grid_shape: tuple[int, int], num_classes: int) -> None:
+        super().__init__(codebook_size, grid_shape, num_classes)
+        self.step_labels: torch.Tensor | None = None  # (n,) while decoding
 
     def begin(self, n: int, labels: torch.Tensor | None) -> None:
         """Prepare to decode n grids with these labels; subclasses extend this to allocate caches."""

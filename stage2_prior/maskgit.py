@@ -26,49 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage2_prior.transformer import MLP
+from stage2_prior.decoding import PriorNetwork
+from stage2_prior.transformer import TRANSFORMER_SIZES, Block, gpt2_init
 
-MASKGIT_SIZES = {  # the Transformer's sizes: equal-size comparisons
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64),
-    "small": dict(n_layer=4, n_head=4, n_embd=128),
-    "base": dict(n_layer=8, n_head=8, n_embd=256),
-}
+MASKGIT_SIZES = TRANSFORMER_SIZES  # the same named sizes: equal-size comparisons
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention, every position to every position (no causal mask)."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
-        super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
-        self.n_head, self.dropout = n_head, dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd)
-        self.proj = nn.Linear(n_embd, n_embd)
-        self.resid_drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for z in self.qkv(x).split(C, dim=2))  # (B, nh, T, hs) each  # fmt: skip
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer encoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(n_embd), SelfAttention(n_embd, n_head, dropout)
-        self.ln2, self.mlp = nn.LayerNorm(n_embd), MLP(n_embd, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class MaskedPrior(nn.Module):
+class MaskedPrior(PriorNetwork):
     """p(codes at masked positions | the other codes, label), all positions predicted in one pass."""
 
     sizes = MASKGIT_SIZES
@@ -84,43 +48,20 @@ class MaskedPrior(nn.Module):
         n_embd: int = 128,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.codebook_size = int(codebook_size)
-        self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
-        self.num_classes = int(num_classes)
-        self.null_label = self.num_classes  # the last row of the class table: unconditional
+        super().__init__(codebook_size, grid_shape, num_classes)
         self.mask_token = self.codebook_size  # the last row of the token table: [MASK]
         self.tok_emb = nn.Embedding(self.codebook_size + 1, n_embd)
         self.class_emb = nn.Embedding(self.num_classes + 1, n_embd)
         self.pos_emb = nn.Parameter(torch.zeros(self.seq_len + 1, n_embd))  # 0: the class token
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, causal=False) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, self.codebook_size)
         self._init_weights(n_layer)
 
     def _init_weights(self, n_layer: int) -> None:
-        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        gpt2_init(self, n_layer)
         nn.init.normal_(self.pos_emb, mean=0.0, std=0.02)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid_shape[0] * self.grid_shape[1]
-
-    def labels_or_null(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-        """labels (n,) long, with None meaning all null and -1 (unlabelled, in the codes format) null."""
-        if labels is None:
-            return torch.full((n,), self.null_label, dtype=torch.long, device=device)
-        labels = labels.to(device=device, dtype=torch.long)
-        return labels.masked_fill(labels < 0, self.null_label)
 
     def features(self, codes: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """codes (B, H, W) long, masked (B, H, W) bool, labels (B,) or None -> (B, T, C) before the head."""

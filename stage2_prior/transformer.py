@@ -26,10 +26,12 @@ TRANSFORMER_SIZES = {
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with an optional static KV cache for one-token steps."""
+    """Multi-head causal self-attention with an optional static KV cache for one-token steps
+    (``causal=False``: every position attends to every position, as the masked prior needs)."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         self.n_head = n_head
@@ -54,7 +56,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
         p = self.dropout if self.training else 0.0
-        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p))
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p))
 
     def forward_step(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """x: (B, 1, C) at sequence position t; writes K/V at slot t and attends to slots 0..t."""
@@ -79,10 +81,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, causal: bool = True) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, causal)
         self.ln2 = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd, dropout)
 
@@ -93,6 +95,18 @@ class Block(nn.Module):
     def forward_step(self, x: torch.Tensor, t: int) -> torch.Tensor:
         x = x + self.attn.forward_step(self.ln1(x), t)
         return x + self.mlp(self.ln2(x))
+
+
+def gpt2_init(net: nn.Module, n_layer: int) -> None:
+    """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    for name, p in net.named_parameters():
+        if name.endswith("proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
 class Transformer(CodePrior):
@@ -123,15 +137,7 @@ class Transformer(CodePrior):
         self._init_weights(n_layer)
 
     def _init_weights(self, n_layer: int) -> None:
-        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        gpt2_init(self, n_layer)
 
     def _pos(self, t: torch.Tensor) -> torch.Tensor:
         """(row, col) embedding of the code at raster position(s) t."""

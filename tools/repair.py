@@ -5,8 +5,9 @@
                                                          #   cell is in the hole; the others are kept exactly
     region = cell_pixels(redraw, 28)                     # (28, 28) bool: the pixels those codes cover
 
-Used by `sample --prime IMAGE --mask MASK` (either prior kind) and by the repair benchmark, so both draw the
-same holes. Torch only (plus the image reader).
+Used, on each stage-1 level, by `sample --prime IMAGE --mask MASK` and the page's Repair (through
+:mod:`tools.drawing`) and by the repair benchmark, so all of them draw the same holes. Torch only (plus the
+image reader).
 """
 
 from __future__ import annotations
