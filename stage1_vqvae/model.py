@@ -151,7 +151,11 @@ class VQModel(nn.Module):
         self.eval()
         codes = [q.codes for q in self(images)[1]]  # top first, (B, h_i, w_i) each
         self.train(was_training)
-        return codes[0] if len(codes) == 1 else torch.cat([c.flatten(1) for c in codes], 1).unsqueeze(1)
+        return self.join_codes(codes)
+
+    def join_codes(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """One (B, h_i, w_i) tensor per level, top first -> codes (B, *grid_shape); undoes `split_codes`."""
+        return levels[0] if len(levels) == 1 else torch.cat([c.flatten(1) for c in levels], 1).unsqueeze(1)
 
     def split_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """codes (B, *grid_shape) -> one (B, h_i, w_i) tensor per level, top first."""

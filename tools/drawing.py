@@ -29,11 +29,16 @@ def class_labels(num_classes: int, label: int | None, n: int) -> tuple[torch.Ten
             raise ValueError("this prior is unconditional: it has no classes to choose from")
         return None, max(1, int(n**0.5 + 0.999))
     if label is None:
-        labels = torch.arange(num_classes).repeat(-(-n // num_classes))[:n].sort().values
-        return labels, int(torch.bincount(labels).max())
+        return labels_in_turn(list(range(num_classes)), n)
     if not 0 <= label < num_classes:
         raise ValueError(f"unknown class id {label}; this prior has {num_classes} classes (0..{num_classes - 1})")
     return torch.full((n,), label, dtype=torch.long), max(1, int(n**0.5 + 0.999))
+
+
+def labels_in_turn(classes: list[int], n: int) -> tuple[torch.Tensor, int]:
+    """(n labels cycling through `classes`, sorted so the grid has one row per class; the longest row)."""
+    labels = torch.tensor(classes).repeat(-(-n // len(classes)))[:n].sort().values
+    return labels, int(torch.bincount(labels).max())
 
 
 def rows_by_label(images: torch.Tensor, labels: torch.Tensor | None, per_row: int) -> torch.Tensor:
@@ -77,10 +82,8 @@ def keep_from_painted(vqvae: VQModel, painted: torch.Tensor) -> torch.Tensor:
     same rule on each level's own grid, in the order `VQModel.split_codes` reads them."""
     if painted.shape != (vqvae.image_size, vqvae.image_size):
         raise ValueError(f"the painted mask must be {vqvae.image_size}x{vqvae.image_size}, got {tuple(painted.shape)}")
-    redraw = [codes_to_redraw(painted, level["grid_shape"]) for level in vqvae.levels]
-    if len(redraw) == 1:
-        return ~redraw[0]
-    return ~torch.cat([r.flatten() for r in redraw]).view(vqvae.grid_shape)
+    redraw = [codes_to_redraw(painted, level["grid_shape"])[None] for level in vqvae.levels]  # (1, h, w) each
+    return ~vqvae.join_codes(redraw)[0]
 
 
 def redrawn_pixels(vqvae: VQModel, keep: torch.Tensor) -> torch.Tensor:

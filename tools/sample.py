@@ -36,10 +36,9 @@ from common.io import atomic_file, check_output
 from stage1_vqvae.model import VQModel
 from stage2_prior.cuda_graphs import GraphedSampler
 from stage2_prior.decoding import CodePrior
-from stage2_prior.masked_sampling import DEFAULT_STEPS, sample_masked
+from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
-from stage2_prior.sampling import sample_codes
-from tools.drawing import keep_from_painted, redrawn_pixels, rows_by_label
+from tools.drawing import complete_codes, draw_codes, keep_from_painted, labels_in_turn, redrawn_pixels, rows_by_label
 from tools.load import load_models
 from tools.repair import hole_from_mask_image
 
@@ -104,8 +103,7 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace) -> tuple[torch.Tensor
         return torch.tensor(classes).repeat_interleave(a.per_class), a.per_class
     if a.n <= 0:
         raise ValueError(f"--n must be >= 1, got {a.n}")
-    labels = torch.tensor(classes).repeat(-(-a.n // len(classes)))[: a.n].sort().values
-    return labels, int(torch.bincount(labels).max())
+    return labels_in_turn(classes, a.n)
 
 
 def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
@@ -128,10 +126,8 @@ def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
 def draw(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None, opts: dict,
          device: torch.device) -> torch.Tensor:  # fmt: skip
     """n code grids; on CUDA without guidance, each step's logits are replayed from a CUDA graph."""
-    if isinstance(prior, MaskedPrior):
-        return sample_masked(prior, n, labels, **opts)
-    if device.type != "cuda" or opts["cfg_scale"] != 1.0:
-        return sample_codes(prior, n, labels, **opts)
+    if isinstance(prior, MaskedPrior) or device.type != "cuda" or opts["cfg_scale"] != 1.0:
+        return draw_codes(prior, n, labels, opts)
     with GraphedSampler(prior, labels, n, opts["temperature"], opts["top_k"], opts["top_p"]) as sampler:
         return sampler.sample(opts["generator"])
 
@@ -161,8 +157,7 @@ def _run(args: list[str] | None) -> str:
         image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
         labels = None
-        sampler = sample_masked if isinstance(prior, MaskedPrior) else sample_codes  # draw()'s graphs keep no codes
-        codes = sampler(prior, a.n, None, prime=prime, keep=keep, **opts)
+        codes = complete_codes(prior, prime, keep, opts)  # not draw(): its CUDA graphs keep no codes
         masked = vqvae.decode_codes(prime[:1]).clone()
         masked[:, :, redrawn_pixels(vqvae, keep)] = 0.0  # grey where codes are redrawn
         images = vqvae.decode_codes(codes)
