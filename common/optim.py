@@ -19,9 +19,15 @@ def adamw_warmup_cosine(
     betas: tuple[float, float] = (0.9, 0.99),
     final_fraction: float = 0.0,
     no_decay: Callable[[str, nn.Parameter], bool] = lambda name, p: p.ndim < 2,
+    time_progress: Callable[[], float] | None = None,
 ) -> dict:
     """Lightning's configure_optimizers dict. Biases, norms and embeddings-like 1-D params get no decay;
-    the learning rate warms up linearly, then follows a cosine from lr down to final_fraction * lr."""
+    the learning rate warms up linearly, then follows a cosine from lr down to final_fraction * lr.
+
+    The cosine runs over whichever budget ends first: the steps after warm-up, or `time_progress()` (the
+    fraction of a wall-clock budget used, see :func:`time_budget_progress`), so a run cut by the Trainer's
+    max_time still ends its schedule at lr * final_fraction instead of stopping at a high learning rate.
+    Without a time budget the schedule depends on the step alone (runs are reproducible step for step)."""
     groups: tuple[list, list] = ([], [])
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -31,7 +37,8 @@ def adamw_warmup_cosine(
         lr=lr,
         betas=betas,
     )
-    total = max(1, int(total_steps))
+    finite = math.isfinite(total_steps)  # max_time with no max_steps/max_epochs: inf steps, time alone
+    total = max(1, int(total_steps)) if finite else 1 << 62
     warmup = min(warmup_steps, total // 2)
 
     def factor(step: int) -> float:
@@ -39,8 +46,26 @@ def adamw_warmup_cosine(
             return (step + 1) / warmup
         if not cosine:
             return 1.0
-        t = min((step - warmup) / max(1, total - warmup), 1.0)
+        t = (step - warmup) / max(1, total - warmup)
+        if time_progress is not None:
+            t = max(t, time_progress())
+        t = min(t, 1.0)
         return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def time_budget_progress(trainer) -> Callable[[], float] | None:
+    """The fraction of the Trainer's max_time used so far (0..1), or None without one. Reads Lightning's
+    Timer callback, which the Trainer adds for max_time and which keeps the time used across a resume;
+    duck-typed so that this module never imports Lightning (inference paths import it)."""
+    for cb in getattr(trainer, "callbacks", []):
+        if callable(getattr(cb, "time_remaining", None)) and cb.time_remaining() is not None:
+
+            def progress(timer=cb) -> float:
+                used, left = timer.time_elapsed(), timer.time_remaining()
+                return min(1.0, used / max(used + left, 1e-9))
+
+            return progress
+    return None

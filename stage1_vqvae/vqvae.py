@@ -18,7 +18,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from common.images import make_grid
 from common.logging import log_histogram, log_image
-from common.optim import adamw_warmup_cosine
+from common.optim import adamw_warmup_cosine, time_budget_progress
 from stage1_vqvae.model import VQModel
 
 
@@ -171,4 +171,5 @@ class VQVAE(VQModel, pl.LightningModule):
         return adamw_warmup_cosine(
             self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches, hp.cosine,
             no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name,  # never decay the codebook
+            time_progress=time_budget_progress(self.trainer),
         )

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from common.optim import adamw_warmup_cosine
+from common.optim import adamw_warmup_cosine, time_budget_progress
 from stage2_prior.build import OVERRIDES, build_network, check_levels
 from stage2_prior.masked_sampling import sample_masked
 from stage2_prior.maskgit import MaskedPrior, masked_token_loss, random_mask
@@ -148,4 +148,5 @@ class Prior(pl.LightningModule):
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches
         return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, total, hp.cosine,
-                                   betas=(0.9, 0.95), final_fraction=0.05)  # fmt: skip
+                                   betas=(0.9, 0.95), final_fraction=0.05,
+                                   time_progress=time_budget_progress(self.trainer))  # fmt: skip

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The emoji GPU targets in one prepared run, through the real commands (about 7 minutes on one H100):
+# stage 1 with configs/stage1/emoji_gpu.yaml (2 min), test PSNR/SSIM/rFID/codes used, extraction, the
+# Transformer prior with configs/stage2/emoji_transformer_gpu.yaml (2 min 15 s), sample FID of 1,000 samples
+# beside the real-data floor (emoji feature net), and `sample --n 64` process wall.
+#
+#   bash benchmarks/gpu_emoji.sh OUT_DIR                    # a GPU machine, project on PYTHONPATH
+#   ACC=cpu S1_TIME=00:00:00:20 S2_TIME=00:00:00:20 N=32 S2_ARGS="--data.batch_size 16" PY=.venv/bin/python bash benchmarks/gpu_emoji.sh /tmp/x
+#
+# Needs data/emoji (`make data-emoji`, or benchmarks/carry_emoji.py unpack) and the emoji feature net
+# (runs/feature_net/emoji.pt, from `train_feature_net --data.dataset emoji ...`). Each step has its own
+# time limit, a failing step does not stop the later ones, and no step starts after BUDGET_S (440) seconds;
+# results (packed after every step): OUT_DIR/log.txt and results.tar.gz.
+set -u
+OUT=${1:?usage: gpu_emoji.sh OUT_DIR}
+PY=${PY:-python3} ACC=${ACC:-gpu} N=${N:-1000}
+S1=${S1_TIME:-00:00:02:00} S2=${S2_TIME:-00:00:02:15}
+R=${RUNS:-runs/gpu_emoji} FEAT=${FEATURES:-runs/feature_net/emoji.pt}
+DEV=$([ "$ACC" = gpu ] && echo cuda || echo cpu)
+mkdir -p "$OUT" "$R"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+T0=$EPOCHREALTIME BUDGET=${BUDGET_S:-440}
+pack() { tar czf "$OUT/results.tar.gz" --exclude='*.ckpt' --exclude='*.npy' --exclude='*.npz' "$R" 2>/dev/null; }
+step() {  # step NAME LIMIT_S CMD...: run (unless the budget is spent), print wall time and exit code, pack
+  local name=$1 limit=$2 t0=$EPOCHREALTIME rc left; shift 2
+  left=$(awk -v a="$T0" -v b="$t0" -v B="$BUDGET" 'BEGIN{printf "%d", B-(b-a)}')
+  if [ "$left" -le 5 ]; then echo "-- $name skipped: the ${BUDGET}s budget is spent"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "== $(date +%T) $name: $*"
+  timeout "$limit" "$@"; rc=$?
+  echo "-- $name rc=$rc wall_s=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}')"
+  pack
+}
+S1CK=$R/stage1/latest/checkpoints/last.ckpt
+S2CK=$R/stage2/latest/checkpoints/best.ckpt
+step env 60 $PY -c "import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+step stage1 300 $PY -m stage1_vqvae.train fit --config configs/stage1/emoji_gpu.yaml --trainer.accelerator $ACC \
+  --trainer.max_time $S1 --trainer.default_root_dir $R/stage1 --log.backend csv
+step eval_stage1 120 $PY -m tools.evaluate stage1 --ckpt $S1CK --features $FEAT --device $DEV --json $R/eval_stage1.json
+step extract 120 $PY -m stage1_vqvae.extract --ckpt $S1CK --out $R/codes --accelerator $ACC
+step stage2 300 $PY -m stage2_prior.train fit --config configs/stage2/emoji_transformer_gpu.yaml --trainer.accelerator $ACC \
+  --data.codes_dir $R/codes --trainer.max_time $S2 --trainer.default_root_dir $R/stage2 --log.backend csv ${S2_ARGS:-}
+step eval_prior 60 $PY -m tools.evaluate prior --ckpt $S2CK --codes $R/codes --device $DEV --json $R/eval_prior.json
+step sample_n 120 $PY -m tools.sample --prior $S2CK --n $N --out $R/samples.npz --device $DEV
+step fid 120 $PY -m tools.evaluate samples --samples $R/samples.npz --data.dataset emoji --data.val_size 0 \
+  --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples.json
+for i in 1 2; do
+  step sample_64_$i 60 $PY -m tools.sample --prior $S2CK --n 64 --out $R/samples_64.png --device $DEV --overwrite
+done
+step sample_n_cfg3 120 $PY -m tools.sample --prior $S2CK --n $N --cfg_scale 3 --out $R/samples_cfg3.npz --device $DEV
+step fid_cfg3 120 $PY -m tools.evaluate samples --samples $R/samples_cfg3.npz --data.dataset emoji --data.val_size 0 \
+  --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples_cfg3.json
+cp "$R/samples_64.png" "$OUT/" 2>/dev/null
+echo "== done $(date +%T)"
