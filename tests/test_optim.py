@@ -69,3 +69,25 @@ def test_progress_reads_lightnings_timer_and_is_absent_without_one():
     assert progress() == pytest.approx(0.25, abs=0.01)
     timer._start_time["train"] = time.monotonic() - 250.0
     assert progress() == 1.0
+
+
+def test_a_stage1_run_cut_by_max_time_ends_its_cosine():
+    """Through a real Trainer: max_time stops a run with a huge max_steps, and the learning rate has come
+    down the cosine to ~0 by then (step-based alone it would still sit at the top)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stage1_vqvae.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    model = VQVAE(in_channels=1, image_size=16, width=8, res_blocks=1, res_width=4, downsample=4, code_dim=4,
+                  codebook_size=16, lr=1e-3, warmup_steps=2, kmeans_init=False)  # fmt: skip
+    images = torch.rand(64, 1, 16, 16) * 2 - 1
+    loader = DataLoader(TensorDataset(images, torch.zeros(64, dtype=torch.long)), batch_size=8, shuffle=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1_000_000, max_time={"seconds": 2}, limit_val_batches=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, loader)
+    assert 10 < trainer.global_step < 1_000_000  # stopped by the time, after warm-up
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr < 0.05 * 1e-3, lr  # step-based: 1e-3 * (1 + cos(pi * steps / 1e6)) / 2, about 1e-3
