@@ -14,28 +14,9 @@
 # and results.tar.gz.
 set -u
 OUT=${1:?usage: gpu_fashion_mnist.sh OUT_DIR}
-PY=${PY:-python3} ACC=${ACC:-gpu} N=${N:-1000}
+R=${RUNS:-runs/gpu_fashion_mnist} FEAT=${FEATURES:-runs/feature_net/fashion_mnist.pt} BUDGET=${BUDGET_S:-230}
 S1=${S1_TIME:-00:00:01:00} S2=${S2_TIME:-00:00:01:00}
-R=${RUNS:-runs/gpu_fashion_mnist} FEAT=${FEATURES:-runs/feature_net/fashion_mnist.pt}
-DEV=$([ "$ACC" = gpu ] && echo cuda || echo cpu)
-mkdir -p "$OUT" "$R"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-T0=$EPOCHREALTIME BUDGET=${BUDGET_S:-230}
-pack() { tar czf "$OUT/results.tar.gz" --exclude='*.ckpt' --exclude='*.npy' --exclude='*.npz' "$R" 2>/dev/null; }
-step() {  # step NAME LIMIT_S CMD...: run (unless the budget is spent), print wall time and exit code, pack
-  local name=$1 limit=$2 t0=$EPOCHREALTIME rc left; shift 2
-  left=$(awk -v a="$T0" -v b="$t0" -v B="$BUDGET" 'BEGIN{printf "%d", B-(b-a)}')
-  if [ "$left" -le 5 ]; then echo "-- $name skipped: the ${BUDGET}s budget is spent"; return; fi
-  [ "$left" -lt "$limit" ] && limit=$left
-  echo "== $(date +%T) $name: $*"
-  timeout "$limit" "$@"; rc=$?
-  echo "-- $name rc=$rc wall_s=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.2f", b-a}')"
-  pack
-}
-S1CK=$R/stage1/latest/checkpoints/last.ckpt
-S2CK=$R/stage2/latest/checkpoints/best.ckpt
-step env 60 $PY -c "import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+source "$(dirname "$0")/_gpu_steps.sh"
 step stage1 150 $PY -m stage1_vqvae.train fit --config configs/stage1/fashion_mnist_gpu.yaml --trainer.accelerator $ACC \
   --trainer.max_time $S1 --trainer.default_root_dir $R/stage1 --log.backend csv
 step eval_stage1 60 $PY -m tools.evaluate stage1 --ckpt $S1CK --features $FEAT --device $DEV --json $R/eval_stage1.json
