@@ -110,6 +110,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.
 
 def test_a_named_root_is_never_replaced_by_the_system_copy(tmp_path: Path, monkeypatch) -> None:
     """--data.root DIR that does not hold the data is an error, not a silent fall-back to Debian's copy."""
+    monkeypatch.chdir(tmp_path)  # no data/fashion_mnist of the checkout (the default root) may be found first
     system = tmp_path / "system"
     system.mkdir()
     write_mnist_split(system, "t10k", 12)
