@@ -17,6 +17,7 @@ from common.images import from_uint8, to_uint8
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import COLUMNS, auroc, generic_code_bits, heat_map_grid, main, mean_nll_bits, score_images
+from tools.anomaly_scores import ORIENTATION_WEIGHT, reorientations
 
 SIZE, K = 16, 16
 
@@ -173,3 +174,53 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     assert all(abs(float(row[COLUMNS.index("likelihood_ratio")])) < 1e-6 for row in rows[1:])  # itself as background
     err = user_error(main, [*args, "--overwrite", "--rank_by", "typicality"], capsys)  # the old name still works
     assert "--method typicality needs --codes" in err
+
+
+def test_orientation_score_is_the_ratio_to_the_likeliest_turned_copy(trained) -> None:
+    prior, vqvae = trained
+    images = torch.cat([squares(6, seed=7), noise(2, seed=8), torch.full((2, 1, SIZE, SIZE), 0.3)])
+    scores, _ = score_images(prior, vqvae, images)
+    turned = [score_images(prior, vqvae, t)[0]["nll_bits_per_dim"] for t in reorientations(images)]
+    np.testing.assert_allclose(scores["orientation_bits_per_dim"], scores["nll_bits_per_dim"] - np.min(turned, 0),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(scores["orientation_combined"],
+                               scores["orientation_bits_per_dim"] + ORIENTATION_WEIGHT * scores["combined_score"])
+    np.testing.assert_allclose(scores["orientation_bits_per_dim"][8:], 0.0, atol=1e-6)  # a blank looks alike any way up
+
+
+def test_reorientations_turn_and_flip_but_never_mirror() -> None:
+    x = torch.arange(12.0).view(1, 1, 3, 4)
+    turns = reorientations(x)
+    assert [t.shape for t in turns] == [x.shape, x.shape]  # not square: no quarter turns
+    assert torch.equal(turns[0][0, 0, 0], x[0, 0, 2]) and torch.equal(turns[1][0, 0, 0], x[0, 0, 2].flip(0))
+    sq = torch.arange(9.0).view(1, 1, 3, 3)
+    turns = reorientations(sq)
+    assert len(turns) == 4 and not any(torch.equal(t, sq.flip(-1)) for t in turns)
+    assert torch.equal(turns[2][0, 0], torch.tensor([[2.0, 5, 8], [1, 4, 7], [0, 3, 6]]))  # 90 degrees
+
+
+def bars(n: int, seed: int) -> torch.Tensor:
+    """(n, 1, 16, 16): black with a bright bar across the top rows (an image with an up and a down)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        r, h = rng.integers(0, 2), rng.integers(3, 5)
+        x[i, 0, r : r + h, rng.integers(0, 3) : SIZE - rng.integers(0, 3)] = rng.integers(180, 256)
+    return from_uint8(torch.from_numpy(x))
+
+
+def test_upside_down_images_score_above_upright_ones() -> None:
+    """Trained on bars at the top, the prior finds a bar at the bottom (the same images upside down) odd."""
+    pl.seed_everything(0)
+    train = bars(512, seed=0)
+    vqvae = VQVAE(1, SIZE, 16, 1, 8, 4, 8, codebook_size=K, warmup_steps=5)
+    fit(vqvae, train, torch.zeros(len(train)), steps=60)
+    codes = vqvae.eval().encode_to_codes(train)
+    prior = Prior(kind="transformer", size="tiny", codebook_size=K, grid_shape=vqvae.grid_shape, num_classes=0,
+                  codes_meta={"image_size": SIZE, "channels": 1}, warmup_steps=5)  # fmt: skip
+    fit(prior, codes, torch.zeros(len(codes), dtype=torch.long), steps=60)
+    upright = bars(32, seed=1)
+    scores, _ = score_images(prior.eval(), vqvae, torch.cat([upright, upright.flip(-2)]))
+    is_ood = np.r_[np.zeros(32), np.ones(32)].astype(bool)
+    assert auroc(scores["orientation_bits_per_dim"], is_ood) > 0.95
+    assert (scores["orientation_bits_per_dim"][:32] < 0).mean() > 0.9  # upright: likelier than any turn

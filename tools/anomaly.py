@@ -19,9 +19,18 @@ CSV columns, one row per image; for every score, higher means more anomalous:
   statistics, simplicity) cancels, what only the real prior explains remains.
 * ``typicality`` (with ``--codes DIR``, the codes the prior was trained on): |NLL - the mean NLL of its
   training code maps| per dimension (Nalisnick et al. 2019): unusually *likely* inputs are flagged too.
+* ``orientation_bits_per_dim``: ``nll_bits_per_dim`` minus the lowest NLL of the image turned upside down or
+  rotated by 90, 180 or 270 degrees: a log-likelihood ratio between the image as it is and its likeliest
+  turned copy. The prior itself is the reference, as a transformation classifier is in GeoTrans (Golan and
+  El-Yaniv 2018): an upright training-like image is far likelier than any turn of it (very negative),
+  what looks alike any way up (noise, blanks, symmetric shapes) scores near 0, and an image that is upside
+  down or on its side scores positive. Costs four more encodings and prior passes per image.
+* ``orientation_combined`` (the default): ``orientation_bits_per_dim + 0.25 * combined_score`` (the weight
+  chosen on validation images): the orientation test, with the complexity-corrected NLL to separate what
+  looks alike any way up.
 
-``--grid`` shows the most anomalous images (by ``--method``: by default ``combined_score``, the best in
-both benchmarks) beside a heat map of each code's surprise.
+``--grid`` shows the most anomalous images (by ``--method``: by default ``orientation_combined``, the best
+out of distribution) beside a heat map of each code's surprise.
 
 Why a complexity correction. A likelihood model gives simple inputs high likelihood whatever they show:
 a mostly blank image from an unseen class can be *more* likely than a typical training image, so raw NLL
@@ -55,6 +64,7 @@ from common.io import check_output, write_atomic
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
 from tools.anomaly_scores import (  # noqa: F401  (generic_code_bits, code_surprise: tests import them from here)
+    DEFAULT_SCORE,
     SCORES,
     code_surprise,
     generic_code_bits,
@@ -114,7 +124,7 @@ def build_parser():
     p.add_argument("--out", type=str, required=True, help="CSV file to write")
     p.add_argument("--grid", type=str, default=None, help="also write a PNG grid of the most anomalous images")
     p.add_argument("--top", type=int, default=16, help="images in --grid")
-    p.add_argument("--method", "--rank_by", dest="method", type=str, default="combined_score", choices=SCORES,
+    p.add_argument("--method", "--rank_by", dest="method", type=str, default=DEFAULT_SCORE, choices=SCORES,
                    help="the score that ranks the images (printed, orders --grid); default: the best measured")
     p.add_argument("--background", type=str, default=None,
                    help="a prior trained on perturbed codes (train_stage2 --data.perturb 0.2): likelihood_ratio")

@@ -18,7 +18,20 @@ from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 
 SCORES = ("nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score", "max_surprise_bits",
-          "likelihood_ratio", "typicality")  # fmt: skip
+          "likelihood_ratio", "typicality", "orientation_bits_per_dim", "orientation_combined")  # fmt: skip
+DEFAULT_SCORE = "orientation_combined"  # the best measured out of distribution (README, Results)
+# orientation_combined = orientation + this * combined: chosen on validation images, never the test split
+# (benchmarks/anomaly_orientation_weight.py: the best worst-set AUROC)
+ORIENTATION_WEIGHT = 0.25
+
+
+def reorientations(images: torch.Tensor) -> list[torch.Tensor]:
+    """The image turned upside down and rotated by 90, 180 and 270 degrees (rotations by 90 only when square).
+    Left-right mirroring is left out: mirrored objects are usually as ordinary as the originals."""
+    turns = [images.flip(-2), images.rot90(2, (-2, -1))]
+    if images.shape[-1] == images.shape[-2]:
+        turns += [images.rot90(1, (-2, -1)), images.rot90(3, (-2, -1))]
+    return turns
 
 
 def generic_code_bits(codes: np.ndarray, codebook_size: int) -> np.ndarray:
@@ -85,7 +98,15 @@ def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor, batch_s
         else:
             ratio = nll - code_surprise(background.eval(), codes).flatten(1).sum(1).cpu().numpy() / dims
         typical = nan if train_nll_bits is None else np.abs(nll_bits - train_nll_bits) / dims
-        values = (nll, mse, complexity, nll - complexity, surprise.flatten(1).amax(1).cpu().numpy(), ratio, typical)
+        # How much likelier the prior finds some turned copy of the image than the image as it is: very
+        # negative for an upright training-like image, near 0 for what looks the same any way up (noise, a
+        # blank), positive for an image that is upside down or on its side.
+        turned = torch.stack([code_surprise(prior, vqvae.encode_to_codes(t).to(device)).flatten(1).sum(1)
+                              for t in reorientations(x)])  # (turns, B) bits  # fmt: skip
+        orientation = nll - turned.amin(0).cpu().numpy() / dims
+        combined = nll - complexity
+        values = (nll, mse, complexity, combined, surprise.flatten(1).amax(1).cpu().numpy(), ratio, typical,
+                  orientation, orientation + ORIENTATION_WEIGHT * combined)  # fmt: skip
         for key, value in zip(SCORES, values):
             out[key].append(np.asarray(value, dtype=np.float64))
         maps.append(surprise.cpu().numpy())

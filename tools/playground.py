@@ -27,7 +27,7 @@ from stage1_vqvae.model import load_stage1
 from stage2_prior.build import require_likelihood
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
-from tools.anomaly_scores import SCORES, heat_map_grid, score_images
+from tools.anomaly_scores import DEFAULT_SCORE, SCORES, heat_map_grid, score_images
 from tools.codec import unpack
 from tools.drawing import class_labels, complete_codes, draw_codes, keep_from_painted, rows_by_label
 from tools.load import Models, load_models
@@ -208,7 +208,7 @@ class Playground:
     def anomaly(self, images: torch.Tensor, names: list[str]) -> dict:
         """uint8 (N, C, S, S) -> per image the scores of `score_anomalies` that need no other input and the
         image beside its per-code surprise heat map (red, scaled to the largest surprise among these
-        images), most anomalous (combined_score) first."""
+        images), most anomalous (by the default score) first."""
         self._likelihood("Anomaly")
         if not 1 <= len(images) <= MAX_IMAGES:
             raise ValueError(f"score between 1 and {MAX_IMAGES} images at a time, got {len(images)}")
@@ -220,5 +220,5 @@ class Playground:
                  "heat": png_bytes(torch.from_numpy(make_grid(tiles[2 * i : 2 * i + 2], nrow=2, scale=scale))
                                    .permute(2, 0, 1))}
                 for i, name in enumerate(names)]  # fmt: skip
-        rows.sort(key=lambda r: -r["scores"]["combined_score"])
+        rows.sort(key=lambda r: -r["scores"][DEFAULT_SCORE])
         return {"rows": rows, "scores": PAGE_SCORES}
