@@ -45,10 +45,9 @@ def fit(model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, steps: int)
                enable_model_summary=False, limit_val_batches=0).fit(model, loader)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def trained() -> tuple[Prior, VQVAE]:
+def train_both(train: torch.Tensor) -> tuple[Prior, VQVAE]:
+    """A tiny stage 1 and an unconditional tiny prior over its codes, 60 steps each, seeded."""
     pl.seed_everything(0)
-    train = squares(512, seed=0)
     vqvae = VQVAE(1, SIZE, 16, 1, 8, 4, 8, codebook_size=K, warmup_steps=5)
     fit(vqvae, train, torch.zeros(len(train)), steps=60)
     codes = vqvae.eval().encode_to_codes(train)
@@ -56,6 +55,11 @@ def trained() -> tuple[Prior, VQVAE]:
                   codes_meta={"image_size": SIZE, "channels": 1}, warmup_steps=5)  # fmt: skip
     fit(prior, codes, torch.zeros(len(codes), dtype=torch.long), steps=60)
     return prior.eval(), vqvae
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Prior, VQVAE]:
+    return train_both(squares(512, seed=0))
 
 
 def test_noise_ranks_above_in_distribution(trained) -> None:
@@ -211,16 +215,9 @@ def bars(n: int, seed: int) -> torch.Tensor:
 
 def test_upside_down_images_score_above_upright_ones() -> None:
     """Trained on bars at the top, the prior finds a bar at the bottom (the same images upside down) odd."""
-    pl.seed_everything(0)
-    train = bars(512, seed=0)
-    vqvae = VQVAE(1, SIZE, 16, 1, 8, 4, 8, codebook_size=K, warmup_steps=5)
-    fit(vqvae, train, torch.zeros(len(train)), steps=60)
-    codes = vqvae.eval().encode_to_codes(train)
-    prior = Prior(kind="transformer", size="tiny", codebook_size=K, grid_shape=vqvae.grid_shape, num_classes=0,
-                  codes_meta={"image_size": SIZE, "channels": 1}, warmup_steps=5)  # fmt: skip
-    fit(prior, codes, torch.zeros(len(codes), dtype=torch.long), steps=60)
+    prior, vqvae = train_both(bars(512, seed=0))
     upright = bars(32, seed=1)
-    scores, _ = score_images(prior.eval(), vqvae, torch.cat([upright, upright.flip(-2)]))
+    scores, _ = score_images(prior, vqvae, torch.cat([upright, upright.flip(-2)]))
     is_ood = np.r_[np.zeros(32), np.ones(32)].astype(bool)
     assert auroc(scores["orientation_bits_per_dim"], is_ood) > 0.95
     assert (scores["orientation_bits_per_dim"][:32] < 0).mean() > 0.9  # upright: likelier than any turn
