@@ -21,10 +21,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT  # noqa: F401  (puts the repo root on sys.path)
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.emoji import VENDORS, composite_over_white, load_emoji  # noqa: E402
+from common.emoji import VENDORS, composite_over_white, load_emoji
 
 
 def pack_vendor(src: Path, dst: Path, vendor: str) -> str:
