@@ -18,6 +18,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import COLUMNS, auroc, generic_code_bits, heat_map_grid, main, mean_nll_bits, score_images
 from tools.anomaly_scores import ORIENTATION_WEIGHT, reorientations
+from tools.transform_net import TransformNet, reference_features, save_anomaly_net
 
 SIZE, K = 16, 16
 
@@ -165,7 +166,7 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     with open(out) as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == COLUMNS and len(rows) == 9
-    optional = [COLUMNS.index(k) for k in ("likelihood_ratio", "typicality")]
+    optional = [COLUMNS.index(k) for k in ("likelihood_ratio", "typicality", "transform_knn")]
     assert all(np.isfinite(float(v)) for row in rows[1:] for i, v in enumerate(row) if i and i not in optional)
     assert all(row[i] == "" for row in rows[1:] for i in optional)
     assert Image.open(grid).size[0] > 6 * 2 * SIZE  # 3 images, each beside its heat map, at scale 2
@@ -178,6 +179,14 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     assert all(abs(float(row[COLUMNS.index("likelihood_ratio")])) < 1e-6 for row in rows[1:])  # itself as background
     err = user_error(main, [*args, "--overwrite", "--rank_by", "typicality"], capsys)  # the old name still works
     assert "--method typicality needs --codes" in err
+    net = TransformNet(1, width=4)
+    save_anomaly_net(net, reference_features(net, to_uint8(squares(16, seed=5))), tmp_path / "net.pt", k=5,
+                     image_size=SIZE, channels=1)  # fmt: skip
+    main([*args, "--overwrite", "--anomaly_net", str(tmp_path / "net.pt"), "--method", "transform_knn"])
+    assert "most anomalous by transform_knn" in capsys.readouterr().out
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert all(0 <= float(row[COLUMNS.index("transform_knn")]) <= 2 for row in rows[1:])
 
 
 def test_orientation_score_is_the_ratio_to_the_likeliest_turned_copy(trained) -> None:

@@ -26,11 +26,13 @@ from tools.compress import main_decompress as decompress
 from tools.evaluate import main as evaluate
 from tools.sample import main as sample
 from tools.serve import main as serve
+from tools.train_anomaly_net import main as train_anomaly_net
 from tools.train_feature_net import main as train_feature_net
+from tools.transform_net import TransformNet, save_anomaly_net
 
 COMMANDS = {"sample": sample, "evaluate": evaluate, "compress": compress, "decompress": decompress,
             "score_anomalies": score_anomalies, "extract_codes": extract_codes,
-            "train_feature_net": train_feature_net, "serve": serve}  # fmt: skip
+            "train_feature_net": train_feature_net, "train_anomaly_net": train_anomaly_net, "serve": serve}  # fmt: skip
 UNWRITABLE = "/proc/vqgen-cannot-write-here"  # no file can be created under /proc, not even by root
 
 
@@ -83,6 +85,7 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     (root / "text.ckpt").write_text("this is a text file, not a checkpoint\n")
     torch.save({"state_dict": {}, "hyper_parameters": dict(prior.hparams), "x": Marker(root / "PWNED")},
                root / "crafted.ckpt")  # fmt: skip
+    save_anomaly_net(TransformNet(1, 4), torch.zeros(4, 16), root / "anet28.pt", k=5, image_size=28, channels=1)
     (root / "existing.png").write_bytes(b"keep me")
     (root / "existing.csv").write_text("keep me\n")
     (root / "a_file").write_text("a file, not a folder\n")
@@ -200,6 +203,25 @@ ROWS = [
     ("evaluate", ["samples", "--samples", "{missing}", "--ckpt", "{stage1}"], r"--samples \S*missing: no such file"),
     ("evaluate", ["samples", "--samples", "{text}", "--ckpt", "{stage1}"], r"--samples \S*text.ckpt"),
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{missing}", "--out", "f.pt"],
+     r"image folder \S*missing does not exist"),  # fmt: skip
+    # ------------------------------------------------------------------ the anomaly net
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--anomaly_net", "{missing}"],
+     r"--anomaly_net \S*missing does not exist; train one with `train_anomaly_net"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--anomaly_net", "{crafted}"],
+     r"--anomaly_net \S*crafted.ckpt is not an anomaly-net file \(UnpicklingError"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--anomaly_net", "{prior}"],
+     r"prior.ckpt is not an anomaly-net file written by train_anomaly_net"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--anomaly_net", "{anet28_pt}"],
+     r"anet28.pt was trained on 28x28 images with 1 channel\(s\), the models score 16x16"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--method", "transform_knn"],
+     r"--method transform_knn needs --anomaly_net"),  # fmt: skip
+    ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
+                           "--classes", "7", "--out", "a.pt"], r"--classes '7': image_folder has classes 0-1"),
+    ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
+                           "--classes", "shirt", "--out", "a.pt"], r"--classes 'shirt': give comma-separated class"),
+    ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
+                           "--out", "{existing_png}"], r"existing.png already exists"),
+    ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{missing}", "--out", "a.pt"],
      r"image folder \S*missing does not exist"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "cifar10", "--data.root", "{missing}", "--out", "f.pt"],
      r"CIFAR-10 not found"),  # fmt: skip

@@ -29,6 +29,12 @@ CSV columns, one row per image; for every score, higher means more anomalous:
   chosen on validation images): the orientation test, with the complexity-corrected NLL to separate what
   looks alike any way up.
 
+* ``transform_knn`` (with ``--anomaly_net NET.pt`` from ``train_anomaly_net``, trained on the normal images):
+  the mean cosine distance of the image's features to those of its 5 nearest normal training images, in a
+  net trained to tell 72 mirrorings, shifts and quarter turns of the normal images apart (see
+  :mod:`tools.transform_net`). It does not use the two stages at all: the best one-class score measured
+  (README, Results), at one pass of a small CNN per image.
+
 ``--grid`` shows the most anomalous images (by ``--method``: by default ``orientation_combined``, the best
 out of distribution) beside a heat map of each code's surprise.
 
@@ -73,9 +79,11 @@ from tools.anomaly_scores import (  # noqa: F401  (generic_code_bits, code_surpr
     score_images,
 )
 from tools.load import Models, load_models, load_prior, prior_facts
+from tools.transform_net import AnomalyNet
 
 COLUMNS = ("path", *SCORES)
-OPTIONAL = {"likelihood_ratio": "--background", "typicality": "--codes"}  # scores that need another input
+OPTIONAL = {"likelihood_ratio": "--background", "typicality": "--codes",
+            "transform_knn": "--anomaly_net"}  # scores that need another input  # fmt: skip
 
 
 def references(m: Models, background_path: str | None, codes_dir: str | None) -> tuple[CodePrior | None, float | None]:
@@ -129,6 +137,8 @@ def build_parser():
     p.add_argument("--background", type=str, default=None,
                    help="a prior trained on perturbed codes (train_stage2 --data.perturb 0.2): likelihood_ratio")
     p.add_argument("--codes", type=str, default=None, help="the prior's codes directory: typicality")
+    p.add_argument("--anomaly_net", type=str, default=None,
+                   help="a net from train_anomaly_net (trained on the normal images): transform_knn")
     p.add_argument("--batch_size", type=int, default=256)
     add_device(p)
     add_overwrite(p)
@@ -151,8 +161,12 @@ def _run(args: list[str] | None) -> str:
     m = load_models(a.prior, a.vqvae, resolve_device(a.device))
     require_likelihood(m.prior, a.prior, "score_anomalies")  # every score but recon_mse is a likelihood
     background, train_nll = references(m, a.background, a.codes)
+    anomaly_net = None
+    if a.anomaly_net:
+        anomaly_net = AnomalyNet(a.anomaly_net, m.device)
+        anomaly_net.check(m.channels, m.image_size)
     images = load_images(files, m.image_size, m.channels)
-    scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll)
+    scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll, anomaly_net)
     write_atomic(out, csv_text([str(f) for f in files], scores).encode())
     order = np.argsort(-scores[a.method], kind="stable")
     if grid:

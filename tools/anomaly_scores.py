@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from common.codes import split_levels
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
+from tools.transform_net import AnomalyNet
 
 SCORES = ("nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score", "max_surprise_bits",
-          "likelihood_ratio", "typicality", "orientation_bits_per_dim", "orientation_combined")  # fmt: skip
+          "likelihood_ratio", "typicality", "orientation_bits_per_dim", "orientation_combined",
+          "transform_knn")  # fmt: skip
 DEFAULT_SCORE = "orientation_combined"  # the best measured out of distribution (README, Results)
 # orientation_combined = orientation + this * combined: chosen on validation images, never the test split
 # (benchmarks/anomaly_orientation_weight.py: the best worst-set AUROC)
@@ -74,7 +76,7 @@ def mean_nll_bits(prior: CodePrior, codes: np.ndarray, batch_size: int = 256) ->
 @torch.no_grad()
 def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor, batch_size: int = 256,
                  background: CodePrior | None = None, train_nll_bits: float | None = None,
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+                 anomaly_net: AnomalyNet | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
     """images (N, C, S, S) in [-1, 1] -> ({score name: (N,) array}, per-code surprise (N, h, w) in bits);
     scores that need an input not given are NaN. See tools.anomaly's docstring."""
     prior.eval()
@@ -105,8 +107,9 @@ def score_images(prior: CodePrior, vqvae: VQModel, images: torch.Tensor, batch_s
                               for t in reorientations(x)])  # (turns, B) bits  # fmt: skip
         orientation = nll - turned.amin(0).cpu().numpy() / dims
         combined = nll - complexity
+        knn = nan if anomaly_net is None else anomaly_net.score(x)
         values = (nll, mse, complexity, combined, surprise.flatten(1).amax(1).cpu().numpy(), ratio, typical,
-                  orientation, orientation + ORIENTATION_WEIGHT * combined)  # fmt: skip
+                  orientation, orientation + ORIENTATION_WEIGHT * combined, knn)  # fmt: skip
         for key, value in zip(SCORES, values):
             out[key].append(np.asarray(value, dtype=np.float64))
         maps.append(surprise.cpu().numpy())

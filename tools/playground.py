@@ -45,7 +45,8 @@ MAX_SAMPLES = 256  # per request: one batch of the sampler
 MAX_REPAIRS = 16
 MAX_IMAGES = 64  # images scored, or decompressed and shown, per request
 MAX_STEPS = 256  # decoding passes of a masked prior
-PAGE_SCORES = [s for s in SCORES if s not in ("likelihood_ratio", "typicality")]  # those needing no other input
+# the scores that need no other input than the two models
+PAGE_SCORES = [s for s in SCORES if s not in ("likelihood_ratio", "typicality", "transform_knn")]
 
 
 def checked(name: str, value: float, lo: float, hi: float, low_open: bool = False) -> float:

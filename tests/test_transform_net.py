@@ -1,0 +1,131 @@
+"""Tests for tools/transform_net.py and train_anomaly_net: the 72 transformations, training that learns to tell
+them apart, the k-NN score (zero on the references, high on another kind of image), the file round trip, and
+the command on a generated image folder."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import user_error
+
+from common.images import from_uint8
+from tools.anomaly import auroc
+from tools.train_anomaly_net import main as train_anomaly_net
+from tools.transform_net import (
+    NUM_TRANSFORMS,
+    AnomalyNet,
+    TransformNet,
+    fit_transform_net,
+    image_features,
+    knn_distance,
+    load_anomaly_net,
+    reference_features,
+    save_anomaly_net,
+    transform,
+    transform_each,
+)
+
+SIZE = 16
+
+
+def bars(n: int, seed: int) -> torch.Tensor:
+    """(n, 1, 16, 16) uint8: black with a bright horizontal bar near the top."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        r, h, left = rng.integers(1, 4), rng.integers(2, 4), rng.integers(1, 4)
+        x[i, 0, r : r + h, left : SIZE - rng.integers(1, 4)] = rng.integers(180, 256)
+    return torch.from_numpy(x)
+
+
+def rings(n: int, seed: int) -> torch.Tensor:
+    """(n, 1, 16, 16) uint8: a bright ring, the same every way up (another kind of image)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    out = []
+    for _ in range(n):
+        cy, cx, r = rng.uniform(6, 10), rng.uniform(6, 10), rng.uniform(3, 5)
+        ring = np.abs(np.hypot(yy - cy, xx - cx) - r) < 1.0
+        out.append(np.where(ring, rng.integers(180, 256), 0).astype(np.uint8)[None])
+    return torch.from_numpy(np.stack(out))
+
+
+def test_the_72_transformations_are_distinct_and_0_is_the_identity() -> None:
+    x = torch.randn(2, 1, 8, 8)
+    outs = [transform(x, t) for t in range(NUM_TRANSFORMS)]
+    assert all(o.shape == x.shape for o in outs) and torch.equal(outs[0], x)
+    flat = torch.stack([o.flatten() for o in outs])
+    assert len(torch.unique(flat, dim=0)) == NUM_TRANSFORMS
+    # index 12: shifted left by a quarter of the side (2 px), the uncovered right edge repeats the last column
+    left = transform(x, 12)
+    assert torch.equal(left[..., :6], x[..., 2:]) and torch.equal(left[..., 6:], x[..., 7:8].expand(-1, -1, -1, 2))
+    assert torch.equal(transform(x, 36), x.flip(-1)) and torch.equal(transform(x, 1), x.rot90(1, (-2, -1)))
+    idx = torch.tensor([5, 0, 71, 5])
+    each = transform_each(torch.cat([x, x]), idx)
+    assert all(torch.equal(each[i], transform(torch.cat([x, x])[i : i + 1], int(t))[0]) for i, t in enumerate(idx))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[TransformNet, torch.Tensor, list[float]]:
+    torch.manual_seed(0)
+    normal = bars(256, seed=0)
+    net = TransformNet(1, width=8)
+    losses = fit_transform_net(net, normal, steps=150, batch_size=64, lr=3e-3)
+    return net, normal, losses
+
+
+def test_training_learns_which_transformation_was_applied(trained) -> None:
+    net, normal, losses = trained
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 1.0  # from about ln 72 = 4.3
+    held_out = from_uint8(bars(64, seed=1))
+    target = torch.arange(64) % NUM_TRANSFORMS
+    with torch.no_grad():
+        accuracy = (net.eval()(transform_each(held_out, target)).argmax(1) == target).float().mean()
+    assert accuracy > 0.2  # chance: 1/72
+
+
+def test_knn_score_is_zero_on_the_references_and_high_on_another_kind(trained) -> None:
+    net, normal, _ = trained
+    bank = reference_features(net, normal)
+    assert bank.shape == (256, 32) and torch.allclose(bank.norm(dim=1), torch.ones(256), atol=1e-5)
+    np.testing.assert_allclose(knn_distance(bank, bank, k=1), 0.0, atol=1e-5)
+    feats = image_features(net, torch.cat([bars(64, seed=2), rings(64, seed=3)]))
+    scores = knn_distance(feats, bank, k=5)
+    assert scores.shape == (128,) and (scores >= 0).all() and (scores <= 2).all()
+    assert auroc(scores, np.r_[np.zeros(64), np.ones(64)].astype(bool)) > 0.9
+    assert len(reference_features(net, normal, max_images=100)) == 100
+
+
+def test_file_round_trip_gives_the_same_scores(trained, tmp_path: Path) -> None:
+    net, normal, _ = trained
+    bank = reference_features(net, normal)
+    save_anomaly_net(net, bank, tmp_path / "a.pt", k=3, image_size=SIZE, channels=1, dataset="bars")
+    loaded, info = load_anomaly_net(tmp_path / "a.pt")
+    assert info["k"] == 3 and info["image_size"] == SIZE and "state_dict" not in info
+    images = from_uint8(rings(8, seed=4))
+    torch.testing.assert_close(image_features(loaded, images), image_features(net, images))
+    model = AnomalyNet(tmp_path / "a.pt")
+    np.testing.assert_allclose(model.score(images), knn_distance(image_features(net, images), bank, 3), atol=1e-6)
+    model.check(1, SIZE)
+    with pytest.raises(ValueError, match=r"was trained on 16x16 images with 1 channel\(s\), the models score 28x28"):
+        model.check(1, 28)
+    record = torch.load(tmp_path / "a.pt", weights_only=True)
+    torch.save({**record, "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(ValueError, match="format version 99, this code reads 1; re-run train_anomaly_net"):
+        load_anomaly_net(tmp_path / "v99.pt")
+
+
+def test_command_trains_on_the_named_classes_and_refuses_to_overwrite(shapes_folder, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "net.pt"
+    args = ["--data.dataset", "image_folder", "--data.root", str(shapes_folder), "--data.image_size", "16",
+            "--data.batch_size", "16",
+            "--classes", "0", "--steps", "3", "--width", "4", "--out", str(out)]  # fmt: skip
+    train_anomaly_net(args)
+    assert "saved to" in capsys.readouterr().out
+    _, info = load_anomaly_net(out)
+    assert info["classes"] == [0] and info["image_size"] == SIZE and info["channels"] == 1
+    assert 0 < len(info["bank"]) < 64  # class 0's training images only (the folder holds 64 in two classes)
+    before = out.read_bytes()
+    assert "already exists" in user_error(train_anomaly_net, args, capsys)
+    assert out.read_bytes() == before

@@ -1,0 +1,94 @@
+"""`train_anomaly_net`: train the transformation classifier behind `score_anomalies --anomaly_net`.
+
+    train_anomaly_net --data.dataset image_folder --data.root normal_parts/ --data.image_size 64
+    train_anomaly_net --data.dataset fashion_mnist --classes 0 --out runs/anomaly_net/tshirt.pt   # one class
+    score_anomalies new_parts/ --prior PRIOR.ckpt --anomaly_net runs/anomaly_net/image_folder.pt --out s.csv
+
+Give it the normal images only (a folder of them, or the classes of a labelled data set named by
+``--classes``): it learns which of 72 mirrorings, shifts and quarter turns was applied to each (no labels,
+no anomalies needed) and keeps the features of those images as the reference for the ``transform_knn``
+score (see :mod:`tools.transform_net`). It saves the net, the references, the image size and channels and
+the data options to ``--out`` (default ``runs/anomaly_net/<dataset>.pt``), atomically, and never
+overwrites without ``--overwrite``. The default 1,000 steps of 128 images take about 1.5 minutes on a
+2-core CPU at 28 px.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
+from common.io import check_output
+from common.splits import ImageSplits
+from tools.transform_net import TransformNet, default_path, fit_transform_net, reference_features, save_anomaly_net
+
+
+def build_parser():
+    parser = make_parser("train_anomaly_net", __doc__)
+    parser.add_argument("--classes", type=str, default=None,
+                        help="comma-separated labels of the normal classes (default: every training image)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (of --data.batch_size images)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--width", type=int, default=32, help="channels of the first conv layers")
+    parser.add_argument("--k", type=int, default=5, help="neighbours the transform_knn score averages over")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default=None, help="default: runs/anomaly_net/<dataset>.pt")
+    add_overwrite(parser, "an existing --out file")
+    add_device(parser)
+    parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
+    parser.add_class_arguments(ImageSplits, "data")
+    return parser
+
+
+def normal_images(dm: ImageSplits, classes: str | None) -> tuple[torch.Tensor, list[int] | None]:
+    """The training images of the normal classes (uint8 (N, C, S, S)) and those classes (None: all)."""
+    images, labels = dm.split_arrays("train")
+    if classes is None:
+        return images, None
+    try:
+        wanted = sorted({int(c) for c in classes.split(",") if c.strip()})
+    except ValueError:
+        raise UserError(f"--classes {classes!r}: give comma-separated class numbers, e.g. --classes 0,2") from None
+    bad = [c for c in wanted if not 0 <= c < dm.num_classes]
+    if not wanted or bad:
+        raise UserError(f"--classes {classes!r}: {dm.options.dataset} has classes 0-{dm.num_classes - 1}")
+    keep = torch.isin(labels, torch.tensor(wanted))
+    return images[keep], wanted
+
+
+def run(cfg) -> str:
+    at_least(1, steps=cfg.steps, width=cfg.width, k=cfg.k)
+    at_least(0, log_every=cfg.log_every)
+    data = cfg.data.as_dict()
+    out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dm = ImageSplits(**data)
+    images, classes = normal_images(dm, cfg.classes)
+    if len(images) < 2:
+        raise UserError(f"--classes {cfg.classes}: only {len(images)} training image(s); the net needs at least 2")
+    net = TransformNet(dm.channels, cfg.width).to(device)
+    print(f"training an anomaly net on {len(images)} normal images of {dm.options.dataset} "
+          f"({cfg.steps} steps) on {device}", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    losses = fit_transform_net(net, images, cfg.steps, data["batch_size"], cfg.lr, cfg.seed, cfg.log_every)
+    seconds = time.perf_counter() - t0
+    bank = reference_features(net, images, seed=cfg.seed)
+    save_anomaly_net(net.cpu(), bank, out, k=cfg.k, dataset=dm.options.dataset, data=vars(dm.options),
+                     classes=classes, image_size=dm.image_size, channels=dm.channels, steps=cfg.steps,
+                     train_seconds=round(seconds, 1), final_loss=sum(losses[-50:]) / len(losses[-50:]))  # fmt: skip
+    return f"trained in {seconds:.0f}s (final loss {losses[-1]:.3f}), {len(bank)} reference images; saved to {out}"
+
+
+def _run(args: list[str] | None) -> str:
+    return run(build_parser().parse_args(args))
+
+
+def main(args: list[str] | None = None) -> None:
+    run_command("train_anomaly_net", _run, args)
+
+
+if __name__ == "__main__":
+    main()
