@@ -3,7 +3,8 @@
 reported per set.
 
     python benchmarks/anomaly_ood.py --prior runs/stage2_transformer/latest/checkpoints/best.ckpt \\
-        --background runs/stage2_background/latest/checkpoints/last.ckpt --codes codes/fashion_mnist
+        --background runs/stage2_background/latest/checkpoints/last.ckpt --codes codes/fashion_mnist \\
+        --anomaly_net runs/anomaly_net/fashion_mnist.pt
 
 Sets (as many images as --limit, default 2,000 each): uniform noise; Gaussian noise (mean 128, sd 64);
 constant images (one random grey level each); the test images inverted (255 - x), flipped upside down and
@@ -26,6 +27,7 @@ from common.images import from_uint8
 from common.splits import ImageSplits
 from tools.anomaly import SCORES, auroc, references, score_images
 from tools.load import load_models
+from tools.transform_net import AnomalyNet
 
 
 def ood_sets(test: torch.Tensor, n: int, seed: int, emoji_root: str | None) -> dict[str, torch.Tensor]:
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--vqvae", default=None, help="default: the stage-1 checkpoint the prior names")
     ap.add_argument("--background", default=None, help="a prior trained on perturbed codes (--data.perturb)")
     ap.add_argument("--codes", default=None, help="the prior's codes directory (typicality)")
+    ap.add_argument("--anomaly_net", default=None, help="train_anomaly_net's file for Fashion-MNIST: transform_knn")
     ap.add_argument("--limit", type=int, default=2000, help="images per set (and of the test split)")
     ap.add_argument("--emoji_root", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -64,11 +67,13 @@ def main() -> None:
     t0 = time.perf_counter()
     m = load_models(a.prior, a.vqvae, "cpu")
     background, typical = references(m, a.background, a.codes)
+    net = AnomalyNet.load(a.anomaly_net) if a.anomaly_net else None
     test = ImageSplits("fashion_mnist").split_arrays("test")[0][: a.limit]
-    inlier, _ = score_images(m.prior, m.vqvae, from_uint8(test), 500, background, typical)
-    result = {"prior": a.prior, "background": a.background, "codes": a.codes, "images_per_set": len(test)}
+    inlier, _ = score_images(m.prior, m.vqvae, from_uint8(test), 500, background, typical, net)
+    result = {"prior": a.prior, "background": a.background, "codes": a.codes, "anomaly_net": a.anomaly_net,
+              "images_per_set": len(test)}  # fmt: skip
     for name, images in ood_sets(test, len(test), a.seed, a.emoji_root).items():
-        scores, _ = score_images(m.prior, m.vqvae, from_uint8(images), 500, background, typical)
+        scores, _ = score_images(m.prior, m.vqvae, from_uint8(images), 500, background, typical, net)
         is_ood = np.r_[np.zeros(len(test)), np.ones(len(images))].astype(bool)
         for key in SCORES:
             if not np.isnan(inlier[key]).any():

@@ -105,7 +105,7 @@ def test_file_round_trip_gives_the_same_scores(trained, tmp_path: Path) -> None:
     assert info["k"] == 3 and info["image_size"] == SIZE and "state_dict" not in info
     images = from_uint8(rings(8, seed=4))
     torch.testing.assert_close(image_features(loaded, images), image_features(net, images))
-    model = AnomalyNet(tmp_path / "a.pt")
+    model = AnomalyNet.load(tmp_path / "a.pt")
     np.testing.assert_allclose(model.score(images), knn_distance(image_features(net, images), bank, 3), atol=1e-6)
     model.check(1, SIZE)
     with pytest.raises(ValueError, match=r"was trained on 16x16 images with 1 channel\(s\), the models score 28x28"):

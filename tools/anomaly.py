@@ -163,7 +163,7 @@ def _run(args: list[str] | None) -> str:
     background, train_nll = references(m, a.background, a.codes)
     anomaly_net = None
     if a.anomaly_net:
-        anomaly_net = AnomalyNet(a.anomaly_net, m.device)
+        anomaly_net = AnomalyNet.load(a.anomaly_net, m.device)
         anomaly_net.check(m.channels, m.image_size)
     images = load_images(files, m.image_size, m.channels)
     scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll, anomaly_net)

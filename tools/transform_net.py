@@ -202,20 +202,24 @@ def load_anomaly_net(path: str | Path, what: str = "--anomaly_net") -> tuple[Tra
 
 
 class AnomalyNet:
-    """A loaded anomaly net: ``score(images)`` -> (N,) ``transform_knn`` for images in [-1, 1]."""
+    """A trained net and its k-NN bank: ``score(images)`` -> (N,) ``transform_knn`` for images in [-1, 1].
+    ``AnomalyNet.load(path, device)`` reads a file `train_anomaly_net` wrote."""
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", what: str = "--anomaly_net") -> None:
+    def __init__(self, net: TransformNet, bank: torch.Tensor, k: int, image_size: int, source: str = "the net") -> None:
+        self.net, self.bank, self.k, self.source = net.eval(), bank.float(), int(k), source
+        self.shape = (net.body[0].in_channels, int(image_size), int(image_size))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", what: str = "--anomaly_net") -> AnomalyNet:
         net, info = load_anomaly_net(path, what)
-        self.net, self.info, self.path, self.what = net.to(device), info, Path(path), what
-        self.bank, self.k = info["bank"].float(), int(info.get("k", 5))
-        self.shape = (int(info["channels"]), int(info["image_size"]), int(info["image_size"]))
+        return cls(net.to(device), info["bank"], info.get("k", 5), info["image_size"], f"{what} {path}")
 
     def check(self, channels: int, image_size: int) -> None:
         """Refuse models whose images differ from the net's (one line: what each is, what to do)."""
         if (channels, image_size, image_size) != self.shape:
             c, s, _ = self.shape
             raise AnomalyNetError(
-                f"{self.what} {self.path} was trained on {s}x{s} images with {c} channel(s), the models score "
+                f"{self.source} was trained on {s}x{s} images with {c} channel(s), the models score "
                 f"{image_size}x{image_size} with {channels}; train it on the same images (train_anomaly_net)"
             )
 
