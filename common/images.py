@@ -79,7 +79,8 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             if (nw, nh) != (w, h):
                 img = img.resize((nw, nh), Image.Resampling.LANCZOS)
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
-            arr = np.asarray(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
+            # np.array copies: PIL's buffer is read-only, and torch.from_numpy warns on such arrays
+            arr = np.array(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ImageError(
             f"{path}: cannot read image ({type(e).__name__}: {e}); fix or delete the file"

@@ -182,8 +182,8 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     net = TransformNet(1, width=4)
     save_anomaly_net(net, reference_features(net, to_uint8(squares(16, seed=5))), tmp_path / "net.pt", k=5,
                      image_size=SIZE, channels=1)  # fmt: skip
-    main([*args, "--overwrite", "--anomaly_net", str(tmp_path / "net.pt"), "--method", "transform_knn"])
-    assert "most anomalous by transform_knn" in capsys.readouterr().out
+    main([*args, "--overwrite", "--anomaly_net", str(tmp_path / "net.pt")])
+    assert "most anomalous by transform_knn" in capsys.readouterr().out  # the default with an anomaly net
     with open(out) as f:
         rows = list(csv.reader(f))
     assert all(0 <= float(row[COLUMNS.index("transform_knn")]) <= 2 for row in rows[1:])

@@ -25,18 +25,19 @@ CSV columns, one row per image; for every score, higher means more anomalous:
   El-Yaniv 2018): an upright training-like image is far likelier than any turn of it (very negative),
   what looks alike any way up (noise, blanks, symmetric shapes) scores near 0, and an image that is upside
   down or on its side scores positive. Costs four more encodings and prior passes per image.
-* ``orientation_combined`` (the default): ``orientation_bits_per_dim + 0.25 * combined_score`` (the weight
-  chosen on validation images): the orientation test, with the complexity-corrected NLL to separate what
-  looks alike any way up.
-
+* ``orientation_combined`` (the default without an anomaly net): ``orientation_bits_per_dim + 0.25 *
+  combined_score`` (the weight chosen on validation images): the orientation test, with the
+  complexity-corrected NLL to separate what looks alike any way up.
 * ``transform_knn`` (with ``--anomaly_net NET.pt`` from ``train_anomaly_net``, trained on the normal images):
   the mean cosine distance of the image's features to those of its 5 nearest normal training images, in a
   net trained to tell 72 mirrorings, shifts and quarter turns of the normal images apart (see
-  :mod:`tools.transform_net`). It does not use the two stages at all: the best one-class score measured
-  (README, Results), at one pass of a small CNN per image.
+  :mod:`tools.transform_net`). It does not use the two stages at all. The best score measured, one-class
+  (mean AUROC 0.949 on Fashion-MNIST against 0.923) and out of distribution (>= 0.995 on every set), at
+  one pass of a small CNN per image; the default ``--method`` when ``--anomaly_net`` is given.
 
-``--grid`` shows the most anomalous images (by ``--method``: by default ``orientation_combined``, the best
-out of distribution) beside a heat map of each code's surprise.
+``--grid`` shows the most anomalous images (by ``--method``: by default ``transform_knn`` when an anomaly
+net is given, else ``orientation_combined``: the best measured, one-class and out of distribution) beside a
+heat map of each code's surprise.
 
 Why a complexity correction. A likelihood model gives simple inputs high likelihood whatever they show:
 a mostly blank image from an unseen class can be *more* likely than a typical training image, so raw NLL
@@ -132,8 +133,9 @@ def build_parser():
     p.add_argument("--out", type=str, required=True, help="CSV file to write")
     p.add_argument("--grid", type=str, default=None, help="also write a PNG grid of the most anomalous images")
     p.add_argument("--top", type=int, default=16, help="images in --grid")
-    p.add_argument("--method", "--rank_by", dest="method", type=str, default=DEFAULT_SCORE, choices=SCORES,
-                   help="the score that ranks the images (printed, orders --grid); default: the best measured")
+    p.add_argument("--method", "--rank_by", dest="method", type=str, default=None, choices=SCORES,
+                   help="the score that ranks the images (printed, orders --grid); default: the best measured, "
+                   f"transform_knn with --anomaly_net, else {DEFAULT_SCORE}")  # fmt: skip
     p.add_argument("--background", type=str, default=None,
                    help="a prior trained on perturbed codes (train_stage2 --data.perturb 0.2): likelihood_ratio")
     p.add_argument("--codes", type=str, default=None, help="the prior's codes directory: typicality")
@@ -154,6 +156,7 @@ def _run(args: list[str] | None) -> str:
         raise UserError(f"--grid {grid}: name an image file ({', '.join(GRID_FORMATS)})")
     if grid is not None and grid.resolve() == out.resolve():
         raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
+    a.method = a.method or ("transform_knn" if a.anomaly_net else DEFAULT_SCORE)
     needs = OPTIONAL.get(a.method)
     if needs and getattr(a, needs[2:]) is None:
         raise UserError(f"--method {a.method} needs {needs}")

@@ -13,8 +13,10 @@ from an upright one, or one shifted left from one shifted right, it has to learn
 its features describe the normal class in detail. An image is then scored by the mean cosine distance of
 its features to its k nearest normal training images (deep k-NN, as in Bergman et al. 2020): near zero for
 an image like the training images, large for one the features place elsewhere. Only the untransformed image
-is scored (one pass per image); measured on Fashion-MNIST, this scored better than GeoTrans's own
-softmax score over all 72 transformations at 1/72 of the cost (README, Results).
+is scored (one pass per image). On one-class Fashion-MNIST (T-shirt, Shirt, Bag; a throwaway comparison
+with 90 s of training each, README) GeoTrans's own score, the mean log-probability of the right
+transformation over all 72, reached AUROC 0.893 / 0.798 / 0.972 and this k-NN score 0.940 / 0.844 / 0.974,
+at 1/72 of the scoring cost.
 
 Shifts fill the uncovered border by repeating the edge pixels, so black (Fashion-MNIST) and white (emoji)
 backgrounds both stay plain. Images are square in this project, so quarter turns are always defined.
