@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from test_bad_inputs import world  # noqa: F401  (tiny checkpoints of both stages, images, a .vqz)
 
+from common.images import load_image
 from stage1_vqvae.model import VQModel
 from tools.anomaly_scores import DEFAULT_SCORE
 from tools.compress import main_compress, main_decompress
@@ -29,6 +30,7 @@ from tools.load import load_models
 from tools.playground import Playground
 from tools.sample import main as sample_main
 from tools.serve import main as serve
+from tools.transform_net import AnomalyNet, TransformNet, reference_features, save_anomaly_net
 from tools.uploads import encode_at_most, psnr, read_mask
 from tools.webapp import WEB, HttpError, ModelQueue, create_app
 
@@ -125,8 +127,22 @@ def test_anomaly_scores_and_heat_maps(client, world):  # noqa: F811
     data = client.post("/api/anomaly", files=files).json()
     assert len(data["rows"]) == len(files) and {"combined_score", DEFAULT_SCORE} <= set(data["scores"])
     ranked = [r["scores"][DEFAULT_SCORE] for r in data["rows"]]
-    assert ranked == sorted(ranked, reverse=True)  # most anomalous first, by the default score
+    assert ranked == sorted(ranked, reverse=True) and data["ranked_by"] == DEFAULT_SCORE  # most anomalous first
+    assert "transform_knn" not in data["scores"]  # no anomaly net given
     assert pixels(data["rows"][0]["heat"]).shape == (36, 70, 3)  # image | heat map, 2x, 2 px padding
+
+
+def test_anomaly_net_adds_transform_knn_and_ranks_by_it(world, tmp_path):  # noqa: F811
+    images = torch.stack([load_image(p, 16, 1)[0] for p in sorted(Path(world["images"]).iterdir())])  # (N, 1, 16, 16)
+    net = TransformNet(1, width=4)
+    save_anomaly_net(net, reference_features(net, images[:2]), tmp_path / "net.pt", k=1, image_size=16, channels=1)
+    play = Playground(load_models(world["prior"], None, "cpu"), anomaly_net=AnomalyNet.load(tmp_path / "net.pt"))
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(Path(world["images"]).iterdir())]
+    with TestClient(create_app(play, max_upload_bytes=LIMIT)) as c:
+        data = c.post("/api/anomaly", files=files).json()
+    assert data["ranked_by"] == "transform_knn" and data["scores"][-1] == "transform_knn"
+    ranked = [r["scores"]["transform_knn"] for r in data["rows"]]
+    assert ranked == sorted(ranked, reverse=True) and min(ranked) < 1e-5  # the two reference images score 0
 
 
 BIG = png(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels in a few kB

@@ -31,6 +31,7 @@ from tools.anomaly_scores import DEFAULT_SCORE, SCORES, heat_map_grid, score_ima
 from tools.codec import unpack
 from tools.drawing import class_labels, complete_codes, draw_codes, keep_from_painted, rows_by_label
 from tools.load import Models, load_models
+from tools.transform_net import AnomalyNet
 from tools.uploads import encode_at_most, png_bytes, psnr
 from tools.vqz import (
     DEFAULT_BATCH_SIZE,
@@ -59,8 +60,10 @@ def checked(name: str, value: float, lo: float, hi: float, low_open: bool = Fals
 class Playground:
     """The trained models and what the page asks of them."""
 
-    def __init__(self, models: Models, codec: Models | None = None, test_images: torch.Tensor | None = None) -> None:
+    def __init__(self, models: Models, codec: Models | None = None, test_images: torch.Tensor | None = None,
+                 anomaly_net: AnomalyNet | None = None) -> None:  # fmt: skip
         self.m = models
+        self.anomaly_net = anomaly_net  # adds transform_knn to the Anomaly tab and ranks by it
         self.codec = codec if codec is not None else (as_codec_models(models) if models.device.type == "cpu" else None)
         self.test_images = test_images  # uint8 (N, C, S, S) or None
         self.test_message = "loading test images ..."
@@ -207,19 +210,22 @@ class Playground:
     # ------------------------------------------------------------------------------------ anomaly
     @torch.no_grad()
     def anomaly(self, images: torch.Tensor, names: list[str]) -> dict:
-        """uint8 (N, C, S, S) -> per image the scores of `score_anomalies` that need no other input and the
-        image beside its per-code surprise heat map (red, scaled to the largest surprise among these
-        images), most anomalous (by the default score) first."""
+        """uint8 (N, C, S, S) -> per image the scores of `score_anomalies` that need no other input (and
+        transform_knn with an anomaly net) and the image beside its per-code surprise heat map (red, scaled to
+        the largest surprise among these images), most anomalous (by the default score, as there) first."""
         self._likelihood("Anomaly")
         if not 1 <= len(images) <= MAX_IMAGES:
             raise ValueError(f"score between 1 and {MAX_IMAGES} images at a time, got {len(images)}")
         x = from_uint8(images)
-        scores, surprise = score_images(self.m.prior, self.m.vqvae, x, batch_size=MAX_IMAGES)
+        scores, surprise = score_images(self.m.prior, self.m.vqvae, x, batch_size=MAX_IMAGES,
+                                        anomaly_net=self.anomaly_net)  # fmt: skip
+        keys = PAGE_SCORES + (["transform_knn"] if self.anomaly_net else [])
+        rank = "transform_knn" if self.anomaly_net else DEFAULT_SCORE
         tiles = heat_map_grid(x, surprise, self.m.vqvae.levels)  # (2N, 3, S, S): each image, then its heat map
         scale = 2 if self.m.image_size < 64 else 1
-        rows = [{"name": name, "scores": {k: float(scores[k][i]) for k in PAGE_SCORES},
+        rows = [{"name": name, "scores": {k: float(scores[k][i]) for k in keys},
                  "heat": png_bytes(torch.from_numpy(make_grid(tiles[2 * i : 2 * i + 2], nrow=2, scale=scale))
                                    .permute(2, 0, 1))}
                 for i, name in enumerate(names)]  # fmt: skip
-        rows.sort(key=lambda r: -r["scores"][DEFAULT_SCORE])
-        return {"rows": rows, "scores": PAGE_SCORES}
+        rows.sort(key=lambda r: -r["scores"][rank])
+        return {"rows": rows, "scores": keys, "ranked_by": rank}

@@ -22,6 +22,7 @@ import uvicorn
 from common.cli import UserError, add_device, make_parser, resolve_device, run_command
 from tools.load import load_models
 from tools.playground import Playground
+from tools.transform_net import AnomalyNet
 from tools.webapp import create_app
 
 
@@ -32,6 +33,8 @@ def build_parser():
     p.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (0: any free port)")
     p.add_argument("--max_upload_mb", type=float, default=10.0, help="largest request body accepted, in MB")
+    p.add_argument("--anomaly_net", type=str, default=None,
+                   help="a train_anomaly_net file: the Anomaly tab adds transform_knn and ranks by it")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for the models before 503")
     add_device(p)
     return p
@@ -67,7 +70,11 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
     device = resolve_device(a.device)
     sock = listen(a.host, a.port)  # before the slow part: a busy port is reported at once
     try:
-        play = Playground(load_models(a.prior, a.vqvae, device))
+        models = load_models(a.prior, a.vqvae, device)
+        anomaly_net = AnomalyNet.load(a.anomaly_net, device) if a.anomaly_net else None
+        if anomaly_net is not None:
+            anomaly_net.check(models.channels, models.image_size)
+        play = Playground(models, anomaly_net=anomaly_net)
         play.sample(None, 1, 1.0, 1.0, 1.0, 0)  # warm-up: the first click then costs what every click costs
         app = create_app(play, int(a.max_upload_mb * 1e6), a.queue)
         # The test images are read on the model thread, before any request that could need them.

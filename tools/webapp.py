@@ -235,7 +235,7 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
                   for f in files]  # decoded off the event loop: a large upload does not stall other requests
         out, seconds = await queue.run(play.anomaly, torch.stack(images), [f.filename or "image" for f in files])
         rows = [{**r, "heat": data_url(r["heat"])} for r in out["rows"]]
-        return {"rows": rows, "scores": out["scores"], "seconds": seconds}
+        return {"rows": rows, "scores": out["scores"], "ranked_by": out["ranked_by"], "seconds": seconds}
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     app.add_middleware(Guard, max_bytes=max_upload_bytes)

@@ -257,7 +257,8 @@ $("#anomaly-form").addEventListener("submit", (event) => {
       return tr;
     }));
     table.hidden = false;
-    return `${data.rows.length} image(s) scored in ${data.seconds.toFixed(2)} s`;
+    return `${data.rows.length} image(s) scored in ${data.seconds.toFixed(2)} s, most anomalous by `
+      + `${data.ranked_by.replaceAll("_", " ")} first`;
   });
 });
 
