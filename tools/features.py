@@ -27,8 +27,8 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from common.io import atomic_file
 from common.optim import adamw_warmup_cosine
+from tools.net_files import load_net_file, save_net_file
 
 FORMAT = "vqgen-feature-net"
 VERSION = 1
@@ -129,30 +129,14 @@ def fit_feature_net(
 def save_feature_net(net: FeatureNet, path: str | Path, **info: Any) -> Path:
     """Write the net, its architecture and `info` (dataset, data, image_size, channels, class_names,
     test_accuracy, steps) to `path`, atomically (temp file + rename)."""
-    path = Path(path)
     arch = {"channels": net.body[0].in_channels, "num_classes": net.head[-1].out_features,
             "width": net.body[0].out_channels, "feature_dim": net.head[-1].in_features}  # fmt: skip
-    record = {"format": FORMAT, "version": VERSION, "arch": arch,
-              "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **info}  # fmt: skip
-    with atomic_file(path) as f:
-        torch.save(record, f)
-    return path
+    return save_net_file(path, FORMAT, VERSION, arch, net, **info)
 
 
 def load_feature_net(path: str | Path) -> tuple[FeatureNet, dict[str, Any]]:
     """(FeatureNet in eval mode on CPU, the file's record without the weights), or FeaturesError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeaturesError(f"feature net {path} does not exist; train one with `train_feature_net ... --out {path}`")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise FeaturesError(f"{path} is not a feature-net file ({type(e).__name__}: {e})") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise FeaturesError(f"{path} is not a feature-net file written by train_feature_net")
-    if record.get("version") != VERSION:
-        raise FeaturesError(f"{path}: feature-net format version {record.get('version')!r}, this code reads "
-                            f"{VERSION}; re-run {_train_command(record.get('dataset', 'DATASET'))}")  # fmt: skip
+    record = load_net_file(path, FORMAT, VERSION, "feature-net", _train_command("DATASET"), FeaturesError)
     net = FeatureNet(**record["arch"])
     net.load_state_dict(record["state_dict"])
     return net.eval(), {k: v for k, v in record.items() if k != "state_dict"}

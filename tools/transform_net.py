@@ -37,8 +37,8 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from common.io import atomic_file
 from common.optim import adamw_warmup_cosine
+from tools.net_files import load_net_file, save_net_file
 
 FORMAT = "vqgen-anomaly-net"
 VERSION = 1
@@ -173,31 +173,15 @@ def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int = 5, chunk: 
 # ------------------------------------------------------------------------------------------ file
 def save_anomaly_net(net: TransformNet, bank: torch.Tensor, path: str | Path, **info: Any) -> Path:
     """Write the net, its architecture, the k-NN bank and `info` to `path`, atomically (temp file + rename)."""
-    path = Path(path)
     arch = {"channels": net.body[0].in_channels, "width": net.body[0].out_channels,
             "num_transforms": net.head.out_features}  # fmt: skip
-    record = {"format": FORMAT, "version": VERSION, "arch": arch, "bank": bank.float().contiguous(),
-              "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **info}  # fmt: skip
-    with atomic_file(path) as f:
-        torch.save(record, f)
-    return path
+    return save_net_file(path, FORMAT, VERSION, arch, net, bank=bank.float().contiguous(), **info)
 
 
 def load_anomaly_net(path: str | Path, what: str = "--anomaly_net") -> tuple[TransformNet, dict[str, Any]]:
     """(TransformNet in eval mode on the CPU, the file's record without the weights), or AnomalyNetError."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnomalyNetError(f"{what} {path} does not exist; train one with `train_anomaly_net --data.dataset "
-                              f"... --out {path}`")  # fmt: skip
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise AnomalyNetError(f"{what} {path} is not an anomaly-net file ({type(e).__name__}: {e})") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise AnomalyNetError(f"{what} {path} is not an anomaly-net file written by train_anomaly_net")
-    if record.get("version") != VERSION:
-        raise AnomalyNetError(f"{what} {path}: anomaly-net format version {record.get('version')!r}, this code "
-                              f"reads {VERSION}; re-run train_anomaly_net")  # fmt: skip
+    record = load_net_file(path, FORMAT, VERSION, "anomaly-net", "train_anomaly_net --data.dataset ...",
+                           AnomalyNetError, what)  # fmt: skip
     net = TransformNet(**record["arch"])
     net.load_state_dict(record["state_dict"])
     return net.eval(), {k: v for k, v in record.items() if k != "state_dict"}
