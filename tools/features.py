@@ -16,7 +16,6 @@ test_accuracy, steps.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from common.optim import adamw_warmup_cosine
-from tools.net_files import load_net_file, save_net_file
+from tools.net_files import fit_classifier, load_net_file, save_net_file
 
 FORMAT = "vqgen-feature-net"
 VERSION = 1
@@ -97,13 +95,11 @@ def fit_feature_net(
     if len(images) < batch_size:
         raise ValueError(f"the train split has {len(images)} images, fewer than batch_size={batch_size}")
     device = next(net.parameters()).device
-    net.to(memory_format=torch.channels_last)  # about 1.6x faster convolutions on CPU
     gen = torch.Generator().manual_seed(seed)
-    sched = adamw_warmup_cosine(net, lr, 5e-4, min(100, steps // 10), steps)["lr_scheduler"]["scheduler"]
-    opt = sched.optimizer
-    net.train()
-    losses, order, pos, t0 = [], torch.randperm(len(images), generator=gen), 0, time.perf_counter()
-    for step in range(steps):
+    order, pos = torch.randperm(len(images), generator=gen), 0
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal order, pos
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(images), generator=gen), 0
         idx = order[pos : pos + batch_size]
@@ -111,18 +107,9 @@ def fit_feature_net(
         x = from_uint8(images[idx].to(device))  # (B, C, H, W) in [-1, 1]
         dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
         x = torch.roll(F.pad(x, (2, 2, 2, 2), value=-1.0), (dy, dx), (2, 3))[:, :, 2:-2, 2:-2]
-        x = x.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(net(x), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            rate = (step + 1) * batch_size / max(time.perf_counter() - t0, 1e-9)
-            recent = float(np.mean(losses[-log_every:]))
-            print(f"step {step + 1}/{steps} loss={recent:.4f} {rate:.0f} img/s", flush=True)
-    return losses
+        return x, labels[idx].to(device)
+
+    return fit_classifier(net, next_batch, steps, batch_size, lr, log_every)
 
 
 # ------------------------------------------------------------------------------------------ file

@@ -1,6 +1,8 @@
-"""The file of a small auxiliary net (the feature net of FID, the anomaly net of `transform_knn`): one plain
-``torch.save`` dict, loadable with ``weights_only=True``, written atomically.
+"""What the small auxiliary nets (the feature net of FID, the anomaly net of `transform_knn`) share: their
+training loop and their file, one plain ``torch.save`` dict, loadable with ``weights_only=True``, written
+atomically.
 
+    losses = fit_classifier(net, next_batch, steps, batch_size, lr)   # next_batch() -> (images, targets)
     save_net_file(path, "vqgen-feature-net", 1, arch, net, dataset=..., ...)
     record = load_net_file(path, "vqgen-feature-net", 1, "feature-net", "train_feature_net ...", FeaturesError)
 
@@ -10,13 +12,42 @@ the caller adds (data options, image size, channels, reference features...).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.io import atomic_file
+from common.optim import adamw_warmup_cosine
+
+
+def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int,
+                   batch_size: int, lr: float, log_every: int = 0) -> list[float]:  # fmt: skip
+    """Train `net` for `steps` steps of cross-entropy on what `next_batch()` draws (images (B, C, S, S) in
+    [-1, 1] and targets (B,), on the net's device): AdamW, warm-up + cosine, channels_last (about 1.6x
+    faster convolutions on CPU). Prints a progress line every `log_every` steps; returns every step's loss."""
+    net.to(memory_format=torch.channels_last)
+    sched = adamw_warmup_cosine(net, lr, 5e-4, min(100, steps // 10), steps)["lr_scheduler"]["scheduler"]
+    opt = sched.optimizer
+    net.train()
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        x, target = next_batch()
+        loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            rate = (step + 1) * batch_size / max(time.perf_counter() - t0, 1e-9)
+            print(f"step {step + 1}/{steps} loss={np.mean(losses[-log_every:]):.4f} {rate:.0f} img/s", flush=True)
+    return losses
 
 
 def save_net_file(path: str | Path, fmt: str, version: int, arch: dict, net: nn.Module, **info: Any) -> Path:

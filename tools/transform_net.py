@@ -26,7 +26,6 @@ version, arch, state_dict, bank, k, image_size, channels, dataset, data options,
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from common.optim import adamw_warmup_cosine
-from tools.net_files import load_net_file, save_net_file
+from tools.net_files import fit_classifier, load_net_file, save_net_file
 
 FORMAT = "vqgen-anomaly-net"
 VERSION = 1
@@ -118,26 +116,14 @@ def fit_transform_net(net: TransformNet, images: torch.Tensor, steps: int, batch
     if len(images) < 2:
         raise ValueError(f"the anomaly net needs at least 2 normal images, got {len(images)}")
     device = next(net.parameters()).device
-    net.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
-    sched = adamw_warmup_cosine(net, lr, 5e-4, min(100, steps // 10), steps)["lr_scheduler"]["scheduler"]
-    opt = sched.optimizer
-    net.train()
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         target = torch.randint(0, NUM_TRANSFORMS, (batch_size,), generator=gen)
-        x = transform_each(from_uint8(images[idx]), target).to(device)  # (B, C, S, S) in [-1, 1]
-        loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), target.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            rate = (step + 1) * batch_size / max(time.perf_counter() - t0, 1e-9)
-            print(f"step {step + 1}/{steps} loss={np.mean(losses[-log_every:]):.4f} {rate:.0f} img/s", flush=True)
-    return losses
+        return transform_each(from_uint8(images[idx]), target).to(device), target.to(device)  # (B, C, S, S), (B,)
+
+    return fit_classifier(net, next_batch, steps, batch_size, lr, log_every)
 
 
 @torch.no_grad()
