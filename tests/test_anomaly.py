@@ -169,7 +169,8 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     optional = [COLUMNS.index(k) for k in ("likelihood_ratio", "typicality", "transform_knn")]
     assert all(np.isfinite(float(v)) for row in rows[1:] for i, v in enumerate(row) if i and i not in optional)
     assert all(row[i] == "" for row in rows[1:] for i in optional)
-    assert Image.open(grid).size[0] > 6 * 2 * SIZE  # 3 images, each beside its heat map, at scale 2
+    with Image.open(grid) as im:
+        assert im.size[0] > 6 * 2 * SIZE  # 3 images, each beside its heat map, at scale 2
     with pytest.raises(SystemExit) as e:
         main(args)  # exists: refused without --overwrite
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
