@@ -2,6 +2,7 @@
 training loop and their file, one plain ``torch.save`` dict, loadable with ``weights_only=True``, written
 atomically.
 
+    add_training_options(parser, lr=3e-3, kind="feature_net", overwrite="an existing --out file")  # the CLI
     losses = fit_classifier(net, next_batch, steps, batch_size, lr)   # next_batch() -> (images, targets)
     save_net_file(path, "vqgen-feature-net", 1, arch, net, dataset=..., ...)
     record = load_net_file(path, "vqgen-feature-net", 1, "feature-net", "train_feature_net ...", FeaturesError)
@@ -22,8 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import add_device, add_overwrite
 from common.io import atomic_file
 from common.optim import adamw_warmup_cosine
+
+
+def add_training_options(parser, lr: float, kind: str, overwrite: str) -> None:
+    """The options both training commands take: --steps, --lr (default `lr`), --width, --seed, --out (default
+    runs/<kind>/<dataset>.pt), --overwrite (help: `overwrite`), --device, --log_every and the --data.* options."""
+    from common.splits import ImageSplits  # the data options; only the training commands need them
+
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (of --data.batch_size images)")
+    parser.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    parser.add_argument("--width", type=int, default=32, help="channels of the first conv layers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default=None, help=f"default: runs/{kind}/<dataset>.pt")
+    add_overwrite(parser, overwrite)
+    add_device(parser)
+    parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
+    parser.add_class_arguments(ImageSplits, "data")
 
 
 def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int,

@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
+from common.cli import UserError, at_least, make_parser, resolve_device, run_command
 from common.io import check_output
 from common.splits import ImageSplits
+from tools.net_files import add_training_options
 from tools.transform_net import TransformNet, default_path, fit_transform_net, reference_features, save_anomaly_net
 
 
@@ -29,16 +30,8 @@ def build_parser():
     parser = make_parser("train_anomaly_net", __doc__)
     parser.add_argument("--classes", type=str, default=None,
                         help="comma-separated labels of the normal classes (default: every training image)")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (of --data.batch_size images)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
-    parser.add_argument("--width", type=int, default=32, help="channels of the first conv layers")
     parser.add_argument("--k", type=int, default=5, help="neighbours the transform_knn score averages over")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default=None, help="default: runs/anomaly_net/<dataset>.pt")
-    add_overwrite(parser, "an existing --out file")
-    add_device(parser)
-    parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
-    parser.add_class_arguments(ImageSplits, "data")
+    add_training_options(parser, lr=2e-3, kind="anomaly_net", overwrite="an existing --out file")
     return parser
 
 

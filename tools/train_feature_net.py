@@ -19,23 +19,17 @@ from pathlib import Path
 
 import torch
 
-from common.cli import add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
+from common.cli import at_least, make_parser, resolve_device, run_command
 from common.io import check_output
 from common.splits import ImageSplits
 from tools.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
+from tools.net_files import add_training_options
 
 
 def build_parser():
     parser = make_parser("train_feature_net", __doc__)
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (of --data.batch_size images)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    parser.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default=None, help="default: runs/feature_net/<dataset>.pt")
-    add_overwrite(parser, "an existing --out file (FIDs computed with it are then no longer comparable)")
-    add_device(parser)
-    parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
-    parser.add_class_arguments(ImageSplits, "data")
+    add_training_options(parser, lr=3e-3, kind="feature_net",
+                         overwrite="an existing --out file (FIDs computed with it are then no longer comparable)")
     return parser
 
 
