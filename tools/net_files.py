@@ -3,6 +3,7 @@ training loop and their file, one plain ``torch.save`` dict, loadable with ``wei
 atomically.
 
     add_training_options(parser, lr=3e-3, kind="feature_net", overwrite="an existing --out file")  # the CLI
+    out, device, dm = start_training(cfg, default_path)
     losses = fit_classifier(net, next_batch, steps, batch_size, lr)   # next_batch() -> (images, targets)
     save_net_file(path, "vqgen-feature-net", 1, arch, net, dataset=..., ...)
     record = load_net_file(path, "vqgen-feature-net", 1, "feature-net", "train_feature_net ...", FeaturesError)
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import add_device, add_overwrite
-from common.io import atomic_file
+from common.cli import add_device, add_overwrite, at_least, resolve_device
+from common.io import atomic_file, check_output
 from common.optim import adamw_warmup_cosine
 
 
@@ -42,6 +43,20 @@ def add_training_options(parser, lr: float, kind: str, overwrite: str) -> None:
     add_device(parser)
     parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
     parser.add_class_arguments(ImageSplits, "data")
+
+
+def start_training(cfg, default_path: Callable[[str], Path]):
+    """Check the shared options and the output (before any slow work), seed, read the data: (out, device,
+    the ImageSplits)."""
+    from common.splits import ImageSplits
+
+    at_least(1, steps=cfg.steps, width=cfg.width)
+    at_least(0, log_every=cfg.log_every)
+    data = cfg.data.as_dict()
+    out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    return out, device, ImageSplits(**data)
 
 
 def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int,

@@ -19,10 +19,9 @@ import time
 
 import torch
 
-from common.cli import UserError, at_least, make_parser, resolve_device, run_command
-from common.io import check_output
+from common.cli import UserError, at_least, make_parser, run_command
 from common.splits import ImageSplits
-from tools.net_files import add_training_options
+from tools.net_files import add_training_options, start_training
 from tools.transform_net import TransformNet, default_path, fit_transform_net, reference_features, save_anomaly_net
 
 
@@ -52,13 +51,8 @@ def normal_images(dm: ImageSplits, classes: str | None) -> tuple[torch.Tensor, l
 
 
 def run(cfg) -> str:
-    at_least(1, steps=cfg.steps, width=cfg.width, k=cfg.k)
-    at_least(0, log_every=cfg.log_every)
-    data = cfg.data.as_dict()
-    out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    dm = ImageSplits(**data)
+    at_least(1, k=cfg.k)
+    out, device, dm = start_training(cfg, default_path)
     images, classes = normal_images(dm, cfg.classes)
     if len(images) < 2:
         raise UserError(f"--classes {cfg.classes}: only {len(images)} training image(s); the net needs at least 2")
@@ -66,7 +60,7 @@ def run(cfg) -> str:
     print(f"training an anomaly net on {len(images)} normal images of {dm.options.dataset} "
           f"({cfg.steps} steps) on {device}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    losses = fit_transform_net(net, images, cfg.steps, data["batch_size"], cfg.lr, cfg.seed, cfg.log_every)
+    losses = fit_transform_net(net, images, cfg.steps, dm.options.batch_size, cfg.lr, cfg.seed, cfg.log_every)
     seconds = time.perf_counter() - t0
     bank = reference_features(net, images, seed=cfg.seed)
     save_anomaly_net(net.cpu(), bank, out, k=cfg.k, dataset=dm.options.dataset, data=vars(dm.options),

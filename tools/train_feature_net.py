@@ -17,13 +17,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
-from common.cli import at_least, make_parser, resolve_device, run_command
-from common.io import check_output
-from common.splits import ImageSplits
+from common.cli import make_parser, run_command
 from tools.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
-from tools.net_files import add_training_options
+from tools.net_files import add_training_options, start_training
 
 
 def build_parser():
@@ -34,20 +30,14 @@ def build_parser():
 
 
 def run(cfg) -> tuple[Path, float]:
-    at_least(1, steps=cfg.steps, width=cfg.width)
-    at_least(0, log_every=cfg.log_every)
-    data = cfg.data.as_dict()
-    out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    dm = ImageSplits(**data)
+    out, device, dm = start_training(cfg, default_path)
     train_images, train_labels = dm.split_arrays("train")
     test_images, test_labels = dm.split_arrays("test")
     net = FeatureNet(dm.channels, dm.num_classes, width=cfg.width).to(device)
     print(f"training a feature net on {dm.options.dataset} ({len(train_labels)} train images, {dm.num_classes} "
           f"classes, {cfg.steps} steps) on {device}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    fit_feature_net(net, train_images, train_labels, cfg.steps, data["batch_size"], cfg.lr, cfg.seed, cfg.log_every)
+    fit_feature_net(net, train_images, train_labels, cfg.steps, dm.options.batch_size, cfg.lr, cfg.seed, cfg.log_every)
     seconds = time.perf_counter() - t0
     acc = accuracy(net, test_images, test_labels)
     save_feature_net(
