@@ -74,6 +74,7 @@ from tools.anomaly_scores import (  # noqa: F401  (generic_code_bits, code_surpr
     DEFAULT_SCORE,
     SCORES,
     code_surprise,
+    default_score,
     generic_code_bits,
     heat_map_grid,
     mean_nll_bits,
@@ -156,7 +157,6 @@ def _run(args: list[str] | None) -> str:
         raise UserError(f"--grid {grid}: name an image file ({', '.join(GRID_FORMATS)})")
     if grid is not None and grid.resolve() == out.resolve():
         raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
-    a.method = a.method or ("transform_knn" if a.anomaly_net else DEFAULT_SCORE)
     needs = OPTIONAL.get(a.method)
     if needs and getattr(a, needs[2:]) is None:
         raise UserError(f"--method {a.method} needs {needs}")
@@ -164,20 +164,18 @@ def _run(args: list[str] | None) -> str:
     m = load_models(a.prior, a.vqvae, resolve_device(a.device))
     require_likelihood(m.prior, a.prior, "score_anomalies")  # every score but recon_mse is a likelihood
     background, train_nll = references(m, a.background, a.codes)
-    anomaly_net = None
-    if a.anomaly_net:
-        anomaly_net = AnomalyNet.load(a.anomaly_net, m.device)
-        anomaly_net.check(m.channels, m.image_size)
+    anomaly_net = AnomalyNet.load(a.anomaly_net, m.device, fits=(m.channels, m.image_size)) if a.anomaly_net else None
+    method = a.method or default_score(anomaly_net)
     images = load_images(files, m.image_size, m.channels)
     scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll, anomaly_net)
     write_atomic(out, csv_text([str(f) for f in files], scores).encode())
-    order = np.argsort(-scores[a.method], kind="stable")
+    order = np.argsort(-scores[method], kind="stable")
     if grid:
         top = order[: a.top].copy()
         tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top], m.vqvae.levels)
         save_grid(tiles, grid, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
-    head = ", ".join(f"{files[i].name} ({scores[a.method][i]:.4g})" for i in order[:3])
-    return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {a.method}: {head}"
+    head = ", ".join(f"{files[i].name} ({scores[method][i]:.4g})" for i in order[:3])
+    return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {method}: {head}"
 
 
 def main(args: list[str] | None = None) -> None:

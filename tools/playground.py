@@ -27,7 +27,7 @@ from stage1_vqvae.model import load_stage1
 from stage2_prior.build import require_likelihood
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
-from tools.anomaly_scores import DEFAULT_SCORE, SCORES, heat_map_grid, score_images
+from tools.anomaly_scores import SCORES, default_score, heat_map_grid, score_images
 from tools.codec import unpack
 from tools.drawing import class_labels, complete_codes, draw_codes, keep_from_painted, rows_by_label
 from tools.load import Models, load_models
@@ -220,7 +220,7 @@ class Playground:
         scores, surprise = score_images(self.m.prior, self.m.vqvae, x, batch_size=MAX_IMAGES,
                                         anomaly_net=self.anomaly_net)  # fmt: skip
         keys = PAGE_SCORES + (["transform_knn"] if self.anomaly_net else [])
-        rank = "transform_knn" if self.anomaly_net else DEFAULT_SCORE
+        rank = default_score(self.anomaly_net)
         tiles = heat_map_grid(x, surprise, self.m.vqvae.levels)  # (2N, 3, S, S): each image, then its heat map
         scale = 2 if self.m.image_size < 64 else 1
         rows = [{"name": name, "scores": {k: float(scores[k][i]) for k in keys},

@@ -71,9 +71,8 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
     sock = listen(a.host, a.port)  # before the slow part: a busy port is reported at once
     try:
         models = load_models(a.prior, a.vqvae, device)
-        anomaly_net = AnomalyNet.load(a.anomaly_net, device) if a.anomaly_net else None
-        if anomaly_net is not None:
-            anomaly_net.check(models.channels, models.image_size)
+        fits = (models.channels, models.image_size)
+        anomaly_net = AnomalyNet.load(a.anomaly_net, device, fits=fits) if a.anomaly_net else None
         play = Playground(models, anomaly_net=anomaly_net)
         play.sample(None, 1, 1.0, 1.0, 1.0, 0)  # warm-up: the first click then costs what every click costs
         app = create_app(play, int(a.max_upload_mb * 1e6), a.queue)

@@ -182,9 +182,15 @@ class AnomalyNet:
         self.shape = (net.body[0].in_channels, int(image_size), int(image_size))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu", what: str = "--anomaly_net") -> AnomalyNet:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", what: str = "--anomaly_net",
+             fits: tuple[int, int] | None = None) -> AnomalyNet:  # fmt: skip
+        """Read the file; with `fits` = (channels, image_size) of the models it will score beside, refuse a
+        net trained on other images."""
         net, info = load_anomaly_net(path, what)
-        return cls(net.to(device), info["bank"], info.get("k", 5), info["image_size"], f"{what} {path}")
+        model = cls(net.to(device), info["bank"], info.get("k", 5), info["image_size"], f"{what} {path}")
+        if fits is not None:
+            model.check(*fits)
+        return model
 
     def check(self, channels: int, image_size: int) -> None:
         """Refuse models whose images differ from the net's (one line: what each is, what to do)."""
