@@ -31,7 +31,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import OPTIONAL, auroc, score_images
 from tools.anomaly import SCORES as ALL_SCORES
-from tools.transform_net import AnomalyNet, TransformNet, fit_transform_net, reference_features
+from tools.transform_net import AnomalyNet, K, TransformNet, fit_transform_net, reference_features
 
 # no background prior or typicality statistics here; the anomaly net is trained below
 SCORES = [k for k in ALL_SCORES if k not in OPTIONAL or k == "transform_knn"]
@@ -79,7 +79,7 @@ def held_out_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: arg
     t0 = time.perf_counter()
     net = TransformNet(1)
     fit_transform_net(net, train_x[keep], a.transform_steps, seed=a.seed)
-    anomaly_net = AnomalyNet(net, reference_features(net, train_x[keep], seed=a.seed), 5, 28)
+    anomaly_net = AnomalyNet(net, reference_features(net, train_x[keep], seed=a.seed), K, 28)
     net_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores, _ = score_images(prior.eval(), vqvae, from_uint8(test_x[: a.limit]), anomaly_net=anomaly_net)

@@ -32,7 +32,7 @@ from common.splits import UInt8ImageDataset
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import SCORES, auroc, mean_nll_bits, score_images
-from tools.transform_net import AnomalyNet, TransformNet, fit_transform_net, reference_features
+from tools.transform_net import AnomalyNet, K, TransformNet, fit_transform_net, reference_features
 
 
 class Codes(torch.utils.data.Dataset):
@@ -78,7 +78,7 @@ def one_class_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: ar
     t0 = time.perf_counter()
     net = TransformNet(1).to(a.accelerator if a.accelerator != "gpu" else "cuda")
     fit_transform_net(net, normal, a.transform_steps, seed=a.seed)
-    anomaly_net = AnomalyNet(net, reference_features(net, normal), 5, 28)
+    anomaly_net = AnomalyNet(net, reference_features(net, normal), K, 28)
     net_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     typical = mean_nll_bits(prior, codes.numpy())

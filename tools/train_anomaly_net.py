@@ -22,14 +22,14 @@ import torch
 from common.cli import UserError, at_least, make_parser, run_command
 from common.splits import ImageSplits
 from tools.net_files import add_training_options, start_training
-from tools.transform_net import TransformNet, default_path, fit_transform_net, reference_features, save_anomaly_net
+from tools.transform_net import K, TransformNet, default_path, fit_transform_net, reference_features, save_anomaly_net
 
 
 def build_parser():
     parser = make_parser("train_anomaly_net", __doc__)
     parser.add_argument("--classes", type=str, default=None,
                         help="comma-separated labels of the normal classes (default: every training image)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours the transform_knn score averages over")
+    parser.add_argument("--k", type=int, default=K, help="neighbours the transform_knn score averages over")
     add_training_options(parser, lr=2e-3, kind="anomaly_net", overwrite="an existing --out file")
     return parser
 

@@ -42,6 +42,7 @@ FORMAT = "vqgen-anomaly-net"
 VERSION = 1
 DEFAULT_DIR = Path("runs") / "anomaly_net"
 NUM_TRANSFORMS = 72  # 2 mirror states x 3 x-shifts x 3 y-shifts x 4 quarter turns
+K = 5  # neighbours transform_knn averages over (train_anomaly_net --k; kept in the file)
 
 
 class AnomalyNetError(UserError, ValueError):
@@ -146,7 +147,7 @@ def reference_features(net: TransformNet, images: torch.Tensor, max_images: int 
     return image_features(net, images)
 
 
-def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int = 5, chunk: int = 1024) -> np.ndarray:
+def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int = K, chunk: int = 1024) -> np.ndarray:
     """features (N, D) and bank (M, D), unit vectors -> (N,) mean cosine distance to the k nearest in the bank."""
     k = min(k, len(bank))
     out = []
@@ -187,7 +188,7 @@ class AnomalyNet:
         """Read the file; with `fits` = (channels, image_size) of the models it will score beside, refuse a
         net trained on other images."""
         net, info = load_anomaly_net(path, what)
-        model = cls(net.to(device), info["bank"], info.get("k", 5), info["image_size"], f"{what} {path}")
+        model = cls(net.to(device), info["bank"], info.get("k", K), info["image_size"], f"{what} {path}")
         if fits is not None:
             model.check(*fits)
         return model
