@@ -31,7 +31,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import OPTIONAL, auroc, score_images
 from tools.anomaly import SCORES as ALL_SCORES
-from tools.transform_net import AnomalyNet, K, TransformNet, fit_transform_net, reference_features
+from tools.transform_net import MEMBERS, AnomalyNet
 
 # no background prior or typicality statistics here; the anomaly net is trained below
 SCORES = [k for k in ALL_SCORES if k not in OPTIONAL or k == "transform_knn"]
@@ -77,9 +77,7 @@ def held_out_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: arg
     bs2 = cfg2.get("data", {}).get("batch_size", 128)
     prior_s = fit(prior, CodesDataset(codes), bs2, a.prior_steps)
     t0 = time.perf_counter()
-    net = TransformNet(1)
-    fit_transform_net(net, train_x[keep], a.transform_steps, seed=a.seed)
-    anomaly_net = AnomalyNet(net, reference_features(net, train_x[keep], seed=a.seed), K, 28)
+    anomaly_net, _ = AnomalyNet.train(train_x[keep], a.members, a.transform_steps, seed=a.seed)
     net_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores, _ = score_images(prior.eval(), vqvae, from_uint8(test_x[: a.limit]), anomaly_net=anomaly_net)
@@ -102,7 +100,8 @@ def main() -> None:
     ap.add_argument("--classes", default="0,5,9", help="held-out classes, comma-separated")
     ap.add_argument("--stage1_steps", type=int, default=1000)
     ap.add_argument("--prior_steps", type=int, default=500)
-    ap.add_argument("--transform_steps", type=int, default=1000, help="training steps of the anomaly net")
+    ap.add_argument("--transform_steps", type=int, default=1000, help="training steps of each anomaly net")
+    ap.add_argument("--members", type=int, default=MEMBERS, help="anomaly nets transform_knn averages")
     ap.add_argument("--limit", type=int, default=10000, help="score the first N test images")
     ap.add_argument("--stage1_config", default="configs/stage1/fashion_mnist.yaml")
     ap.add_argument("--prior_config", default="configs/stage2/fashion_mnist_transformer.yaml")
@@ -117,7 +116,7 @@ def main() -> None:
     classes = [int(c) for c in a.classes.split(",")]
     rows = [held_out_run(c, data, cfg1, cfg2, a) for c in classes]
     result = {"classes": classes, "stage1_steps": a.stage1_steps, "prior_steps": a.prior_steps,
-              "transform_steps": a.transform_steps,
+              "transform_steps": a.transform_steps, "members": a.members,
               "stage1_config": a.stage1_config, "prior_config": a.prior_config, "overrides": a.set}  # fmt: skip
     for key in SCORES:
         result[f"mean_auroc_{key}"] = round(float(np.mean([r[f"auroc_{key}"] for r in rows])), 4)

@@ -18,7 +18,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import COLUMNS, auroc, generic_code_bits, heat_map_grid, main, mean_nll_bits, score_images
 from tools.anomaly_scores import ORIENTATION_WEIGHT, reorientations
-from tools.transform_net import TransformNet, reference_features, save_anomaly_net
+from tools.transform_net import AnomalyNet, TransformNet, reference_features
 
 SIZE, K = 16, 16
 
@@ -181,8 +181,7 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     err = user_error(main, [*args, "--overwrite", "--rank_by", "typicality"], capsys)  # the old name still works
     assert "--method typicality needs --codes" in err
     net = TransformNet(1, width=4)
-    save_anomaly_net(net, reference_features(net, to_uint8(squares(16, seed=5))), tmp_path / "net.pt", k=5,
-                     image_size=SIZE, channels=1)  # fmt: skip
+    AnomalyNet([net], [reference_features(net, to_uint8(squares(16, seed=5)))], 5, SIZE).save(tmp_path / "net.pt")
     main([*args, "--overwrite", "--anomaly_net", str(tmp_path / "net.pt")])
     assert "most anomalous by transform_knn" in capsys.readouterr().out  # the default with an anomaly net
     with open(out) as f:

@@ -28,7 +28,7 @@ from tools.sample import main as sample
 from tools.serve import main as serve
 from tools.train_anomaly_net import main as train_anomaly_net
 from tools.train_feature_net import main as train_feature_net
-from tools.transform_net import TransformNet, save_anomaly_net
+from tools.transform_net import AnomalyNet, TransformNet
 
 COMMANDS = {"sample": sample, "evaluate": evaluate, "compress": compress, "decompress": decompress,
             "score_anomalies": score_anomalies, "extract_codes": extract_codes,
@@ -85,7 +85,7 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     (root / "text.ckpt").write_text("this is a text file, not a checkpoint\n")
     torch.save({"state_dict": {}, "hyper_parameters": dict(prior.hparams), "x": Marker(root / "PWNED")},
                root / "crafted.ckpt")  # fmt: skip
-    save_anomaly_net(TransformNet(1, 4), torch.zeros(4, 16), root / "anet28.pt", k=5, image_size=28, channels=1)
+    AnomalyNet([TransformNet(1, 4)], [torch.zeros(4, 16)], 5, 28).save(root / "anet28.pt")
     (root / "existing.png").write_bytes(b"keep me")
     (root / "existing.csv").write_text("keep me\n")
     (root / "a_file").write_text("a file, not a folder\n")
@@ -223,6 +223,8 @@ ROWS = [
                            "--classes", "shirt", "--out", "a.pt"], r"--classes 'shirt': give comma-separated class"),
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
                            "--out", "{existing_png}"], r"existing.png already exists"),
+    ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
+                           "--members", "0", "--out", "a.pt"], r"--members must be >= 1, got 0"),
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{missing}", "--out", "a.pt"],
      r"image folder \S*missing does not exist"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "cifar10", "--data.root", "{missing}", "--out", "f.pt"],

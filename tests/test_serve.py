@@ -30,7 +30,7 @@ from tools.load import load_models
 from tools.playground import Playground
 from tools.sample import main as sample_main
 from tools.serve import main as serve
-from tools.transform_net import AnomalyNet, TransformNet, reference_features, save_anomaly_net
+from tools.transform_net import AnomalyNet, TransformNet, reference_features
 from tools.uploads import encode_at_most, psnr, read_mask
 from tools.webapp import WEB, HttpError, ModelQueue, create_app
 
@@ -135,7 +135,7 @@ def test_anomaly_scores_and_heat_maps(client, world):  # noqa: F811
 def test_anomaly_net_adds_transform_knn_and_ranks_by_it(world, tmp_path):  # noqa: F811
     images = torch.stack([load_image(p, 16, 1)[0] for p in sorted(Path(world["images"]).iterdir())])  # (N, 1, 16, 16)
     net = TransformNet(1, width=4)
-    save_anomaly_net(net, reference_features(net, images[:2]), tmp_path / "net.pt", k=1, image_size=16, channels=1)
+    AnomalyNet([net], [reference_features(net, images[:2])], 1, 16).save(tmp_path / "net.pt")
     play = Playground(load_models(world["prior"], None, "cpu"), anomaly_net=AnomalyNet.load(tmp_path / "net.pt"))
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(Path(world["images"]).iterdir())]
     with TestClient(create_app(play, max_upload_bytes=LIMIT)) as c:

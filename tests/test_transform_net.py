@@ -19,9 +19,7 @@ from tools.transform_net import (
     fit_transform_net,
     image_features,
     knn_distance,
-    load_anomaly_net,
     reference_features,
-    save_anomaly_net,
     transform,
     transform_each,
 )
@@ -100,20 +98,40 @@ def test_knn_score_is_zero_on_the_references_and_high_on_another_kind(trained) -
 def test_file_round_trip_gives_the_same_scores(trained, tmp_path: Path) -> None:
     net, normal, _ = trained
     bank = reference_features(net, normal)
-    save_anomaly_net(net, bank, tmp_path / "a.pt", k=3, image_size=SIZE, channels=1, dataset="bars")
-    loaded, info = load_anomaly_net(tmp_path / "a.pt")
-    assert info["k"] == 3 and info["image_size"] == SIZE and "state_dict" not in info
-    images = from_uint8(rings(8, seed=4))
-    torch.testing.assert_close(image_features(loaded, images), image_features(net, images))
+    other = TransformNet(1, width=8)  # a second member: the score is the mean of the two nets' k-NN distances
+    other_bank = reference_features(other, normal)
+    AnomalyNet([net, other], [bank, other_bank], 3, SIZE).save(tmp_path / "a.pt", dataset="bars")
     model = AnomalyNet.load(tmp_path / "a.pt")
-    np.testing.assert_allclose(model.score(images), knn_distance(image_features(net, images), bank, 3), atol=1e-6)
+    assert model.k == 3 and model.shape == (1, SIZE, SIZE) and model.info["dataset"] == "bars"
+    assert len(model.nets) == 2 and "members" not in model.info
+    images = from_uint8(rings(8, seed=4))
+    torch.testing.assert_close(image_features(model.nets[0], images), image_features(net, images))
+    each = [knn_distance(image_features(n, images), b, 3) for n, b in ((net, bank), (other, other_bank))]
+    assert not np.allclose(each[0], each[1])
+    np.testing.assert_allclose(model.score(images), (each[0] + each[1]) / 2, atol=1e-6)
     model.check(1, SIZE)
     with pytest.raises(ValueError, match=r"was trained on 16x16 images with 1 channel\(s\), the models score 28x28"):
         model.check(1, 28)
     record = torch.load(tmp_path / "a.pt", weights_only=True)
     torch.save({**record, "version": 99}, tmp_path / "v99.pt")
-    with pytest.raises(ValueError, match="format version 99, this code reads 1; re-run train_anomaly_net"):
-        load_anomaly_net(tmp_path / "v99.pt")
+    with pytest.raises(ValueError, match="format version 99, this code reads 1 or 2; re-run train_anomaly_net"):
+        AnomalyNet.load(tmp_path / "v99.pt")
+    # a version-1 file (one net, its weights and bank at the top level) still loads and scores the same
+    v1 = {k: v for k, v in record.items() if k != "members"}
+    v1.update(version=1, state_dict=record["members"][0]["state_dict"], bank=bank)
+    torch.save(v1, tmp_path / "v1.pt")
+    np.testing.assert_allclose(AnomalyNet.load(tmp_path / "v1.pt").score(images), each[0], atol=1e-6)
+
+
+def test_ensemble_training_is_seeded_per_net_whatever_ran_before() -> None:
+    normal = bars(64, seed=0)
+    a, losses = AnomalyNet.train(normal, members=2, steps=3, width=4, batch_size=16, seed=7)
+    torch.randn(100)  # the global generator moves on
+    b, _ = AnomalyNet.train(normal, members=1, steps=3, width=4, batch_size=16, seed=7)
+    assert len(a.nets) == len(a.banks) == len(losses) == 2 and all(len(x) == 3 for x in losses)
+    assert torch.equal(a.banks[0], b.banks[0])  # net 0 of both: seed 7
+    assert not torch.equal(a.banks[0], a.banks[1])  # net 1: seed 8
+    assert a.shape == (1, SIZE, SIZE)
 
 
 def test_command_trains_on_the_named_classes_and_refuses_to_overwrite(shapes_folder, tmp_path: Path, capsys) -> None:
@@ -123,9 +141,9 @@ def test_command_trains_on_the_named_classes_and_refuses_to_overwrite(shapes_fol
             "--classes", "0", "--steps", "3", "--width", "4", "--out", str(out)]  # fmt: skip
     train_anomaly_net(args)
     assert "saved to" in capsys.readouterr().out
-    _, info = load_anomaly_net(out)
-    assert info["classes"] == [0] and info["image_size"] == SIZE and info["channels"] == 1
-    assert 0 < len(info["bank"]) < 64  # class 0's training images only (the folder holds 64 in two classes)
+    model = AnomalyNet.load(out)
+    assert model.info["classes"] == [0] and model.shape == (1, SIZE, SIZE) and len(model.nets) == 2
+    assert 0 < len(model.banks[0]) < 64  # class 0's training images only (the folder holds 64 in two classes)
     before = out.read_bytes()
     assert "already exists" in user_error(train_anomaly_net, args, capsys)
     assert out.read_bytes() == before

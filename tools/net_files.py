@@ -83,20 +83,26 @@ def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, 
     return losses
 
 
-def save_net_file(path: str | Path, fmt: str, version: int, arch: dict, net: nn.Module, **info: Any) -> Path:
-    """Write the record to `path` atomically (temp file + rename); tensors are saved from the CPU."""
+def state_dict_cpu(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def save_net_file(path: str | Path, fmt: str, version: int, arch: dict, net: nn.Module | None, **info: Any) -> Path:
+    """Write the record to `path` atomically (temp file + rename); tensors are saved from the CPU. With
+    `net` None the caller puts the weights in `info` (several nets in one file)."""
     path = Path(path)
-    record = {"format": fmt, "version": version, "arch": arch,
-              "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **info}  # fmt: skip
+    weights = {} if net is None else {"state_dict": state_dict_cpu(net)}
+    record = {"format": fmt, "version": version, "arch": arch, **weights, **info}
     with atomic_file(path) as f:
         torch.save(record, f)
     return path
 
 
-def load_net_file(path: str | Path, fmt: str, version: int, kind: str, train: str, error: type[Exception],
-                  what: str = "") -> dict[str, Any]:  # fmt: skip
-    """The record of a `kind` file ("feature-net") of format `fmt` and `version`, or `error` with one line that
-    names `what` (the flag, if any) and the file, and says how to make one (`train`: the command)."""
+def load_net_file(path: str | Path, fmt: str, version: int | tuple[int, ...], kind: str, train: str,
+                  error: type[Exception], what: str = "") -> dict[str, Any]:  # fmt: skip
+    """The record of a `kind` file ("feature-net") of format `fmt` and `version` (or one of a tuple of them),
+    or `error` with one line that names `what` (the flag, if any) and the file, and says how to make one
+    (`train`: the command)."""
     path = Path(path)
     name = f"{what} {path}".strip()
     a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
@@ -108,7 +114,9 @@ def load_net_file(path: str | Path, fmt: str, version: int, kind: str, train: st
         raise error(f"{name} is not {a_kind} file ({type(e).__name__}: {e})") from e
     if not isinstance(record, dict) or record.get("format") != fmt:
         raise error(f"{name} is not {a_kind} file written by {train.split()[0]}")
-    if record.get("version") != version:
-        raise error(f"{name}: {kind} format version {record.get('version')!r}, this code reads {version}; "
+    versions = version if isinstance(version, tuple) else (version,)
+    if record.get("version") not in versions:
+        readable = " or ".join(map(str, versions))
+        raise error(f"{name}: {kind} format version {record.get('version')!r}, this code reads {readable}; "
                     f"re-run {train}")  # fmt: skip
     return record
