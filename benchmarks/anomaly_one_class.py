@@ -34,7 +34,7 @@ from common.splits import UInt8ImageDataset
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import SCORES, auroc, mean_nll_bits, score_images
-from tools.transform_net import MEMBERS, AnomalyNet, image_features, knn_distance
+from tools.transform_net import MEMBERS, AnomalyNet
 
 
 class Codes(torch.utils.data.Dataset):
@@ -76,12 +76,13 @@ def one_class_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: ar
     row = {"class": cls, "name": FASHION_MNIST_CLASSES[cls], "train_images": len(normal),
            "test_normal": int((~anomalous).sum()), "test_anomalous": int(anomalous.sum()),
            "anomaly_net_train_seconds": round(net_s, 1)}  # fmt: skip
-    for i, (net, bank) in enumerate(zip(anomaly_net.nets, anomaly_net.banks)):  # each net alone
-        row[f"auroc_transform_knn_net{i}"] = round(auroc(knn_distance(image_features(net, test), bank), anomalous), 4)
-    keys = ["transform_knn"]
     t0 = time.perf_counter()
+    each = anomaly_net.member_scores(test)
+    for i, net_scores in enumerate(each):  # each net alone
+        row[f"auroc_transform_knn_net{i}"] = round(auroc(net_scores, anomalous), 4)
+    keys = ["transform_knn"]
     if a.anomaly_net_only:
-        scores = {"transform_knn": anomaly_net.score(test)}
+        scores = {"transform_knn": np.mean(each, axis=0)}  # = anomaly_net.score(test)
     else:
         pl.seed_everything(a.seed, verbose=False)
         t1 = time.perf_counter()

@@ -84,6 +84,7 @@ def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, 
 
 
 def state_dict_cpu(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The net's weights and buffers, detached, on the CPU (what the files store)."""
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 

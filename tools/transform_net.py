@@ -237,6 +237,9 @@ class AnomalyNet:
                 f"{image_size}x{image_size} with {channels}; train it on the same images (train_anomaly_net)"
             )
 
+    def member_scores(self, images: torch.Tensor) -> list[np.ndarray]:
+        """Each net's own k-NN distances: a list of (N,) arrays, one per net."""
+        return [knn_distance(image_features(net, images), bank, self.k) for net, bank in zip(self.nets, self.banks)]
+
     def score(self, images: torch.Tensor) -> np.ndarray:
-        scores = [knn_distance(image_features(net, images), bank, self.k) for net, bank in zip(self.nets, self.banks)]
-        return np.mean(scores, axis=0)
+        return np.mean(self.member_scores(images), axis=0)  # (N,)
