@@ -80,9 +80,10 @@ def one_class_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: ar
     each = anomaly_net.member_scores(test)
     for i, net_scores in enumerate(each):  # each net alone
         row[f"auroc_transform_knn_net{i}"] = round(auroc(net_scores, anomalous), 4)
+    knn = np.mean(each, axis=0)  # = anomaly_net.score(test), from the per-net scores already computed
     keys = ["transform_knn"]
     if a.anomaly_net_only:
-        scores = {"transform_knn": np.mean(each, axis=0)}  # = anomaly_net.score(test)
+        scores = {"transform_knn": knn}
     else:
         pl.seed_everything(a.seed, verbose=False)
         t1 = time.perf_counter()
@@ -97,7 +98,8 @@ def one_class_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: ar
         row["train_seconds"] = round(time.perf_counter() - t1, 1)
         t0 = time.perf_counter()
         typical = mean_nll_bits(prior, codes.numpy())
-        scores, _ = score_images(prior, vqvae, test, 500, background, typical, anomaly_net)
+        scores, _ = score_images(prior, vqvae, test, 500, background, typical)  # transform_knn: NaN here
+        scores["transform_knn"] = knn
         keys = list(SCORES)
     row["score_seconds"] = round(time.perf_counter() - t0, 1)
     for key in keys:

@@ -179,6 +179,7 @@ class AnomalyNet:
             raise ValueError(f"an anomaly net needs one bank per net, got {len(nets)} nets, {len(banks)} banks")
         self.nets, self.banks = [n.eval() for n in nets], [b.float() for b in banks]
         self.k, self.source = int(k), source
+        self.info: dict[str, Any] = {}  # what the file says besides the weights (load fills it)
         self.shape = (nets[0].body[0].in_channels, int(image_size), int(image_size))
 
     @classmethod
