@@ -3,8 +3,8 @@ for each class, train stage 1, an unconditional prior and a background prior (on
 6,000 training images of that class only, score the whole test split (1,000 normal, 9,000 anomalous) and
 report the AUROC of every score of :mod:`tools.anomaly`, per class and as the mean over the classes. The
 anomaly net of ``transform_knn`` (:mod:`tools.transform_net`, what ``train_anomaly_net --classes C`` trains:
-``--members`` seeded nets, each also reported alone as ``transform_knn_net<i>``) is trained on the same
-6,000 images.
+``--members`` seeded nets, each also reported alone as ``transform_knn_net<i>``, and the nets scored on the
+untransformed view alone as ``transform_knn_identity``) is trained on the same 6,000 images.
 
     python benchmarks/anomaly_one_class.py                                   # all 10 classes, CPU budget
     python benchmarks/anomaly_one_class.py --classes 0,5 --stage1_steps 3000 --prior_steps 2000
@@ -77,10 +77,12 @@ def one_class_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: ar
            "test_normal": int((~anomalous).sum()), "test_anomalous": int(anomalous.sum()),
            "anomaly_net_train_seconds": round(net_s, 1)}  # fmt: skip
     t0 = time.perf_counter()
-    each = anomaly_net.member_scores(test)
-    for i, net_scores in enumerate(each):  # each net alone
+    each = anomaly_net.view_scores(test)  # (nets, views, N)
+    for i, net_scores in enumerate(each.mean(1)):  # each net alone
         row[f"auroc_transform_knn_net{i}"] = round(auroc(net_scores, anomalous), 4)
-    knn = np.mean(each, axis=0)  # = anomaly_net.score(test), from the per-net scores already computed
+    # the score before views were added: the untransformed images only
+    row["auroc_transform_knn_identity"] = round(auroc(each[:, anomaly_net.views.index(0)].mean(0), anomalous), 4)
+    knn = each.mean((0, 1))  # = anomaly_net.score(test), from the distances already computed
     keys = ["transform_knn"]
     if a.anomaly_net_only:
         scores = {"transform_knn": knn}

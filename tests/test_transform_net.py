@@ -1,6 +1,6 @@
 """Tests for tools/transform_net.py and train_anomaly_net: the 72 transformations, training that learns to tell
 them apart, the k-NN score (zero on the references, high on another kind of image), the file round trip, and
-the command on a generated image folder."""
+the views (each scored against its own bank), and the command on a generated image folder."""
 
 from pathlib import Path
 
@@ -95,18 +95,36 @@ def test_knn_score_is_zero_on_the_references_and_high_on_another_kind(trained) -
     assert len(reference_features(net, normal, max_images=100)) == 100
 
 
+def test_a_view_is_the_transformed_image_against_a_bank_of_transformed_references(trained) -> None:
+    net, normal, _ = trained
+    images = from_uint8(torch.cat([bars(8, seed=2), rings(8, seed=3)]))
+    torch.testing.assert_close(image_features(net, images, view=36), image_features(net, images.flip(-1)))
+    mirrored_bank = reference_features(net, normal, view=36)
+    torch.testing.assert_close(mirrored_bank, image_features(net, normal.flip(-1)))
+    model = AnomalyNet([net], [torch.stack([reference_features(net, normal), mirrored_bank])], 5, SIZE, views=(0, 36))
+    by_view = model.view_scores(images)  # (nets, views, N)
+    assert by_view.shape == (1, 2, 16) and not np.allclose(by_view[0, 0], by_view[0, 1])
+    np.testing.assert_allclose(by_view[0, 1], knn_distance(image_features(net, images.flip(-1)), mirrored_bank))
+    np.testing.assert_allclose(model.score(images), by_view[0].mean(0), atol=1e-7)
+    with pytest.raises(ValueError, match="one bank per view"):
+        AnomalyNet([net], [mirrored_bank], 5, SIZE, views=(0, 36))
+
+
 def test_file_round_trip_gives_the_same_scores(trained, tmp_path: Path) -> None:
     net, normal, _ = trained
-    bank = reference_features(net, normal)
+    views = (0, 36)
+    bank = torch.stack([reference_features(net, normal, view=t) for t in views])  # (2, M, D)
     other = TransformNet(1, width=8)  # a second member: the score is the mean of the two nets' k-NN distances
-    other_bank = reference_features(other, normal)
-    AnomalyNet([net, other], [bank, other_bank], 3, SIZE).save(tmp_path / "a.pt", dataset="bars")
+    other_bank = torch.stack([reference_features(other, normal, view=t) for t in views])
+    AnomalyNet([net, other], [bank, other_bank], 3, SIZE, views=views).save(tmp_path / "a.pt", dataset="bars")
     model = AnomalyNet.load(tmp_path / "a.pt")
     assert model.k == 3 and model.shape == (1, SIZE, SIZE) and model.info["dataset"] == "bars"
-    assert len(model.nets) == 2 and "members" not in model.info
+    assert len(model.nets) == 2 and "members" not in model.info and model.views == views
     images = from_uint8(rings(8, seed=4))
     torch.testing.assert_close(image_features(model.nets[0], images), image_features(net, images))
-    each = [knn_distance(image_features(n, images), b, 3) for n, b in ((net, bank), (other, other_bank))]
+    by_view = [[knn_distance(image_features(n, images, view=t), b[v], 3) for v, t in enumerate(views)]
+               for n, b in ((net, bank), (other, other_bank))]  # fmt: skip
+    each = [np.mean(d, 0) for d in by_view]
     assert not np.allclose(each[0], each[1])
     np.testing.assert_allclose(model.score(images), (each[0] + each[1]) / 2, atol=1e-6)
     model.check(1, SIZE)
@@ -114,13 +132,18 @@ def test_file_round_trip_gives_the_same_scores(trained, tmp_path: Path) -> None:
         model.check(1, 28)
     record = torch.load(tmp_path / "a.pt", weights_only=True)
     torch.save({**record, "version": 99}, tmp_path / "v99.pt")
-    with pytest.raises(ValueError, match="format version 99, this code reads 1 or 2; re-run train_anomaly_net"):
+    with pytest.raises(ValueError, match="format version 99, this code reads 1, 2 or 3; re-run train_anomaly_net"):
         AnomalyNet.load(tmp_path / "v99.pt")
-    # a version-1 file (one net, its weights and bank at the top level) still loads and scores the same
-    v1 = {k: v for k, v in record.items() if k != "members"}
-    v1.update(version=1, state_dict=record["members"][0]["state_dict"], bank=bank)
-    torch.save(v1, tmp_path / "v1.pt")
-    np.testing.assert_allclose(AnomalyNet.load(tmp_path / "v1.pt").score(images), each[0], atol=1e-6)
+    # older files hold an (M, D) bank of the untransformed images and score that view alone, as they did:
+    # version 2 (several nets), version 1 (one net, its weights and bank at the top level)
+    old = {k: v for k, v in record.items() if k not in ("members", "views")}
+    members = [{"state_dict": m["state_dict"], "bank": m["bank"][0]} for m in record["members"]]
+    torch.save({**old, "version": 2, "members": members}, tmp_path / "v2.pt")
+    v2 = AnomalyNet.load(tmp_path / "v2.pt")
+    assert v2.views == (0,)
+    np.testing.assert_allclose(v2.score(images), (by_view[0][0] + by_view[1][0]) / 2, atol=1e-6)
+    torch.save({**old, "version": 1, **members[0]}, tmp_path / "v1.pt")
+    np.testing.assert_allclose(AnomalyNet.load(tmp_path / "v1.pt").score(images), by_view[0][0], atol=1e-6)
 
 
 def test_ensemble_training_is_seeded_per_net_whatever_ran_before() -> None:
@@ -143,7 +166,8 @@ def test_command_trains_on_the_named_classes_and_refuses_to_overwrite(shapes_fol
     assert "saved to" in capsys.readouterr().out
     model = AnomalyNet.load(out)
     assert model.info["classes"] == [0] and model.shape == (1, SIZE, SIZE) and len(model.nets) == 2
-    assert 0 < len(model.banks[0]) < 64  # class 0's training images only (the folder holds 64 in two classes)
+    assert model.views == (0, 36) and model.banks[0].shape[0] == 2
+    assert 0 < model.banks[0].shape[1] < 64  # class 0's training images only (the folder holds 64 in two classes)
     before = out.read_bytes()
     assert "already exists" in user_error(train_anomaly_net, args, capsys)
     assert out.read_bytes() == before

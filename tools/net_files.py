@@ -117,7 +117,7 @@ def load_net_file(path: str | Path, fmt: str, version: int | tuple[int, ...], ki
         raise error(f"{name} is not {a_kind} file written by {train.split()[0]}")
     versions = version if isinstance(version, tuple) else (version,)
     if record.get("version") not in versions:
-        readable = " or ".join(map(str, versions))
+        readable = " or ".join(filter(None, [", ".join(map(str, versions[:-1])), str(versions[-1])]))  # "1, 2 or 3"
         raise error(f"{name}: {kind} format version {record.get('version')!r}, this code reads {readable}; "
                     f"re-run {train}")  # fmt: skip
     return record

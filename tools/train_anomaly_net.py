@@ -69,7 +69,7 @@ def run(cfg) -> str:
     model.save(out, dataset=dm.options.dataset, data=vars(dm.options), classes=classes, steps=cfg.steps,
                train_seconds=round(seconds, 1), final_loss=final)  # fmt: skip
     return (f"trained {cfg.members} net(s) in {seconds:.0f}s (final loss {', '.join(f'{x:.3f}' for x in final)}), "
-            f"{len(model.banks[0])} reference images; saved to {out}")
+            f"{model.banks[0].shape[1]} reference images, {len(model.views)} views; saved to {out}")
 
 
 def _run(args: list[str] | None) -> str:
