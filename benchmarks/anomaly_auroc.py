@@ -35,6 +35,7 @@ from tools.transform_net import MEMBERS, AnomalyNet
 
 # no background prior or typicality statistics here; the anomaly net is trained below
 SCORES = [k for k in ALL_SCORES if k not in OPTIONAL or k == "transform_knn"]
+KEYS = [*SCORES, "transform_knn_identity"]  # and transform_knn on the untransformed view alone
 
 
 def fit(model: pl.LightningModule, dataset, batch_size: int, steps: int, accelerator: str = "cpu") -> float:
@@ -87,11 +88,13 @@ def held_out_run(cls: int, data: ImageDataModule, cfg1: dict, cfg2: dict, a: arg
            "held_out_images": int(is_ood.sum()), "stage1_seconds": round(stage1_s, 1),
            "prior_seconds": round(prior_s, 1), "anomaly_net_seconds": round(net_s, 1),
            "score_seconds": round(score_s, 1)}  # fmt: skip
-    for key in SCORES:
+    # transform_knn on the untransformed view alone (what it was before the mirror view), for comparison
+    scores["transform_knn_identity"] = anomaly_net.view_scores(from_uint8(test_x[: a.limit]))[:, 0].mean(0)
+    for key in KEYS:
         row[f"auroc_{key}"] = round(auroc(scores[key], is_ood), 4)
         row[f"mean_{key}_in"] = float(np.mean(scores[key][~is_ood]))
         row[f"mean_{key}_out"] = float(np.mean(scores[key][is_ood]))
-    print(f"class {cls} ({row['name']}): " + "  ".join(f"{k}={row[f'auroc_{k}']:.3f}" for k in SCORES), flush=True)
+    print(f"class {cls} ({row['name']}): " + "  ".join(f"{k}={row[f'auroc_{k}']:.3f}" for k in KEYS), flush=True)
     return row
 
 
@@ -118,7 +121,7 @@ def main() -> None:
     result = {"classes": classes, "stage1_steps": a.stage1_steps, "prior_steps": a.prior_steps,
               "transform_steps": a.transform_steps, "members": a.members,
               "stage1_config": a.stage1_config, "prior_config": a.prior_config, "overrides": a.set}  # fmt: skip
-    for key in SCORES:
+    for key in KEYS:
         result[f"mean_auroc_{key}"] = round(float(np.mean([r[f"auroc_{key}"] for r in rows])), 4)
     result.update({**machine("cpu"), "peak_ram_mb": peak_ram_mb(), "per_class": rows})
     report(result, a.json)

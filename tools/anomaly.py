@@ -30,10 +30,11 @@ CSV columns, one row per image; for every score, higher means more anomalous:
   complexity-corrected NLL to separate what looks alike any way up.
 * ``transform_knn`` (with ``--anomaly_net NET.pt`` from ``train_anomaly_net``, trained on the normal images):
   the mean cosine distance of the image's features to those of its 5 nearest normal training images, in a
-  net trained to tell 72 mirrorings, shifts and quarter turns of the normal images apart, averaged over
-  the file's independently seeded nets (two by default; see :mod:`tools.transform_net`). It does not use
-  the two stages at all. The best score measured, one-class and out of distribution (README), at one pass
-  of a small CNN per image and net; the default ``--method`` when ``--anomaly_net`` is given.
+  net trained to tell 72 mirrorings, shifts and quarter turns of the normal images apart, averaged over two
+  views (the image and its mirror image, each against the normal images seen the same way) and over the
+  file's independently seeded nets (two by default; see :mod:`tools.transform_net`). It does not use the
+  two stages at all. The best score measured, one-class and out of distribution (README), at two passes of
+  a small CNN per image and net; the default ``--method`` when ``--anomaly_net`` is given.
 
 ``--grid`` shows the most anomalous images (by ``--method``: by default ``transform_knn`` when an anomaly
 net is given, else ``orientation_combined``: the best measured, one-class and out of distribution) beside a
