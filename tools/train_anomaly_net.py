@@ -6,12 +6,12 @@
 
 Give it the normal images only (a folder of them, or the classes of a labelled data set named by
 ``--classes``): it learns which of 72 mirrorings, shifts and quarter turns was applied to each (no labels,
-no anomalies needed) and keeps the features of those images, as they are and mirrored, as the reference
-for the ``transform_knn`` score (see :mod:`tools.transform_net`). It saves the net, the references, the image size and channels and
-the data options to ``--out`` (default ``runs/anomaly_net/<dataset>.pt``), atomically, and never
-overwrites without ``--overwrite``. It trains ``--members`` (default 2) independently seeded nets and the
-score averages them; each net's default 1,000 steps of 128 images take about 1.5 minutes on a 2-core CPU at
-28 px (``--members 1`` halves the time for a slightly noisier score).
+no anomalies needed) and keeps the features of those images, as they are and mirrored, as the reference for
+the ``transform_knn`` score (see :mod:`tools.transform_net`). It saves the net, the references, the image
+size and channels and the data options to ``--out`` (default ``runs/anomaly_net/<dataset>.pt``), atomically,
+and never overwrites without ``--overwrite``. It trains ``--members`` (default 2) independently seeded nets
+and the score averages them; each net's default 1,000 steps of 128 images take about 1.5 minutes on a 2-core
+CPU at 28 px (``--members 1`` halves the time for a slightly noisier score).
 """
 
 from __future__ import annotations
