@@ -15,6 +15,7 @@ from tools.train_anomaly_net import main as train_anomaly_net
 from tools.transform_net import (
     NUM_TRANSFORMS,
     AnomalyNet,
+    AnomalyNetError,
     TransformNet,
     fit_transform_net,
     image_features,
@@ -144,6 +145,10 @@ def test_file_round_trip_gives_the_same_scores(trained, tmp_path: Path) -> None:
     np.testing.assert_allclose(v2.score(images), (by_view[0][0] + by_view[1][0]) / 2, atol=1e-6)
     torch.save({**old, "version": 1, **members[0]}, tmp_path / "v1.pt")
     np.testing.assert_allclose(AnomalyNet.load(tmp_path / "v1.pt").score(images), by_view[0][0], atol=1e-6)
+    # a version-3 header over one bank per net instead of one per view: refused in one line, no traceback
+    torch.save({**old, "version": 3, "views": [0, 36], "members": members}, tmp_path / "bad.pt")
+    with pytest.raises(AnomalyNetError, match=r"bad.pt is damaged \(ValueError: an anomaly net needs one bank per"):
+        AnomalyNet.load(tmp_path / "bad.pt")
 
 
 def test_ensemble_training_is_seeded_per_net_whatever_ran_before() -> None:

@@ -220,17 +220,21 @@ class AnomalyNet:
         net trained on other images."""
         record = load_net_file(path, FORMAT, (1, 2, VERSION), "anomaly-net",
                                "train_anomaly_net --data.dataset ...", AnomalyNetError, what)  # fmt: skip
-        # version 1 (one net): its weights and bank at the top level
-        members = record["members"] if record["version"] >= 2 else [record]
-        nets = []
-        for member in members:
-            net = TransformNet(**record["arch"])
-            net.load_state_dict(member["state_dict"])
-            nets.append(net.to(device))
-        # versions 1 and 2: an (M, D) bank of the untransformed images
-        views = tuple(record.get("views", (0,)))
-        model = cls(nets, [m["bank"] for m in members], record.get("k", K), record["image_size"], f"{what} {path}",
-                    views)  # fmt: skip
+        try:
+            # version 1 (one net): its weights and bank at the top level
+            members = record["members"] if record["version"] >= 2 else [record]
+            nets = []
+            for member in members:
+                net = TransformNet(**record["arch"])
+                net.load_state_dict(member["state_dict"])
+                nets.append(net.to(device))
+            # versions 1 and 2: an (M, D) bank of the untransformed images
+            views = tuple(record.get("views", (0,)))
+            model = cls(nets, [m["bank"] for m in members], record.get("k", K), record["image_size"],
+                        f"{what} {path}", views)  # fmt: skip
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a right header over wrong contents
+            raise AnomalyNetError(f"{what} {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                  "re-run train_anomaly_net --data.dataset ...") from e  # fmt: skip
         model.info = {key: v for key, v in record.items() if key not in ("members", "state_dict", "bank")}
         if fits is not None:
             model.check(*fits)
