@@ -108,6 +108,13 @@ def test_feature_file_errors(tmp_path, monkeypatch):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(FeaturesError, match="not a feature-net file"):
         load_feature_net(tmp_path / "other.pt")
+    # the right header over weights of another net: one line naming the file, not a traceback
+    net = FeatureNet(channels=1, num_classes=2, width=8, feature_dim=16)
+    save_feature_net(net, tmp_path / "fn.pt", dataset="mnist", data={}, image_size=12, channels=1)
+    record = torch.load(tmp_path / "fn.pt", weights_only=True)
+    torch.save({**record, "arch": {**record["arch"], "width": 4}}, tmp_path / "damaged.pt")
+    with pytest.raises(FeaturesError, match=r"damaged.pt is damaged \(RuntimeError: .*; re-run train_feature_net"):
+        load_feature_net(tmp_path / "damaged.pt")
     # No runs/feature_net/<dataset>.pt and no torch-fidelity: the error says what to run.
     has_fidelity = importlib.util.find_spec("torch_fidelity") is not None
     monkeypatch.chdir(tmp_path)

@@ -26,7 +26,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from tools.net_files import fit_classifier, load_net_file, save_net_file
+from tools.net_files import fit_classifier, load_net_file, rebuilding, save_net_file
 
 FORMAT = "vqgen-feature-net"
 VERSION = 1
@@ -124,8 +124,9 @@ def save_feature_net(net: FeatureNet, path: str | Path, **info: Any) -> Path:
 def load_feature_net(path: str | Path) -> tuple[FeatureNet, dict[str, Any]]:
     """(FeatureNet in eval mode on CPU, the file's record without the weights), or FeaturesError."""
     record = load_net_file(path, FORMAT, VERSION, "feature-net", _train_command("DATASET"), FeaturesError)
-    net = FeatureNet(**record["arch"])
-    net.load_state_dict(record["state_dict"])
+    with rebuilding(path, FeaturesError, _train_command("DATASET")):
+        net = FeatureNet(**record["arch"])
+        net.load_state_dict(record["state_dict"])
     return net.eval(), {k: v for k, v in record.items() if k != "state_dict"}
 
 

@@ -15,7 +15,8 @@ the caller adds (data options, image size, channels, reference features...).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import add_device, add_overwrite, at_least, resolve_device
+from common.cli import UserError, add_device, add_overwrite, at_least, resolve_device
 from common.io import atomic_file, check_output
 from common.optim import adamw_warmup_cosine
 
@@ -121,3 +122,17 @@ def load_net_file(path: str | Path, fmt: str, version: int | tuple[int, ...], ki
         raise error(f"{name}: {kind} format version {record.get('version')!r}, this code reads {readable}; "
                     f"re-run {train}")  # fmt: skip
     return record
+
+
+@contextmanager
+def rebuilding(path: str | Path, error: type[Exception], train: str, what: str = "") -> Iterator[None]:
+    """Around rebuilding nets from a record `load_net_file` returned: a right header over wrong contents
+    (missing keys, weights of another shape, ...) becomes `error` with one line that names the file and says
+    to re-run `train`, instead of a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise error(f"{what} {path}".strip() + f" is damaged ({type(e).__name__}: {detail}); re-run {train}") from e

@@ -50,7 +50,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from tools.net_files import fit_classifier, load_net_file, save_net_file, state_dict_cpu
+from tools.net_files import fit_classifier, load_net_file, rebuilding, save_net_file, state_dict_cpu
 
 FORMAT = "vqgen-anomaly-net"
 VERSION = 3  # 1: one net, 2: no views (both still read)
@@ -220,7 +220,7 @@ class AnomalyNet:
         net trained on other images."""
         record = load_net_file(path, FORMAT, (1, 2, VERSION), "anomaly-net",
                                "train_anomaly_net --data.dataset ...", AnomalyNetError, what)  # fmt: skip
-        try:
+        with rebuilding(path, AnomalyNetError, "train_anomaly_net --data.dataset ...", what):
             # version 1 (one net): its weights and bank at the top level
             members = record["members"] if record["version"] >= 2 else [record]
             nets = []
@@ -232,9 +232,6 @@ class AnomalyNet:
             views = tuple(record.get("views", (0,)))
             model = cls(nets, [m["bank"] for m in members], record.get("k", K), record["image_size"],
                         f"{what} {path}", views)  # fmt: skip
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a right header over wrong contents
-            raise AnomalyNetError(f"{what} {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                                  "re-run train_anomaly_net --data.dataset ...") from e  # fmt: skip
         model.info = {key: v for key, v in record.items() if key not in ("members", "state_dict", "bank")}
         if fits is not None:
             model.check(*fits)
