@@ -218,9 +218,9 @@ class AnomalyNet:
              fits: tuple[int, int] | None = None) -> AnomalyNet:  # fmt: skip
         """Read the file; with `fits` = (channels, image_size) of the models it will score beside, refuse a
         net trained on other images."""
-        record = load_net_file(path, FORMAT, (1, 2, VERSION), "anomaly-net",
-                               "train_anomaly_net --data.dataset ...", AnomalyNetError, what)  # fmt: skip
-        with rebuilding(path, AnomalyNetError, "train_anomaly_net --data.dataset ...", what):
+        train = "train_anomaly_net --data.dataset ..."  # what the refusals tell the user to run
+        record = load_net_file(path, FORMAT, (1, 2, VERSION), "anomaly-net", train, AnomalyNetError, what)
+        with rebuilding(path, AnomalyNetError, train, what):
             # version 1 (one net): its weights and bank at the top level
             members = record["members"] if record["version"] >= 2 else [record]
             nets = []
@@ -262,10 +262,6 @@ class AnomalyNet:
         """Every net's k-NN distances in every view: (nets, views, N)."""
         return np.array([[knn_distance(image_features(net, images, view=t), bank[v], self.k)
                           for v, t in enumerate(self.views)] for net, bank in zip(self.nets, self.banks)])  # fmt: skip
-
-    def member_scores(self, images: torch.Tensor) -> list[np.ndarray]:
-        """Each net's own score, its k-NN distances averaged over the views: a list of (N,) arrays, one per net."""
-        return list(self.view_scores(images).mean(1))
 
     def score(self, images: torch.Tensor) -> np.ndarray:
         return self.view_scores(images).mean((0, 1))  # (N,)
