@@ -24,7 +24,7 @@ from stage2_prior.prior import Prior
 
 def sample_grid_images(prior: Prior, vqvae: VQModel, per_row: int = 8, seed: int = 0) -> tuple[torch.Tensor, int]:
     """Images (n, C, H, W) for a grid with one row per class (or 8 unconditional rows), and its row length."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=prior.device).manual_seed(seed)  # multinomial needs a generator on its device
     if prior.num_classes > 0:
         rows = min(prior.num_classes, 10)
         labels = torch.arange(rows).repeat_interleave(per_row).to(prior.device)
