@@ -1,14 +1,18 @@
-"""Compression benchmark: `compress` on the Fashion-MNIST test set against the ideal code length, uniform
-coding of the codes, PNG / WebP lossless, and JPEG / WebP at matched PSNR; compress/decompress speed.
+"""Compression benchmark: `compress` on a test set (Fashion-MNIST, or --dataset emoji) against the ideal
+code length, uniform coding of the codes, PNG / WebP lossless, and JPEG / WebP at matched PSNR;
+compress/decompress speed.
 
     python benchmarks/compression.py --prior runs/stage2_transformer/latest/checkpoints/best.ckpt --limit 1000
+    python benchmarks/compression.py --dataset emoji --limit 0 --json benchmarks/results/compression_emoji.json \
+        --prior runs/emoji/stage2_transformer/latest/checkpoints/best.ckpt      # the whole emoji test split
 
-Bits per pixel (bpp) everywhere. Ours is one .vqz file for the whole set (header amortized); the baselines
-are given both per image (one file each, as a user would store them, headers included) and as one mosaic
-image of the whole set (headers amortized, like ours). JPEG and WebP use the lowest quality whose PSNR over
-the set (from the mean squared error of all pixels) reaches ours; our PSNR is that of stage 1's
-reconstruction, since the codes are stored losslessly. Speeds are end to end (image tensors -> bytes ->
-image tensors), with the entropy coder on one thread as `compress` runs it. Prints a table, writes JSON.
+Bits per pixel (bpp) everywhere, per pixel position (a colour pixel's three channels count once). Ours is
+one .vqz file for the whole set (header amortized); the baselines are given both per image (one file each,
+as a user would store them, headers included) and as one mosaic image of the whole set (headers amortized,
+like ours). JPEG and WebP use the lowest quality whose PSNR over the set (from the mean squared error of all
+pixels) reaches ours; our PSNR is that of stage 1's reconstruction, since the codes are stored losslessly.
+Speeds are end to end (image tensors -> bytes -> image tensors), with the entropy coder on one thread as
+`compress` runs it. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -89,15 +93,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prior", default="runs/stage2_transformer/latest/checkpoints/best.ckpt")
     ap.add_argument("--vqvae", default=None, help="default: the stage-1 checkpoint the prior names")
-    ap.add_argument("--limit", type=int, default=1000, help="first N test images")
+    ap.add_argument("--dataset", default="fashion_mnist", help="test split of this dataset (as --data.dataset)")
+    ap.add_argument("--root", default=None, help="its folder (as --data.root; default: the dataset's usual place)")
+    ap.add_argument("--limit", type=int, default=1000, help="first N test images (0: all)")
     ap.add_argument("--batch_size", type=int, default=256, help="images per coded batch")
     ap.add_argument("--json", default="benchmarks/results/compression.json")
     a = ap.parse_args()
     m = load_models(a.prior, a.vqvae, "cpu")
     m.prior.float()
     m.vqvae.float()
-    dm = ImageSplits(dataset="fashion_mnist", image_size=m.image_size, channels=m.channels)
-    originals = dm.split_arrays("test")[0][: a.limit]  # uint8 (N, C, H, W)
+    dm = ImageSplits(dataset=a.dataset, root=a.root, image_size=m.image_size, channels=m.channels)
+    originals = dm.split_arrays("test")[0][: a.limit or None]  # uint8 (N, C, H, W)
     n, pixels = len(originals), len(originals) * m.image_size**2
 
     t0 = time.perf_counter()
@@ -113,7 +119,8 @@ def main() -> None:
     ours_psnr = psnr(originals.numpy(), recon.numpy())
     images = originals.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for Pillow
     result = {
-        "prior": a.prior, "prior_kind": type(m.prior).__name__, "images": n, "image_size": m.image_size,
+        "dataset": a.dataset, "prior": a.prior, "prior_kind": type(m.prior).__name__, "images": n,
+        "image_size": m.image_size,
         "channels": m.channels, "grid_shape": list(m.vqvae.grid_shape), "codebook_size": m.vqvae.codebook_size,
         "batch_size": a.batch_size, "codes_exact": bool(np.array_equal(decoded_codes, codes)),
         "ours_file_bytes": len(data), "ours_bpp": round(8 * len(data) / pixels, 5),

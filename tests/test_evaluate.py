@@ -74,7 +74,7 @@ def test_evaluate_stage1(artifacts, shapes_folder, capsys):
           "--device", "cpu", "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert f"reconstruction FID (image-folder '{shapes_folder.name}' classifier features)" in printed
-    assert "Inception" not in printed and "PSNR (dB)" in printed and "dead codes" in printed
+    assert "Inception" not in printed and "PSNR (dB)" in printed and "codes awaiting restart" in printed
     r = json.loads(out.read_text())
     assert r["images"] == 8 and r["split"] == "test" and r["codebook_size"] == 16
     assert r["mse"] > 0 and np.isfinite(r["psnr_db"]) and -1 <= r["ssim"] <= 1 and r["fid_recon"] >= 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -316,3 +317,15 @@ def test_kmeans_fewer_points_than_codes_and_determinism():
     assert torch.all(torch.cdist(c, x).min(1).values < 1e-5)  # every centroid is one of the points
     again = kmeans(x, 8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(c, again)
+
+
+def test_restart_threshold_too_small_for_the_batch_warns_at_init():
+    """A threshold under 5% of a code's average assignments per batch warns at k-means init, naming the
+    value to use; a threshold scaled with the batch does not (the H200's batch-2048 collapse)."""
+    z = features(b=8)  # 8*5*6 = 240 vectors, 16 codes: 15 assignments per code on average
+    with pytest.warns(UserWarning, match=r"restart_threshold 0.5 is 3.3% .* \(15 at this batch size\).*: 5\)"):
+        make_vq(restart_threshold=0.5).train()(z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_vq(restart_threshold=5.0).train()(z)
+        make_vq(restart_threshold=0.0).train()(z)  # restarts off: nothing to warn about
