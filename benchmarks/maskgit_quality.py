@@ -8,12 +8,12 @@ batch, steps, optimiser: configs/stage2/fashion_mnist_{transformer,maskgit}.yaml
 checked here rather than assumed: both networks' training steps (forward, backward, AdamW on batches of
 real codes) are timed in this process, interleaved, and their ratio reported.
 
-Samples: n per prior and setting, classes in turn (as `sample --n`), temperature 1, seed 0, for every
---cfg_scale given (classifier-free guidance, 1 = off) and, for the masked prior (--steps passes), every
---choice_temperature. FID with the project's feature net against the test split and against the validation
-split, beside the real-data floor (n train images). Reported: the defaults (no guidance, the sampler's
-default choice temperature) side by side, and each prior at its best setting chosen on the validation FID
-(so the test split chooses nothing), with the ratio of their test FIDs.
+Samples: n per prior and setting, classes in turn (as `sample --n`), seed 0, for every --temperature
+(token temperature, 1 by default) and --cfg_scale given (classifier-free guidance, 1 = off) and, for the
+masked prior (--steps passes), every --choice_temperature. FID with the project's feature net against the
+test split and against the validation split, beside the real-data floor (n train images). Reported: the
+defaults (no guidance, the sampler's default choice temperature) side by side, and each prior at its best
+setting chosen on the validation FID (so the test split chooses nothing), with the ratio of their test FIDs.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--choice_temperature", type=float, nargs="+", default=[DEFAULT_CHOICE_TEMPERATURE])
     ap.add_argument("--cfg_scale", type=float, nargs="+", default=[1.0], help="guidance scales tried (1: off)")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                    help="token temperatures tried, for both priors alike (names gain _t<T> unless T = 1)")
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--train_steps", type=int, default=10, help="timed training steps per round and network")
     ap.add_argument("--json", default="benchmarks/results/maskgit_quality_cpu.json")
@@ -119,11 +121,14 @@ def main() -> None:
               f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
 
     with torch.inference_mode():
-        for cfg in a.cfg_scale:
-            score(f"ar_cfg{cfg:g}", *draw(sample_codes, ar.prior, a.n, a.batch_size, cfg_scale=cfg))
+        for temp, cfg in [(t, c) for t in a.temperature for c in a.cfg_scale]:
+            tag = "" if temp == 1 else f"_t{temp:g}"
+            kw = dict(cfg_scale=cfg, temperature=temp)
+            score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, **kw))
             for ct in a.choice_temperature:
-                kw = dict(steps=a.steps, choice_temperature=ct, cfg_scale=cfg)
-                score(f"masked_cfg{cfg:g}_ct{ct:g}", *draw(sample_masked, masked.prior, a.n, a.batch_size, **kw))
+                kw_masked = dict(steps=a.steps, choice_temperature=ct, **kw)
+                name = f"masked_cfg{cfg:g}_ct{ct:g}{tag}"
+                score(name, *draw(sample_masked, masked.prior, a.n, a.batch_size, **kw_masked))
     # the defaults (no guidance, the sampler's choice temperature), then each prior at its best setting on val
     default = f"masked_cfg1_ct{DEFAULT_CHOICE_TEMPERATURE:g}"
     if "ar_cfg1_fid_test" in result and f"{default}_fid_test" in result:

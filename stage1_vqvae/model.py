@@ -83,6 +83,7 @@ class VQModel(nn.Module):
         restart_threshold: float = 1.0,
         lookup_dim: int | None = None,
         l2_normalize: bool = False,
+        rotation_trick: bool = False,
         fsq_levels: list[int] | None = None,
         levels: list[dict] | None = None,
     ) -> None:
@@ -93,7 +94,7 @@ class VQModel(nn.Module):
         def make_quantizer(spec: dict) -> nn.Module:
             if quantizer == "vq":
                 return VectorQuantizer(spec["codebook_size"], code_dim, beta, ema, decay, 1e-5, kmeans_init,
-                                       restart_threshold, lookup_dim, l2_normalize)  # fmt: skip
+                                       restart_threshold, lookup_dim, l2_normalize, rotation_trick)  # fmt: skip
             if quantizer == "fsq":
                 return FSQ(spec["fsq_levels"] or [8, 5, 5, 5], code_dim)
             raise ValueError(f"model.quantizer must be 'vq' or 'fsq', got {quantizer!r}")

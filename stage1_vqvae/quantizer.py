@@ -62,6 +62,20 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator 
     return centroids
 
 
+def rotate_onto(z: torch.Tensor, e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """z (N, D) -> s R z (N, D): the rotation R that turns z's direction into e's, and the scale s = |e| / |z|,
+    both treated as constants, so the value is e (up to rounding) while the gradient reaching z is s R^T
+    times the incoming one: it keeps the angle between the gradient and z, which the straight-through copy
+    does not. R z = z - 2 r (r.z) + 2 v (u.z) with u = z/|z|, v = e/|e|, r = (u + v)/|u + v|."""
+    zd = z.detach()
+    z_norm = zd.norm(dim=1, keepdim=True).clamp_min(eps)
+    e_norm = e.norm(dim=1, keepdim=True).clamp_min(eps)
+    u, v = zd / z_norm, e / e_norm
+    r = F.normalize(u + v, dim=1, eps=eps)
+    rotated = z - 2 * r * (z * r).sum(1, keepdim=True) + 2 * v * (z * u).sum(1, keepdim=True)
+    return rotated * (e_norm / z_norm)
+
+
 class VectorQuantizer(nn.Module):
     """VQ-VAE quantizer (van den Oord et al. 2017) with the fixes that keep every code alive.
 
@@ -78,6 +92,10 @@ class VectorQuantizer(nn.Module):
         lookup_dim: if set, quantize in a low-dimensional space (a linear projection D -> lookup_dim
             and back), as in ViT-VQGAN's factorised codes; it raises codebook usage.
         l2_normalize: compare l2-normalised vectors (cosine similarity) in the lookup space.
+        rotation_trick: pass gradients to the encoder through the rotation and rescaling that maps each
+            encoder vector onto its code vector (Fifty et al. 2024, "Restructuring Vector Quantization with
+            the Rotation Trick") instead of copying them unchanged (the straight-through estimator). The
+            forward values are the code vectors either way.
     """
 
     def __init__(
@@ -92,8 +110,10 @@ class VectorQuantizer(nn.Module):
         restart_threshold: float = 1.0,
         lookup_dim: int | None = None,
         l2_normalize: bool = False,
+        rotation_trick: bool = False,
     ) -> None:
         super().__init__()
+        self.rotation_trick = rotation_trick
         self.codebook_size = codebook_size
         self.code_dim = code_dim
         self.beta = beta
@@ -217,8 +237,12 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * commitment
             if not self.ema:
                 loss = loss + F.mse_loss(e, flat.detach())
-            # Straight-through estimator in training; in eval the output is exactly the code vector.
-            q = flat + (e - flat).detach() if self.training else e
+            # Straight-through estimator (or the rotation trick) in training; in eval exactly the code vector.
+            if self.training:
+                carrier = rotate_onto(flat, e.detach()) if self.rotation_trick else flat
+                q = carrier + (e - carrier).detach()  # the value of e, the gradient of carrier
+            else:
+                q = e
             # contiguous, as in lookup(): the same memory layout makes out_proj give bit-identical outputs
             q = q.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, dim, H, W)
             quantized = self.out_proj(q)

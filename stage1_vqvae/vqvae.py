@@ -56,8 +56,8 @@ class VQVAE(VQModel, pl.LightningModule):
         code_dim: channels of the features that are quantized.
         quantizer: "vq" or "fsq".
         codebook_size: K for "vq" (for "fsq" it is prod(fsq_levels)).
-        beta: commitment weight. decay, ema, kmeans_init, restart_threshold, lookup_dim, l2_normalize:
-            see :class:`stage1_vqvae.quantizer.VectorQuantizer`.
+        beta: commitment weight. decay, ema, kmeans_init, restart_threshold, lookup_dim, l2_normalize,
+            rotation_trick: see :class:`stage1_vqvae.quantizer.VectorQuantizer`.
         fsq_levels: levels per channel for "fsq".
         levels: None for one level, or a list of levels (VQ-VAE-2), e.g. ``[{name: bottom, downsample: 4,
             codebook_size: 512}, {name: top, downsample: 8, codebook_size: 512}]``: each level's downsample is
@@ -87,6 +87,7 @@ class VQVAE(VQModel, pl.LightningModule):
         restart_threshold: float = 1.0,
         lookup_dim: int | None = None,
         l2_normalize: bool = False,
+        rotation_trick: bool = False,
         fsq_levels: list[int] | None = None,
         levels: list[dict] | None = None,
         lr: float = 2e-3,
@@ -97,7 +98,8 @@ class VQVAE(VQModel, pl.LightningModule):
     ) -> None:
         super().__init__(
             in_channels, image_size, width, res_blocks, res_width, downsample, code_dim, quantizer, codebook_size,
-            beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, fsq_levels, levels,
+            beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, rotation_trick, fsq_levels,
+            levels,
         )  # fmt: skip  (VQModel's, then LightningModule's __init__)
         self.save_hyperparameters()
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]

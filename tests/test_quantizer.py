@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_vqvae.quantizer import FSQ, VectorQuantizer, kmeans
+from stage1_vqvae.quantizer import FSQ, VectorQuantizer, kmeans, rotate_onto
 
 K, D, B, H, W = 16, 8, 2, 5, 6  # non-square grid to catch H/W mix-ups
 
@@ -21,8 +21,9 @@ VQ_VARIANTS = [
     dict(ema=True, l2_normalize=True),
     dict(ema=False, lookup_dim=4),
     dict(ema=True, lookup_dim=4, l2_normalize=True),
+    dict(ema=True, rotation_trick=True),
 ]
-VQ_IDS = ["ema", "loss", "ema-l2", "loss-lookup4", "ema-lookup4-l2"]
+VQ_IDS = ["ema", "loss", "ema-l2", "loss-lookup4", "ema-lookup4-l2", "ema-rotation"]
 
 
 def features(seed: int = 0, b: int = B, d: int = D, h: int = H, w: int = W) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_vq_gradients_straight_through(kwargs):
     out = q(z)
     (out.quantized.pow(2).sum() + out.loss).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
-    if not kwargs.get("lookup_dim") and not kwargs.get("l2_normalize"):
+    if not kwargs.get("lookup_dim") and not kwargs.get("l2_normalize") and not kwargs.get("rotation_trick"):
         # Straight-through: d quantized / d z is the identity.
         z2 = z.detach().clone().requires_grad_(True)
         q(z2).quantized.sum().backward()
@@ -329,3 +330,41 @@ def test_restart_threshold_too_small_for_the_batch_warns_at_init():
         warnings.simplefilter("error")
         make_vq(restart_threshold=5.0).train()(z)
         make_vq(restart_threshold=0.0).train()(z)  # restarts off: nothing to warn about
+
+
+# ------------------------------------------------------------------------------------- rotation trick
+def test_rotate_onto_value_is_target_and_gradient_is_scaled_rotation():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    e = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    out = rotate_onto(z, e)
+    assert torch.allclose(out, e, atol=1e-12)  # the forward value is the code vector
+    upstream = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    for i in range(5):
+        # The explicit matrix: R = I - 2 r r^T + 2 v u^T, an orthogonal map with R u = v.
+        u, v = z[i].detach() / z[i].detach().norm(), e[i] / e[i].norm()
+        r = (u + v) / (u + v).norm()
+        rot = torch.eye(6, dtype=torch.float64) - 2 * torch.outer(r, r) + 2 * torch.outer(v, u)
+        assert torch.allclose(rot @ rot.T, torch.eye(6, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(rot @ u, v, atol=1e-12)
+        scale = e[i].norm() / z[i].detach().norm()
+        assert torch.allclose(z.grad[i], scale * rot.T @ upstream[i], atol=1e-12)
+
+
+def test_rotation_trick_changes_the_encoder_gradient_not_the_output():
+    z = features()
+    outs, grads = [], []
+    for rotation in (False, True):
+        q = make_vq(kmeans_init=False, rotation_trick=rotation).train()
+        zz = z.clone().requires_grad_(True)
+        out = q(zz)
+        (out.quantized.pow(2).sum()).backward()
+        outs.append(out.quantized.detach())
+        grads.append(zz.grad)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)  # same code vectors forward
+    # The straight-through gradient of sum(q^2) is 2e; the rotated one has e's length scaled by |e|/|z|.
+    assert torch.allclose(grads[0], 2 * outs[0])
+    assert not torch.allclose(grads[0], grads[1], atol=1e-3)
+    ratio = grads[1].norm(dim=1) / grads[0].norm(dim=1)  # per position, a rotation keeps the norm
+    assert torch.allclose(ratio, outs[0].norm(dim=1) / z.norm(dim=1), rtol=1e-4)
