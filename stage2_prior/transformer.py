@@ -27,7 +27,12 @@ TRANSFORMER_SIZES = {
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with an optional static KV cache for one-token steps
-    (``causal=False``: every position attends to every position, as the masked prior needs)."""
+    (``causal=False``: every position attends to every position, as the masked prior needs).
+
+    ``dropout`` acts on the output projection (the residual branch), not on the attention probabilities:
+    with ``dropout_p > 0`` the CPU's scaled_dot_product_attention leaves its fused kernel for the math one,
+    and a training step of the `small` prior took 1.75x as long (0.33 vs 0.19 s at batch 16, T 256, 2 cores;
+    residual dropout alone: 0.21 s)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, causal: bool = True) -> None:
         super().__init__()
@@ -37,7 +42,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head = n_head
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
-        self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -55,8 +59,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
-        p = self.dropout if self.training else 0.0
-        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p))
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal))
 
     def forward_step(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """x: (B, 1, C) at sequence position t; writes K/V at slot t and attends to slots 0..t."""
