@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="its folder (as --data.root; default: the dataset's usual place)")
     ap.add_argument("--limit", type=int, default=1000, help="first N test images (0: all)")
     ap.add_argument("--batch_size", type=int, default=256, help="images per coded batch")
+    ap.add_argument("--labels", default="best", choices=["best", "null"], help="as `compress --labels`")
     ap.add_argument("--json", default="benchmarks/results/compression.json")
     a = ap.parse_args()
     m = load_models(a.prior, a.vqvae, "cpu")
@@ -108,7 +109,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     codes = encode_images(m.vqvae, from_uint8(originals), a.batch_size)
-    data, ideal = compress_codes(m, codes, a.batch_size)
+    data, ideal = compress_codes(m, codes, a.batch_size, a.labels)
     compress_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     decoded_codes = decompress_codes(m, data)
@@ -122,7 +123,7 @@ def main() -> None:
         "dataset": a.dataset, "prior": a.prior, "prior_kind": type(m.prior).__name__, "images": n,
         "image_size": m.image_size,
         "channels": m.channels, "grid_shape": list(m.vqvae.grid_shape), "codebook_size": m.vqvae.codebook_size,
-        "batch_size": a.batch_size, "codes_exact": bool(np.array_equal(decoded_codes, codes)),
+        "batch_size": a.batch_size, "labels": a.labels, "codes_exact": bool(np.array_equal(decoded_codes, codes)),
         "ours_file_bytes": len(data), "ours_bpp": round(8 * len(data) / pixels, 5),
         "ours_payload_bpp": round(payload / pixels, 5), "ideal_bpp": round(ideal / pixels, 5),
         "payload_overhead_pct": round(100 * (payload - ideal) / ideal, 3),

@@ -138,6 +138,7 @@ ROWS = [
     ("sample", [], r"the following arguments are required: prior"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--batch_size", "0"], r"--batch_size must be"),
     ("compress", ["{images}", *P, "--out", "new.vqz", "--batch_size", "0"], r"--batch_size must be in \[1, 4096\]"),
+    ("compress", ["{images}", *P, "--out", "new.vqz", "--labels", "some"], r"labels.*Literal\['best', 'null'\]"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--top", "0"], r"--top must be >= 1"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--batch_size", "0"], r"--batch_size must be"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--splits", "trian"], r"unknown split"),

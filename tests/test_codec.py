@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from conftest import user_error
 from PIL import Image
 
@@ -19,7 +20,17 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.build import PRIORS
 from stage2_prior.decoding import CodePrior
 from stage2_prior.prior import Prior
-from tools.codec import HEADER, Container, ContainerError, decode_codes, encode_codes, pack, unpack
+from tools.codec import (
+    HEADER,
+    Container,
+    ContainerError,
+    best_labels,
+    decode_codes,
+    deterministic,
+    encode_codes,
+    pack,
+    unpack,
+)
 from tools.compress import (
     Models,
     compress_codes,
@@ -32,11 +43,12 @@ from tools.compress import (
 K, GRID, SIZE = 32, (4, 4), 16
 
 
-def make_prior(kind: str, seed: int = 0, sharpen: float = 20.0) -> Prior:
+def make_prior(kind: str, seed: int = 0, sharpen: float = 20.0, num_classes: int = 0) -> Prior:
     """A random-init tiny prior whose output layer is scaled up, so its distributions are peaked."""
     torch.manual_seed(seed)
     meta = dict(image_size=SIZE, channels=1)
-    prior = Prior(kind=kind, size="tiny", codebook_size=K, grid_shape=GRID, num_classes=0, codes_meta=meta).eval()
+    prior = Prior(kind=kind, size="tiny", codebook_size=K, grid_shape=GRID, num_classes=num_classes,
+                  codes_meta=meta).eval()  # fmt: skip
     head = prior.net.head if kind == "transformer" else prior.net.head[-1]
     with torch.no_grad():
         head.weight.mul_(sharpen)
@@ -139,8 +151,8 @@ def _with_crc(body: bytes) -> bytes:
 
 def test_wrong_version_is_rejected(small_file) -> None:
     data = bytearray(small_file[0][:-4])
-    data[4:6] = struct.pack("<H", 3)
-    with pytest.raises(ContainerError, match="unsupported .vqz format version 3; this code reads versions 1 to 2"):
+    data[4:6] = struct.pack("<H", 4)
+    with pytest.raises(ContainerError, match="unsupported .vqz format version 4; this code reads versions 1 to 3"):
         unpack(_with_crc(bytes(data)), "f.vqz")
 
 
@@ -311,3 +323,69 @@ def test_version_1_files_decode_where_the_arithmetic_is_unchanged(kind) -> None:
     else:
         with pytest.raises(ContainerError, match="old.vqz: made with step arithmetic version 1 .* computes version 2"):
             decompress_codes(models, old, "old.vqz")
+
+
+# ------------------------------------------------------------------------------------------ labels
+def class_codes(prior: Prior, n: int, classes: int) -> np.ndarray:
+    """Codes drawn from the prior, each image under its own class (so a class fits each one best)."""
+    labels = torch.arange(n) % classes
+    return prior.sample(n, labels, generator=torch.Generator().manual_seed(5)).numpy()
+
+
+@pytest.mark.parametrize("kind", list(PRIORS))
+def test_class_conditional_prior_codes_the_best_label_first(kind: str) -> None:
+    """With a class-conditional prior each stream begins with every image's best label (uniformly coded);
+    the round trip stays exact, the ideal counts the labels, and the result beats the null class alone."""
+    classes = 3
+    prior = make_prior(kind, num_classes=classes)
+    codes = np.concatenate([class_codes(prior, 12, classes), some_codes(prior, 6)])
+    streams, crcs, ideal = encode_codes(prior.net, codes, batch_size=7)
+    c = Container("00" * 32, "11" * 32, SIZE, 1, GRID, K, len(codes), 7, prior.net.step_version, streams, crcs)
+    np.testing.assert_array_equal(decode_codes(prior.net, unpack(pack(c))), codes)
+    _, _, null_ideal = encode_codes(prior.net, codes, batch_size=7, code_labels=False)
+    label_bits = len(codes) * np.log2(classes + 1)
+    assert ideal <= null_ideal + label_bits + 1e-6  # never worse than the null class by more than the labels
+    with deterministic(prior.net):
+        labels = best_labels(prior.net, codes)
+        x = torch.from_numpy(codes)
+        nll = [F.cross_entropy(prior.net(x, torch.full((len(x),), y)), x, reduction="none").flatten(1).sum(1)
+               for y in range(classes + 1)]  # fmt: skip
+    nll = torch.stack(nll, 1)
+    assert labels.shape == (len(codes),) and 0 <= labels.min() and labels.max() <= classes
+    assert torch.equal(nll[torch.arange(len(codes)), torch.from_numpy(labels).long()], nll.min(1).values)
+    # the ideal length is the labels plus each image's codes under its best label (forward and step path agree)
+    assert ideal == pytest.approx(float(nll.min(1).values.sum()) / np.log(2) + label_bits, rel=1e-4)
+
+
+
+def test_labels_pay_when_the_class_matters() -> None:
+    """A Transformer whose class embedding dominates: images drawn under a class are coded under it, in
+    fewer bits than with the null class, labels included."""
+    classes = 3
+    prior = make_prior("transformer", num_classes=classes)
+    with torch.no_grad():
+        prior.net.class_emb.weight.mul_(30)
+    codes = class_codes(prior, 12, classes)
+    _, _, ideal = encode_codes(prior.net, codes, batch_size=12)
+    _, _, null_ideal = encode_codes(prior.net, codes, batch_size=12, code_labels=False)
+    assert ideal < null_ideal, (ideal, null_ideal)
+    with deterministic(prior.net):
+        assert (best_labels(prior.net, codes) == np.arange(12) % classes).mean() >= 0.75
+
+
+def test_version_2_files_of_a_class_conditional_prior_decode_with_the_null_class() -> None:
+    prior = make_prior("transformer", num_classes=3)
+    codes = class_codes(prior, 5, 3)
+    streams, crcs, _ = encode_codes(prior.net, codes, batch_size=3, code_labels=False)
+    old = Container("00" * 32, "11" * 32, SIZE, 1, GRID, K, len(codes), 3, prior.net.step_version, streams, crcs,
+                    version=2)  # fmt: skip
+    parsed = unpack(pack(old))
+    assert parsed.version == 2 and not parsed.labels_coded
+    np.testing.assert_array_equal(decode_codes(prior.net, parsed), codes)
+    # read as version 3, the same streams do not decode to the same codes (the first symbols become labels)
+    parsed.version = 3
+    try:
+        wrong = decode_codes(prior.net, parsed)
+    except ContainerError:
+        return
+    assert not np.array_equal(wrong, codes)

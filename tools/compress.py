@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -42,6 +43,9 @@ def run_compress(args: list[str] | None) -> str:
     p.add_argument("images", nargs="+", type=str, help="image files and/or directories of images")
     p.add_argument("--out", type=str, required=True, help="the .vqz file to write")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per coded batch")
+    labels_help = ("with a class-conditional prior: code each image under the label that costs it the fewest "
+                   "bits (best: smaller files, one forward pass per label more) or the null class")
+    p.add_argument("--labels", type=Literal["best", "null"], default="best", help=labels_help)
     a = p.parse_args(args)
     if not 1 <= a.batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"--batch_size must be in [1, {MAX_BATCH_SIZE}], got {a.batch_size}")
@@ -51,7 +55,7 @@ def run_compress(args: list[str] | None) -> str:
     require_likelihood(m.prior, a.prior, "compress")  # the codec needs exact probabilities
     t0 = time.perf_counter()
     codes = encode_images(m.vqvae, load_images(files, m.image_size, m.channels))
-    data, ideal = compress_codes(m, codes, a.batch_size)
+    data, ideal = compress_codes(m, codes, a.batch_size, a.labels)
     seconds = time.perf_counter() - t0
     write_atomic(out, data)
     pixels = len(files) * m.image_size**2

@@ -41,9 +41,14 @@ def encode_images(vqvae: VQModel, images: torch.Tensor, batch_size: int = DEFAUL
     return torch.cat([vqvae.encode_to_codes(x) for x in images.split(batch_size)]).numpy()
 
 
-def compress_codes(m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[bytes, float]:
-    """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p)."""
-    streams, crcs, ideal = encode_codes(m.prior, codes, batch_size)
+def compress_codes(
+    m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, labels: str = "best"
+) -> tuple[bytes, float]:
+    """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p). labels "best": with a
+    class-conditional prior, code each image under its best label (stored); "null": the null class, no labels."""
+    if labels not in ("best", "null"):
+        raise ValueError(f"--labels must be 'best' or 'null', got {labels!r}")
+    streams, crcs, ideal = encode_codes(m.prior, codes, batch_size, code_labels=labels == "best")
     c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
                   m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version,
                   streams, crcs)  # fmt: skip
