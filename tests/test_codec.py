@@ -389,3 +389,14 @@ def test_version_2_files_of_a_class_conditional_prior_decode_with_the_null_class
     except ContainerError:
         return
     assert not np.array_equal(wrong, codes)
+
+
+@pytest.mark.parametrize("labels", ["best", "null"])
+def test_compress_codes_round_trips_with_either_label_choice(labels: str) -> None:
+    """`compress --labels null` writes what version 2 stored (null class, no labels), so it is version 2."""
+    prior = make_prior("transformer", num_classes=3)
+    models = models_with(prior, make_vqvae(), "ab" * 32, "cd" * 32)
+    codes = class_codes(prior, 7, 3)
+    data, _ = compress_codes(models, codes, batch_size=4, labels=labels)
+    assert unpack(data).version == (3 if labels == "best" else 2)
+    np.testing.assert_array_equal(decompress_codes(models, data), codes)

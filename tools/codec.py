@@ -84,7 +84,7 @@ class Container:
     step_version: int  # the prior's CodePrior.step_version: the arithmetic that made the streams
     streams: list[bytes] = field(default_factory=list)
     codes_crc: list[int] = field(default_factory=list)
-    version: int = FORMAT_VERSION  # what unpack read; pack writes it (2 only for tests of old files)
+    version: int = FORMAT_VERSION  # what unpack read; what pack writes (2: null class, no labels)
 
     @property
     def labels_coded(self) -> bool:

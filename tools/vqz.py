@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from stage1_vqvae.model import VQModel
-from tools.codec import Container, ContainerError, decode_codes, encode_codes, pack, unpack
+from tools.codec import FORMAT_VERSION, Container, ContainerError, decode_codes, encode_codes, pack, unpack
 from tools.load import Models, load_models
 
 DEFAULT_BATCH_SIZE = 256
@@ -49,9 +49,10 @@ def compress_codes(
     if labels not in ("best", "null"):
         raise ValueError(f"--labels must be 'best' or 'null', got {labels!r}")
     streams, crcs, ideal = encode_codes(m.prior, codes, batch_size, code_labels=labels == "best")
+    # "null" is exactly what format version 2 stores (null class, no labels), so it is written as version 2
     c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
                   m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version,
-                  streams, crcs)  # fmt: skip
+                  streams, crcs, version=FORMAT_VERSION if labels == "best" else 2)  # fmt: skip
     return pack(c), ideal
 
 
