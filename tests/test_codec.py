@@ -335,7 +335,8 @@ def class_codes(prior: Prior, n: int, classes: int) -> np.ndarray:
 @pytest.mark.parametrize("kind", list(PRIORS))
 def test_class_conditional_prior_codes_the_best_label_first(kind: str) -> None:
     """With a class-conditional prior each stream begins with every image's best label (uniformly coded);
-    the round trip stays exact, the ideal counts the labels, and the result beats the null class alone."""
+    the round trip stays exact, each label is the argmin of the forward NLL, the ideal counts the labels,
+    and it is never worse than the null class alone by more than the labels cost."""
     classes = 3
     prior = make_prior(kind, num_classes=classes)
     codes = np.concatenate([class_codes(prior, 12, classes), some_codes(prior, 6)])
@@ -355,7 +356,6 @@ def test_class_conditional_prior_codes_the_best_label_first(kind: str) -> None:
     assert torch.equal(nll[torch.arange(len(codes)), torch.from_numpy(labels).long()], nll.min(1).values)
     # the ideal length is the labels plus each image's codes under its best label (forward and step path agree)
     assert ideal == pytest.approx(float(nll.min(1).values.sum()) / np.log(2) + label_bits, rel=1e-4)
-
 
 
 def test_labels_pay_when_the_class_matters() -> None:
