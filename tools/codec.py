@@ -255,9 +255,10 @@ def encode_batch(net: CodePrior, codes: np.ndarray, labels: np.ndarray | None = 
     return encoder.get_compressed().astype("<u4").tobytes(), ideal
 
 
-def decode_batch(net: CodePrior, stream: bytes, n: int, labels_coded: bool = True) -> np.ndarray:
-    """A stream from :func:`encode_batch` -> codes (n, H, W); garbage decodes to garbage or raises
-    ContainerError, in bounded time (n * H * W steps)."""
+def decode_batch(net: CodePrior, stream: bytes, n: int, labels_coded: bool) -> np.ndarray:
+    """A stream from :func:`encode_batch` -> codes (n, H, W); `labels_coded`: the stream begins with labels
+    (format version 3 and a class-conditional prior, as encode_batch was given them). Garbage decodes to
+    garbage or raises ContainerError, in bounded time (n * H * W steps)."""
     words = np.frombuffer(stream, dtype="<u4").astype(np.uint32)
     decoder, model, k = constriction.stream.queue.RangeDecoder(words), _model(), net.codebook_size
 
