@@ -9,7 +9,8 @@ checked here rather than assumed: both networks' training steps (forward, backwa
 real codes) are timed in this process, interleaved, and their ratio reported.
 
 Samples: n per prior and setting, classes in turn (as `sample --n`), seed 0, for every --temperature
-(token temperature, 1 by default) and --cfg_scale given (classifier-free guidance, 1 = off) and, for the
+(token temperature, 1 by default), --cfg_scale (classifier-free guidance, 1 = off) and --cfg_schedule
+(constant, or linear: the scale grows from 1 over the grid) given and, for the
 masked prior (--steps passes), every --choice_temperature. FID with the project's feature net against the
 test split and against the validation split, beside the real-data floor (n train images). Reported: the
 defaults (no guidance, the sampler's default choice temperature) side by side, and each prior at its best
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--cfg_scale", type=float, nargs="+", default=[1.0], help="guidance scales tried (1: off)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
                     help="token temperatures tried, for both priors alike (names gain _t<T> unless T = 1)")
+    ap.add_argument("--cfg_schedule", nargs="+", default=["constant"], choices=["constant", "linear"],
+                    help="guidance schedules tried, for both priors alike (names gain _lin for linear)")
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--train_steps", type=int, default=10, help="timed training steps per round and network")
     ap.add_argument("--json", default="benchmarks/results/maskgit_quality_cpu.json")
@@ -121,9 +124,10 @@ def main() -> None:
               f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
 
     with torch.inference_mode():
-        for temp, cfg in [(t, c) for t in a.temperature for c in a.cfg_scale]:
-            tag = "" if temp == 1 else f"_t{temp:g}"
-            kw = dict(cfg_scale=cfg, temperature=temp)
+        settings = [(t, c, s) for t in a.temperature for c in a.cfg_scale for s in a.cfg_schedule]
+        for temp, cfg, sched in [x for x in settings if x[1] != 1 or x[2] == "constant"]:  # linear at 1 = off
+            tag = ("" if temp == 1 else f"_t{temp:g}") + ("_lin" if sched == "linear" else "")
+            kw = dict(cfg_scale=cfg, temperature=temp, cfg_schedule=sched)
             score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, **kw))
             for ct in a.choice_temperature:
                 kw_masked = dict(steps=a.steps, choice_temperature=ct, **kw)

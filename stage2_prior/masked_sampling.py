@@ -20,7 +20,9 @@ import math
 import torch
 
 from stage2_prior.maskgit import MaskedPrior
-from stage2_prior.sampling import _check_inputs, filter_logits  # the same argument checks as sample_codes
+
+# the same argument checks and guidance as sample_codes
+from stage2_prior.sampling import CFG_SCHEDULES, _check_inputs, filter_logits, guide
 
 DEFAULT_STEPS = 8
 # MaskGIT used 4.5 on ImageNet; on Fashion-MNIST's 7x7 codes a more random order gave lower validation FID
@@ -58,6 +60,7 @@ def sample_masked(
     top_k: int | None = None,
     top_p: float | None = None,
     cfg_scale: float = 1.0,
+    cfg_schedule: str = "linear",
     choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
     generator: torch.Generator | None = None,
     prime: torch.Tensor | None = None,
@@ -67,6 +70,8 @@ def sample_masked(
 
     labels: (n,) class ids or None (the null class). cfg_scale: classifier-free guidance,
         logits = uncond + cfg_scale * (cond - uncond), both halves in one pass of 2n (1.0: off).
+    cfg_schedule: "linear" (the default): a grid's scale grows from 1 to cfg_scale with the fraction of its
+        codes fixed after each step (see ``stage2_prior.sampling.guide``); "constant": cfg_scale throughout.
     temperature, top_k, top_p: applied in that order to the guided logits of each draw.
     choice_temperature: the scale of the Gumbel noise on the confidences at the first step; it falls
         linearly to 0 at the last.
@@ -78,6 +83,8 @@ def sample_masked(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     device = next(prior.parameters()).device
     labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device)
     H, W = prior.grid_shape
@@ -96,11 +103,13 @@ def sample_masked(
         for step in range(steps):
             if not masked.any():
                 break
+            left = still_masked(n0, masked.sum(1), step, steps)  # (n,) masked after this step
             x, m = (codes.repeat(2, 1), masked.repeat(2, 1)) if guided else (codes, masked)
             logits = prior.masked_logits(x.view(-1, H, W), m.view(-1, H, W), net_labels).float()  # (M or 2M, K)
             if guided:
                 cond, uncond = logits.chunk(2)  # (M, K) each: both halves hold the same masked positions
-                logits = uncond + cfg_scale * (cond - uncond)
+                done = (1 - left.float() / T)[:, None].expand_as(masked)[masked][:, None]  # (M, 1): per grid
+                logits = guide(cond, uncond, cfg_scale, cfg_schedule, done)
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # (M, K)
             drawn = draw(probs, generator)  # (M, 1)
             confidence = torch.full((n, T), float("inf"), device=device)  # known codes: never re-masked
@@ -109,7 +118,7 @@ def sample_masked(
             u = torch.rand(n, T, generator=generator, device=device).clamp_(min=1e-20)  # Gumbel: -log(-log u)
             confidence = confidence - choice_temperature * (1 - (step + 1) / steps) * torch.log(-torch.log(u))
             ranks = confidence.argsort(dim=1, stable=True).argsort(dim=1)  # 0: the least confident
-            masked = ranks < still_masked(n0, masked.sum(1), step, steps)[:, None]
+            masked = ranks < left[:, None]
     finally:
         prior.train(was_training)
     if keep is not None:

@@ -223,9 +223,34 @@ def test_cfg_runs_both_halves_in_one_pass_and_changes_samples():
     assert torch.equal(top1, sample_masked(prior, 4, labels, top_k=1, choice_temperature=0.0, generator=seeded(4)))
 
 
+def test_linear_cfg_schedule_follows_the_fixed_fraction(monkeypatch):
+    from stage2_prior import masked_sampling
+
+    prior = make_prior()
+    torch.nn.init.normal_(prior.class_emb.weight, std=1.0)
+    done = []
+    real = masked_sampling.guide
+    monkeypatch.setattr(masked_sampling, "guide", lambda c, u, s, sched, d: done.append(d) or real(c, u, s, sched, d))
+    labels = torch.tensor([0, 1])
+    keep = torch.zeros(2, *GRID, dtype=torch.bool)
+    keep[1, 0] = True  # the second grid starts with its top row (4 of 12 codes) fixed
+    prime = random_codes()
+    out = sample_masked(prior, 2, labels, cfg_scale=4.0, cfg_schedule="linear", prime=prime, keep=keep,
+                        generator=seeded(3))  # fmt: skip
+    assert torch.equal(out[keep], prime[keep]) and len(done) == 8
+    for d in done:  # (M, 1): one value per masked position, that of its grid
+        assert d.shape[1] == 1 and 0 < d.min() and d.max() <= 1
+    # each grid's fraction: codes fixed after the step over all 12; grid 1 counts its kept row as fixed
+    first = done[0][:, 0]
+    assert torch.allclose(first[:12], torch.full((12,), 1 - 11 / 12))  # grid 0: floor(12 cos(pi/16)) = 11 left
+    assert torch.allclose(first[12:], torch.full((8,), 1 - 7 / 12))  # grid 1: floor(8 cos(pi/16)) = 7 left
+    assert torch.equal(done[-1], torch.ones_like(done[-1]))  # the last step: everything fixed, full scale
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        (dict(cfg_schedule="cosine", labels=torch.tensor([0, 1]), cfg_scale=2.0), "cfg_schedule"),
         (dict(steps=0), "steps"),
         (dict(choice_temperature=-1.0), "choice_temperature"),
         (dict(temperature=0.0), "temperature"),

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from stage2_prior import sampling
 from stage2_prior.pixelcnn import GatedPixelCNN
-from stage2_prior.sampling import filter_logits, sample_codes
+from stage2_prior.sampling import filter_logits, guide, sample_codes
 from stage2_prior.transformer import Transformer
 
 K, GRID, NUM_CLASSES = 8, (3, 4), 5
@@ -124,13 +125,40 @@ def test_completion_keeps_given_codes(kind, use_cache):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cfg_changes_samples(kind):
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_cfg_changes_samples(kind, schedule):
     prior = make_prior(kind)
+    for emb in [m for m in prior.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == 6]:
+        torch.nn.init.normal_(emb.weight, std=1.0)  # classes that matter (the init is nearly uniform)
     labels = torch.tensor([0, 1, 2, 3])
     plain = sample_codes(prior, 4, labels, generator=seeded(3))
-    guided = sample_codes(prior, 4, labels, cfg_scale=20.0, generator=seeded(3))
+    guided = sample_codes(prior, 4, labels, cfg_scale=20.0, cfg_schedule=schedule, generator=seeded(3))
     assert guided.shape == plain.shape
     assert not torch.equal(plain, guided)
+
+
+def test_guide_schedules():
+    cond, uncond = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert torch.equal(guide(cond, uncond, 3.0, "constant", 0.0), torch.tensor([[6.0, -2.0]]))
+    assert torch.equal(guide(cond, uncond, 3.0, "linear", 0.0), cond)  # nothing fixed yet: unguided
+    assert torch.equal(guide(cond, uncond, 3.0, "linear", 0.5), torch.tensor([[4.0, -1.0]]))  # scale 2
+    assert torch.equal(guide(cond, uncond, 3.0, "linear", 1.0), guide(cond, uncond, 3.0, "constant", 0.0))
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        guide(cond, uncond, 3.0, "cosine", 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_cfg_schedule_grows_over_the_grid(kind, monkeypatch):
+    prior, labels, T = make_prior(kind), torch.tensor([0, 1, 2]), GRID[0] * GRID[1]
+    done = []
+    real = sampling.guide
+    monkeypatch.setattr(sampling, "guide", lambda c, u, s, sched, d: done.append(d) or real(c, u, s, sched, d))
+    linear = sample_codes(prior, 3, labels, cfg_scale=4.0, cfg_schedule="linear", generator=seeded(3))
+    assert done == [(t + 1) / T for t in range(T)]  # the fraction drawn once each position is drawn
+    assert torch.equal(linear, sample_codes(prior, 3, labels, cfg_scale=4.0, cfg_schedule="linear",
+                                            generator=seeded(3), use_cache=False))  # fmt: skip
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        sample_codes(prior, 3, labels, cfg_scale=4.0, cfg_schedule="Linear")
 
 
 def test_unconditional_prior_samples():

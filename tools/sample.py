@@ -37,6 +37,7 @@ from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
+from stage2_prior.sampling import CFG_SCHEDULES
 from tools.drawing import complete_codes, draw_codes, keep_from_painted, labels_in_turn, redrawn_pixels, rows_by_label
 from tools.load import load_models
 from tools.repair import hole_from_mask_image
@@ -54,6 +55,9 @@ def build_parser():
     p.add_argument("--classes", type=str, default=None, help="comma-separated class ids, e.g. 0,3,7")
     p.add_argument("--per_class", type=int, default=None, help="samples per class: one grid row per class")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, default="linear",
+                   help="guidance over the grid: linear grows from 1 to --cfg_scale as codes are fixed (lower FID "
+                        "here), constant applies it to every draw")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="same seed and device => identical output")
     p.add_argument("--batch_size", type=int, default=256)
     add_device(p)
@@ -138,7 +142,8 @@ def _run(args: list[str] | None) -> str:
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    opts = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, generator=gen)
+    opts = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, generator=gen,
+                cfg_schedule=a.cfg_schedule)  # fmt: skip
     if isinstance(prior, MaskedPrior):
         opts["steps"] = a.steps or DEFAULT_STEPS
     scale = a.scale or (2 if m.image_size < 64 else 1)
