@@ -188,6 +188,8 @@ ROWS = [
      r"--background \S*maskgit.ckpt is a maskgit prior, which has no exact likelihood"),  # fmt: skip
     ("sample", [*P, "--steps", "4"], r"--steps is for maskgit priors; --prior \S*prior.ckpt is autoregressive"),
     ("sample", ["--prior", "{maskgit}", "--steps", "0"], r"--steps must be >= 1, got 0"),
+    ("sample", [*P, "--cfg_scale", "3", "--cfg_schedule", "cosine"],
+     r"argument --cfg_schedule: invalid choice: 'cosine' \(choose from '?constant'?, '?linear'?\)"),  # fmt: skip
     # ------------------------------------------------------------------ inputs
     ("sample", [*P, "--prime", "{missing_png}", "--keep_rows", "1"], r"missing.png: no such image file"),
     ("sample", [*P, "--prime", "{corrupt_png}", "--keep_rows", "1"], r"broken.png: cannot read image"),
