@@ -8,7 +8,7 @@ batch, steps, optimiser: configs/stage2/fashion_mnist_{transformer,maskgit}.yaml
 checked here rather than assumed: both networks' training steps (forward, backward, AdamW on batches of
 real codes) are timed in this process, interleaved, and their ratio reported.
 
-Samples: n per prior and setting, classes in turn (as `sample --n`), seed 0, for every --temperature
+Samples: n per prior and setting, classes in turn (as `sample --n`), --seed (0), for every --temperature
 (token temperature, 1 by default), --cfg_scale (classifier-free guidance, 1 = off) and --cfg_schedule
 (constant, or linear: the scale grows from 1 over the grid) given and, for the
 masked prior (--steps passes), every --choice_temperature. FID with the project's feature net against the
@@ -66,8 +66,8 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
     return {k: round(steps * 128 / v, 1) for k, v in best.items()}
 
 
-def draw(sampler, prior, n: int, batch_size: int, **kw) -> tuple[torch.Tensor, float]:
-    gen = torch.Generator().manual_seed(0)
+def draw(sampler, prior, n: int, batch_size: int, seed: int, **kw) -> tuple[torch.Tensor, float]:
+    gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % prior.num_classes if prior.num_classes else None
     t = time.perf_counter()
     out = [sampler(prior, len(y), y, generator=gen, **kw) for y in labels.split(batch_size)]
@@ -89,6 +89,7 @@ def main() -> None:
                     help="token temperatures tried, for both priors alike (names gain _t<T> unless T = 1)")
     ap.add_argument("--cfg_schedule", nargs="+", default=["constant"], choices=["constant", "linear"],
                     help="guidance schedules tried, for both priors alike (names gain _lin for linear)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every draw (another seed: the FIDs' sampling noise)")
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--train_steps", type=int, default=10, help="timed training steps per round and network")
     ap.add_argument("--json", default="benchmarks/results/maskgit_quality_cpu.json")
@@ -99,7 +100,7 @@ def main() -> None:
     train_codes, train_labels = load_split(a.codes, "train")
     codes = torch.from_numpy(np.asarray(train_codes[:5120], dtype=np.int64))
     labels = torch.from_numpy(np.asarray(train_labels[:5120], dtype=np.int64))
-    result: dict = {**machine(), "ar": a.ar, "masked": a.masked, "n": a.n, "masked_steps": a.steps}
+    result: dict = {**machine(), "ar": a.ar, "masked": a.masked, "n": a.n, "masked_steps": a.steps, "seed": a.seed}
     speed = training_maps_per_s({"ar": ar.prior, "masked": masked.prior}, codes, labels, a.train_steps, 3)
     result.update({f"train_maps_per_s_{k}": v for k, v in speed.items()})
     result["train_step_time_ratio_masked_over_ar"] = round(speed["ar"] / speed["masked"], 3)
@@ -128,11 +129,11 @@ def main() -> None:
         for temp, cfg, sched in [x for x in settings if x[1] != 1 or x[2] == "constant"]:  # linear at 1 = off
             tag = ("" if temp == 1 else f"_t{temp:g}") + ("_lin" if sched == "linear" else "")
             kw = dict(cfg_scale=cfg, temperature=temp, cfg_schedule=sched)
-            score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, **kw))
+            score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, a.seed, **kw))
             for ct in a.choice_temperature:
                 kw_masked = dict(steps=a.steps, choice_temperature=ct, **kw)
                 name = f"masked_cfg{cfg:g}_ct{ct:g}{tag}"
-                score(name, *draw(sample_masked, masked.prior, a.n, a.batch_size, **kw_masked))
+                score(name, *draw(sample_masked, masked.prior, a.n, a.batch_size, a.seed, **kw_masked))
     # the defaults (no guidance, the sampler's choice temperature), then each prior at its best setting on val
     default = f"masked_cfg1_ct{DEFAULT_CHOICE_TEMPERATURE:g}"
     if "ar_cfg1_fid_test" in result and f"{default}_fid_test" in result:
