@@ -125,8 +125,10 @@ def main() -> None:
               f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
 
     with torch.inference_mode():
-        settings = [(t, c, s) for t in a.temperature for c in a.cfg_scale for s in a.cfg_schedule]
-        for temp, cfg, sched in [x for x in settings if x[1] != 1 or x[2] == "constant"]:  # linear at 1 = off
+        # cfg 1 is no guidance whatever the schedule: drawn once, named as constant
+        settings = {(t, c, "constant" if c == 1 else s)
+                    for t in a.temperature for c in a.cfg_scale for s in a.cfg_schedule}  # fmt: skip
+        for temp, cfg, sched in sorted(settings, key=lambda x: (-x[0], x[1], x[2])):
             tag = ("" if temp == 1 else f"_t{temp:g}") + ("_lin" if sched == "linear" else "")
             kw = dict(cfg_scale=cfg, temperature=temp, cfg_schedule=sched)
             score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, a.seed, **kw))
