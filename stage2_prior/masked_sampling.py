@@ -22,7 +22,7 @@ import torch
 from stage2_prior.maskgit import MaskedPrior
 
 # the same argument checks and guidance as sample_codes
-from stage2_prior.sampling import CFG_SCHEDULES, _check_inputs, filter_logits, guide
+from stage2_prior.sampling import _check_inputs, filter_logits, guide
 
 DEFAULT_STEPS = 8
 # MaskGIT used 4.5 on ImageNet; on Fashion-MNIST's 7x7 codes a more random order gave lower validation FID
@@ -83,10 +83,8 @@ def sample_masked(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     device = next(prior.parameters()).device
-    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device)
+    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device, cfg_schedule)
     H, W = prior.grid_shape
     T = H * W
     guided = labels is not None and cfg_scale != 1.0

@@ -69,10 +69,13 @@ def _check_inputs(
     prime: torch.Tensor | None,
     keep: torch.Tensor | None,
     device: torch.device,
+    cfg_schedule: str = "linear",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Validate the arguments of sample_codes; return labels (n,), prime (n, T), keep (n, T) on device."""
     H, W = prior.grid_shape
     K = prior.codebook_size
+    if cfg_schedule not in CFG_SCHEDULES:  # checked even without guidance, so a typo never passes silently
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     if top_k is not None and not 1 <= top_k <= K:
         raise ValueError(f"top_k must be in [1, {K}] (the codebook size), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -145,9 +148,7 @@ def sample_codes(
     """
     param = next(prior.parameters())
     device = param.device
-    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device)
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device, cfg_schedule)
     H, W = prior.grid_shape
     T = H * W
     guided = labels is not None and cfg_scale != 1.0
