@@ -32,7 +32,7 @@ from common.images import to_uint8
 from common.splits import ImageSplits
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
 from stage2_prior.maskgit import masked_token_loss, random_mask
-from stage2_prior.sampling import sample_codes
+from stage2_prior.sampling import CFG_SCHEDULES, sample_codes
 from tools.features import load_features
 from tools.fid import fid
 from tools.load import load_models
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--cfg_scale", type=float, nargs="+", default=[1.0], help="guidance scales tried (1: off)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
                     help="token temperatures tried, for both priors alike (names gain _t<T> unless T = 1)")
-    ap.add_argument("--cfg_schedule", nargs="+", default=["constant"], choices=["constant", "linear"],
+    ap.add_argument("--cfg_schedule", nargs="+", default=["constant"], choices=CFG_SCHEDULES,
                     help="guidance schedules tried, for both priors alike (names gain _lin for linear)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every draw (another seed: the FIDs' sampling noise)")
     ap.add_argument("--batch_size", type=int, default=256)
