@@ -32,6 +32,7 @@ from common.splits import ImageSplits
 from tools.codec import uniform_bits, unpack
 from tools.compress import compress_codes, decode_images, decompress_codes, encode_images
 from tools.load import load_models
+from tools.vqz import LABEL_CHOICES
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="its folder (as --data.root; default: the dataset's usual place)")
     ap.add_argument("--limit", type=int, default=1000, help="first N test images (0: all)")
     ap.add_argument("--batch_size", type=int, default=256, help="images per coded batch")
-    ap.add_argument("--labels", default="best", choices=["best", "null"], help="as `compress --labels`")
+    ap.add_argument("--labels", default="best", choices=LABEL_CHOICES, help="as `compress --labels`")
     ap.add_argument("--json", default="benchmarks/results/compression.json")
     a = ap.parse_args()
     m = load_models(a.prior, a.vqvae, "cpu")

@@ -21,6 +21,7 @@ from tools.codec import FORMAT_VERSION, Container, ContainerError, decode_codes,
 from tools.load import Models, load_models
 
 DEFAULT_BATCH_SIZE = 256
+LABEL_CHOICES = ("best", "null")  # compress_codes(labels=...): the best label per image, or the null class
 
 
 def cpu_models(prior_path: str | Path, vqvae_path: str | Path | None = None) -> Models:
@@ -46,8 +47,8 @@ def compress_codes(
 ) -> tuple[bytes, float]:
     """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p). labels "best": with a
     class-conditional prior, code each image under its best label (stored); "null": the null class, no labels."""
-    if labels not in ("best", "null"):
-        raise ValueError(f"--labels must be 'best' or 'null', got {labels!r}")
+    if labels not in LABEL_CHOICES:
+        raise ValueError(f"--labels must be one of {LABEL_CHOICES}, got {labels!r}")
     streams, crcs, ideal = encode_codes(m.prior, codes, batch_size, code_labels=labels == "best")
     # "null" is exactly what format version 2 stores (null class, no labels), so it is written as version 2
     c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
