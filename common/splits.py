@@ -33,6 +33,7 @@ from common.readers import (
     load_mnist_like,
     scan_image_folder,
 )  # fmt: skip
+from common.shuffle import resumable_loader
 
 
 class UInt8ImageDataset(Dataset):
@@ -220,22 +221,21 @@ class ImageSplits:
 
     def dataloader(
         self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False,
-        indices_only: bool = False,
+        indices_only: bool = False, resumable: bool = False,
     ) -> DataLoader:  # fmt: skip
         """A loader over one split; by default every image once, in order (what code extraction needs).
-        `indices_only`: batches of row numbers (`SplitIndices`), drawn in the same order as the images."""
+        `indices_only`: batches of row numbers (`SplitIndices`), drawn in the same order as the images.
+        `resumable`: shuffled whole batches that a checkpoint can resume mid-epoch (common.shuffle; the
+        same order as shuffle=True, drop_last=True)."""
         images, _ = self.split_arrays(split)  # validates the name, loads once
         workers = self.options.num_workers
-        return DataLoader(
-            SplitIndices(split, len(images)) if indices_only else self._load()[split],
-            batch_size=batch_size or self.options.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=already_batched,
-            pin_memory=torch.cuda.is_available(),
-        )
+        dataset = SplitIndices(split, len(images)) if indices_only else self._load()[split]
+        options = dict(num_workers=workers, persistent_workers=workers > 0, collate_fn=already_batched,
+                       pin_memory=torch.cuda.is_available())  # fmt: skip
+        if resumable:
+            return resumable_loader(dataset, batch_size or self.options.batch_size, **options)
+        return DataLoader(dataset, batch_size=batch_size or self.options.batch_size, shuffle=shuffle,
+                          drop_last=drop_last, **options)  # fmt: skip
 
 
 class SplitIndices(Dataset):

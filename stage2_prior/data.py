@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
+from common.shuffle import ResumableTraining, one_process, resumable_loader
 from common.splits import already_batched
 
 
@@ -36,7 +37,7 @@ class CodesDataset(Dataset):
         return self.codes[idx], self.labels[idx]
 
 
-class CodesDataModule(pl.LightningDataModule):
+class CodesDataModule(ResumableTraining, pl.LightningDataModule):
     """Train/val/test code grids from ``extract_codes`` output.
 
     Args:
@@ -99,15 +100,11 @@ class CodesDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids"
             )
-        return DataLoader(
-            ds,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=already_batched,  # __getitems__ returns whole batches
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        workers = self.hparams.num_workers
+        options = dict(num_workers=workers, collate_fn=already_batched, persistent_workers=workers > 0)
+        if shuffle and one_process(self.trainer):  # __getitems__ returns whole batches (collate_fn)
+            return resumable_loader(ds, self.hparams.batch_size, **options)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle, **options)
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
         """--data.perturb: random codes in place of a fraction of the training codes (on the device)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import user_error
 from PIL import Image
 
@@ -143,3 +144,24 @@ def test_wandb_logs_the_grid_offline_beside_the_outputs(pipeline, tmp_path, monk
     runs = list((out.parent / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].rglob("*.wandb"))
     assert not (tmp_path / "wandb").exists()  # nothing in the working directory
+
+
+def test_prior_resumed_mid_epoch_equals_an_uninterrupted_run(pipeline, tmp_path):
+    """train_stage2 (masked prior: random masks and label dropout draw from the global RNG) for 12 steps
+    straight vs crashed at step 4 and resumed from its step-3 checkpoint, in the middle of an epoch of 6
+    batches: the same weights bit for bit (the checkpoint holds the epoch's permutation and position)."""
+    def fit(root: Path, *extra: str) -> None:
+        train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir",
+                      str(pipeline["root"] / "codes"), "--trainer.default_root_dir", str(root), "--data.batch_size",
+                      "8", "--model.kind", "maskgit", "--trainer.max_steps", "12", "--trainer.val_check_interval",
+                      "3", "--sample_every_n_epochs", "0", *extra])  # fmt: skip
+
+    fit(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        fit(tmp_path / "resumed", "--trainer.callbacks+=tests.ddp_probe.FailAt", "--trainer.callbacks.step=4")
+    fit(tmp_path / "resumed", "--ckpt_path", "last")
+    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+            for name in ("straight", "resumed"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 12
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name

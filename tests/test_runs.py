@@ -186,15 +186,18 @@ def test_resume_drops_the_metrics_logged_after_the_checkpoint(shapes_folder, tmp
     assert [int(r["step"]) for r in logged if r["val/loss"]] == [4, 9]
 
 
-def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path):
-    """12 steps straight vs a 12-step run that crashes after its step-6 checkpoint, resumed to 12 (6 batches
-    per epoch: the resume is at an epoch boundary). The same weights and losses, bit for bit: the checkpoint
-    carries the RNG states that shuffle epoch 2."""
+@pytest.mark.parametrize("crash", [6, 4], ids=["epoch_boundary", "mid_epoch"])
+def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash):
+    """12 steps straight vs a 12-step run that crashes at step `crash`, resumed to 12 from its last
+    checkpoint (6 batches per epoch, a checkpoint every 3 steps: step 6 ends an epoch, step 3 is in the
+    middle of one, and the crash at 4 throws step 4 away). The same weights and losses,
+    bit for bit: the checkpoint carries the RNG states that shuffle epoch 2 and, mid-epoch, the epoch's
+    permutation and how many of its batches were trained (common.shuffle)."""
     every3 = ("--trainer.val_check_interval", "3")
     train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *every3))
-    with pytest.raises(RuntimeError, match="injected failure at step 6"):
+    with pytest.raises(RuntimeError, match=f"injected failure at step {crash}"):
         train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, f"--trainer.callbacks+={FAIL}",
-                              "--trainer.callbacks.step=6"))  # fmt: skip
+                              f"--trainer.callbacks.step={crash}"))  # fmt: skip
     train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
     a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for name in ("straight", "resumed"))  # fmt: skip
