@@ -27,6 +27,7 @@ class ResumableShuffle(Sampler[int]):
         self.n, self.batch_size = n, batch_size
         self.seed: int | None = None  # the current pass's permutation
         self.batches = 0  # batches of the current pass handed to training (the data module counts them)
+        self.epoch_batches: float = n // batch_size  # batches an epoch trains (fewer with limit_train_batches)
         self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
@@ -43,14 +44,16 @@ class ResumableShuffle(Sampler[int]):
         yield from torch.randperm(self.n, generator=generator)[batches * self.batch_size :].tolist()
 
     def state(self) -> dict[str, int | None]:
-        return {"seed": self.seed, "batches": self.batches, "n": self.n, "batch_size": self.batch_size}
+        return {"seed": self.seed, "batches": self.batches, "epoch_batches": self.epoch_batches, "n": self.n,
+                "batch_size": self.batch_size}  # fmt: skip
 
     def resume(self, state: dict[str, Any]) -> None:
         """Make the next pass continue the one `state` describes. Nothing to continue (no pass begun, the
         pass finished, or another data set size or batch size): the next pass draws a new permutation."""
         seed, batches = state.get("seed"), int(state.get("batches", 0))
         same_data = state.get("n") == self.n and state.get("batch_size") == self.batch_size
-        if seed is not None and same_data and 0 < batches and (batches + 1) * self.batch_size <= self.n:
+        unfinished = batches < state.get("epoch_batches", self.n // self.batch_size)
+        if seed is not None and same_data and 0 < batches and unfinished and (batches + 1) * self.batch_size <= self.n:
             self._resume = (int(seed), batches)
 
 
@@ -80,6 +83,7 @@ class ResumableTraining:
             loader = trainer.train_dataloader
             if isinstance(loader, ResumableLoader):
                 loader.sampler.batches += 1
+                loader.sampler.epoch_batches = trainer.num_training_batches
         return batch
 
 

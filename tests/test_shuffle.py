@@ -50,7 +50,8 @@ def test_states_that_cannot_resume_start_a_new_permutation():
     sampler = ResumableShuffle(50, 8)
     list(sampler)
     done = {**sampler.state(), "batches": 6}  # the epoch was finished
-    for state in (done, {**done, "batches": 2, "n": 49}, {**done, "batches": 2, "batch_size": 4},
+    limited = {**done, "batches": 3, "epoch_batches": 3}  # limit_train_batches=3 ended the epoch there
+    for state in (done, limited, {**done, "batches": 2, "n": 49}, {**done, "batches": 2, "batch_size": 4},
                   {**done, "seed": None, "batches": 2}, {}):  # fmt: skip
         fresh = ResumableShuffle(50, 8)
         fresh.resume(state)
