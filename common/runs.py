@@ -110,6 +110,7 @@ class RunWatch(Callback):
         self._resumed = bool(trainer.ckpt_path)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._point(trainer)  # the first checkpoint may come from a validation after the last batch's end
         if self._resumed and pl_module.automatic_optimization and len(trainer.optimizers) == 1:
             # Lightning numbers the logged rows with this counter and, resuming from a checkpoint written at
             # a validation, adds the step it is short of only when the resumed run validates at the same

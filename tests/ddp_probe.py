@@ -36,9 +36,20 @@ class DumpCodebook(pl.Callback):
 
 
 class FailAt(pl.Callback):
-    def __init__(self, step: int = 0) -> None:
-        self.step = step
+    """Raises at the start of the batch that would make step `step` + 1, or (in_backward) inside that
+    training step, after every callback's batch start: a crash in the model's own code."""
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+    def __init__(self, step: int = 0, in_backward: bool = False) -> None:
+        self.step, self.in_backward = step, in_backward
+
+    def _fail(self, trainer: pl.Trainer) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"injected failure at step {trainer.global_step}")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if not self.in_backward:
+            self._fail(trainer)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        if self.in_backward:
+            self._fail(trainer)

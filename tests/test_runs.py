@@ -186,6 +186,19 @@ def test_resume_drops_the_metrics_logged_after_the_checkpoint(shapes_folder, tmp
     assert [int(r["step"]) for r in logged if r["val/loss"]] == [4, 9]
 
 
+def test_a_crash_just_after_the_first_checkpoint_leaves_latest_on_the_run(shapes_folder, tmp_path):
+    """The first checkpoint is written by a mid-epoch validation, after the batch-end hook; a crash inside
+    the next training step must still find `latest` pointing at it, so `--ckpt_path last` resumes."""
+    root, every3 = tmp_path / "runs", ("--trainer.val_check_interval", "3")
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        train_stage1(fit_args(shapes_folder, root, 12, *every3, f"--trainer.callbacks+={FAIL}",
+                              "--trainer.callbacks.step=3", "--trainer.callbacks.in_backward=true"))  # fmt: skip
+    assert (root / "latest").resolve() == (root / "version_0").resolve()
+    train_stage1(fit_args(shapes_folder, root, 12, *every3, "--ckpt_path", "last"))
+    ckpt = torch.load(root / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 12
+
+
 @pytest.mark.parametrize("crash", [6, 4], ids=["epoch_boundary", "mid_epoch"])
 def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash):
     """12 steps straight vs a 12-step run that crashes at step `crash`, resumed to 12 from its last
