@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from common.images import from_uint8
 from common.readers import _MNIST_LIKE, DatasetError, mnist_like_files
-from common.shuffle import ResumableTraining, one_process
+from common.shuffle import ResumableTraining, shard_of
 from common.splits import ImageSplits
 
 
@@ -24,10 +24,11 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False,
-                   indices_only: bool | None = None, resumable: bool = False) -> DataLoader:  # fmt: skip
+                   indices_only: bool | None = None, resumable: bool = False,
+                   shard: dict[str, int] | None = None) -> DataLoader:  # fmt: skip
         """As ImageSplits.dataloader; with --data.on_device the batches are row numbers (see below)."""
         indices_only = self.options.on_device if indices_only is None else indices_only
-        return super().dataloader(split, shuffle, batch_size, drop_last, indices_only, resumable)
+        return super().dataloader(split, shuffle, batch_size, drop_last, indices_only, resumable, shard)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """--data.on_device: the whole split (uint8) is copied to the device once, and each batch of row numbers
@@ -59,7 +60,7 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
                 f"data: the train split has {n} images, fewer than batch_size={b}, so "
                 "drop_last would leave no batches; lower --data.batch_size"
             )
-        return self.dataloader("train", shuffle=True, drop_last=True, resumable=one_process(self.trainer))
+        return self.dataloader("train", resumable=True, shard=shard_of(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

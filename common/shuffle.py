@@ -8,16 +8,19 @@ gives Lightning `state_dict` / `load_state_dict`, so every checkpoint holds (see
 run resumed from a mid-epoch checkpoint replays that epoch's permutation from the first batch it had not
 trained on, without a draw: it sees the batches the uninterrupted run would have seen.
 
-Only for one process: under DDP, Lightning's DistributedSampler shuffles (seed + epoch) as before.
+Under DDP (any strategy with several processes) `DistributedResumableShuffle` is Lightning's own
+DistributedSampler (the same seed, `PL_GLOBAL_SEED`, and epoch, so the same shards in the same order) with
+the same resume: every rank trains the same number of batches, so rank 0's count is every rank's.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class ResumableShuffle(Sampler[int]):
@@ -57,6 +60,35 @@ class ResumableShuffle(Sampler[int]):
             self._resume = (int(seed), batches)
 
 
+class DistributedResumableShuffle(DistributedSampler):
+    """This rank's shard of a seed + epoch permutation (DistributedSampler), resumable at a batch boundary."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.batches = batch_size, 0
+        self.epoch_batches: float = self.num_samples // batch_size
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        resume, self._resume = self._resume, None
+        if resume is not None:  # Lightning builds a resumed run's first iterator before it calls set_epoch
+            self.epoch = resume[0]
+        shard = list(super().__iter__())  # (num_samples,) this rank's indices for self.epoch
+        self.batches = resume[1] if resume is not None else 0
+        yield from shard[self.batches * self.batch_size :]
+
+    def state(self) -> dict[str, int | float]:
+        return {"epoch": self.epoch, "batches": self.batches, "epoch_batches": self.epoch_batches,
+                "n": self.num_samples, "batch_size": self.batch_size}  # fmt: skip
+
+    def resume(self, state: dict[str, Any]) -> None:
+        batches = int(state.get("batches", 0))
+        same_data = state.get("n") == self.num_samples and state.get("batch_size") == self.batch_size
+        unfinished = batches < state.get("epoch_batches", self.num_samples // self.batch_size)
+        if "epoch" in state and same_data and 0 < batches and unfinished:
+            self._resume = (int(state["epoch"]), batches)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader over a ResumableShuffle whose position Lightning saves in checkpoints and restores."""
 
@@ -67,9 +99,14 @@ class ResumableLoader(DataLoader):
         self.sampler.resume(state)
 
 
-def resumable_loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> ResumableLoader:
-    """A shuffled loader of whole batches (drop_last) that resumes mid-epoch; kwargs go to DataLoader."""
-    sampler = ResumableShuffle(len(dataset), batch_size)
+def resumable_loader(dataset: Dataset, batch_size: int, shard: dict[str, int] | None = None,
+                     **kwargs: Any) -> ResumableLoader:  # fmt: skip
+    """A shuffled loader of whole batches (drop_last) that resumes mid-epoch; kwargs go to DataLoader.
+    shard: None for one process, else the Trainer's `distributed_sampler_kwargs` (num_replicas, rank)."""
+    if shard is None:
+        sampler: Sampler = ResumableShuffle(len(dataset), batch_size)
+    else:  # the seed Lightning gives its own DistributedSampler
+        sampler = DistributedResumableShuffle(dataset, batch_size, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **shard)
     return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
 
 
@@ -87,11 +124,8 @@ class ResumableTraining:
         return batch
 
 
-def one_process(trainer: Any) -> bool:
-    """True without a Trainer or under a single-device strategy: where the order is ours to keep. Under DDP
-    Lightning puts its DistributedSampler in (and would wrap a sampler of ours, shuffling nothing)."""
-    if trainer is None:
-        return True
-    from pytorch_lightning.strategies import SingleDeviceStrategy  # a Trainer exists: Lightning is loaded
 
-    return isinstance(trainer.strategy, SingleDeviceStrategy)
+def shard_of(trainer: Any) -> dict[str, int] | None:
+    """What resumable_loader needs to know of a Trainer: None for one process (no Trainer, one device),
+    else this rank's place (the kwargs Lightning would give its DistributedSampler)."""
+    return None if trainer is None else trainer.distributed_sampler_kwargs

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
-from common.shuffle import ResumableTraining, one_process, resumable_loader
+from common.shuffle import ResumableTraining, resumable_loader, shard_of
 from common.splits import already_batched
 
 
@@ -102,9 +102,9 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
             )
         workers = self.hparams.num_workers
         options = dict(num_workers=workers, collate_fn=already_batched, persistent_workers=workers > 0)
-        if shuffle and one_process(self.trainer):  # __getitems__ returns whole batches (collate_fn)
-            return resumable_loader(ds, self.hparams.batch_size, **options)
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle, **options)
+        if shuffle:  # __getitems__ returns whole batches (collate_fn)
+            return resumable_loader(ds, self.hparams.batch_size, shard_of(self.trainer), **options)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, **options)  # in order, every grid
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
         """--data.perturb: random codes in place of a fraction of the training codes (on the device)."""

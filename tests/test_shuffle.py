@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from common.shuffle import ResumableShuffle, resumable_loader
+from common.shuffle import DistributedResumableShuffle, ResumableShuffle, resumable_loader
 
 
 def batches(loader) -> list[list[int]]:
@@ -57,3 +57,20 @@ def test_states_that_cannot_resume_start_a_new_permutation():
         fresh.resume(state)
         order = list(fresh)
         assert len(order) == 50 and sorted(order) == list(range(50)) and fresh.batches == 0
+
+
+def test_ddp_shards_are_lightnings_and_resume_in_their_epoch():
+    data = torch.arange(50)
+    for rank in (0, 1):
+        ours = DistributedResumableShuffle(data, 8, num_replicas=2, rank=rank, seed=7)
+        theirs = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        for epoch in (0, 3):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs)  # the shards Lightning's own sampler would give
+    ours.batches = 2  # rank 1, epoch 3, two batches trained
+    state = ours.state()
+    resumed = DistributedResumableShuffle(data, 8, num_replicas=2, rank=1, seed=7)  # a new process: epoch 0
+    resumed.resume(state)
+    assert list(resumed) == list(theirs)[16:] and resumed.epoch == 3 and resumed.batches == 2
+    assert len(list(resumed)) == 25  # the next pass is whole again
