@@ -50,7 +50,7 @@ demo-emoji: data-emoji
 	$(BIN)/extract_codes --ckpt $(EMOJI_RUNS)/stage1/latest/checkpoints/last.ckpt --out codes/emoji --overwrite
 	$(BIN)/train_stage2 fit --config configs/stage2/emoji_transformer.yaml --data.codes_dir codes/emoji \
 		--trainer.default_root_dir $(EMOJI_RUNS)/stage2_transformer
-	$(BIN)/sample --prior $(EMOJI_RUNS)/stage2_transformer/latest/checkpoints/best.ckpt --n 64 \
+	$(BIN)/sample --prior $(EMOJI_RUNS)/stage2_transformer/latest/checkpoints/best.ckpt --n 64 --temperature 0.95 \
 		--out $(EMOJI_RUNS)/samples.png --overwrite
 	@echo "emoji demo done: $(EMOJI_RUNS)/stage1/latest/reconstructions.png and $(EMOJI_RUNS)/samples.png"
 
