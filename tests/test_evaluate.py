@@ -107,6 +107,23 @@ def test_evaluate_samples_prints_the_floor(artifacts, shapes_folder, tmp_path, c
     assert r["fid"] >= 0 and r["fid_floor"] >= 0 and r["kid_subset_size"] == 8
 
 
+def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(artifacts, tmp_path, capsys):
+    """`sample` records its stage 1 in the .npz: without --ckpt, evaluate uses that checkpoint's data options
+    (the 16x16 shapes folder here, not the fashion_mnist default), with the same figures as --ckpt gives."""
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        assert Path(str(npz["stage1_ckpt"])) == artifacts["stage1"].resolve()
+    common = ("--features", str(artifacts["features"]), "--kid_subsets", "5")
+    named = evaluate("samples", "--samples", str(artifacts["samples"]), *common, out=tmp_path / "a.json")
+    given = evaluate("samples", "--samples", str(artifacts["samples"]), "--ckpt", str(artifacts["stage1"]), *common,
+                     out=tmp_path / "b.json")  # fmt: skip
+    assert named["dataset"] == "image_folder" and named["fid"] == given["fid"] and named["test_images"] == 8
+    # Without the record (an older .npz, or the checkpoint moved away) the defaults apply, and say so.
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        np.savez(tmp_path / "old.npz", **{k: npz[k] for k in npz.files if k != "stage1_ckpt"})
+    err = user_error(main, ["samples", "--samples", str(tmp_path / "old.npz"), *common, "--device", "cpu"], capsys)
+    assert "--data.dataset fashion_mnist cannot provide" in err
+
+
 # ------------------------------------------------------------------------------------------ errors
 def _with_meta(artifacts, name: str, **changes) -> Path:
     codes = artifacts["tmp"] / name

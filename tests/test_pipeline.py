@@ -108,7 +108,7 @@ def test_out_suffix_names_the_format_and_nothing_is_replaced(pipeline, tmp_path,
     base = ["--prior", str(pipeline["prior"]), "--n", "2"]
     sample_main([*base, "--out", str(tmp_path / "g.jpg")])
     assert (tmp_path / "g.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG, as the suffix says
-    assert set(np.load(tmp_path / "g.npz").files) == {"codes", "images", "labels"}
+    assert set(np.load(tmp_path / "g.npz").files) == {"codes", "images", "labels", "stage1_ckpt"}
     sample_main([*base, "--out", str(tmp_path / "only.npz")])  # codes and images only, no grid
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jpg", "g.npz", "only.npz"]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

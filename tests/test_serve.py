@@ -79,7 +79,7 @@ def test_sample_gives_the_sample_commands_codes(client, world, tmp_path, label):
     sample_main(["--prior", world["prior"], "--n", "6", "--seed", "3", "--temperature", "0.9", *classes,
                  "--device", "cpu", "--out", str(tmp_path / "s.npz")])  # fmt: skip
     cli = np.load(tmp_path / "s.npz")
-    for key in ("codes", "images", "labels"):
+    for key in ("codes", "images", "labels", "stage1_ckpt"):
         np.testing.assert_array_equal(page[key], cli[key], err_msg=key)
     assert pixels(data["grid"]).ndim == 2  # greyscale grid
 

@@ -2,7 +2,7 @@
 
     evaluate stage1 --ckpt runs/stage1/latest/checkpoints/last.ckpt            # data options from the ckpt
     evaluate prior --ckpt runs/stage2_transformer/latest/checkpoints/best.ckpt --codes codes/fashion_mnist
-    evaluate samples --samples runs/samples.npz --data.dataset fashion_mnist --json samples_eval.json
+    evaluate samples --samples runs/samples.npz --json samples_eval.json    # data options: the samples' stage 1
 
 stage1 (test split): MSE in [-1, 1] pixel units, PSNR, SSIM, reconstruction FID (reconstructions vs the
 originals), codebook usage, perplexity, dead codes. prior (codes' test split): NLL in bits per code and
@@ -168,6 +168,17 @@ def load_samples(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+def stage1_of_samples(path: str | None) -> str | None:
+    """The stage-1 checkpoint a `sample` .npz names, if that file is still there (else None: the --data.*
+    defaults apply, and load_samples reports a bad file)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            named = str(npz["stage1_ckpt"]) if "stage1_ckpt" in npz.files else None
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    return named if named and Path(named).is_file() else None
+
+
 def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features, seed: int = 0,
                      kid_subsets: int = 100) -> dict[str, Any]:  # fmt: skip
     features.check(samples, "the samples")
@@ -224,7 +235,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
                 p.add_argument("--samples", type=str, required=True, help="the .npz `sample` writes")
                 p.add_argument("--seed", type=int, default=0, help="the floor's train subset and KID's subsets")
                 p.add_argument("--kid_subsets", type=int, default=100)
-            defaults = "" if mode == "stage1" else ": its data options are the defaults"
+            defaults = "" if mode == "stage1" else (": its data options are the defaults (by default the one "
+                                                    "`sample` names in the .npz)")  # fmt: skip
             p.add_argument("--ckpt", type=str, required=mode == "stage1", help=f"stage-1 checkpoint{defaults}")
             p.add_argument("--features", type=str, default="auto", help="feature-net file, inception or auto")
             p.add_class_arguments(ImageSplits, "data", skip=set(SKIPPED_DATA_ARGS))
@@ -282,10 +294,12 @@ def _run(args: list[str] | None) -> str | None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("mode", nargs="?")
     pre.add_argument("--ckpt")
+    pre.add_argument("--samples")
     known = pre.parse_known_args(args)[0]
     model, data_defaults = None, {}
-    if known.mode in ("stage1", "samples") and known.ckpt:  # its data options become the --data.* defaults
-        model, saved = load_stage1(known.ckpt, "--ckpt")
+    ckpt = known.ckpt or (stage1_of_samples(known.samples) if known.mode == "samples" else None)
+    if known.mode in ("stage1", "samples") and ckpt:  # its data options become the --data.* defaults
+        model, saved = load_stage1(ckpt, "--ckpt")
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
     cfg = build_parser(data_defaults).parse_args(args)
     result = run(cfg.mode, cfg[cfg.mode], model)

@@ -170,9 +170,10 @@ def _run(args: list[str] | None) -> str:
         images = torch.cat([vqvae.decode_codes(c) for c in codes.split(a.batch_size)])
         grid_images = rows_by_label(images.cpu(), labels, per_row)
     grid = save_grid(grid_images, grid_path, nrow=per_row, scale=scale) if grid_path else None
-    with atomic_file(npz_path) as f:
+    with atomic_file(npz_path) as f:  # stage1_ckpt: where `evaluate samples` finds the data options
         np.savez(f, codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).cpu().numpy(),
-                 labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)))  # fmt: skip
+                 labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
+                 stage1_ckpt=np.array(str(m.vqvae_path.resolve())))  # fmt: skip
     if a.wandb:
         _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
     return f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
