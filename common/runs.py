@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -291,6 +292,8 @@ class VQGenCLI(LightningCLI):
 
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
     """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
+    # Lightning 2.6's own use of a class torch 2.13 deprecates: printed by every run, nothing for a user to do
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
     except UserError as e:
