@@ -54,9 +54,10 @@ demo-emoji: data-emoji
 		--out $(EMOJI_RUNS)/samples.png --overwrite
 	@echo "emoji demo done: $(EMOJI_RUNS)/stage1/latest/reconstructions.png and $(EMOJI_RUNS)/samples.png"
 
-# The page: sample, repair, compress and score with the demo's models at http://127.0.0.1:7860/ (Ctrl-C stops).
+# The page: sample, repair, compress and score with the demo's models at http://127.0.0.1:7860/ (Ctrl-C stops);
+# the Sample tab starts at the demo grid's guidance and temperature.
 serve: setup
-	$(BIN)/serve --prior $(PRIOR_CKPT)
+	$(BIN)/serve --prior $(PRIOR_CKPT) --cfg_scale 4 --temperature 1.2
 
 test: setup
 	$(BIN)/python -m pytest -q

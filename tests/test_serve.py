@@ -67,6 +67,7 @@ def test_info_and_test_images(client):
     info = client.get("/api/info").json()
     assert info["image_size"] == 16 and info["channels"] == 1 and info["classes"] == ["discs", "squares"]
     assert info["test_images"] > 0, info["test_message"]
+    assert info["sample_defaults"] == {"temperature": 1.0, "cfg_scale": 1.0}  # serve --temperature / --cfg_scale
     r = client.get("/api/test_image/0")
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (16, 16)
 

@@ -29,7 +29,8 @@ WAIT = 60  # seconds for anything on the page (a busy 2-core CI machine)
 
 @pytest.fixture(scope="module")
 def server(world):  # noqa: F811
-    with serving(["--prior", world["prior"], "--device", "cpu"], env={"OMP_NUM_THREADS": "1"}) as url:
+    with serving(["--prior", world["prior"], "--device", "cpu", "--temperature", "0.9", "--cfg_scale", "2"],
+                 env={"OMP_NUM_THREADS": "1"}) as url:  # fmt: skip
         yield url
 
 
@@ -70,6 +71,11 @@ def page(server, browser):
 
 def tab(driver, name: str) -> None:
     driver.find_element("css selector", f"[data-tab={name}]").click()
+
+
+def test_the_sample_form_starts_at_the_serve_options(page):
+    form = "document.getElementById('sample-form')"
+    assert page.execute_script(f"return [{form}.temperature.value, {form}.cfg_scale.value]") == ["0.9", "2"]
 
 
 def test_sample_draws_a_grid(page):

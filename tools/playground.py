@@ -61,8 +61,11 @@ class Playground:
     """The trained models and what the page asks of them."""
 
     def __init__(self, models: Models, codec: Models | None = None, test_images: torch.Tensor | None = None,
-                 anomaly_net: AnomalyNet | None = None) -> None:  # fmt: skip
+                 anomaly_net: AnomalyNet | None = None,
+                 sample_defaults: dict[str, float] | None = None) -> None:  # fmt: skip
         self.m = models
+        # the Sample form's starting values (serve --temperature / --cfg_scale)
+        self.sample_defaults = {"temperature": 1.0, "cfg_scale": 1.0, **(sample_defaults or {})}
         self.anomaly_net = anomaly_net  # adds transform_knn to the Anomaly tab and ranks by it
         self.codec = codec if codec is not None else (as_codec_models(models) if models.device.type == "cpu" else None)
         self.test_images = test_images  # uint8 (N, C, S, S) or None
@@ -78,7 +81,8 @@ class Playground:
                 "device": str(self.m.device), "prior": self.m.prior_path.name, "stage1": self.m.vqvae_path.name,
                 "max_samples": MAX_SAMPLES, "max_repairs": MAX_REPAIRS, "max_images": MAX_IMAGES,
                 "test_images": 0 if self.test_images is None else len(self.test_images),
-                "test_message": self.test_message, "masked": self.masked, "default_steps": DEFAULT_STEPS}  # fmt: skip
+                "test_message": self.test_message, "masked": self.masked, "default_steps": DEFAULT_STEPS,
+                "sample_defaults": self.sample_defaults}  # fmt: skip
 
     @property
     def masked(self) -> bool:

@@ -36,6 +36,9 @@ def build_parser():
     p.add_argument("--anomaly_net", type=str, default=None,
                    help="a train_anomaly_net file: the Anomaly tab adds transform_knn and ranks by it")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for the models before 503")
+    p.add_argument("--temperature", type=float, default=1.0, help="the Sample tab's starting temperature")
+    p.add_argument("--cfg_scale", type=float, default=1.0,
+                   help="the Sample tab's starting guidance scale (`make serve`: the demo's 4, with temperature 1.2)")
     add_device(p)
     return p
 
@@ -67,13 +70,18 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
         raise UserError(f"--max_upload_mb must be in (0, 1000], got {a.max_upload_mb}")
     if a.queue < 1:
         raise UserError(f"--queue must be >= 1, got {a.queue}")
+    if not 0 < a.temperature <= 10:
+        raise UserError(f"--temperature must be in (0, 10], got {a.temperature}")
+    if not 0 <= a.cfg_scale <= 20:
+        raise UserError(f"--cfg_scale must be in [0, 20], got {a.cfg_scale}")
     device = resolve_device(a.device)
     sock = listen(a.host, a.port)  # before the slow part: a busy port is reported at once
     try:
         models = load_models(a.prior, a.vqvae, device)
         fits = (models.channels, models.image_size)
         anomaly_net = AnomalyNet.load(a.anomaly_net, device, fits=fits) if a.anomaly_net else None
-        play = Playground(models, anomaly_net=anomaly_net)
+        play = Playground(models, anomaly_net=anomaly_net,
+                          sample_defaults={"temperature": a.temperature, "cfg_scale": a.cfg_scale})  # fmt: skip
         play.sample(None, 1, 1.0, 1.0, 1.0, 0)  # warm-up: the first click then costs what every click costs
         app = create_app(play, int(a.max_upload_mb * 1e6), a.queue)
         # The test images are read on the model thread, before any request that could need them.

@@ -275,6 +275,9 @@ $("#anomaly-form").addEventListener("submit", (event) => {
   const select = $("#sample-label");
   if (!info.classes.length) select.replaceChildren(new Option("unconditional", "-1"));
   info.classes.forEach((name, i) => select.append(new Option(name, i)));
+  for (const [name, value] of Object.entries(info.sample_defaults)) { // serve --temperature / --cfg_scale
+    $(`#sample-form [name=${name}]`).value = value;
+  }
   for (const label of document.querySelectorAll(".masked-only")) {
     label.hidden = !info.masked; // a masked prior decodes in a number of parallel steps
     $("input", label).value = info.default_steps;
