@@ -23,6 +23,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
+def batches_to_skip(state: dict[str, Any], n: int, batch_size: int) -> int:
+    """How many batches of an unfinished pass over n indices `state` records as trained; 0 when there is
+    nothing to continue (none trained, the epoch done, or another data set size or batch size)."""
+    batches = int(state.get("batches", 0))
+    same_data = state.get("n") == n and state.get("batch_size") == batch_size
+    unfinished = batches < state.get("epoch_batches", n // batch_size) and (batches + 1) * batch_size <= n
+    return batches if same_data and unfinished else 0
+
+
 class ResumableShuffle(Sampler[int]):
     """A random permutation of range(n) per pass, resumable at a batch boundary (batches of batch_size)."""
 
@@ -53,11 +62,9 @@ class ResumableShuffle(Sampler[int]):
     def resume(self, state: dict[str, Any]) -> None:
         """Make the next pass continue the one `state` describes. Nothing to continue (no pass begun, the
         pass finished, or another data set size or batch size): the next pass draws a new permutation."""
-        seed, batches = state.get("seed"), int(state.get("batches", 0))
-        same_data = state.get("n") == self.n and state.get("batch_size") == self.batch_size
-        unfinished = batches < state.get("epoch_batches", self.n // self.batch_size)
-        if seed is not None and same_data and 0 < batches and unfinished and (batches + 1) * self.batch_size <= self.n:
-            self._resume = (int(seed), batches)
+        batches = batches_to_skip(state, self.n, self.batch_size)
+        if state.get("seed") is not None and batches:
+            self._resume = (int(state["seed"]), batches)
 
 
 class DistributedResumableShuffle(DistributedSampler):
@@ -82,10 +89,9 @@ class DistributedResumableShuffle(DistributedSampler):
                 "n": self.num_samples, "batch_size": self.batch_size}  # fmt: skip
 
     def resume(self, state: dict[str, Any]) -> None:
-        batches = int(state.get("batches", 0))
-        same_data = state.get("n") == self.num_samples and state.get("batch_size") == self.batch_size
-        unfinished = batches < state.get("epoch_batches", self.num_samples // self.batch_size)
-        if "epoch" in state and same_data and 0 < batches and unfinished:
+        """As ResumableShuffle.resume, for this rank's shard of the epoch `state` names."""
+        batches = batches_to_skip(state, self.num_samples, self.batch_size)
+        if "epoch" in state and batches:
             self._resume = (int(state["epoch"]), batches)
 
 
@@ -122,7 +128,6 @@ class ResumableTraining:
                 loader.sampler.batches += 1
                 loader.sampler.epoch_batches = trainer.num_training_batches
         return batch
-
 
 
 def shard_of(trainer: Any) -> dict[str, int] | None:
