@@ -230,7 +230,10 @@ class ImageSplits:
         images, _ = self.split_arrays(split)  # validates the name, loads once
         workers = self.options.num_workers
         dataset = SplitIndices(split, len(images)) if indices_only else self._load()[split]
-        options = dict(num_workers=workers, persistent_workers=workers > 0, collate_fn=already_batched,
+        # Workers persist across epochs for the training loader only. An evaluation loader makes its iterator
+        # (and draws its worker seed from torch's global RNG) at every pass, so a run resumed mid-epoch, whose
+        # first validation would otherwise make one that the uninterrupted run made earlier, draws the same.
+        options = dict(num_workers=workers, persistent_workers=workers > 0 and resumable, collate_fn=already_batched,
                        pin_memory=torch.cuda.is_available())  # fmt: skip
         if resumable:
             return resumable_loader(dataset, batch_size or self.options.batch_size, shard, **options)

@@ -101,7 +101,8 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
                 f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids"
             )
         workers = self.hparams.num_workers
-        options = dict(num_workers=workers, collate_fn=already_batched, persistent_workers=workers > 0)
+        # persistent workers for the training loader only: see common.splits.ImageSplits.dataloader
+        options = dict(num_workers=workers, collate_fn=already_batched, persistent_workers=workers > 0 and shuffle)
         if shuffle:  # __getitems__ returns whole batches (collate_fn)
             return resumable_loader(ds, self.hparams.batch_size, shard_of(self.trainer), **options)
         return DataLoader(ds, batch_size=self.hparams.batch_size, **options)  # in order, every grid

@@ -199,14 +199,17 @@ def test_a_crash_just_after_the_first_checkpoint_leaves_latest_on_the_run(shapes
     assert ckpt["global_step"] == 12
 
 
-@pytest.mark.parametrize("crash", [6, 4], ids=["epoch_boundary", "mid_epoch"])
-def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash):
+@pytest.mark.parametrize(
+    "crash,workers", [(6, 0), (4, 0), (4, 2)], ids=["epoch_boundary", "mid_epoch", "mid_epoch_workers"]
+)
+def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash, workers):
     """12 steps straight vs a 12-step run that crashes at step `crash`, resumed to 12 from its last
     checkpoint (6 batches per epoch, a checkpoint every 3 steps: step 6 ends an epoch, step 3 is in the
     middle of one, and the crash at 4 throws step 4 away). The same weights and losses,
     bit for bit: the checkpoint carries the RNG states that shuffle epoch 2 and, mid-epoch, the epoch's
-    permutation and how many of its batches were trained (common.shuffle)."""
-    every3 = ("--trainer.val_check_interval", "3")
+    permutation and how many of its batches were trained (common.shuffle). With loader workers, each
+    validation's iterator draws a worker seed from the global RNG in both runs alike."""
+    every3 = ("--trainer.val_check_interval", "3", "--data.num_workers", str(workers))
     train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *every3))
     with pytest.raises(RuntimeError, match=f"injected failure at step {crash}"):
         train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, f"--trainer.callbacks+={FAIL}",
