@@ -14,11 +14,13 @@ this interface; a new prior is one new file that subclasses `CodePrior` (plus it
 
 from __future__ import annotations
 
+import math
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -83,3 +85,11 @@ class CodePrior(PriorNetwork, metaclass=ABCMeta):
             yield
         finally:
             self.end()
+
+
+def code_bits(prior: nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """codes (B, H, W), labels (B,) or None (the null class) -> -log2 p(c_t | c_<t, label) (B, H, W): what
+    each code costs under one teacher-forced forward of an autoregressive prior (a CodePrior or the
+    LightningModule around one); the codec's label choice and the anomaly scores."""
+    logits = prior(codes, labels).float()  # (B, K, H, W)
+    return F.cross_entropy(logits, codes, reduction="none") / math.log(2)

@@ -7,15 +7,13 @@ code's surprise; what each score means and why is in :mod:`tools.anomaly`'s docs
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.codes import split_levels
 from stage1_vqvae.model import VQModel
-from stage2_prior.decoding import CodePrior
+from stage2_prior.decoding import CodePrior, code_bits
 from tools.transform_net import AnomalyNet
 
 SCORES = ("nll_bits_per_dim", "recon_mse", "complexity_bits_per_dim", "combined_score", "max_surprise_bits",
@@ -66,8 +64,7 @@ def generic_code_bits(codes: np.ndarray, codebook_size: int) -> np.ndarray:
 
 def code_surprise(prior: CodePrior, codes: torch.Tensor) -> torch.Tensor:
     """codes (B, h, w) -> -log2 p(c_t | c_<t) (B, h, w) under the prior's null class."""
-    logits = prior(codes, None).float()  # (B, K, h, w)
-    return F.cross_entropy(logits, codes, reduction="none") / math.log(2)
+    return code_bits(prior, codes, None)
 
 
 @torch.no_grad()

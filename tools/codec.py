@@ -49,11 +49,10 @@ from dataclasses import dataclass, field
 import constriction
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.cli import UserError
-from stage2_prior.decoding import CodePrior
+from stage2_prior.decoding import CodePrior, code_bits
 
 MAGIC = b"VQZ1"
 FORMAT_VERSION = 3
@@ -228,8 +227,7 @@ def best_labels(net: CodePrior, codes: np.ndarray, batch_size: int = 256) -> np.
         for x in torch.from_numpy(np.asarray(codes, dtype=np.int64)).split(batch_size):
             nll = []
             for label in range(net.num_classes + 1):
-                logits = net(x, torch.full((len(x),), label, dtype=torch.long))  # (B, K, H, W)
-                nll.append(F.cross_entropy(logits.float(), x, reduction="none").flatten(1).sum(1))  # (B,)
+                nll.append(code_bits(net, x, torch.full((len(x),), label, dtype=torch.long)).flatten(1).sum(1))  # (B,)
             out.append(torch.stack(nll, 1).argmin(1))  # (B,)
     net.train(was_training)
     return torch.cat(out).numpy().astype(np.int32) if out else np.zeros(0, np.int32)
