@@ -147,8 +147,8 @@ class Playground:
         grid = make_grid(tiles, nrow=nrow, scale=2 if self.m.image_size < 64 else 1)
         buf = io.BytesIO()
         np.savez(buf, codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).numpy(),
-                 labels=labels.numpy() if labels is not None else np.full(n, -1),
-                 stage1_ckpt=np.array(str(self.m.vqvae_path.resolve())))  # as `sample` writes it  # fmt: skip
+                 labels=labels.numpy() if labels is not None else np.full(n, -1))  # fmt: skip
+        # (no stage1_ckpt, unlike `sample`: the page names files, never their paths on the server)
         return {"grid": png_bytes(torch.from_numpy(grid).permute(2, 0, 1)), "npz": buf.getvalue(),
                 "n": n, "seconds": time.perf_counter() - t0}  # fmt: skip
 
