@@ -50,6 +50,10 @@ MAX_STEPS = 256  # decoding passes of a masked prior
 PAGE_SCORES = [s for s in SCORES if s not in ("likelihood_ratio", "typicality", "transform_knn")]
 
 
+TEMPERATURE = (0.0, 10.0)  # the page's token temperature: in (lo, hi]
+CFG_SCALE = (0.0, 20.0)  # the page's guidance scale: in [lo, hi]
+
+
 def checked(name: str, value: float, lo: float, hi: float, low_open: bool = False) -> float:
     """value, or a ValueError naming the field and the range it must lie in."""
     if not (lo < value if low_open else lo <= value) or not value <= hi or math.isnan(value):
@@ -116,9 +120,9 @@ class Playground:
     # ------------------------------------------------------------------------------------ sample
     def _opts(self, temperature: float, top_p: float, seed: int, cfg_scale: float = 1.0, steps: int = 0) -> dict:
         """The samplers' keywords; steps (0: the default) counts for masked priors only."""
-        checked("temperature", temperature, 0, 10, low_open=True)
+        checked("temperature", temperature, *TEMPERATURE, low_open=True)
         checked("top-p", top_p, 0, 1, low_open=True)
-        checked("CFG scale", cfg_scale, 0, 20)
+        checked("CFG scale", cfg_scale, *CFG_SCALE)
         generator = torch.Generator(device=self.m.device).manual_seed(int(checked("seed", seed, 0, 2**63 - 1)))
         opts = dict(temperature=temperature, top_k=None, top_p=None if top_p >= 1 else top_p,
                     cfg_scale=cfg_scale, generator=generator)  # fmt: skip

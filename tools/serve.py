@@ -21,7 +21,7 @@ import uvicorn
 
 from common.cli import UserError, add_device, make_parser, resolve_device, run_command
 from tools.load import load_models
-from tools.playground import Playground
+from tools.playground import CFG_SCALE, TEMPERATURE, Playground, checked
 from tools.transform_net import AnomalyNet
 from tools.webapp import create_app
 
@@ -70,10 +70,11 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
         raise UserError(f"--max_upload_mb must be in (0, 1000], got {a.max_upload_mb}")
     if a.queue < 1:
         raise UserError(f"--queue must be >= 1, got {a.queue}")
-    if not 0 < a.temperature <= 10:
-        raise UserError(f"--temperature must be in (0, 10], got {a.temperature}")
-    if not 0 <= a.cfg_scale <= 20:
-        raise UserError(f"--cfg_scale must be in [0, 20], got {a.cfg_scale}")
+    try:  # the bounds the page's form is checked against
+        checked("--temperature", a.temperature, *TEMPERATURE, low_open=True)
+        checked("--cfg_scale", a.cfg_scale, *CFG_SCALE)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     device = resolve_device(a.device)
     sock = listen(a.host, a.port)  # before the slow part: a busy port is reported at once
     try:
