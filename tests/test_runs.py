@@ -8,16 +8,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import user_error
-from test_stage1 import ROOT, fit_args, train_losses
+from test_stage1 import ROOT, fit_args, fit_in_subprocess, train_losses
 
 from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
@@ -231,18 +228,9 @@ def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
     root, probe = tmp_path / "runs", tmp_path / "probe"
     args = fit_args(shapes_folder, root, 4, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                     "--trainer.strategy", "ddp", "--data.batch_size", "4", probe=probe)  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               WANDB_MODE="offline")  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen([*torchrun, "-m", "stage1_vqvae.train", *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-6000:]
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    code, out = fit_in_subprocess(args, tmp_path, torchrun)
+    assert code == 0, out[-6000:]
     assert sorted(p.name for p in root.iterdir()) == ["latest", "version_0"], out[-3000:]
     run = (root / "version_0").resolve()
     ranks = [torch.load(probe / f"end_rank{r}.pt") for r in (0, 1)]
@@ -252,33 +240,19 @@ def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file() and (root / "latest").resolve() == run
 
 
-def ddp_fit(args: list[str], cwd: Path) -> tuple[int, str]:
-    """train_stage1 with two gloo ranks in a subprocess (DDP re-launches sys.argv): (exit code, output)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               WANDB_MODE="offline")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "stage1_vqvae.train", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a grandchild: end the whole process group
-        out, _ = proc.communicate()
-    return proc.returncode, out
-
-
 @pytest.mark.slow
 def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_path):
     """Two DDP ranks, 6 batches of 4 per rank and epoch: 12 steps straight vs crashed at step 4 and resumed
     from the step-3 (mid-epoch) checkpoint. Each rank's shard comes back at the batch it had reached."""
     ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
            "--data.batch_size", "4", "--trainer.val_check_interval", "3")  # fmt: skip
-    code, out = ddp_fit(fit_args(shapes_folder, tmp_path / "straight", 12, *ddp), tmp_path)
+    code, out = fit_in_subprocess(fit_args(shapes_folder, tmp_path / "straight", 12, *ddp), tmp_path)
     assert code == 0, out[-6000:]
     crash = (f"--trainer.callbacks+={FAIL}", "--trainer.callbacks.step=4")
-    code, out = ddp_fit(fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, *crash), tmp_path)
+    code, out = fit_in_subprocess(fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, *crash), tmp_path)
     assert code != 0 and "injected failure at step 4" in out, out[-6000:]
-    code, out = ddp_fit(fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, "--ckpt_path", "last"), tmp_path)
+    resume = fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, "--ckpt_path", "last")
+    code, out = fit_in_subprocess(resume, tmp_path)
     assert code == 0, out[-6000:]
     a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for name in ("straight", "resumed"))  # fmt: skip

@@ -50,6 +50,23 @@ def fit_args(data: Path, root: Path, steps: int = 8, *extra: str, probe: Path | 
     return args + list(extra)
 
 
+def fit_in_subprocess(args: list[str], cwd: Path, launcher: tuple[str, ...] = ()) -> tuple[int, str]:
+    """train_stage1 in its own process group (DDP re-launches sys.argv, so not in-process), optionally under a
+    launcher module (torchrun): (exit code, output). A hang is killed whole at 300 s."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               WANDB_MODE="offline")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "stage1_vqvae.train", *args], cwd=cwd, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a grandchild: end the whole process group
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
 def train_losses(run: Path) -> dict[int, float]:
     with open(run / "metrics.csv", newline="") as f:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
@@ -244,19 +261,8 @@ def test_ddp_two_cpu_processes_keep_identical_codebooks(shapes_folder, tmp_path)
     args = fit_args(shapes_folder, root, 6, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                     "--trainer.strategy", "ddp", "--data.batch_size", "4", "--trainer.val_check_interval", "4",
                     probe=probe)  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               WANDB_MODE="offline")  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stage1_vqvae.train", *args], cwd=tmp_path, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a grandchild: end the whole process group
-        out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-6000:]
+    code, out = fit_in_subprocess(args, tmp_path)
+    assert code == 0, out[-6000:]
     ranks = [torch.load(probe / f"end_rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [6, 6]
     for name in ("embed", "cluster_size", "embed_sum", "initialized"):
