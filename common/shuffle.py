@@ -96,13 +96,20 @@ class DistributedResumableShuffle(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over a ResumableShuffle whose position Lightning saves in checkpoints and restores."""
+    """A DataLoader over a ResumableShuffle whose position Lightning saves in checkpoints and restores.
+    Lightning may rebuild it around a sampler of its own (`--trainer.overfit_batches`: a sequential one);
+    then there is no position to keep."""
 
-    def state_dict(self) -> dict[str, int | None]:
-        return self.sampler.state()
+    @property
+    def resumable_sampler(self) -> ResumableShuffle | DistributedResumableShuffle | None:
+        return self.sampler if isinstance(self.sampler, (ResumableShuffle, DistributedResumableShuffle)) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.resumable_sampler.state() if self.resumable_sampler is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.resume(state)
+        if self.resumable_sampler is not None:
+            self.resumable_sampler.resume(state)
 
 
 def resumable_loader(dataset: Dataset, batch_size: int, shard: dict[str, int] | None = None,
@@ -124,9 +131,9 @@ class ResumableTraining:
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
             loader = trainer.train_dataloader
-            if isinstance(loader, ResumableLoader):
-                loader.sampler.batches += 1
-                loader.sampler.epoch_batches = trainer.num_training_batches
+            if isinstance(loader, ResumableLoader) and loader.resumable_sampler is not None:
+                loader.resumable_sampler.batches += 1
+                loader.resumable_sampler.epoch_batches = trainer.num_training_batches
         return batch
 
 

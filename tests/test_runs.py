@@ -183,6 +183,15 @@ def test_resume_drops_the_metrics_logged_after_the_checkpoint(shapes_folder, tmp
     assert [int(r["step"]) for r in logged if r["val/loss"]] == [4, 9]
 
 
+@pytest.mark.parametrize("option", ["--trainer.overfit_batches=2", "--trainer.limit_train_batches=0.5"])
+def test_trainer_options_that_change_the_training_loader(shapes_folder, tmp_path, option):
+    """overfit_batches makes Lightning rebuild the training loader around a sequential sampler (no position to
+    keep); limit_train_batches ends each epoch early. Both train and checkpoint as usual."""
+    train_stage1(fit_args(shapes_folder, tmp_path / "runs", 6, option))
+    ckpt = torch.load(tmp_path / "runs" / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+
+
 def test_a_crash_just_after_the_first_checkpoint_leaves_latest_on_the_run(shapes_folder, tmp_path):
     """The first checkpoint is written by a mid-epoch validation, after the batch-end hook; a crash inside
     the next training step must still find `latest` pointing at it, so `--ckpt_path last` resumes."""
