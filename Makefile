@@ -9,7 +9,7 @@ STAGE1_CKPT := $(RUNS)/stage1/latest/checkpoints/last.ckpt
 PRIOR_CKPT := $(RUNS)/stage2_transformer/latest/checkpoints/best.ckpt
 export WANDB_SILENT ?= true
 
-.PHONY: setup data data-emoji demo demo-emoji demo-stage1 test lint bench clean serve
+.PHONY: setup data data-emoji demo demo-emoji demo-stage1 test lint bench clean serve serve-emoji
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ demo-emoji: data-emoji
 # the Sample tab starts at the demo grid's guidance and temperature.
 serve: setup
 	$(BIN)/serve --prior $(PRIOR_CKPT) --cfg_scale 4 --temperature 1.2
+
+# The same page with `make demo-emoji`'s models, sampling as its grid does.
+serve-emoji: setup
+	$(BIN)/serve --prior $(EMOJI_RUNS)/stage2_transformer/latest/checkpoints/best.ckpt --temperature 0.95
 
 test: setup
 	$(BIN)/python -m pytest -q
