@@ -122,6 +122,12 @@ def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(art
         np.savez(tmp_path / "old.npz", **{k: npz[k] for k in npz.files if k != "stage1_ckpt"})
     err = user_error(main, ["samples", "--samples", str(tmp_path / "old.npz"), *common, "--device", "cpu"], capsys)
     assert "--data.dataset fashion_mnist cannot provide" in err
+    # A record naming a file that is not a stage-1 checkpoint: the error says where the name came from.
+    (tmp_path / "not.ckpt").write_text("not a checkpoint")
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        np.savez(tmp_path / "odd.npz", **{**{k: npz[k] for k in npz.files}, "stage1_ckpt": str(tmp_path / "not.ckpt")})
+    err = user_error(main, ["samples", "--samples", str(tmp_path / "odd.npz"), *common, "--device", "cpu"], capsys)
+    assert f"the stage1_ckpt of --samples {tmp_path / 'odd.npz'}" in err and "not.ckpt" in err
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -297,9 +297,11 @@ def _run(args: list[str] | None) -> str | None:
     pre.add_argument("--samples")
     known = pre.parse_known_args(args)[0]
     model, data_defaults = None, {}
-    ckpt = known.ckpt or (stage1_of_samples(known.samples) if known.mode == "samples" else None)
+    ckpt, what = known.ckpt, "--ckpt"
+    if known.mode == "samples" and not ckpt:  # the stage 1 that `sample` recorded in the .npz
+        ckpt, what = stage1_of_samples(known.samples), f"the stage1_ckpt of --samples {known.samples},"
     if known.mode in ("stage1", "samples") and ckpt:  # its data options become the --data.* defaults
-        model, saved = load_stage1(ckpt, "--ckpt")
+        model, saved = load_stage1(ckpt, what)
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
     cfg = build_parser(data_defaults).parse_args(args)
     result = run(cfg.mode, cfg[cfg.mode], model)
