@@ -122,6 +122,15 @@ def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(art
         np.savez(tmp_path / "old.npz", **{k: npz[k] for k in npz.files if k != "stage1_ckpt"})
     err = user_error(main, ["samples", "--samples", str(tmp_path / "old.npz"), *common, "--device", "cpu"], capsys)
     assert "--data.dataset fashion_mnist cannot provide" in err
+    # A record naming a file that is gone: a note, then the defaults.
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        np.savez(tmp_path / "gone.npz", **{**{k: npz[k] for k in npz.files}, "stage1_ckpt": str(tmp_path / "no.ckpt")})
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["samples", "--samples", str(tmp_path / "gone.npz"), *common, "--device", "cpu"])
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert f"names the stage 1 {tmp_path / 'no.ckpt'}, which is gone" in note
+    assert "--data.dataset fashion_mnist cannot provide" in error
     # A record naming a file that is not a stage-1 checkpoint: the error says where the name came from.
     (tmp_path / "not.ckpt").write_text("not a checkpoint")
     with np.load(artifacts["samples"], allow_pickle=False) as npz:

@@ -176,7 +176,11 @@ def stage1_of_samples(path: str | None) -> str | None:
             named = str(npz["stage1_ckpt"]) if "stage1_ckpt" in npz.files else None
     except (OSError, EOFError, ValueError, TypeError):
         return None
-    return named if named and Path(named).is_file() else None
+    if named and not Path(named).is_file():
+        print(f"evaluate: note: --samples {path} names the stage 1 {named}, which is gone; the --data.* options "
+              "are the defaults unless given (or pass --ckpt)", file=sys.stderr)  # fmt: skip
+        return None
+    return named or None
 
 
 def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features, seed: int = 0,
