@@ -72,12 +72,15 @@ def test_info_and_test_images(client):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (16, 16)
 
 
-@pytest.mark.parametrize("label", [-1, 1])
-def test_sample_gives_the_sample_commands_codes(client, world, tmp_path, label):  # noqa: F811
-    data = client.post("/api/sample", data={"label": label, "n": 6, "seed": 3, "temperature": 0.9}).json()
+@pytest.mark.parametrize("label,guidance", [(-1, {}), (1, {}), (1, {"cfg_scale": "2", "cfg_schedule": "constant"}),
+                                           (1, {"cfg_scale": "2", "cfg_schedule": "linear"})])  # fmt: skip
+def test_sample_gives_the_sample_commands_codes(client, world, tmp_path, label, guidance):  # noqa: F811
+    form = {"label": label, "n": 6, "seed": 3, "temperature": 0.9, **guidance}
+    data = client.post("/api/sample", data=form).json()
     page = np.load(io.BytesIO(decode(data["npz"])))
     classes = [] if label < 0 else ["--classes", str(label)]
-    sample_main(["--prior", world["prior"], "--n", "6", "--seed", "3", "--temperature", "0.9", *classes,
+    flags = [item for k, v in guidance.items() for item in (f"--{k}", v)]
+    sample_main(["--prior", world["prior"], "--n", "6", "--seed", "3", "--temperature", "0.9", *classes, *flags,
                  "--device", "cpu", "--out", str(tmp_path / "s.npz")])  # fmt: skip
     cli = np.load(tmp_path / "s.npz")
     for key in ("codes", "images", "labels"):
@@ -176,6 +179,8 @@ BAD = [  # (endpoint, form fields, files, status, message)
     ("sample", {"temperature": "nan"}, {}, 400, r"temperature must be a finite number"),
     ("sample", {"top_p": "1.5"}, {}, 400, r"top-p must be in \(0, 1\]"),
     ("sample", {"label": 5}, {}, 400, r"unknown class id 5; this prior has 2 classes"),
+    ("sample", {"cfg_scale": 2, "cfg_schedule": "cosine"}, {}, 400,
+     r"cfg_schedule must be one of \('constant', 'linear'\)"),  # fmt: skip
     ("anomaly", {}, {}, 400, r"no images given"),
 ]
 
