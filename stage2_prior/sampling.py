@@ -43,6 +43,11 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 CFG_SCHEDULES = ("constant", "linear")
 
 
+def check_cfg_schedule(schedule: str) -> None:
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, schedule: str, done) -> torch.Tensor:
     """Classifier-free guidance: uncond + s * (cond - uncond), logits (B, K) each.
 
@@ -50,12 +55,8 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, schedule: 
     * done, where done (a float, or (B, 1)) is the fraction of the grid fixed once this draw is made, so the
     first draws, which set the layout, are nearly unguided (diversity) and the last get the full scale.
     """
-    if schedule == "linear":
-        scale = 1 + (cfg_scale - 1) * done
-    elif schedule == "constant":
-        scale = cfg_scale
-    else:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    check_cfg_schedule(schedule)
+    scale = 1 + (cfg_scale - 1) * done if schedule == "linear" else cfg_scale
     return uncond + scale * (cond - uncond)
 
 
@@ -74,8 +75,7 @@ def _check_inputs(
     """Validate the arguments of sample_codes; return labels (n,), prime (n, T), keep (n, T) on device."""
     H, W = prior.grid_shape
     K = prior.codebook_size
-    if cfg_schedule not in CFG_SCHEDULES:  # checked even without guidance, so a typo never passes silently
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    check_cfg_schedule(cfg_schedule)  # checked even without guidance, so a typo never passes silently
     if top_k is not None and not 1 <= top_k <= K:
         raise ValueError(f"top_k must be in [1, {K}] (the codebook size), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
