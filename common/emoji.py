@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from common.cli import UserError
+from common.images import ImageError, read_image
 from common.readers import DatasetError, DatasetNotFoundError, ImageArrays
 
 VERSION = "16.0.0"
@@ -126,17 +126,13 @@ def emoji_class_names(root: str | Path | None = None) -> list[str]:
 
 
 def composite_over_white(path: Path, image_size: int) -> np.ndarray:
-    """An RGBA file -> uint8 (image_size, image_size, 3), alpha-composited over white, resized if needed."""
+    """An RGBA file -> uint8 (image_size, image_size, 3), alpha-composited over white, resized if needed:
+    what every user image goes through (`common.images.read_image`), so a glyph given to `compress`,
+    `sample --prime` or the page is read exactly as the data set read it."""
     try:
-        with Image.open(path) as img:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            return np.asarray(rgb, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for a broken file
-        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e}); re-run `make data-emoji`") from None
+        return read_image(path, image_size, 3)
+    except ImageError as e:
+        raise DatasetError(f"{str(e).removesuffix('; fix or delete the file')}; re-run `make data-emoji`") from None
 
 
 def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArrays:

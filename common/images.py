@@ -17,7 +17,8 @@ from torch import Tensor
 from common.cli import UserError
 from common.io import atomic_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+SUFFIXES_TEXT = "/".join(IMAGE_SUFFIXES)  # for messages: ".png/.jpg/..."
 _GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -63,8 +64,19 @@ def infer_channels(files: list[Path]) -> int:
     return 1
 
 
+def over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency (RGBA, LA, a palette or colour key with tRNS) composited over white; others
+    unchanged. Dropping alpha instead would show whatever colour the file hides under transparent pixels
+    (often black, sometimes noise); white is also what the emoji data set is composited over."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img
+
+
 def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One file -> uint8 (image_size, image_size, channels): shorter side resized, then centre-cropped."""
+    """One file -> uint8 (image_size, image_size, channels): transparency over white, shorter side resized,
+    then centre-cropped."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # phone JPEGs store rotation in EXIF
@@ -72,7 +84,7 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
                 img = Image.fromarray(
                     (np.asarray(img, np.float64) / 257).round().clip(0, 255).astype(np.uint8)
                 )
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = over_white(img).convert("L" if channels == 1 else "RGB")
             w, h = img.size
             s = image_size / min(w, h)
             nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
@@ -99,13 +111,13 @@ def load_image(path: str | Path, image_size: int, channels: int | None = None) -
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:
-    """The given image files, with each directory replaced by its .png/.jpg/.jpeg files (sorted)."""
+    """The given image files, with each directory replaced by its image files (IMAGE_SUFFIXES, sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
             if not found:
-                raise FileNotFoundError(f"{p}: directory holds no .png/.jpg/.jpeg images")
+                raise FileNotFoundError(f"{p}: directory holds no {SUFFIXES_TEXT} images")
             files += found
         elif p.is_file():
             files.append(p)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from common.images import IMAGE_SUFFIXES, check_channels, infer_channels, read_image
+from common.images import IMAGE_SUFFIXES, SUFFIXES_TEXT, check_channels, infer_channels, read_image
 from common.io import atomic_file
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "image_folder", "emoji")
@@ -251,7 +251,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(
-            f"image folder {root} does not exist; pass --data.root DIR holding .png/.jpg "
+            f"image folder {root} does not exist; pass --data.root DIR holding {SUFFIXES_TEXT} "
             "images (optionally in one sub-folder per class)"
         )
     classes = [(d.name, files) for d in sorted(root.iterdir()) if d.is_dir() and (files := _image_files(d))]
@@ -264,14 +264,14 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     if not classes:
         classes = [(root.resolve().name, _image_files(root))]
     if not classes[0][1]:
-        raise DatasetNotFoundError(f"no .png/.jpg images found under {root}")
+        raise DatasetNotFoundError(f"no {SUFFIXES_TEXT} images found under {root}")
     files = [f for _, fs in classes for f in fs]
     labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(classes)])
     return files, labels, [name for name, _ in classes]
 
 
 def load_image_folder(root: str | Path, image_size: int, channels: int | None = None) -> ImageArrays:
-    """All .png/.jpg/.jpeg under `root` as (N, image_size, image_size, C); labels as `scan_image_folder`."""
+    """All images (IMAGE_SUFFIXES) under `root` as (N, image_size, image_size, C); labels as `scan_image_folder`."""
     check_channels(channels, "load_image_folder")
     files, labels, class_names = scan_image_folder(root)
     channels = channels or infer_channels(files)

@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from common import readers as im
 from common.datamodule import ImageDataModule
-from common.images import from_uint8, load_image, save_grid, to_uint8
+from common.images import from_uint8, image_files, load_image, read_image, save_grid, to_uint8
 from common.readers import DatasetNotFoundError, load_cifar10, load_image_folder, load_mnist_like, read_idx
 
 
@@ -180,7 +181,7 @@ def test_image_folder(folder: Path) -> None:
 
 def test_image_folder_errors(tmp_path: Path, folder: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetNotFoundError, match="no .png/.jpg images found under"):
+    with pytest.raises(DatasetNotFoundError, match="no .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff images found under"):
         load_image_folder(tmp_path / "empty", 16)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_image_folder(tmp_path / "missing", 16)
@@ -209,6 +210,45 @@ def test_load_image_resizes_and_crops(tmp_path: Path) -> None:
     assert y.shape == (1, 1, 10, 10) and y.max() == round(99 * 600 / 257)  # scaled to 8 bits, not clipped
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_image(tmp_path / "nope.png", 10)
+
+
+def test_transparency_is_composited_over_white(tmp_path: Path) -> None:
+    """Transparent pixels read as white whatever colour the file hides under them (dropping alpha showed
+    it: black for most icons); partly transparent ones blend; no Pillow palette warning."""
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:, :2] = (10, 200, 30, 0)  # hidden colour, fully transparent
+    rgba[:, 2] = (255, 0, 0, 255)  # opaque red
+    rgba[:, 3] = (0, 0, 255, 128)  # half-transparent blue
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "icon.png")
+    out = read_image(tmp_path / "icon.png", 4, 3)
+    assert (out[:, :2] == 255).all() and (out[:, 2] == (255, 0, 0)).all()
+    assert np.abs(out[:, 3].astype(int) - (127, 127, 255)).max() <= 1
+    la = np.stack([np.full((4, 4), 50, np.uint8), np.where(np.eye(4, dtype=bool), 0, 255).astype(np.uint8)], -1)
+    Image.fromarray(la, "LA").save(tmp_path / "gray.png")
+    gray = read_image(tmp_path / "gray.png", 4, 1)[..., 0]
+    assert (gray[np.eye(4, dtype=bool)] == 255).all() and (gray[~np.eye(4, dtype=bool)] == 50).all()
+    pal = Image.fromarray(np.tile(np.arange(2, dtype=np.uint8), (4, 2)), "P")  # columns alternate index 0, 1
+    pal.putpalette([0, 0, 0, 0, 128, 0])
+    pal.save(tmp_path / "palette.png", transparency=0)  # index 0 (black) is transparent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow warns when a palette with transparency is dropped
+        out = read_image(tmp_path / "palette.png", 4, 3)
+    assert (out[:, ::2] == 255).all() and (out[:, 1::2] == (0, 128, 0)).all()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "icon.png").rename(tmp_path / "folder" / "icon.png")  # the folder reader and load_image agree
+    assert (load_image_folder(tmp_path / "folder", 4).images[0, :, :2] == 255).all()
+    assert (to_uint8(load_image(tmp_path / "folder" / "icon.png", 4))[0, :, :, :2] == 255).all()
+
+
+def test_more_image_formats(tmp_path: Path) -> None:
+    """WebP, BMP and TIFF files count as images in folders and file lists, read exactly (lossless)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "c").mkdir()
+    for ext, kw in [("webp", {"lossless": True}), ("bmp", {}), ("tif", {}), ("TIFF", {})]:
+        Image.fromarray(rgb).save(tmp_path / "c" / f"x.{ext}", **kw)
+    arrays = load_image_folder(tmp_path, 8)
+    assert arrays.images.shape == (4, 8, 8, 3) and all((a == rgb).all() for a in arrays.images)
+    assert [f.suffix for f in image_files([tmp_path / "c"])] == [".TIFF", ".bmp", ".tif", ".webp"]
 
 
 def check_batch(batch: tuple[torch.Tensor, torch.Tensor], b: int, c: int, s: int) -> None:

@@ -5,9 +5,10 @@
     png = png_bytes(image)
 
 Everything a user can get wrong is an :class:`common.images.ImageError` (a `UserError`) whose one-line
-message names the upload and says what to send instead: not an image, too many pixels, transparency, a
-colour image for a greyscale model. Images are resized and centre-cropped exactly as the commands read
-files (:func:`common.images.read_image`), so an image gives the same codes on the page as in `compress`.
+message names the upload and says what to send instead: not an image, too many pixels, a colour image for
+a greyscale model. Images are composited over white (transparency), resized and centre-cropped exactly as
+the commands read files (:func:`common.images.read_image`), so an image gives the same codes on the page as
+in `compress`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.images import ImageError, read_image
+from common.images import ImageError, over_white, read_image
 
 MAX_PIXELS = 4096 * 4096  # decoded size of one upload: ~50 MB as RGB; Pillow alone would allow ~180 MP
 GREY_MODES = {"1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -46,14 +47,10 @@ def _open(data: bytes, name: str, max_pixels: int, what: str = "image") -> Image
 
 
 def _check_channels(img: Image.Image, name: str, channels: int) -> None:
-    """Refuse what cannot be turned into the model's channels without guessing (transparency, colour)."""
-    if "A" in img.getbands() or "transparency" in img.info:
-        alpha = np.asarray(img.convert("RGBA"))[..., 3]
-        if alpha.min() < 255:
-            raise ImageError(f"{name} has transparent pixels (an alpha channel); upload an image without "
-                             "transparency (flatten it onto a background first)")  # fmt: skip
+    """Refuse a colour image for a greyscale model (turning it grey would be a guess). Transparency is not
+    refused: it is composited over white, as the commands read files."""
     if channels == 1 and img.mode not in GREY_MODES:
-        rgb = np.asarray(img.convert("RGB"))
+        rgb = np.asarray(over_white(img).convert("RGB"))
         if (rgb != rgb[..., :1]).any():
             raise ImageError(f"{name} is a colour image (3 channels), but this model reads 1-channel "
                              "(greyscale) images; upload a greyscale image")  # fmt: skip
