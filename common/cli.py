@@ -79,6 +79,31 @@ def at_least(minimum: float, **flags: Any) -> None:
             raise UserError(f"--{name} must be >= {minimum}, got {value}")
 
 
+def parse_classes(text: str, class_names: list[str], flag: str = "--classes") -> list[int]:
+    """"0,3,7" or "Sneaker,Bag" (names as the data set spells them, any case; ids and names may mix) -> class
+    ids in the order given, repeats dropped. UserError naming the flag, the bad entry and the choices."""
+    lookup = {name.strip().casefold(): i for i, name in enumerate(class_names)}
+    ids: list[int] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        if entry.isdigit():  # a number is an id, even where a class is named like one (MNIST's "0".."9" agree)
+            i = int(entry)
+        elif entry.casefold() in lookup:
+            i = lookup[entry.casefold()]
+        else:
+            names = ", ".join(f"{k} {n}" for k, n in enumerate(class_names))
+            raise UserError(f"{flag}: no class named {entry!r}; give ids or names, comma-separated ({names})")
+        if not 0 <= i < len(class_names):
+            raise UserError(f"{flag}: unknown class id {i}; there are {len(class_names)} classes "
+                            f"(0..{len(class_names) - 1})")  # fmt: skip
+        if i not in ids:
+            ids.append(i)
+    if not ids:
+        raise UserError(f"{flag} {text!r}: no class given; give ids or names, comma-separated")
+    return ids
+
+
 def wandb_offline_unless_logged_in() -> bool:
     """Make W&B log offline unless WANDB_MODE is set or credentials exist; True if this switched it offline."""
     if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):

@@ -131,7 +131,7 @@ ROWS = [
     ("sample", [*P, "--top_k", "100000"], r"--top_k must be in \[1, 16\] \(the codebook size\), got 100000"),
     ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),
     ("sample", [*P, "--temperature", "0"], r"--temperature must be > 0"),
-    ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; this prior has 2 classes"),
+    ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; there are 2 classes \(0..1\)"),
     ("sample", [*P, "--per_class", "0"], r"--per_class must be >= 1"),
     ("sample", [*P, "--n", "abc"], r"sample: error: .*n.*abc"),
     ("sample", [*P, "--bogus"], r"unrecognized arguments: --bogus"),
@@ -223,9 +223,10 @@ ROWS = [
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--method", "transform_knn"],
      r"--method transform_knn needs --anomaly_net"),  # fmt: skip
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
-                           "--classes", "7", "--out", "a.pt"], r"--classes '7': image_folder has classes 0-1"),
+                           "--classes", "7", "--out", "a.pt"], r"--classes: unknown class id 7; there are 2 classes"),
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
-                           "--classes", "shirt", "--out", "a.pt"], r"--classes 'shirt': give comma-separated class"),
+                           "--classes", "shirt", "--out", "a.pt"],
+     r"--classes: no class named 'shirt'; give ids or names, comma-separated \(0 "),  # fmt: skip
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",
                            "--out", "{existing_png}"], r"existing.png already exists"),
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",

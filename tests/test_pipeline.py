@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from conftest import user_error
 from PIL import Image
 
+from common.cli import UserError, parse_classes
 from stage1_vqvae.extract import main as extract_main
 from stage1_vqvae.train import main as train_stage1
 from stage2_prior.train import main as train_stage2
@@ -50,11 +52,22 @@ def test_four_commands_make_an_image_grid(pipeline):
 
 
 def test_same_seed_same_samples_and_per_class_rows(pipeline, tmp_path):
-    args = ["--prior", str(pipeline["prior"]), "--per_class", "2", "--classes", "1", "--top_k", "5", "--seed", "3"]
-    sample_main([*args, "--out", str(tmp_path / "a.png")])
-    sample_main([*args, "--out", str(tmp_path / "b.png")])
+    args = ["--prior", str(pipeline["prior"]), "--per_class", "2", "--top_k", "5", "--seed", "3"]
+    sample_main([*args, "--classes", "1", "--out", str(tmp_path / "a.png")])
+    sample_main([*args, "--classes", "Squares", "--out", str(tmp_path / "b.png")])  # class 1 by its folder's name
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert np.array_equal(a["codes"], b["codes"]) and a["labels"].tolist() == [1, 1]
+
+
+def test_classes_by_id_or_name():
+    names = ["T-shirt/top", "Trouser", "Smileys & Emotion"]
+    assert parse_classes("2,0", names) == [2, 0]  # the order given: one grid row per class, in that order
+    assert parse_classes(" trouser , SMILEYS & EMOTION,1", names) == [1, 2]  # any case; a repeat is dropped
+    for bad, message in [("3", "unknown class id 3; there are 3 classes (0..2)"), (",", "no class given"),
+                         ("Shirt", "no class named 'Shirt'; give ids or names, comma-separated (0 T-shirt/top, "
+                                   "1 Trouser, 2 Smileys & Emotion)"), ("-1", "no class named '-1'")]:  # fmt: skip
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_classes(bad, names)
 
 
 def test_completion_keeps_the_visible_codes(pipeline, shapes_folder, tmp_path):
@@ -73,6 +86,7 @@ def test_completion_keeps_the_visible_codes(pipeline, shapes_folder, tmp_path):
     [
         (["--n", "0"], "--n must be >= 1"),
         (["--classes", "0,7"], "unknown class id 7"),
+        (["--classes", "circles"], "no class named 'circles'; give ids or names, comma-separated (0 discs, 1 squares)"),
         (["--top_p", "1.5"], "top_p"),
         (["--top_k", "0"], "top_k"),
         (["--prime", "x.png"], "exactly one of --keep_rows"),

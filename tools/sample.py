@@ -27,6 +27,7 @@ from common.cli import (
     add_overwrite,
     at_least,
     make_parser,
+    parse_classes,
     resolve_device,
     run_command,
     wandb_offline_unless_logged_in,
@@ -52,7 +53,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely codes at each step")
     p.add_argument("--top_p", type=float, default=None, help="nucleus: keep the smallest set with mass >= p")
-    p.add_argument("--classes", type=str, default=None, help="comma-separated class ids, e.g. 0,3,7")
+    p.add_argument("--classes", type=str, default=None,
+                   help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag")
     p.add_argument("--per_class", type=int, default=None, help="samples per class: one grid row per class")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, default="linear",
@@ -84,8 +86,10 @@ def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
     return grid, check_output(out.with_suffix(".npz"), a.overwrite)
 
 
-def choose_labels(prior: CodePrior, a: argparse.Namespace) -> tuple[torch.Tensor | None, int]:
-    """Labels (n,) and the grid's row length: one row per class for a conditional prior."""
+def choose_labels(prior: CodePrior, a: argparse.Namespace,
+                  class_names: list[str] = ()) -> tuple[torch.Tensor | None, int]:  # fmt: skip
+    """Labels (n,) and the grid's row length: one row per class for a conditional prior; `--classes` takes ids
+    or the data set's class names (`class_names`, from the codes the prior was trained on)."""
     k = prior.num_classes
     if k == 0:
         if a.classes or a.per_class:
@@ -93,13 +97,8 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace) -> tuple[torch.Tensor
         return None, max(1, int(np.ceil(np.sqrt(a.n))))
     classes = list(range(k))
     if a.classes:
-        try:
-            classes = [int(c) for c in a.classes.split(",")]
-        except ValueError:
-            raise ValueError(f"--classes must be comma-separated integers, got {a.classes!r}") from None
-        bad = [c for c in classes if not 0 <= c < k]
-        if bad:
-            raise ValueError(f"--classes: unknown class id {bad[0]}; this prior has {k} classes (0..{k - 1})")
+        names = list(class_names)[:k] + [str(i) for i in range(len(class_names), k)]  # a meta without names: ids
+        classes = parse_classes(a.classes, names)
     if a.per_class is not None:
         if a.per_class <= 0:
             raise ValueError(f"--per_class must be >= 1, got {a.per_class}")
@@ -158,7 +157,7 @@ def _run(args: list[str] | None) -> str:
         images = vqvae.decode_codes(codes)
         grid_images, per_row = torch.cat([image, masked, images]).cpu(), a.n + 2
     else:
-        labels, per_row = choose_labels(prior, a)
+        labels, per_row = choose_labels(prior, a, m.codes_meta.get("class_names") or [])
         n = len(labels) if labels is not None else a.n
         chunks = []
         for start in range(0, n, a.batch_size):

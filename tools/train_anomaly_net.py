@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common.cli import UserError, at_least, make_parser, run_command
+from common.cli import UserError, at_least, make_parser, parse_classes, run_command
 from common.splits import ImageSplits
 from tools.net_files import add_training_options, start_training
 from tools.transform_net import MEMBERS, AnomalyNet, K, default_path
@@ -29,7 +29,7 @@ from tools.transform_net import MEMBERS, AnomalyNet, K, default_path
 def build_parser():
     parser = make_parser("train_anomaly_net", __doc__)
     parser.add_argument("--classes", type=str, default=None,
-                        help="comma-separated labels of the normal classes (default: every training image)")
+                        help="the normal classes, comma-separated ids or names (default: every training image)")
     parser.add_argument("--k", type=int, default=K, help="neighbours the transform_knn score averages over")
     parser.add_argument("--members", type=int, default=MEMBERS,
                         help="independently seeded nets whose scores transform_knn averages (1 is twice as fast)")
@@ -42,13 +42,7 @@ def normal_images(dm: ImageSplits, classes: str | None) -> tuple[torch.Tensor, l
     images, labels = dm.split_arrays("train")
     if classes is None:
         return images, None
-    try:
-        wanted = sorted({int(c) for c in classes.split(",") if c.strip()})
-    except ValueError:
-        raise UserError(f"--classes {classes!r}: give comma-separated class numbers, e.g. --classes 0,2") from None
-    bad = [c for c in wanted if not 0 <= c < dm.num_classes]
-    if not wanted or bad:
-        raise UserError(f"--classes {classes!r}: {dm.options.dataset} has classes 0-{dm.num_classes - 1}")
+    wanted = sorted(parse_classes(classes, dm.class_names))
     keep = torch.isin(labels, torch.tensor(wanted))
     return images[keep], wanted
 
