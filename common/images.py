@@ -79,6 +79,8 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     then centre-cropped."""
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale where that still covers the target:
+                img.draft(img.mode, (image_size, image_size))  # ~4x faster for photos (benchmarks/read_images.py)
             img = ImageOps.exif_transpose(img)  # phone JPEGs store rotation in EXIF
             if img.mode.startswith("I") and np.asarray(img).max() > 255:  # 16-bit: PIL's convert would clip
                 img = Image.fromarray(
@@ -89,7 +91,8 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             s = image_size / min(w, h)
             nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
             if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+                # reducing_gap: a box reduction by an integer factor first where the image is over 3x the target
+                img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
             # np.array copies: PIL's buffer is read-only, and torch.from_numpy warns on such arrays
             arr = np.array(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)

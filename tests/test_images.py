@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import readers as im
 from common.datamodule import ImageDataModule
@@ -238,6 +238,24 @@ def test_transparency_is_composited_over_white(tmp_path: Path) -> None:
     (tmp_path / "icon.png").rename(tmp_path / "folder" / "icon.png")  # the folder reader and load_image agree
     assert (load_image_folder(tmp_path / "folder", 4).images[0, :, :2] == 255).all()
     assert (to_uint8(load_image(tmp_path / "folder" / "icon.png", 4))[0, :, :, :2] == 255).all()
+
+
+def test_large_jpegs_are_read_like_a_full_decode(tmp_path: Path) -> None:
+    """read_image decodes a large JPEG at reduced scale (Pillow's draft) and reduces before LANCZOS: the result
+    stays within 40 dB of decoding every pixel, EXIF rotation and the centre crop included."""
+    h, w = 480, 720
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None] * (1.0, 0.6, 0.3)
+    img = Image.fromarray(ramp.astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise (a portrait phone photo)
+    img.save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "photo.jpg") as full:
+        full = ImageOps.exif_transpose(full).convert("RGB")  # every pixel, then one resize: 480 x 720 portrait
+        ref = np.asarray(full.resize((32, 48), Image.Resampling.LANCZOS))[8:40]  # centre crop of the long side
+    out = read_image(tmp_path / "photo.jpg", 32, 3)
+    assert out.shape == (32, 32, 3)
+    mse = np.mean((out.astype(np.float64) - ref) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 40, mse
 
 
 def test_more_image_formats(tmp_path: Path) -> None:
