@@ -9,6 +9,8 @@ the image is over 3x the target (`reducing_gap`). The reference here is the same
 whole image decoded, then one LANCZOS resize. Photo-like test images are generated (a smooth gradient plus
 noise, so the JPEGs are photo-sized): a 12-MP phone photo (4032x3024) and a CelebA-sized 178x218 face crop,
 as JPEG and PNG. Timed interleaved, best of --rounds; PSNR of read_image's output against the reference's.
+Then a folder's worth through `read_images` (threads where they pay) against one thread: the face crops, and
+64-px RGBA glyphs like the emoji set's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from _common import machine, report  # also puts the repo root on sys.path
 from PIL import Image, ImageOps
 
-from common.images import read_image
+from common.images import read_image, read_images
 
 
 def full_decode(path: Path, image_size: int) -> np.ndarray:
@@ -47,6 +49,20 @@ def photo(w: int, h: int, seed: int) -> Image.Image:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def folder_speed(result: dict, key: str, files: list[Path], a: argparse.Namespace) -> None:
+    """A folder's worth (`read_images`, which times one thread against several on its first files and keeps
+    the faster) against one thread; interleaved, best of --rounds."""
+    best = {"auto": float("inf"), "one_thread": float("inf")}
+    for _ in range(a.rounds):
+        for label, threads in (("auto", None), ("one_thread", 1)):
+            t = time.perf_counter()
+            read_images(files, a.image_size, 3, threads=threads)
+            best[label] = min(best[label], time.perf_counter() - t)
+    result[f"{key}_folder_of_{len(files)}_images_per_s"] = round(len(files) / best["auto"], 1)
+    result[f"{key}_folder_one_thread_images_per_s"] = round(len(files) / best["one_thread"], 1)
+    result[f"{key}_folder_speedup"] = round(best["one_thread"] / best["auto"], 2)
 
 
 def main() -> None:
@@ -80,6 +96,15 @@ def main() -> None:
                 result[f"{key}_min_psnr_vs_full_decode_db"] = round(close, 2) if close != float("inf") else "identical"
                 print(f"{key}: {result[f'{key}_speedup']}x, PSNR >= {result[f'{key}_min_psnr_vs_full_decode_db']}",
                       flush=True)  # fmt: skip
+                if name.startswith("celeba"):
+                    folder_speed(result, key, files * 16, a)
+        glyphs = []  # 64-px RGBA glyphs (the emoji set's kind): threads lose here, read_images keeps one
+        for i in range(a.n):
+            glyphs.append(Path(tmp) / f"glyph_{i}.png")
+            rgba = np.asarray(photo(64, 64, i).convert("RGBA")).copy()
+            rgba[:16, :, 3] = 0
+            Image.fromarray(rgba, "RGBA").save(glyphs[-1])
+        folder_speed(result, "glyph_64_rgba_png", glyphs * 16, a)
     report(result, a.json)
 
 

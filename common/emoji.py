@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from common.images import ImageError, read_image
+from common.images import ImageError, read_image, read_images
 from common.readers import DatasetError, DatasetNotFoundError, ImageArrays
 
 VERSION = "16.0.0"
@@ -125,6 +125,11 @@ def emoji_class_names(root: str | Path | None = None) -> list[str]:
     return sorted({e.get("category") for e in entries} - {None, *DROPPED_CATEGORIES})
 
 
+def _broken(e: ImageError) -> DatasetError:
+    """A glyph file that cannot be read: the fix is to fetch the packages again, not to delete it."""
+    return DatasetError(f"{str(e).removesuffix('; fix or delete the file')}; re-run `make data-emoji`")
+
+
 def composite_over_white(path: Path, image_size: int) -> np.ndarray:
     """An RGBA file -> uint8 (image_size, image_size, 3), alpha-composited over white, resized if needed:
     what every user image goes through (`common.images.read_image`), so a glyph given to `compress`,
@@ -132,7 +137,7 @@ def composite_over_white(path: Path, image_size: int) -> np.ndarray:
     try:
         return read_image(path, image_size, 3)
     except ImageError as e:
-        raise DatasetError(f"{str(e).removesuffix('; fix or delete the file')}; re-run `make data-emoji`") from None
+        raise _broken(e) from None
 
 
 def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArrays:
@@ -145,7 +150,7 @@ def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArr
     vendors = [v for v in VENDORS if (root / "img" / v / "64").is_dir()]
     if not vendors:
         raise DatasetNotFoundError(f"emoji not found: no {root}/img/<vendor>/64 folder; {HOW_TO_GET}")
-    images, labels, groups, who, what = [], [], [], [], []
+    files, labels, groups, who, what = [], [], [], [], []
     for row, e in enumerate(entries):
         if e.get("category") not in names:
             continue
@@ -154,14 +159,18 @@ def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArr
             for v in variants:
                 file = root / "img" / vendor / "64" / str(v.get("image", ""))
                 if v.get(f"has_img_{vendor}") and file.is_file():
-                    images.append(composite_over_white(file, image_size))
+                    files.append(file)
                     labels.append(names.index(e["category"]))
                     groups.append(row)
                     who.append(vendor)
                     what.append(str(e.get("name") or e.get("short_name") or ""))
-    if not images:
+    if not files:
         raise DatasetNotFoundError(f"emoji: no glyph images found under {root}/img; {HOW_TO_GET}")
-    return EmojiArrays(np.stack(images), np.asarray(labels, np.int64), names, np.asarray(groups, np.int64), who, what)
+    try:
+        images = read_images(files, image_size, 3)  # over white, as composite_over_white: on a few threads
+    except ImageError as e:
+        raise _broken(e) from None
+    return EmojiArrays(images, np.asarray(labels, np.int64), names, np.asarray(groups, np.int64), who, what)
 
 
 def group_split(groups: np.ndarray, n_val: int, n_test: int, seed: int) -> dict[str, np.ndarray]:

@@ -7,6 +7,9 @@ Imports torch, numpy and Pillow only (no Lightning), so the model commands start
 from __future__ import annotations
 
 import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +104,37 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             f"{path}: cannot read image ({type(e).__name__}: {e}); fix or delete the file"
         ) from e
     return arr.reshape(image_size, image_size, channels)
+
+
+def read_images(paths: list[Path], image_size: int, channels: int, threads: int | None = None) -> np.ndarray:
+    """Many files -> uint8 (N, image_size, image_size, channels), each as `read_image` reads it, in order.
+
+    Threads pay off where decoding dominates (photos, JPEGs, PNGs of a few hundred pixels: Pillow decodes
+    without the GIL; 1.5-1.9x on 2 cores) and lose where Python's per-file work does (64-px RGBA glyphs: 0.7x),
+    so the first files are read both ways and the faster way reads the rest. The array is the same either
+    way; a broken file raises the first such file's ImageError in the files' order, as a loop would."""
+    out = np.empty((len(paths), image_size, image_size, channels), np.uint8)
+
+    def read(i: int) -> None:
+        out[i] = read_image(paths[i], image_size, channels)
+
+    threads, probe, done = threads or min(8, os.cpu_count() or 1), 32, 0
+    if threads > 1 and len(paths) >= 8 * probe:
+        t = time.perf_counter()
+        for i in range(probe):
+            read(i)
+        serial = time.perf_counter() - t
+        with ThreadPoolExecutor(threads) as pool:  # map runs in order: results and the first error as a loop's
+            t = time.perf_counter()
+            list(pool.map(read, range(probe, 2 * probe)))
+            done = 2 * probe
+            if time.perf_counter() - t < 0.8 * serial:
+                for start in range(done, len(paths), 512):  # chunks: a broken file stops the read within one
+                    list(pool.map(read, range(start, min(len(paths), start + 512))))
+                return out
+    for i in range(done, len(paths)):
+        read(i)
+    return out
 
 
 def load_image(path: str | Path, image_size: int, channels: int | None = None) -> Tensor:

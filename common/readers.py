@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from common.images import IMAGE_SUFFIXES, SUFFIXES_TEXT, check_channels, infer_channels, read_image
+from common.images import IMAGE_SUFFIXES, SUFFIXES_TEXT, check_channels, infer_channels, read_images
 from common.io import atomic_file
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "image_folder", "emoji")
@@ -275,5 +275,5 @@ def load_image_folder(root: str | Path, image_size: int, channels: int | None = 
     check_channels(channels, "load_image_folder")
     files, labels, class_names = scan_image_folder(root)
     channels = channels or infer_channels(files)
-    return ImageArrays(np.stack([read_image(p, image_size, channels) for p in files]), labels, class_names)
+    return ImageArrays(read_images(files, image_size, channels), labels, class_names)
 

@@ -3,6 +3,8 @@
 import gzip
 import pickle
 import struct
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -11,9 +13,19 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from common import images as images_module
 from common import readers as im
 from common.datamodule import ImageDataModule
-from common.images import from_uint8, image_files, load_image, read_image, save_grid, to_uint8
+from common.images import (
+    ImageError,
+    from_uint8,
+    image_files,
+    load_image,
+    read_image,
+    read_images,
+    save_grid,
+    to_uint8,
+)
 from common.readers import DatasetNotFoundError, load_cifar10, load_image_folder, load_mnist_like, read_idx
 
 
@@ -256,6 +268,40 @@ def test_large_jpegs_are_read_like_a_full_decode(tmp_path: Path) -> None:
     assert out.shape == (32, 32, 3)
     mse = np.mean((out.astype(np.float64) - ref) ** 2)
     assert 10 * np.log10(255**2 / mse) > 40, mse
+
+
+@pytest.mark.parametrize("work", ["releases_gil", "holds_gil"])
+def test_read_images_equals_a_loop_threaded_or_not(tmp_path: Path, monkeypatch, work: str) -> None:
+    """Whichever way read_images chooses (threads when decoding releases the GIL, here a sleep; one thread when
+    Python's own work dominates, here a busy loop), the array and the first broken file's error are a loop's."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(300):
+        files.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(files[-1])
+    loop = np.stack([read_image(f, 4, 3) for f in files])
+    real = images_module.read_image
+
+    threads_of = {}
+
+    def slow_read(path, image_size, channels):
+        threads_of[path] = threading.get_ident()
+        if work == "releases_gil":
+            time.sleep(0.002)
+        else:
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+        return real(path, image_size, channels)
+
+    monkeypatch.setattr(images_module, "read_image", slow_read)
+    assert np.array_equal(read_images(files, 4, 3, threads=2), loop)
+    rest = {threads_of[f] for f in files[64:]}  # after the two probes of 32 files
+    assert rest == {threading.get_ident()} if work == "holds_gil" else len(rest) == 2
+    for i in (270, 100):  # broken files in a later chunk and in an earlier one: the earlier is named
+        files[i].write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="100.png: cannot read image"):
+        read_images(files, 4, 3, threads=2)
 
 
 def test_more_image_formats(tmp_path: Path) -> None:
