@@ -164,8 +164,8 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 
 
 def load_images(files: list[Path], image_size: int, channels: int) -> Tensor:
-    """Image files -> (N, C, S, S) in [-1, 1] (resized/centre-cropped like the folder reader)."""
-    return torch.cat([load_image(f, image_size, channels) for f in files])
+    """Image files -> (N, C, S, S) in [-1, 1], read as the folder reader reads them (`read_images`)."""
+    return from_uint8(torch.from_numpy(read_images(files, image_size, channels)).permute(0, 3, 1, 2).contiguous())
 
 
 # -------------------------------------------------------------------------------- grids
