@@ -270,10 +270,35 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     return files, labels, [name for name, _ in classes]
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process (Linux MemAvailable), None where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(root: Path, n: int, image_size: int, channels: int) -> None:
+    """Refuse, before decoding anything, a folder whose arrays cannot fit: they are held in memory, and
+    making the splits copies them once more (peak about twice the decoded size); an out-of-memory kill
+    after an hour of decoding would say nothing."""
+    need, free = n * image_size * image_size * channels, available_memory()
+    if free is not None and 2 * need > free:
+        raise DatasetError(
+            f"image folder {root}: {n:,} images at {image_size}x{image_size}x{channels} take {need / 2**30:.1f} GiB "
+            f"in memory and about twice that while the splits are made, but {free / 2**30:.1f} GiB is available; "
+            "pass a smaller --data.image_size or a folder with fewer images"
+        )
+
+
 def load_image_folder(root: str | Path, image_size: int, channels: int | None = None) -> ImageArrays:
     """All images (IMAGE_SUFFIXES) under `root` as (N, image_size, image_size, C); labels as `scan_image_folder`."""
     check_channels(channels, "load_image_folder")
     files, labels, class_names = scan_image_folder(root)
     channels = channels or infer_channels(files)
+    check_fits_in_memory(Path(root), len(files), image_size, channels)
     return ImageArrays(read_images(files, image_size, channels), labels, class_names)
 

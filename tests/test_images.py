@@ -26,7 +26,14 @@ from common.images import (
     save_grid,
     to_uint8,
 )
-from common.readers import DatasetNotFoundError, load_cifar10, load_image_folder, load_mnist_like, read_idx
+from common.readers import (
+    DatasetError,
+    DatasetNotFoundError,
+    load_cifar10,
+    load_image_folder,
+    load_mnist_like,
+    read_idx,
+)
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False, magic: int | None = None) -> Path:
@@ -206,6 +213,20 @@ def test_image_folder_errors(tmp_path: Path, folder: Path) -> None:
     (folder / "b" / "broken.png").write_bytes(np.random.default_rng(0).bytes(100))
     with pytest.raises(ValueError, match="broken.png"):
         load_image_folder(folder, 16)
+
+
+def test_a_folder_too_big_for_memory_is_refused_before_decoding(folder: Path, monkeypatch) -> None:
+    exact = 2 * 7 * 16 * 16 * 3  # 7 RGB images at 16 px, twice over while the splits are made
+    monkeypatch.setattr(im, "available_memory", lambda: exact - 1)
+    with monkeypatch.context() as m:
+        m.setattr(im, "read_images", lambda *a: pytest.fail("decoded although it cannot fit"))
+        with pytest.raises(DatasetError, match=r"7 images at 16x16x3 take 0.0 GiB in memory and about twice that "
+                                               r".* pass a smaller --data.image_size"):  # fmt: skip
+            load_image_folder(folder, 16)
+    monkeypatch.setattr(im, "available_memory", lambda: exact)
+    assert load_image_folder(folder, 16).images.shape == (7, 16, 16, 3)
+    monkeypatch.undo()
+    assert im.available_memory() is None or im.available_memory() > 0  # this machine's, read for real
 
 
 def test_load_image_resizes_and_crops(tmp_path: Path) -> None:
