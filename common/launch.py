@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Run:
     ckpt_path: str | None = None  # passed to Trainer.fit ("last" resolved to a file)
     resume_step: int | None = None  # global_step of last.ckpt when continuing `dir` in place
     created: bool = False  # claimed by this call: removed again if the fit fails before training starts
+    parents_created: list[Path] = field(default_factory=list)  # folders above `dir` made for it, deepest first
 
 
 def next_version(root: Path) -> str:
@@ -103,8 +104,9 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
             )
         step = read_checkpoint(last, "--ckpt_path last", want=kind).get("global_step", 0)
         return Run(folder.resolve(), str(last.resolve()), int(step))
+    missing = [p.resolve() for p in [root, *root.parents] if not p.exists()]  # deepest first
     folder, created = _claim_name(root, name) if name else (_claim_version(root), True)
-    return Run(folder.resolve(), ckpt_path, created=created)
+    return Run(folder.resolve(), ckpt_path, created=created, parents_created=missing if created else [])
 
 
 def join_run(ckpt_path: str | None) -> Run:

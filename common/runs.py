@@ -250,11 +250,17 @@ class VQGenCLI(LightningCLI):
         self.run, self.run_dir, self._root = run, run.dir, root
 
     def _discard_unstarted_run(self) -> None:
-        """A new run that failed before training (a config or data error) leaves no folder behind."""
+        """A new run that failed before training (a config or data error) leaves no folder behind: neither its
+        own nor a --trainer.default_root_dir (and parents) it created, unless something else is in them now."""
         run = self.run
         if run is not None and run.created and self._rank0 and not (self._watch and self._watch.started):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 shutil.rmtree(run.dir, ignore_errors=True)
+                for folder in run.parents_created:
+                    try:
+                        folder.rmdir()  # only when empty
+                    except OSError:
+                        break
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.run_dir is None:  # validate/test/predict: no run folder, no logger by default

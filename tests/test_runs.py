@@ -76,9 +76,12 @@ def test_unreadable_image_in_the_folder(shapes_folder, tmp_path, capsys):
     data, root = tmp_path / "data", tmp_path / "runs"
     shutil.copytree(shapes_folder, data)
     (data / "squares" / "broken.png").write_bytes(b"not a png")
-    err = user_error(train_stage1, fit_args(data, root, 2), capsys)
+    err = user_error(train_stage1, fit_args(data, root / "new" / "stage1", 2), capsys)
     assert err.startswith("train_stage1: error: ") and "broken.png: cannot read image" in err
-    assert not list(root.glob("version_*"))  # a run that never started leaves no folder behind
+    assert not root.exists()  # a run that never started leaves no folder behind, nor the root folders it made
+    (root / "kept").mkdir(parents=True)  # a root that was there stays, and so does what is in it
+    user_error(train_stage1, fit_args(data, root, 2), capsys)
+    assert [p.name for p in root.iterdir()] == ["kept"]
 
 
 def test_bad_flag_is_one_line(shapes_folder, tmp_path, capsys):
