@@ -189,5 +189,14 @@ def test_samples_that_do_not_fit_the_data_or_the_features(artifacts, tmp_path, c
 def test_missing_features_say_what_to_run(artifacts, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no runs/feature_net/ here
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
-    err = user_error(main, ["stage1", "--ckpt", str(artifacts["stage1"]), "--device", "cpu"], capsys)
-    assert "train_feature_net --data.dataset image_folder" in err
+    # stage1: every figure but the reconstruction FID, and what to run for it
+    r = evaluate("stage1", "--ckpt", str(artifacts["stage1"]), out=tmp_path / "s1.json")
+    printed = capsys.readouterr().out
+    assert "PSNR (dB)" in printed and "reconstruction FID (" not in printed  # no row
+    assert "no reconstruction FID: " in printed and "train_feature_net --data.dataset image_folder" in printed
+    assert r["fid_recon"] is None and r["features"] is None and np.isfinite(r["psnr_db"])
+    # samples: FID is the point, so no features is an error; a feature-net file named but missing is one too
+    err = user_error(main, ["samples", "--samples", str(artifacts["samples"]), "--device", "cpu"], capsys)
+    assert "no features for FID/KID" in err and "train_feature_net --data.dataset image_folder" in err
+    err = user_error(main, ["stage1", "--ckpt", str(artifacts["stage1"]), "--features", "nope.pt"], capsys)
+    assert "nope.pt" in err

@@ -13,7 +13,8 @@ each beside its real-data floor: a random train subset of the same size against 
 biased upwards at small n, so the floor, not 0, is what a perfect model would score).
 
 FID/KID features (--features): a feature-net file from `train_feature_net`, "inception" (torch-fidelity),
-or auto: runs/feature_net/<dataset>.pt, else Inception if installed, else an error saying what to run.
+or auto: runs/feature_net/<dataset>.pt, else Inception if installed, else an error saying what to run
+(`stage1` then reports everything but the reconstruction FID, and says what to run for it).
 Every FID line names its features: "FID (Fashion-MNIST classifier features)" is not Inception FID.
 """
 
@@ -39,7 +40,7 @@ from common.splits import ImageSplits, data_options
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.maskgit import MaskedPrior, random_mask
-from tools.features import Features, load_features
+from tools.features import Features, load_features, missing_features_message
 from tools.fid import fid, kid
 from tools.load import load_prior, load_stage1, prior_facts
 
@@ -50,15 +51,17 @@ SKIPPED_DATA_ARGS = ("image_size", "channels", "batch_size", "num_workers")
 
 # ------------------------------------------------------------------------------------------ stage 1
 @torch.no_grad()
-def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features, device: torch.device,
+def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features | None, device: torch.device,
                     split: str = "test", batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
+    """Reconstruction figures of `split`; reconstruction FID only with `features` (None in the result without)."""
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # only this mode
 
     from stage1_vqvae.vqvae import CodeUsage  # a torchmetrics Metric: imports Lightning
 
     model.to(device).eval()
     originals = dm.split_arrays(split)[0]
-    features.check(originals, f"the {split} images")  # fail before the long part
+    if features is not None:
+        features.check(originals, f"the {split} images")  # fail before the long part
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)  # images live in [-1, 1]
     ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
     usages = [CodeUsage(level["codebook_size"]).to(device) for level in model.levels]  # top first
@@ -81,19 +84,22 @@ def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features, device:
         levels.append({"name": level["name"], "grid_shape": list(level["grid_shape"]), "codes_used": used,
                        "codebook_size": level["codebook_size"], "codebook_usage": used / level["codebook_size"],
                        "perplexity": float(stats["perplexity"]), "dead_codes": dead})  # fmt: skip
-    fid_recon = fid(features(torch.cat(recons), "the reconstructions"), features(originals, f"the {split} images"))
+    fid_recon = None if features is None else fid(features(torch.cat(recons), "the reconstructions"),
+                                                  features(originals, f"the {split} images"))  # fmt: skip
     least = min(levels, key=lambda lv: lv["codebook_usage"])  # one level: that level
     return {
         "split": split, "images": len(originals), "mse": sq_err / max(1, n_values),
         "psnr_db": float(psnr.compute()), "ssim": float(ssim.compute()), "fid_recon": fid_recon,
         **{k: least[k] for k in ("codebook_usage", "codes_used", "codebook_size", "perplexity", "dead_codes")},
-        "levels": levels, "features": features.description,
+        "levels": levels, "features": None if features is None else features.description,
     }  # fmt: skip
 
 
 def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
     rows = [("test MSE ([-1, 1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB)", f"{r['psnr_db']:.2f}"),
-            ("SSIM", f"{r['ssim']:.4f}"), (f"reconstruction FID ({label})", f"{r['fid_recon']:.3f}")]  # fmt: skip
+            ("SSIM", f"{r['ssim']:.4f}")]  # fmt: skip
+    if r["fid_recon"] is not None:
+        rows.append((f"reconstruction FID ({label})", f"{r['fid_recon']:.3f}"))
     for lv in r["levels"]:
         name = "" if len(r["levels"]) == 1 else f" ({lv['name']} {lv['grid_shape'][0]}x{lv['grid_shape'][1]})"
         used = f"{lv['codebook_usage']:.3f} ({lv['codes_used']}/{lv['codebook_size']} codes)"
@@ -270,13 +276,17 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
         return result
     data = cfg.data.as_dict()
     samples = load_samples(cfg.samples) if mode == "samples" else None  # the user's file first, then the rest
-    features = load_features(cfg.features, data["dataset"], device)
+    # stage1's PSNR, SSIM and usage need no features: without any (and none asked for), no reconstruction FID
+    features = load_features(cfg.features, data["dataset"], device, optional=mode == "stage1")
     if mode == "stage1":
         dm = ImageSplits(**data, image_size=model.image_size, channels=model.in_channels)
         result = {"mode": mode, "ckpt": cfg.ckpt, "dataset": data["dataset"],
                   **evaluate_stage1(model, dm, features, device, cfg.split, cfg.batch_size)}  # fmt: skip
         print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
-                    ("metric", "value"), stage1_rows(result, features.label))  # fmt: skip
+                    ("metric", "value"), stage1_rows(result, features.label if features else ""))  # fmt: skip
+        if features is None:
+            print(f"no reconstruction FID: {missing_features_message(data['dataset'])}")
+            return result
     else:
         c, h, _ = samples.shape[1:]
         try:

@@ -194,9 +194,19 @@ def inception_features(device: torch.device) -> Features:
                     inception=True)  # fmt: skip
 
 
-def load_features(spec: str | None, dataset: str, device: torch.device | str = "cpu") -> Features:
+def missing_features_message(dataset: str) -> str:
+    """What to run (or pass) when no features exist for `dataset`."""
+    path = default_path(dataset)
+    return (f"{path} does not exist and Inception-v3 needs torch-fidelity. Train the project's feature net first: "
+            f"`{_train_command(dataset)}` (about 2 minutes on a CPU; it saves to {path}), or pass --features FILE / "
+            "--features inception")  # fmt: skip
+
+
+def load_features(spec: str | None, dataset: str, device: torch.device | str = "cpu",
+                  optional: bool = False) -> Features | None:  # fmt: skip
     """`spec`: a feature-net file, "inception", or "auto"/None = runs/feature_net/<dataset>.pt if it exists,
-    else Inception if torch-fidelity is installed, else a FeaturesError saying to run train_feature_net."""
+    else Inception if torch-fidelity is installed, else a FeaturesError saying to run train_feature_net (None
+    instead when `optional`: the caller goes on without FID)."""
     device = torch.device(device)
     if spec == "inception":
         return inception_features(device)
@@ -208,10 +218,8 @@ def load_features(spec: str | None, dataset: str, device: torch.device | str = "
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        raise FeaturesError(
-            f"no features for FID/KID: {path} does not exist and Inception-v3 needs torch-fidelity. Train the "
-            f"project's feature net first: `{_train_command(dataset)}` (about 2 minutes on a CPU; it saves to "
-            f"{path}), or pass --features FILE / --features inception"
-        ) from None
+        if optional:
+            return None
+        raise FeaturesError(f"no features for FID/KID: {missing_features_message(dataset)}") from None
     print(f"no {path}: using Inception-v3 features (torch-fidelity)", file=sys.stderr)
     return inception_features(device)
