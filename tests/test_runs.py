@@ -254,10 +254,11 @@ def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_path):
-    """Two DDP ranks, 6 batches of 4 per rank and epoch: 12 steps straight vs crashed at step 4 and resumed
-    from the step-3 (mid-epoch) checkpoint. Each rank's shard comes back at the batch it had reached."""
+    """Two DDP ranks, each with a loader worker, 6 batches of 4 per rank and epoch: 12 steps straight vs
+    crashed at step 4 and resumed from the step-3 (mid-epoch) checkpoint. Each rank's shard comes back at the
+    batch it had reached."""
     ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--data.batch_size", "4", "--trainer.val_check_interval", "3")  # fmt: skip
+           "--data.batch_size", "4", "--trainer.val_check_interval", "3", "--data.num_workers", "1")  # fmt: skip
     code, out = fit_in_subprocess(fit_args(shapes_folder, tmp_path / "straight", 12, *ddp), tmp_path)
     assert code == 0, out[-6000:]
     crash = (f"--trainer.callbacks+={FAIL}", "--trainer.callbacks.step=4")
