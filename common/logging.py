@@ -112,7 +112,11 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
                 f"wandb sync {run_dir}/wandb/offline-run-*  (after `wandb login`)",
                 file=sys.stderr,
             )
-        return WandbLogger(project=cfg.project, name=run_name, save_dir=str(run_dir))
+        logger = WandbLogger(project=cfg.project, name=run_name, save_dir=str(run_dir))
+        # Lightning passes anonymous=None to wandb.init, and wandb warns on every run that the setting "has no
+        # effect" whatever its value; without the key wandb says nothing (a dict of wandb.init's arguments).
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        return logger
     if cfg.backend == "tensorboard":
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
     return csv_logger(save_dir=str(run_dir), name="", version="")
@@ -145,6 +149,18 @@ def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, cap
         Image.fromarray(img).save(out / f"{key.replace('/', '_')}_step{step:07d}.png")
 
 
+WANDB_MAX_BINS = 512  # wandb.Histogram refuses more (a ValueError that ended a K=1024 run at its first validation)
+
+
+def wandb_bins(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-code counts (K,) -> (bin counts, bin edges) with at most 512 bins: runs of ceil(K / 512) codes summed
+    (K 1,024: pairs), edges at code numbers, so the totals and the axis stay the codes'."""
+    width = -(-len(counts) // WANDB_MAX_BINS)
+    padded = np.concatenate([counts, np.zeros(-len(counts) % width, counts.dtype)])
+    bins = padded.reshape(-1, width).sum(1)
+    return bins, np.minimum(np.arange(len(bins) + 1) * width, len(counts)).astype(np.float64)
+
+
 def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int) -> None:
     """Log a histogram of per-bin counts (e.g. how often each code was used)."""
     if logger is None:
@@ -152,8 +168,8 @@ def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int
     if isinstance(logger, WandbLogger):
         import wandb
 
-        edges = np.arange(len(counts) + 1, dtype=np.float64)
-        logger.experiment.log({key: wandb.Histogram(np_histogram=(counts, edges)), "trainer/global_step": step})
+        bins, edges = wandb_bins(counts)
+        logger.experiment.log({key: wandb.Histogram(np_histogram=(bins, edges)), "trainer/global_step": step})
     elif isinstance(logger, TensorBoardLogger):
         values = np.repeat(np.arange(len(counts)), counts.astype(np.int64))
         if values.size:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.logging import LogConfig, log_histogram, log_image, make_logger
+from common.logging import LogConfig, log_histogram, log_image, make_logger, wandb_bins
 
 
 @pytest.mark.parametrize("caption", ["", "top: originals"])
@@ -16,6 +16,7 @@ def test_wandb_offline_image_and_histogram(tmp_path, monkeypatch, caption):
     try:
         log_image(logger, "samples", image, step=1, caption=caption)  # caption="" must not reach W&B as None
         log_histogram(logger, "codes", np.arange(4), step=1)
+        log_histogram(logger, "codes_1000", np.arange(1000), step=1)  # over W&B's 512 bins (FSQ 8-5-5-5, K 1,024)
     finally:
         logger.experiment.finish()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -27,3 +28,12 @@ def test_csv_image_and_histogram_files(tmp_path):
     log_histogram(logger, "val/codes", np.array([1, 0, 2]), step=3)
     assert (tmp_path / "run" / "images" / "val_grid_step0000003.png").exists()
     assert np.array_equal(np.load(tmp_path / "run" / "histograms" / "val_codes_step0000003.npy"), [1, 0, 2])
+
+
+def test_wandb_bins_sum_runs_of_codes_to_at_most_512():
+    bins, edges = wandb_bins(np.arange(4))
+    assert bins.tolist() == [0, 1, 2, 3] and edges.tolist() == [0, 1, 2, 3, 4]  # small codebooks: one bin a code
+    counts = np.random.default_rng(0).integers(0, 9, 1025)
+    bins, edges = wandb_bins(counts)
+    assert len(bins) == 342 and len(edges) == 343 and bins.sum() == counts.sum()  # runs of 3 codes
+    assert bins[0] == counts[:3].sum() and bins[-1] == counts[1023:].sum() and edges[-1] == 1025
