@@ -17,6 +17,7 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -296,10 +297,18 @@ class VQGenCLI(LightningCLI):
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
 
 
+def _no_advert(record: logging.LogRecord) -> bool:
+    """Lightning 2.6 prints a tip to install its cloud logger on every run that does not use it."""
+    return "litlogger" not in record.getMessage()
+
+
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
     """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
     # Lightning 2.6's own use of a class torch 2.13 deprecates: printed by every run, nothing for a user to do
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _no_advert not in lightning_info.filters:
+        lightning_info.addFilter(_no_advert)
     try:
         cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
     except UserError as e:

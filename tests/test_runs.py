@@ -294,3 +294,16 @@ def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path):
     run = root / "latest"
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
     assert (run / "samples.png").is_file()
+
+
+def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folder, tmp_path, monkeypatch, capfd,
+                                                                    caplog):  # fmt: skip
+    """W&B (offline) through the real command with K 1,024: the code-usage histogram is binned to W&B's 512
+    (it raised at the first validation), and neither Lightning's litlogger tip nor wandb's "anonymous
+    setting" warning is printed."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train_stage1(fit_args(shapes_folder, tmp_path / "runs", 2, "--log.backend", "wandb",
+                          "--model.codebook_size", "1024"))  # fmt: skip
+    printed = "".join(capfd.readouterr()) + "".join(r.getMessage() for r in caplog.records)  # wandb; Lightning
+    assert "litlogger" not in printed and "anonymous setting" not in printed, printed[-3000:]
+    assert list((tmp_path / "runs" / "version_0" / "wandb").glob("offline-run-*"))
