@@ -33,6 +33,7 @@ import torch.distributed as dist
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import EXIT_USER_ERROR, UserError, one_line
@@ -205,11 +206,15 @@ class VQGenCLI(LightningCLI):
         self._rank0 = True
         try:
             super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
-        except (ValueError, OSError) as e:
-            # Before training these come from the config, the data or the file system (a constructor's
-            # argument check, an unreadable file); after it starts they are bugs and keep their traceback.
+        except (ValueError, OSError, MisconfigurationException) as e:
+            # Before training these come from the config, the data, the machine or the file system (a
+            # constructor's argument check, a GPU config on a CPU machine, an unreadable file); after it starts
+            # they are bugs and keep their traceback.
             if isinstance(e, UserError) or (self._watch is not None and self._watch.started):
                 raise
+            if isinstance(e, MisconfigurationException):  # Lightning's: the trainer settings and the machine
+                raise UserError(f"{e} (check --trainer.accelerator, devices, strategy and precision: this machine "
+                                f"has {torch.cuda.device_count()} CUDA GPU(s); the *_gpu.yaml configs need one)") from e
             raise UserError(str(e)) from e
         finally:  # after every after_<subcommand> hook, also of subclasses
             failed = sys.exc_info()[0] is not None

@@ -307,3 +307,11 @@ def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folde
     printed = "".join(capfd.readouterr()) + "".join(r.getMessage() for r in caplog.records)  # wandb; Lightning
     assert "litlogger" not in printed and "anonymous setting" not in printed, printed[-3000:]
     assert list((tmp_path / "runs" / "version_0" / "wandb").glob("offline-run-*"))
+
+
+def test_trainer_settings_the_machine_cannot_run_are_one_line(shapes_folder, tmp_path, capsys):
+    """A GPU config on a CPU machine (here: Apple's MPS, which no Linux machine has) was a Lightning traceback."""
+    root = tmp_path / "runs"
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--trainer.accelerator", "mps"), capsys)
+    assert err.startswith("train_stage1: error: ") and "MPSAccelerator" in err and "--trainer.accelerator" in err
+    assert len(err.strip().splitlines()) == 1 and not root.exists()
