@@ -240,10 +240,11 @@ class VQGenCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         ckpt = cfg.get("ckpt_path")
-        if self.subcommand != "fit":
-            return
         root = Path(cfg["trainer"].get("default_root_dir") or "runs")
         name = cfg["log"]["name"]
+        if self.subcommand != "fit":
+            cfg["ckpt_path"] = self._evaluation_checkpoint(ckpt, root, name)
+            return
         self._rank0 = not lightning_child()
         if not self._rank0:  # started by Lightning's launcher: join the folder rank 0 chose
             run = join_run(ckpt)
@@ -254,6 +255,20 @@ class VQGenCLI(LightningCLI):
         cfg["ckpt_path"] = run.ckpt_path
         os.environ[RUN_ENV] = str(run.dir)
         self.run, self.run_dir, self._root = run, run.dir, root
+
+    def _evaluation_checkpoint(self, ckpt: str | None, root: Path, name: str | None) -> str:
+        """validate/test: the checkpoint to evaluate. Without one Lightning would evaluate untrained weights;
+        "last" and "best" name the files of the latest run under the root (or of --log.name)."""
+        if ckpt is None:
+            raise UserError(f"{self.subcommand} needs --ckpt_path: a checkpoint file, or last / best (the "
+                            f"latest run's under {root}); without one it would {self.subcommand} untrained weights")
+        if ckpt in ("last", "best"):
+            path = root / (name or "latest") / "checkpoints" / f"{ckpt}.ckpt"
+            if not path.is_file():
+                raise UserError(f"--ckpt_path {ckpt}: no checkpoint at {path}; train first, or pass a file")
+            read_checkpoint(path, f"--ckpt_path {ckpt}", want=self.checkpoint_kind)
+            return str(path.resolve())
+        return ckpt
 
     def _discard_unstarted_run(self) -> None:
         """A new run that failed before training (a config or data error) leaves no folder behind: neither its
@@ -269,7 +284,12 @@ class VQGenCLI(LightningCLI):
                         break
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        if self.run_dir is None:  # validate/test/predict: no run folder, no logger by default
+        if self.run_dir is None:  # validate/test/predict: no run folder, and nothing written unless asked for
+            trainer_cfg = self._get(self.config_init, "trainer", default={})
+            if trainer_cfg.get("logger") is None:  # Lightning's default would write lightning_logs/ into the root
+                kwargs.setdefault("logger", False)
+            kwargs.setdefault("enable_checkpointing", False)  # nothing trains
+            self.save_config_callback = None  # it would (over)write config.yaml in the root: a fit's run has one
             return super().instantiate_trainer(**kwargs)
         log = self._get(self.config_init, "log")
         model = self._get(self.config_init, "model")
@@ -303,14 +323,17 @@ class VQGenCLI(LightningCLI):
 
 
 def _no_advert(record: logging.LogRecord) -> bool:
-    """Lightning 2.6 prints a tip to install its cloud logger on every run that does not use it."""
-    return "litlogger" not in record.getMessage()
+    """Lightning 2.6 prints tips to install its cloud logger and model registry on runs that do not use them."""
+    message = record.getMessage()
+    return "litlogger" not in message and "litmodels" not in message
 
 
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
     """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
     # Lightning 2.6's own use of a class torch 2.13 deprecates: printed by every run, nothing for a user to do
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # validate/test from a training checkpoint: its callbacks' states (RngState, ModelCheckpoint) are not needed
+    warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create")
     lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _no_advert not in lightning_info.filters:
         lightning_info.addFilter(_no_advert)

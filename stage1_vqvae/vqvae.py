@@ -134,6 +134,14 @@ class VQVAE(VQModel, pl.LightningModule):
         return key if len(self.levels) == 1 else f"{key}/{level['name']}"
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """`train_stage1 test --ckpt_path ...`: the validation figures on the test split, as test/* (`evaluate
+        stage1` adds the reconstruction FID)."""
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch, batch_idx: int, split: str) -> None:
         images = self._prep(batch[0])
         recon, qs = self(images)
         recon = recon.float().clamp(-1, 1)
@@ -141,25 +149,31 @@ class VQVAE(VQModel, pl.LightningModule):
         self.val_ssim(recon, images.float())
         for usage, q in zip(self.val_usage, qs):
             usage(q.codes)
-        self.log("val/loss", F.mse_loss(recon, images.float()) + sum(q.loss for q in qs), sync_dist=True)
-        if batch_idx == 0:
+        self.log(f"{split}/loss", F.mse_loss(recon, images.float()) + sum(q.loss for q in qs), sync_dist=True)
+        if batch_idx == 0 and split == "val":
             n = min(8, len(images))
             self._val_preview = torch.cat([images[:n].float(), recon[:n]]).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True)
+        self._evaluation_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_end("test")
+
+    def _evaluation_end(self, split: str) -> None:
+        self.log_dict({f"{split}/psnr": self.val_psnr, f"{split}/ssim": self.val_ssim}, prog_bar=True)
         histograms, usages = {}, []
         for level, usage, dead in zip(self.levels, self.val_usage, self.dead_codes()):
             stats = usage.compute()
-            histograms[self._per_level("val/code_histogram", level)] = stats["counts"].cpu().numpy()  # all ranks
+            histograms[self._per_level(f"{split}/code_histogram", level)] = stats["counts"].cpu().numpy()  # all ranks
             usage.reset()
             usages.append(stats["usage"])
-            self.log(self._per_level("val/perplexity", level), stats["perplexity"])
-            self.log(self._per_level("val/usage", level), stats["usage"], prog_bar=len(self.levels) == 1)
-            self.log(self._per_level("val/dead_codes", level), float(dead))
+            self.log(self._per_level(f"{split}/perplexity", level), stats["perplexity"])
+            self.log(self._per_level(f"{split}/usage", level), stats["usage"], prog_bar=len(self.levels) == 1)
+            self.log(self._per_level(f"{split}/dead_codes", level), float(dead))
         if len(self.levels) > 1:  # the least-used level: what a "codes used" target is about
-            self.log("val/usage", torch.stack(usages).min(), prog_bar=True)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.log(f"{split}/usage", torch.stack(usages).min(), prog_bar=True)
+        if split == "val" and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             step = self.global_step
             for key, counts in histograms.items():
                 log_histogram(self.logger, key, counts, step)

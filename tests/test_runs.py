@@ -315,3 +315,18 @@ def test_trainer_settings_the_machine_cannot_run_are_one_line(shapes_folder, tmp
     err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--trainer.accelerator", "mps"), capsys)
     assert err.startswith("train_stage1: error: ") and "MPSAccelerator" in err and "--trainer.accelerator" in err
     assert len(err.strip().splitlines()) == 1 and not root.exists()
+
+
+def test_test_and_validate_evaluate_a_checkpoint_and_write_nothing(shapes_folder, tmp_path, capsys):
+    """`train_stage1 test|validate --ckpt_path last|best|FILE`: stage 1 has test metrics (test/psnr ...); the
+    run folder's files are untouched and nothing is added to the root (no lightning_logs/, no config.yaml);
+    without --ckpt_path (untrained weights) it is a one-line error."""
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2))
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    for sub, ckpt in (("test", "last"), ("validate", "best")):
+        train_stage1([sub, *fit_args(shapes_folder, root, 2)[1:], "--ckpt_path", ckpt])
+        assert f"{'test' if sub == 'test' else 'val'}/psnr" in capsys.readouterr().out
+    assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    err = user_error(train_stage1, ["test", *fit_args(shapes_folder, root, 2)[1:]], capsys)
+    assert "test needs --ckpt_path" in err and "untrained weights" in err
