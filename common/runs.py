@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -212,7 +213,8 @@ class VQGenCLI(LightningCLI):
             # they are bugs and keep their traceback.
             if isinstance(e, UserError) or (self._watch is not None and self._watch.started):
                 raise
-            if isinstance(e, MisconfigurationException):  # Lightning's: the trainer settings and the machine
+            machine = r"accelerator|gpu|cuda|devices|strategy|precision|backend|mps|tpu"
+            if isinstance(e, MisconfigurationException) and re.search(machine, str(e), re.IGNORECASE):
                 raise UserError(f"{e} (check --trainer.accelerator, devices, strategy and precision: this machine "
                                 f"has {torch.cuda.device_count()} CUDA GPU(s); the *_gpu.yaml configs need one)") from e
             raise UserError(str(e)) from e
@@ -223,6 +225,11 @@ class VQGenCLI(LightningCLI):
             if failed:
                 self._discard_unstarted_run()
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate, test: `predict` has no meaning here (codes come from extract_codes, images from sample)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(LogConfig, "log")

@@ -330,3 +330,5 @@ def test_test_and_validate_evaluate_a_checkpoint_and_write_nothing(shapes_folder
     assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
     err = user_error(train_stage1, ["test", *fit_args(shapes_folder, root, 2)[1:]], capsys)
     assert "test needs --ckpt_path" in err and "untrained weights" in err
+    err = user_error(train_stage1, ["predict", *fit_args(shapes_folder, root, 2)[1:]], capsys)  # was a TypeError
+    assert "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')" in err
