@@ -81,7 +81,7 @@ def at_least(minimum: float, **flags: Any) -> None:
 
 def parse_classes(text: str, class_names: list[str], flag: str = "--classes") -> list[int]:
     """"0,3,7" or "Sneaker,Bag" (names as the data set spells them, any case; ids and names may mix) -> class
-    ids in the order given, repeats dropped. UserError naming the flag, the bad entry and the choices."""
+    ids, in the order given, repeats dropped. UserError naming the flag, the bad entry and the choices."""
     lookup = {name.strip().casefold(): i for i, name in enumerate(class_names)}
     ids: list[int] = []
     for entry in (e.strip() for e in text.split(",")):

@@ -51,9 +51,10 @@ def test_four_commands_make_an_image_grid(pipeline):
     assert (pipeline["root"] / "s2/latest/samples.png").exists()
 
 
-def test_same_seed_same_samples_and_per_class_rows(pipeline, tmp_path):
+def test_same_seed_same_samples_and_per_class_rows(pipeline, tmp_path, capsys):
     args = ["--prior", str(pipeline["prior"]), "--per_class", "2", "--top_k", "5", "--seed", "3"]
     sample_main([*args, "--classes", "1", "--out", str(tmp_path / "a.png")])
+    assert capsys.readouterr().out.strip().endswith("rows, top to bottom: 1 squares")  # the grid has no captions
     sample_main([*args, "--classes", "Squares", "--out", str(tmp_path / "b.png")])  # class 1 by its folder's name
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert np.array_equal(a["codes"], b["codes"]) and a["labels"].tolist() == [1, 1]

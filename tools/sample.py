@@ -175,7 +175,12 @@ def _run(args: list[str] | None) -> str:
                  stage1_ckpt=np.array(str(m.vqvae_path.resolve())))  # fmt: skip
     if a.wandb:
         _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
-    return f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
+    wrote = f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
+    if not a.prime and labels is not None and grid_path:  # which row is which class: the grid has no captions
+        names = m.codes_meta.get("class_names") or []
+        rows = [f"{c} {names[c]}" if c < len(names) else str(c) for c in labels.unique(sorted=True).tolist()]
+        wrote += f"; rows, top to bottom: {', '.join(rows)}"
+    return wrote
 
 
 def _log_wandb(grid: np.ndarray, a: argparse.Namespace, folder: Path) -> None:
