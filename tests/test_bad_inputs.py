@@ -132,6 +132,7 @@ ROWS = [
     ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),
     ("sample", [*P, "--temperature", "0"], r"--temperature must be > 0"),
     ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; there are 2 classes \(0..1\)"),
+    ("sample", [*P, "--classes", "nope"], r"--classes: no class named 'nope'; give ids or names, comma-separated"),
     ("sample", [*P, "--per_class", "0"], r"--per_class must be >= 1"),
     ("sample", [*P, "--n", "abc"], r"sample: error: .*n.*abc"),
     ("sample", [*P, "--bogus"], r"unrecognized arguments: --bogus"),
