@@ -109,6 +109,21 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
     return Run(folder.resolve(), ckpt_path, created=created, parents_created=missing if created else [])
 
 
+def evaluation_checkpoint(subcommand: str, ckpt: str | None, root: Path, name: str | None, kind: str | None) -> str:
+    """validate/test: the checkpoint to evaluate. Without one Lightning would evaluate untrained weights;
+    "last" and "best" name the files of the latest run under `root` (or of --log.name)."""
+    if ckpt is None:
+        raise UserError(f"{subcommand} needs --ckpt_path: a checkpoint file, or last / best (the latest run's "
+                        f"under {root}); without one it would {subcommand} untrained weights")  # fmt: skip
+    if ckpt in ("last", "best"):
+        path = root / (name or "latest") / "checkpoints" / f"{ckpt}.ckpt"
+        if not path.is_file():
+            raise UserError(f"--ckpt_path {ckpt}: no checkpoint at {path}; train first, or pass a file")
+        read_checkpoint(path, f"--ckpt_path {ckpt}", want=kind)
+        return str(path.resolve())
+    return ckpt
+
+
 def join_run(ckpt_path: str | None) -> Run:
     """The run a process started by Lightning's launcher joins: the folder rank 0 put in the environment."""
     folder = Path(os.environ[RUN_ENV])

@@ -1,4 +1,4 @@
-"""Logger factory and logger-agnostic image/histogram logging.
+"""Logger factory, logger-agnostic image/histogram logging, and the progress line printed off a terminal.
 
 W&B is the default dashboard. Without credentials it runs offline (and says how to `wandb sync`), so a
 laptop or CI never needs the network; `csv`, `tensorboard` and `none` are the alternatives, and a
@@ -11,11 +11,15 @@ import csv
 import functools
 import io
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -178,3 +182,50 @@ def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int
         out = Path(logger.log_dir) / "histograms"
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / f"{key.replace('/', '_')}_step{step:07d}.npy", counts)
+
+
+# -------------------------------------------------------------------------------- progress
+class LineProgressBar(ProgressBar):
+    """Off a terminal (CI, nohup, Slurm logs) a bar is noise: print one line every N steps instead."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.every_n_steps = max(1, every_n_steps)
+        self._enabled = True
+        self._t0 = time.perf_counter()
+        self._seen = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._t0, self._seen = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._seen += len(batch[0]) * trainer.world_size
+        step = trainer.global_step
+        if not (self._enabled and trainer.is_global_zero and step % self.every_n_steps == 0):
+            return
+        rate = self._seen / max(time.perf_counter() - self._t0, 1e-9)
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()) if k.startswith("train"))
+        total = trainer.max_steps if trainer.max_steps > 0 else "?"
+        unit = getattr(pl_module, "throughput_unit", "img")  # the prior counts code maps
+        print(f"epoch {trainer.current_epoch} step {step}/{total} {rate:.0f} {unit}/s {parts}", flush=True)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero) or trainer.sanity_checking:
+            return
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
+        print(f"epoch {trainer.current_epoch} step {trainer.global_step} {parts}", flush=True)
+
+
+def _fmt(v: Any) -> str:
+    try:
+        return f"{float(v):.4g}"
+    except (TypeError, ValueError):
+        return str(v)

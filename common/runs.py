@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,56 +37,19 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import EXIT_USER_ERROR, UserError, one_line
-from common.launch import RUN_ENV, Run, choose_run, join_run, lightning_child, on_rank_zero, point_latest
-from common.logging import LogConfig, finish_logger, make_logger
+from common.launch import (
+    RUN_ENV,
+    Run,
+    choose_run,
+    evaluation_checkpoint,
+    join_run,
+    lightning_child,
+    on_rank_zero,
+    point_latest,
+)
+from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
-
-
-class LineProgressBar(ProgressBar):
-    """Off a terminal (CI, nohup, Slurm logs) a bar is noise: print one line every N steps instead."""
-
-    def __init__(self, every_n_steps: int = 50) -> None:
-        super().__init__()
-        self.every_n_steps = max(1, every_n_steps)
-        self._enabled = True
-        self._t0 = time.perf_counter()
-        self._seen = 0
-
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._t0, self._seen = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._seen += len(batch[0]) * trainer.world_size
-        step = trainer.global_step
-        if not (self._enabled and trainer.is_global_zero and step % self.every_n_steps == 0):
-            return
-        rate = self._seen / max(time.perf_counter() - self._t0, 1e-9)
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()) if k.startswith("train"))
-        total = trainer.max_steps if trainer.max_steps > 0 else "?"
-        unit = getattr(pl_module, "throughput_unit", "img")  # the prior counts code maps
-        print(f"epoch {trainer.current_epoch} step {step}/{total} {rate:.0f} {unit}/s {parts}", flush=True)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (self._enabled and trainer.is_global_zero) or trainer.sanity_checking:
-            return
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-        parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
-        print(f"epoch {trainer.current_epoch} step {trainer.global_step} {parts}", flush=True)
-
-
-def _fmt(v: Any) -> str:
-    try:
-        return f"{float(v):.4g}"
-    except (TypeError, ValueError):
-        return str(v)
 
 
 class RunWatch(Callback):
@@ -250,7 +212,7 @@ class VQGenCLI(LightningCLI):
         root = Path(cfg["trainer"].get("default_root_dir") or "runs")
         name = cfg["log"]["name"]
         if self.subcommand != "fit":
-            cfg["ckpt_path"] = self._evaluation_checkpoint(ckpt, root, name)
+            cfg["ckpt_path"] = evaluation_checkpoint(self.subcommand, ckpt, root, name, self.checkpoint_kind)
             return
         self._rank0 = not lightning_child()
         if not self._rank0:  # started by Lightning's launcher: join the folder rank 0 chose
@@ -262,20 +224,6 @@ class VQGenCLI(LightningCLI):
         cfg["ckpt_path"] = run.ckpt_path
         os.environ[RUN_ENV] = str(run.dir)
         self.run, self.run_dir, self._root = run, run.dir, root
-
-    def _evaluation_checkpoint(self, ckpt: str | None, root: Path, name: str | None) -> str:
-        """validate/test: the checkpoint to evaluate. Without one Lightning would evaluate untrained weights;
-        "last" and "best" name the files of the latest run under the root (or of --log.name)."""
-        if ckpt is None:
-            raise UserError(f"{self.subcommand} needs --ckpt_path: a checkpoint file, or last / best (the "
-                            f"latest run's under {root}); without one it would {self.subcommand} untrained weights")
-        if ckpt in ("last", "best"):
-            path = root / (name or "latest") / "checkpoints" / f"{ckpt}.ckpt"
-            if not path.is_file():
-                raise UserError(f"--ckpt_path {ckpt}: no checkpoint at {path}; train first, or pass a file")
-            read_checkpoint(path, f"--ckpt_path {ckpt}", want=self.checkpoint_kind)
-            return str(path.resolve())
-        return ckpt
 
     def _discard_unstarted_run(self) -> None:
         """A new run that failed before training (a config or data error) leaves no folder behind: neither its
