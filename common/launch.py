@@ -124,6 +124,17 @@ def evaluation_checkpoint(subcommand: str, ckpt: str | None, root: Path, name: s
     return ckpt
 
 
+MACHINE_WORDS = re.compile(r"accelerator|gpu|cuda|devices|strategy|precision|backend|mps|tpu", re.IGNORECASE)
+
+
+def machine_error(e: Exception, flags: str, note: str = "") -> UserError | None:
+    """A Lightning MisconfigurationException about what this machine cannot run (a GPU setting without a GPU,
+    more devices than it has) as a one-line UserError naming `flags`; None for any other exception."""
+    if type(e).__name__ != "MisconfigurationException" or not MACHINE_WORDS.search(str(e)):
+        return None
+    return UserError(f"{e} (check {flags}: this machine has {torch.cuda.device_count()} CUDA GPU(s){note})")
+
+
 def join_run(ckpt_path: str | None) -> Run:
     """The run a process started by Lightning's launcher joins: the folder rank 0 put in the environment."""
     folder = Path(os.environ[RUN_ENV])

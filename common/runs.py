@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import sys
 import warnings
@@ -44,6 +43,7 @@ from common.launch import (
     evaluation_checkpoint,
     join_run,
     lightning_child,
+    machine_error,
     on_rank_zero,
     point_latest,
 )
@@ -175,10 +175,9 @@ class VQGenCLI(LightningCLI):
             # they are bugs and keep their traceback.
             if isinstance(e, UserError) or (self._watch is not None and self._watch.started):
                 raise
-            machine = r"accelerator|gpu|cuda|devices|strategy|precision|backend|mps|tpu"
-            if isinstance(e, MisconfigurationException) and re.search(machine, str(e), re.IGNORECASE):
-                raise UserError(f"{e} (check --trainer.accelerator, devices, strategy and precision: this machine "
-                                f"has {torch.cuda.device_count()} CUDA GPU(s); the *_gpu.yaml configs need one)") from e
+            flags, note = "--trainer.accelerator, devices, strategy and precision", "; the *_gpu.yaml configs need one"
+            if (machine := machine_error(e, flags, note)) is not None:
+                raise machine from e
             raise UserError(str(e)) from e
         finally:  # after every after_<subcommand> hook, also of subclasses
             failed = sys.exc_info()[0] is not None

@@ -36,6 +36,7 @@ from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
 from common.datamodule import ImageDataModule
 from common.images import from_uint8
+from common.launch import machine_error
 from common.readers import SPLITS
 from common.splits import data_options
 from stage1_vqvae.model import VQModel, load_stage1
@@ -207,12 +208,17 @@ def extract_codes(
         dataset=datamodule.options.dataset,
     )
     writer = CodesWriter(out, meta, overwrite=overwrite)  # checks `out` now, before the long part
+    try:  # before the data: a GPU setting on a CPU machine fails at once
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, strategy=strategy, precision="32-true", logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False, inference_mode=True,
+        )  # fmt: skip
+    except Exception as e:
+        if (machine := machine_error(e, "--accelerator, --devices and --strategy")) is not None:
+            raise machine from None
+        raise
     arrays = {split: datamodule.split_arrays(split) for split in splits}
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, precision="32-true", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, inference_mode=True,
-    )  # fmt: skip
     launcher = trainer.strategy.launcher
     if trainer.world_size > 1 and not (launcher is None or isinstance(launcher, _SubprocessScriptLauncher)):
         raise ExtractError(

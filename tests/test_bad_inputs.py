@@ -142,6 +142,8 @@ ROWS = [
     ("compress", ["{images}", *P, "--out", "new.vqz", "--labels", "some"], r"labels.*Literal\['best', 'null'\]"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--top", "0"], r"--top must be >= 1"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--batch_size", "0"], r"--batch_size must be"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--accelerator", "mps"],
+     r"MPSAccelerator. can not run on your system .*\(check --accelerator, --devices and --strategy: this machine"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--splits", "trian"], r"unknown split"),
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--steps", "0",
                            "--out", "f.pt"], r"--steps must be >= 1"),  # fmt: skip
