@@ -294,11 +294,15 @@ def check_fits_in_memory(root: Path, n: int, image_size: int, channels: int) -> 
         )
 
 
-def load_image_folder(root: str | Path, image_size: int, channels: int | None = None) -> ImageArrays:
-    """All images (IMAGE_SUFFIXES) under `root` as (N, image_size, image_size, C); labels as `scan_image_folder`."""
+def load_image_folder(root: str | Path, image_size: int, channels: int | None = None, only: np.ndarray | None = None,
+                      scan: tuple[list[Path], np.ndarray, list[str]] | None = None) -> ImageArrays:  # fmt: skip
+    """All images (IMAGE_SUFFIXES) under `root` as (N, image_size, image_size, C); labels as `scan_image_folder`
+    (or `scan`, its result). `only`: the ascending positions in the scan to decode, the others left unread."""
     check_channels(channels, "load_image_folder")
-    files, labels, class_names = scan_image_folder(root)
+    files, labels, class_names = scan or scan_image_folder(root)
     channels = channels or infer_channels(files)
+    if only is not None:
+        files, labels = [files[i] for i in only], labels[only]
     check_fits_in_memory(Path(root), len(files), image_size, channels)
     return ImageArrays(read_images(files, image_size, channels), labels, class_names)
 

@@ -183,10 +183,8 @@ class ImageSplits:
             index = group_split(arrays.groups, h.val_size or 0, h.test_size, h.seed)
             return self._make_splits(index, {s: arrays for s in SPLITS})
         if h.dataset == "image_folder":
-            arrays = load_image_folder(h.root, self.image_size, self.channels)
-            n = len(arrays.labels)
+            n = len(self._folder_scan()[1])  # the files are listed; none is decoded yet
             n_test, n_val = h.test_size or max(1, n // 10), h.val_size or max(1, n // 10)
-            test = arrays
         else:
             arrays, test = self._read("train"), self._read("test")
             n, n_test, n_val = len(arrays.labels), 0, 5000 if h.val_size is None else h.val_size
@@ -197,7 +195,14 @@ class ImageSplits:
             )
         perm = np.random.default_rng(h.seed).permutation(n)
         index = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
-        if h.dataset != "image_folder":
+        if h.dataset == "image_folder":
+            # Decode only what the splits keep: with --data.limit a try-out on a large folder reads 3 x limit
+            # files, not the folder. Positions in `kept` replace the scan's, so the splits are the same images.
+            kept = np.unique(np.concatenate([np.sort(index[s])[: h.limit] for s in SPLITS]))
+            arrays = test = load_image_folder(h.root, self.image_size, self.channels, only=kept,
+                                              scan=self._folder_scan())  # fmt: skip
+            index = {s: np.searchsorted(kept, np.sort(index[s])[: h.limit]) for s in SPLITS}
+        else:
             index["test"] = np.arange(len(test.labels))
         return self._make_splits(index, {"train": arrays, "val": arrays, "test": test})
 

@@ -34,6 +34,7 @@ from common.readers import (
     load_mnist_like,
     read_idx,
 )
+from common.splits import ImageSplits
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False, magic: int | None = None) -> Path:
@@ -271,6 +272,21 @@ def test_transparency_is_composited_over_white(tmp_path: Path) -> None:
     (tmp_path / "icon.png").rename(tmp_path / "folder" / "icon.png")  # the folder reader and load_image agree
     assert (load_image_folder(tmp_path / "folder", 4).images[0, :, :2] == 255).all()
     assert (to_uint8(load_image(tmp_path / "folder" / "icon.png", 4))[0, :, :, :2] == 255).all()
+
+
+def test_a_limited_image_folder_decodes_only_the_images_it_keeps(shapes_folder: Path, monkeypatch) -> None:
+    """--data.limit N on an image folder reads at most 3 N files (the splits' first N each), and its splits
+    are the first N images of the unlimited splits."""
+    full = ImageSplits("image_folder", root=str(shapes_folder), image_size=16, val_size=8, test_size=8)
+    full.split_arrays("train")  # decoded now, before the count
+    decoded = []
+    real = im.read_images
+    monkeypatch.setattr(im, "read_images", lambda files, *a: decoded.extend(files) or real(files, *a))
+    limited = ImageSplits("image_folder", root=str(shapes_folder), image_size=16, val_size=8, test_size=8, limit=2)
+    for split in ("train", "val", "test"):
+        (x, y), (x_full, y_full) = limited.split_arrays(split), full.split_arrays(split)
+        assert torch.equal(x, x_full[:2]) and torch.equal(y, y_full[:2])
+    assert len(decoded) == 6 and len(set(decoded)) == 6  # of the folder's 64
 
 
 def test_large_jpegs_are_read_like_a_full_decode(tmp_path: Path) -> None:
