@@ -290,7 +290,7 @@ def check_fits_in_memory(root: Path, n: int, image_size: int, channels: int) -> 
         raise DatasetError(
             f"image folder {root}: {n:,} images at {image_size}x{image_size}x{channels} take {need / 2**30:.1f} GiB "
             f"in memory and about twice that while the splits are made, but {free / 2**30:.1f} GiB is available; "
-            "pass a smaller --data.image_size or a folder with fewer images"
+            "pass a smaller --data.image_size, --data.limit N (N images per split) or a folder with fewer images"
         )
 
 
