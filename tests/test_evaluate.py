@@ -131,6 +131,15 @@ def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(art
     note, error = capsys.readouterr().err.strip().splitlines()
     assert f"names the stage 1 {tmp_path / 'no.ckpt'}, which is gone" in note
     assert "--data.dataset fashion_mnist cannot provide" in error
+    # The project copied elsewhere (the absolute path gone): the stage 1 relative to the .npz is found.
+    (tmp_path / "copy" / "runs").mkdir(parents=True)
+    shutil.copy(artifacts["stage1"], tmp_path / "copy" / "runs" / "stage1.ckpt")
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        assert Path(str(npz["stage1_ckpt_relative"])) == Path("stage1.ckpt")  # sample wrote both, side by side
+        np.savez(tmp_path / "copy" / "s.npz", **{**{k: npz[k] for k in npz.files},
+                 "stage1_ckpt": str(tmp_path / "elsewhere.ckpt"), "stage1_ckpt_relative": "runs/stage1.ckpt"})
+    moved = evaluate("samples", "--samples", str(tmp_path / "copy" / "s.npz"), *common, out=tmp_path / "c.json")
+    assert moved["dataset"] == "image_folder" and moved["fid"] == given["fid"]
     # A record naming a file that is not a stage-1 checkpoint: the error says where the name came from.
     (tmp_path / "not.ckpt").write_text("not a checkpoint")
     with np.load(artifacts["samples"], allow_pickle=False) as npz:

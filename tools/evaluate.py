@@ -175,13 +175,17 @@ def load_samples(path: str | Path) -> torch.Tensor:
 
 
 def stage1_of_samples(path: str | None) -> str | None:
-    """The stage-1 checkpoint a `sample` .npz names, if that file is still there (else None: the --data.*
-    defaults apply, and load_samples reports a bad file)."""
+    """The stage-1 checkpoint a `sample` .npz names, if that file is still there: its absolute path, else the
+    same file relative to the .npz (the project copied elsewhere), else None: the --data.* defaults apply, and
+    load_samples reports a bad file."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             named = str(npz["stage1_ckpt"]) if "stage1_ckpt" in npz.files else None
+            relative = str(npz["stage1_ckpt_relative"]) if "stage1_ckpt_relative" in npz.files else None
     except (OSError, EOFError, ValueError, TypeError):
         return None
+    if named and not Path(named).is_file() and relative and (Path(path).parent / relative).is_file():
+        return str(Path(path).parent / relative)
     if named and not Path(named).is_file():
         print(f"evaluate: note: --samples {path} names the stage 1 {named}, which is gone; the --data.* options "
               "are the defaults unless given (or pass --ckpt)", file=sys.stderr)  # fmt: skip

@@ -16,6 +16,7 @@ is given. ``--mask`` is in pixels (white = keep): a code is redrawn if any pixel
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -169,10 +170,14 @@ def _run(args: list[str] | None) -> str:
         images = torch.cat([vqvae.decode_codes(c) for c in codes.split(a.batch_size)])
         grid_images = rows_by_label(images.cpu(), labels, per_row)
     grid = save_grid(grid_images, grid_path, nrow=per_row, scale=scale) if grid_path else None
-    with atomic_file(npz_path) as f:  # stage1_ckpt: where `evaluate samples` finds the data options
+    # stage1_ckpt: where `evaluate samples` finds the data options; also relative to the .npz's folder, so a
+    # copy of the project (runs/ beside it) on another machine still finds it
+    stage1 = m.vqvae_path.resolve()
+    with atomic_file(npz_path) as f:
         np.savez(f, codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).cpu().numpy(),
                  labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
-                 stage1_ckpt=np.array(str(m.vqvae_path.resolve())))  # fmt: skip
+                 stage1_ckpt=np.array(str(stage1)),
+                 stage1_ckpt_relative=np.array(os.path.relpath(stage1, npz_path.resolve().parent)))  # fmt: skip
     if a.wandb:
         _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
     wrote = f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
