@@ -238,7 +238,7 @@ class VQGenCLI(LightningCLI):
                         break
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        if self.run_dir is None:  # validate/test/predict: no run folder, and nothing written unless asked for
+        if self.run_dir is None:  # validate/test: no run folder, and nothing written unless asked for
             trainer_cfg = self._get(self.config_init, "trainer", default={})
             if trainer_cfg.get("logger") is None:  # Lightning's default would write lightning_logs/ into the root
                 kwargs.setdefault("logger", False)
