@@ -22,7 +22,7 @@ from common.io import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUFFIXES_TEXT = "/".join(IMAGE_SUFFIXES)  # for messages: ".png/.jpg/..."
-_GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # Pillow modes without colour
 
 
 class ImageError(UserError, ValueError):
@@ -58,7 +58,7 @@ def infer_channels(files: list[Path]) -> int:
     for path in files:
         try:
             with Image.open(path) as img:
-                if img.mode not in _GRAY_MODES:
+                if img.mode not in GRAY_MODES:
                     return 3
         except Exception as e:
             raise ImageError(

@@ -32,6 +32,7 @@ from lightning_fabric.plugins.environments import (
     SLURMEnvironment,
     TorchElasticEnvironment,
 )
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import UserError
@@ -130,7 +131,7 @@ MACHINE_WORDS = re.compile(r"accelerator|gpu|cuda|devices|strategy|precision|bac
 def machine_error(e: Exception, flags: str, note: str = "") -> UserError | None:
     """A Lightning MisconfigurationException about what this machine cannot run (a GPU setting without a GPU,
     more devices than it has) as a one-line UserError naming `flags`; None for any other exception."""
-    if type(e).__name__ != "MisconfigurationException" or not MACHINE_WORDS.search(str(e)):
+    if not isinstance(e, MisconfigurationException) or not MACHINE_WORDS.search(str(e)):
         return None
     return UserError(f"{e} (check {flags}: this machine has {torch.cuda.device_count()} CUDA GPU(s){note})")
 

@@ -59,6 +59,12 @@ class Models:
     def channels(self) -> int:
         return self.vqvae.in_channels
 
+    @property
+    def class_names(self) -> list[str]:
+        """The prior's classes by name (from the codes it was trained on; ids where those have none)."""
+        k, names = self.prior.num_classes, list(self.codes_meta.get("class_names") or [])[: self.prior.num_classes]
+        return names + [str(i) for i in range(len(names), k)]
+
 
 def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
     """The stage-1 checkpoint the prior's codes metadata names, verified by SHA-256."""

@@ -78,9 +78,8 @@ class Playground:
 
     # ------------------------------------------------------------------------------------ facts
     def info(self) -> dict:
-        prior, meta = self.m.prior, self.m.codes_meta
-        names = list(meta.get("class_names") or [str(i) for i in range(prior.num_classes)])
-        return {"classes": names[: prior.num_classes], "image_size": self.m.image_size, "channels": self.m.channels,
+        prior = self.m.prior
+        return {"classes": self.m.class_names, "image_size": self.m.image_size, "channels": self.m.channels,
                 "grid_shape": list(prior.grid_shape), "codebook_size": prior.codebook_size, "scale": self.scale,
                 "device": str(self.m.device), "prior": self.m.prior_path.name, "stage1": self.m.vqvae_path.name,
                 "max_samples": MAX_SAMPLES, "max_repairs": MAX_REPAIRS, "max_images": MAX_IMAGES,

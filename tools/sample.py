@@ -87,10 +87,9 @@ def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
     return grid, check_output(out.with_suffix(".npz"), a.overwrite)
 
 
-def choose_labels(prior: CodePrior, a: argparse.Namespace,
-                  class_names: list[str] = ()) -> tuple[torch.Tensor | None, int]:  # fmt: skip
+def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str]) -> tuple[torch.Tensor | None, int]:
     """Labels (n,) and the grid's row length: one row per class for a conditional prior; `--classes` takes ids
-    or the data set's class names (`class_names`, from the codes the prior was trained on)."""
+    or the names in `class_names` (one per class of the prior)."""
     k = prior.num_classes
     if k == 0:
         if a.classes or a.per_class:
@@ -98,8 +97,7 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace,
         return None, max(1, int(np.ceil(np.sqrt(a.n))))
     classes = list(range(k))
     if a.classes:
-        names = list(class_names)[:k] + [str(i) for i in range(len(class_names), k)]  # a meta without names: ids
-        classes = parse_classes(a.classes, names)
+        classes = parse_classes(a.classes, class_names)
     if a.per_class is not None:
         if a.per_class <= 0:
             raise ValueError(f"--per_class must be >= 1, got {a.per_class}")
@@ -158,7 +156,7 @@ def _run(args: list[str] | None) -> str:
         images = vqvae.decode_codes(codes)
         grid_images, per_row = torch.cat([image, masked, images]).cpu(), a.n + 2
     else:
-        labels, per_row = choose_labels(prior, a, m.codes_meta.get("class_names") or [])
+        labels, per_row = choose_labels(prior, a, m.class_names)
         n = len(labels) if labels is not None else a.n
         chunks = []
         for start in range(0, n, a.batch_size):
@@ -182,8 +180,7 @@ def _run(args: list[str] | None) -> str:
         _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
     wrote = f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
     if not a.prime and labels is not None and grid_path:  # which row is which class: the grid has no captions
-        names = m.codes_meta.get("class_names") or []
-        rows = [f"{c} {names[c]}" if c < len(names) else str(c) for c in labels.unique(sorted=True).tolist()]
+        rows = [f"{c} {m.class_names[c]}" for c in labels.unique(sorted=True).tolist()]
         wrote += f"; rows, top to bottom: {', '.join(rows)}"
     return wrote
 

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.images import ImageError, over_white, read_image
+from common.images import GRAY_MODES, ImageError, over_white, read_image
 
 MAX_PIXELS = 4096 * 4096  # decoded size of one upload: ~50 MB as RGB; Pillow alone would allow ~180 MP
-GREY_MODES = {"1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 def _open(data: bytes, name: str, max_pixels: int, what: str = "image") -> Image.Image:
@@ -49,7 +48,7 @@ def _open(data: bytes, name: str, max_pixels: int, what: str = "image") -> Image
 def _check_channels(img: Image.Image, name: str, channels: int) -> None:
     """Refuse a colour image for a greyscale model (turning it grey would be a guess). Transparency is not
     refused: it is composited over white, as the commands read files."""
-    if channels == 1 and img.mode not in GREY_MODES:
+    if channels == 1 and img.mode not in GRAY_MODES:
         rgb = np.asarray(over_white(img).convert("RGB"))
         if (rgb != rgb[..., :1]).any():
             raise ImageError(f"{name} is a colour image (3 channels), but this model reads 1-channel "
