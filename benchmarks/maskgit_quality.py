@@ -9,8 +9,9 @@ checked here rather than assumed: both networks' training steps (forward, backwa
 real codes) are timed in this process, interleaved, and their ratio reported.
 
 Samples: n per prior and setting, classes in turn (as `sample --n`), --seed (0), for every --temperature
-(token temperature, 1 by default), --cfg_scale (classifier-free guidance, 1 = off) and --cfg_schedule
-(constant, or linear: the scale grows from 1 over the grid) given and, for the
+(token temperature, 1 by default) and --temperature_end (the last draw's, `sample --temperature_end`),
+--cfg_scale (classifier-free guidance, 1 = off) and --cfg_schedule (constant, or linear: the scale grows
+from 1 over the grid) given and, for the
 masked prior (--steps passes), every --choice_temperature. FID with the project's feature net against the
 test split and against the validation split, beside the real-data floor (n train images). Reported: the
 defaults (no guidance, the sampler's default choice temperature) side by side, and each prior at its best
@@ -87,6 +88,9 @@ def main() -> None:
     ap.add_argument("--cfg_scale", type=float, nargs="+", default=[1.0], help="guidance scales tried (1: off)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0],
                     help="token temperatures tried, for both priors alike (names gain _t<T> unless T = 1)")
+    ap.add_argument("--temperature_end", nargs="+", default=["same"],
+                    help="end temperatures tried with each --temperature (same: constant; names gain -<E>): "
+                         "linear over the raster order, or the masked prior's steps")
     ap.add_argument("--cfg_schedule", nargs="+", default=["constant"], choices=CFG_SCHEDULES,
                     help="guidance schedules tried, for both priors alike (names gain _lin for linear)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every draw (another seed: the FIDs' sampling noise)")
@@ -125,12 +129,15 @@ def main() -> None:
               f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
 
     with torch.inference_mode():
-        # cfg 1 is no guidance whatever the schedule: drawn once, named as constant
-        settings = {(t, c, "constant" if c == 1 else s)
-                    for t in a.temperature for c in a.cfg_scale for s in a.cfg_schedule}  # fmt: skip
-        for temp, cfg, sched in sorted(settings, key=lambda x: (-x[0], x[1], x[2])):
-            tag = ("" if temp == 1 else f"_t{temp:g}") + ("_lin" if sched == "linear" else "")
-            kw = dict(cfg_scale=cfg, temperature=temp, cfg_schedule=sched)
+        # cfg 1 is no guidance whatever the schedule: drawn once, named as constant; an end temperature equal
+        # to the start is the constant temperature (None)
+        ends = [None if e == "same" else float(e) for e in a.temperature_end]
+        settings = {(t, None if e == t else e, c, "constant" if c == 1 else s)
+                    for t in a.temperature for e in ends for c in a.cfg_scale for s in a.cfg_schedule}  # fmt: skip
+        for temp, end, cfg, sched in sorted(settings, key=lambda x: (-x[0], x[1] or 0, x[2], x[3])):
+            tag = ("" if temp == 1 and end is None else f"_t{temp:g}") + ("" if end is None else f"-{end:g}")
+            tag += "_lin" if sched == "linear" else ""
+            kw = dict(cfg_scale=cfg, temperature=temp, temperature_end=end, cfg_schedule=sched)
             score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, a.seed, **kw))
             for ct in a.choice_temperature:
                 kw_masked = dict(steps=a.steps, choice_temperature=ct, **kw)

@@ -22,7 +22,7 @@ import torch
 from stage2_prior.maskgit import MaskedPrior
 
 # the same argument checks and guidance as sample_codes
-from stage2_prior.sampling import _check_inputs, filter_logits, guide
+from stage2_prior.sampling import _check_inputs, filter_logits, guide, scheduled_temperature
 
 DEFAULT_STEPS = 8
 # MaskGIT used 4.5 on ImageNet; on Fashion-MNIST's 7x7 codes a more random order gave lower validation FID
@@ -65,6 +65,7 @@ def sample_masked(
     generator: torch.Generator | None = None,
     prime: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    temperature_end: float | None = None,
 ) -> torch.Tensor:
     """Draw n grids of codes (n, H, W) in `steps` parallel steps (one network pass each).
 
@@ -73,6 +74,8 @@ def sample_masked(
     cfg_schedule: "linear" (the default): a grid's scale grows from 1 to cfg_scale with the fraction of its
         codes fixed after each step (see ``stage2_prior.sampling.guide``); "constant": cfg_scale throughout.
     temperature, top_k, top_p: applied in that order to the guided logits of each draw.
+    temperature_end: None keeps `temperature` at every step; else linear from `temperature` at the first step
+        to `temperature_end` at the last (falling lowered this prior's FID; README, Sampling).
     choice_temperature: the scale of the Gumbel noise on the confidences at the first step; it falls
         linearly to 0 at the last.
     prime, keep: repair; where keep (n, H, W) or (H, W) is True the code is prime's and stays exactly that,
@@ -84,7 +87,8 @@ def sample_masked(
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
     device = next(prior.parameters()).device
-    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device, cfg_schedule)
+    labels, prime, keep = _check_inputs(prior, n, labels, temperature, top_k, top_p, prime, keep, device, cfg_schedule,
+                                        temperature_end)  # fmt: skip
     H, W = prior.grid_shape
     T = H * W
     guided = labels is not None and cfg_scale != 1.0
@@ -108,7 +112,8 @@ def sample_masked(
                 cond, uncond = logits.chunk(2)  # (M, K) each: both halves hold the same masked positions
                 done = (1 - left.float() / T)[:, None].expand_as(masked)[masked][:, None]  # (M, 1): per grid
                 logits = guide(cond, uncond, cfg_scale, cfg_schedule, done)
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # (M, K)
+            temp = scheduled_temperature(temperature, temperature_end, step, steps)
+            probs = filter_logits(logits / temp, top_k, top_p).softmax(dim=-1)  # (M, K)
             drawn = draw(probs, generator)  # (M, 1)
             confidence = torch.full((n, T), float("inf"), device=device)  # known codes: never re-masked
             confidence[masked] = probs.gather(1, drawn)[:, 0].log()

@@ -131,6 +131,7 @@ ROWS = [
     ("sample", [*P, "--top_k", "100000"], r"--top_k must be in \[1, 16\] \(the codebook size\), got 100000"),
     ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),
     ("sample", [*P, "--temperature", "0"], r"--temperature must be > 0"),
+    ("sample", [*P, "--temperature_end", "-1"], r"--temperature_end must be > 0, got -1"),
     ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; there are 2 classes \(0..1\)"),
     ("sample", [*P, "--classes", "nope"], r"--classes: no class named 'nope'; give ids or names, comma-separated"),
     ("sample", [*P, "--per_class", "0"], r"--per_class must be >= 1"),

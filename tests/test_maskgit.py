@@ -36,6 +36,21 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def test_masked_temperature_end_schedules_the_temperature_over_the_steps():
+    """None or an equal end is the constant temperature (the same codes); 1e-4 -> 1e4 makes the first step's
+    draws (the most confident, fixed first) nearly greedy and the last step's nearly uniform, so the grids
+    differ from the constant temperature's and from the reverse schedule's."""
+    prior, labels = make_prior(), torch.zeros(32, dtype=torch.long)
+    constant = sample_masked(prior, 32, labels, temperature=0.7, generator=seeded(3))
+    assert torch.equal(constant, sample_masked(prior, 32, labels, temperature=0.7, temperature_end=0.7,
+                                               generator=seeded(3)))  # fmt: skip
+    rising = sample_masked(prior, 32, labels, temperature=1e-4, temperature_end=1e4, generator=seeded(3))
+    falling = sample_masked(prior, 32, labels, temperature=1e4, temperature_end=1e-4, generator=seeded(3))
+    assert not torch.equal(rising, falling) and not torch.equal(rising, constant)
+    with pytest.raises(ValueError, match="temperature_end must be > 0"):
+        sample_masked(prior, 2, None, temperature_end=-1.0)
+
+
 def random_codes(batch: int = 2, seed: int = 1, grid=GRID) -> torch.Tensor:
     return torch.randint(0, K, (batch, *grid), generator=seeded(seed))
 

@@ -161,6 +161,21 @@ def test_linear_cfg_schedule_grows_over_the_grid(kind, monkeypatch):
         sample_codes(prior, 3, labels, cfg_scale=4.0, cfg_schedule="Linear")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_end_schedules_the_temperature_over_the_raster_order(kind):
+    """temperature_end None or equal to temperature is the constant temperature (the same codes); otherwise
+    the first position is drawn at `temperature` and the last at `temperature_end`: nearly greedy at 1e-4
+    (one code for every sample of a class) and nearly uniform at 1e4 (many)."""
+    prior, labels = make_prior(kind), torch.zeros(64, dtype=torch.long)
+    constant = sample_codes(prior, 64, labels, temperature=0.7, generator=seeded(3))
+    same = sample_codes(prior, 64, labels, temperature=0.7, temperature_end=0.7, generator=seeded(3))
+    assert torch.equal(constant, same)
+    rising = sample_codes(prior, 64, labels, temperature=1e-4, temperature_end=1e4, generator=seeded(3)).flatten(1)
+    falling = sample_codes(prior, 64, labels, temperature=1e4, temperature_end=1e-4, generator=seeded(3)).flatten(1)
+    assert rising[:, 0].unique().numel() == 1 and rising[:, -1].unique().numel() >= 5
+    assert falling[:, 0].unique().numel() >= 5
+
+
 def test_unconditional_prior_samples():
     prior = make_prior("pixelcnn", num_classes=0)
     codes = sample_codes(prior, 2, generator=seeded(0))
@@ -174,6 +189,7 @@ def test_unconditional_prior_samples():
     [
         (dict(n=0), "n "),
         (dict(temperature=0.0), "temperature"),
+        (dict(temperature_end=0.0), "temperature_end must be > 0"),
         (dict(labels=torch.tensor([1, 12])), r"unknown class id 12; this prior has 5 classes \(0..4\)"),
         (dict(labels=torch.tensor([-1, 0])), "unknown class id -1"),
         (dict(labels=torch.tensor([1])), "labels must"),

@@ -51,7 +51,11 @@ def build_parser():
     p.add_argument("--vqvae", type=str, help="stage-1 checkpoint (default: the one the prior's codes came from)")
     p.add_argument("--n", type=int, default=64, help="number of samples (completions with --prime)")
     p.add_argument("--out", type=str, default="samples.png", help="grid (.png/.jpg/.webp; + <out>.npz) or .npz")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="token temperature (of the first draw with "
+                   "--temperature_end)")
+    p.add_argument("--temperature_end", type=float, default=None,
+                   help="the last draw's temperature: linear from --temperature over the raster order (masked "
+                        "priors: over the steps); default: --temperature throughout")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely codes at each step")
     p.add_argument("--top_p", type=float, default=None, help="nucleus: keep the smallest set with mass >= p")
     p.add_argument("--classes", type=str, default=None,
@@ -127,8 +131,9 @@ def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
 def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
     at_least(1, n=a.n, batch_size=a.batch_size, scale=a.scale, per_class=a.per_class, steps=a.steps)
-    if a.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {a.temperature}")
+    for flag, value in (("temperature", a.temperature), ("temperature_end", a.temperature_end)):
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} must be > 0, got {value}")
     grid_path, npz_path = outputs(a)
     device = resolve_device(a.device)
     m = load_models(a.prior, a.vqvae, device)
@@ -140,8 +145,8 @@ def _run(args: list[str] | None) -> str:
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    opts = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, generator=gen,
-                cfg_schedule=a.cfg_schedule)  # fmt: skip
+    opts = dict(temperature=a.temperature, temperature_end=a.temperature_end, top_k=a.top_k, top_p=a.top_p,
+                cfg_scale=a.cfg_scale, generator=gen, cfg_schedule=a.cfg_schedule)  # fmt: skip
     if isinstance(prior, MaskedPrior):
         opts["steps"] = a.steps or DEFAULT_STEPS
     scale = a.scale or (2 if m.image_size < 64 else 1)
