@@ -39,7 +39,7 @@ demo: demo-stage1
 	$(BIN)/extract_codes --ckpt $(STAGE1_CKPT) --out $(CODES) --overwrite
 	$(BIN)/train_stage2 fit --config configs/stage2/fashion_mnist_transformer.yaml --data.codes_dir $(CODES) \
 		--trainer.default_root_dir $(RUNS)/stage2_transformer
-	$(BIN)/sample --prior $(PRIOR_CKPT) --n 64 --cfg_scale 4 --temperature 1.2 --out $(RUNS)/samples.png --overwrite
+	$(BIN)/sample --prior $(PRIOR_CKPT) --n 64 --cfg_scale 4 --temperature 1.0 --temperature_end 1.4 --out $(RUNS)/samples.png --overwrite
 	@echo "demo done: $(RUNS)/stage1/latest/reconstructions.png and $(RUNS)/samples.png"
 
 # The whole pipeline on emoji (colour, 64 px, one 16x16 level by default): 10 min 44 s in a fresh clone on a
