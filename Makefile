@@ -55,9 +55,9 @@ demo-emoji: data-emoji
 	@echo "emoji demo done: $(EMOJI_RUNS)/stage1/latest/reconstructions.png and $(EMOJI_RUNS)/samples.png"
 
 # The page: sample, repair, compress and score with the demo's models at http://127.0.0.1:7860/ (Ctrl-C stops);
-# the Sample tab starts at the demo grid's guidance and temperature.
+# the Sample tab starts at the demo grid's guidance and temperature schedule.
 serve: setup
-	$(BIN)/serve --prior $(PRIOR_CKPT) --cfg_scale 4 --temperature 1.2
+	$(BIN)/serve --prior $(PRIOR_CKPT) --cfg_scale 4 --temperature 1.0 --temperature_end 1.4
 
 # The same page with `make demo-emoji`'s models, sampling as its grid does.
 serve-emoji: setup

@@ -154,6 +154,7 @@ ROWS = [
     ("serve", ["--prior", "{stage1}", "--port", "0"], r"is not a stage-2 prior checkpoint"),
     ("serve", [*P, "--port", "70000"], r"--port must be in \[0, 65535\], got 70000"),
     ("serve", [*P, "--port", "0", "--temperature", "0"], r"--temperature must be in \(0, 10\], got 0$"),
+    ("serve", [*P, "--port", "0", "--temperature_end", "20"], r"--temperature_end must be in \(0, 10\], got 20"),
     ("serve", [*P, "--port", "0", "--cfg_scale", "-1"], r"--cfg_scale must be in \[0, 20\], got -1$"),
     ("serve", [*P, "--port", "0", "--anomaly_net", "{anet28_pt}"], r"anet28.pt was trained on 28x28 images"),
     ("serve", [*P, "--port", "0", "--anomaly_net", "{text}"], r"--anomaly_net \S*text.ckpt is not an anomaly-net"),

@@ -73,7 +73,8 @@ def test_info_and_test_images(client):
 
 
 @pytest.mark.parametrize("label,guidance", [(-1, {}), (1, {}), (1, {"cfg_scale": "2", "cfg_schedule": "constant"}),
-                                           (1, {"cfg_scale": "2", "cfg_schedule": "linear"})])  # fmt: skip
+                                           (1, {"cfg_scale": "2", "cfg_schedule": "linear"}),
+                                           (-1, {"temperature_end": "1.6"})])  # fmt: skip
 def test_sample_gives_the_sample_commands_codes(client, world, tmp_path, label, guidance):  # noqa: F811
     form = {"label": label, "n": 6, "seed": 3, "temperature": 0.9, **guidance}
     data = client.post("/api/sample", data=form).json()
@@ -185,6 +186,7 @@ BAD = [  # (endpoint, form fields, files, status, message)
     ("sample", {"n": "abc"}, {}, 400, r"n must be an integer, got 'abc'"),
     ("sample", {"temperature": "0"}, {}, 400, r"temperature must be in \(0, 10\]"),
     ("sample", {"temperature": "nan"}, {}, 400, r"temperature must be a finite number"),
+    ("sample", {"temperature_end": "11"}, {}, 400, r"end temperature must be in \(0, 10\]"),
     ("sample", {"top_p": "1.5"}, {}, 400, r"top-p must be in \(0, 1\]"),
     ("sample", {"label": 5}, {}, 400, r"unknown class id 5; this prior has 2 classes"),
     ("sample", {"cfg_scale": 2, "cfg_schedule": "cosine"}, {}, 400,

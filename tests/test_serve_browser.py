@@ -29,8 +29,8 @@ WAIT = 60  # seconds for anything on the page (a busy 2-core CI machine)
 
 @pytest.fixture(scope="module")
 def server(world):  # noqa: F811
-    with serving(["--prior", world["prior"], "--device", "cpu", "--temperature", "0.9", "--cfg_scale", "2"],
-                 env={"OMP_NUM_THREADS": "1"}) as url:  # fmt: skip
+    with serving(["--prior", world["prior"], "--device", "cpu", "--temperature", "0.9", "--temperature_end", "1.3",
+                  "--cfg_scale", "2"], env={"OMP_NUM_THREADS": "1"}) as url:  # fmt: skip
         yield url
 
 
@@ -75,7 +75,9 @@ def tab(driver, name: str) -> None:
 
 def test_the_sample_form_starts_at_the_serve_options(page):
     form = "document.getElementById('sample-form')"
-    assert page.execute_script(f"return [{form}.temperature.value, {form}.cfg_scale.value]") == ["0.9", "2"]
+    fields = ", ".join(f"{form}.{name}.value" for name in ("temperature", "temperature_end", "cfg_scale"))
+    values = page.execute_script(f"return [{fields}]")
+    assert values == ["0.9", "1.3", "2"]
 
 
 def test_sample_draws_a_grid(page):

@@ -118,26 +118,30 @@ class Playground:
 
     # ------------------------------------------------------------------------------------ sample
     def _opts(self, temperature: float, top_p: float, seed: int, cfg_scale: float = 1.0, steps: int = 0,
-              cfg_schedule: str = "linear") -> dict:  # fmt: skip
-        """The samplers' keywords; steps (0: the default) counts for masked priors only."""
+              cfg_schedule: str = "linear", temperature_end: float | None = None) -> dict:  # fmt: skip
+        """The samplers' keywords; steps (0: the default) counts for masked priors only; temperature_end None:
+        the constant temperature (as `sample` without --temperature_end)."""
         checked("temperature", temperature, *TEMPERATURE, low_open=True)
+        if temperature_end is not None:
+            checked("end temperature", temperature_end, *TEMPERATURE, low_open=True)
         checked("top-p", top_p, 0, 1, low_open=True)
         checked("CFG scale", cfg_scale, *CFG_SCALE)
         generator = torch.Generator(device=self.m.device).manual_seed(int(checked("seed", seed, 0, 2**63 - 1)))
         opts = dict(temperature=temperature, top_k=None, top_p=None if top_p >= 1 else top_p, cfg_scale=cfg_scale,
-                    cfg_schedule=cfg_schedule, generator=generator)  # the sampler checks the schedule  # fmt: skip
+                    cfg_schedule=cfg_schedule, generator=generator,  # the sampler checks the schedule
+                    temperature_end=temperature_end)  # fmt: skip
         if self.masked:
             opts["steps"] = int(checked("steps", steps, 0, MAX_STEPS)) or DEFAULT_STEPS
         return opts
 
     @torch.no_grad()
     def sample(self, label: int | None, n: int, temperature: float, top_p: float, cfg_scale: float, seed: int,
-               steps: int = 0, cfg_schedule: str = "linear") -> dict:  # fmt: skip
+               steps: int = 0, cfg_schedule: str = "linear", temperature_end: float | None = None) -> dict:  # fmt: skip
         """n new images of class `label` (None: all classes, one column each) -> the grid PNG (scaled like
         `sample`'s) and the .npz `sample` writes (codes, images, labels). Same options, seed and device as
-        `sample --n n [--classes label] [--steps steps]` give the same codes."""
+        `sample --n n [--classes label] [--steps steps] [--temperature_end E]` give the same codes."""
         checked("number of samples", n, 1, MAX_SAMPLES)
-        opts = self._opts(temperature, top_p, seed, cfg_scale, steps, cfg_schedule)
+        opts = self._opts(temperature, top_p, seed, cfg_scale, steps, cfg_schedule, temperature_end)
         t0 = time.perf_counter()
         labels, per_row = class_labels(self.m.prior.num_classes, label, n)
         device_labels = None if labels is None else labels.to(self.m.device)

@@ -37,8 +37,10 @@ def build_parser():
                    help="a train_anomaly_net file: the Anomaly tab adds transform_knn and ranks by it")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for the models before 503")
     p.add_argument("--temperature", type=float, default=1.0, help="the Sample tab's starting temperature")
+    p.add_argument("--temperature_end", type=float, default=None,
+                   help="the Sample tab's starting end temperature (default: none, a constant temperature)")
     p.add_argument("--cfg_scale", type=float, default=1.0,
-                   help="the Sample tab's starting guidance scale (`make serve`: the demo's 4, with temperature 1.2)")
+                   help="the Sample tab's starting guidance scale (`make serve`: the demo's 4, temperature 1.0 -> 1.4)")
     add_device(p)
     return p
 
@@ -72,6 +74,8 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
         raise UserError(f"--queue must be >= 1, got {a.queue}")
     try:  # the bounds the page's form is checked against
         checked("--temperature", a.temperature, *TEMPERATURE, low_open=True)
+        if a.temperature_end is not None:
+            checked("--temperature_end", a.temperature_end, *TEMPERATURE, low_open=True)
         checked("--cfg_scale", a.cfg_scale, *CFG_SCALE)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -81,8 +85,10 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
         models = load_models(a.prior, a.vqvae, device)
         fits = (models.channels, models.image_size)
         anomaly_net = AnomalyNet.load(a.anomaly_net, device, fits=fits) if a.anomaly_net else None
-        play = Playground(models, anomaly_net=anomaly_net,
-                          sample_defaults={"temperature": a.temperature, "cfg_scale": a.cfg_scale})  # fmt: skip
+        defaults = {"temperature": a.temperature, "cfg_scale": a.cfg_scale}
+        if a.temperature_end is not None:  # else the field stays empty: a constant temperature
+            defaults["temperature_end"] = a.temperature_end
+        play = Playground(models, anomaly_net=anomaly_net, sample_defaults=defaults)
         play.sample(None, 1, 1.0, 1.0, 1.0, 0)  # warm-up: the first click then costs what every click costs
         app = create_app(play, int(a.max_upload_mb * 1e6), a.queue)
         # The test images are read on the model thread, before any request that could need them.

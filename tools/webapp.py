@@ -2,7 +2,8 @@
 and a small JSON API over a :class:`tools.playground.Playground`.
 
     GET  /                      the page            GET /api/info, /api/health, /api/test_image/{i}
-    POST /api/sample            form: label, n, temperature, top_p, cfg_scale, cfg_schedule, seed (, steps: masked)
+    POST /api/sample            form: label, n, temperature, top_p, cfg_scale, cfg_schedule, seed (, steps: masked;
+                                temperature_end: a schedule)
     POST /api/repair            form: image (file) or test_index, mask (PNG), n, temperature, top_p, seed (, steps)
     POST /api/compress          form: image (file)          POST /api/decompress   form: file (.vqz)
     POST /api/anomaly           form: images (files)
@@ -180,9 +181,10 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
     async def sample(request: Request):
         form = await form_of(request)
         label = int(number(form, "label", int, -1))
+        end = number(form, "temperature_end", float) if str(form.get("temperature_end") or "").strip() else None
         args = (None if label < 0 else label, int(number(form, "n", int, 16)), number(form, "temperature", float, 1.0),
                 number(form, "top_p", float, 1.0), number(form, "cfg_scale", float, 1.0), number(form, "seed", int, 0),
-                number(form, "steps", int, 0), str(form.get("cfg_schedule") or "linear"))
+                number(form, "steps", int, 0), str(form.get("cfg_schedule") or "linear"), end)
         out, seconds = await queue.run(play.sample, *args)
         return {"grid": data_url(out["grid"]), "npz": data_url(out["npz"], "application/octet-stream"),
                 "n": out["n"], "model_seconds": out["seconds"], "seconds": seconds}  # fmt: skip
