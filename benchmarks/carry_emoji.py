@@ -24,12 +24,13 @@ import numpy as np
 from _common import ROOT  # noqa: F401  (puts the repo root on sys.path)
 from PIL import Image
 
-from common.emoji import VENDORS, composite_over_white, load_emoji
+from common.emoji import VENDORS, load_emoji
+from common.images import read_images
 
 
 def pack_vendor(src: Path, dst: Path, vendor: str) -> str:
     files = sorted((src / "img" / vendor / "64").glob("*.png"))
-    block = np.stack([composite_over_white(f, 64) for f in files])  # (N, 64, 64, 3) uint8
+    block = read_images(files, 64, 3)  # (N, 64, 64, 3) uint8, over white as load_emoji reads them
     (dst / f"{vendor}.xz").write_bytes(lzma.compress(block.tobytes(), preset=6))
     (dst / f"{vendor}.json").write_text(json.dumps([f.name for f in files]))
     return f"{vendor}: {len(files)} glyphs"

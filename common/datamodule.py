@@ -23,12 +23,11 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
         self.save_hyperparameters(options)
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False,
-                   indices_only: bool | None = None, resumable: bool = False,
-                   shard: dict[str, int] | None = None) -> DataLoader:  # fmt: skip
+    def dataloader(self, split: str, batch_size: int | None = None, indices_only: bool | None = None,
+                   resumable: bool = False, shard: dict[str, int] | None = None) -> DataLoader:  # fmt: skip
         """As ImageSplits.dataloader; with --data.on_device the batches are row numbers (see below)."""
         indices_only = self.options.on_device if indices_only is None else indices_only
-        return super().dataloader(split, shuffle, batch_size, drop_last, indices_only, resumable, shard)
+        return super().dataloader(split, batch_size, indices_only, resumable, shard)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """--data.on_device: the whole split (uint8) is copied to the device once, and each batch of row numbers

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from common.images import ImageError, read_image, read_images
+from common.images import ImageError, read_images
 from common.readers import DatasetError, DatasetNotFoundError, ImageArrays
 
 VERSION = "16.0.0"
@@ -130,16 +130,6 @@ def _broken(e: ImageError) -> DatasetError:
     return DatasetError(f"{str(e).removesuffix('; fix or delete the file')}; re-run `make data-emoji`")
 
 
-def composite_over_white(path: Path, image_size: int) -> np.ndarray:
-    """An RGBA file -> uint8 (image_size, image_size, 3), alpha-composited over white, resized if needed:
-    what every user image goes through (`common.images.read_image`), so a glyph given to `compress`,
-    `sample --prime` or the page is read exactly as the data set read it."""
-    try:
-        return read_image(path, image_size, 3)
-    except ImageError as e:
-        raise _broken(e) from None
-
-
 def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArrays:
     """Every vendor's glyphs under `root` (default data/emoji) with their category labels and split groups."""
     if image_size not in SIZES:
@@ -167,7 +157,7 @@ def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArr
     if not files:
         raise DatasetNotFoundError(f"emoji: no glyph images found under {root}/img; {HOW_TO_GET}")
     try:
-        images = read_images(files, image_size, 3)  # over white, as composite_over_white: on a few threads
+        images = read_images(files, image_size, 3)  # over white, as every user image is read
     except ImageError as e:
         raise _broken(e) from None
     return EmojiArrays(images, np.asarray(labels, np.int64), names, np.asarray(groups, np.int64), who, what)

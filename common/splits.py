@@ -225,13 +225,13 @@ class ImageSplits:
         return ds.images, ds.labels
 
     def dataloader(
-        self, split: str, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False,
-        indices_only: bool = False, resumable: bool = False, shard: dict[str, int] | None = None,
+        self, split: str, batch_size: int | None = None, indices_only: bool = False, resumable: bool = False,
+        shard: dict[str, int] | None = None,
     ) -> DataLoader:  # fmt: skip
         """A loader over one split; by default every image once, in order (what code extraction needs).
         `indices_only`: batches of row numbers (`SplitIndices`), drawn in the same order as the images.
         `resumable`: shuffled whole batches that a checkpoint can resume mid-epoch (common.shuffle; the
-        same order as shuffle=True, drop_last=True), this rank's `shard` of them under DDP."""
+        same order as a DataLoader's shuffle=True, drop_last=True), this rank's `shard` of them under DDP."""
         images, _ = self.split_arrays(split)  # validates the name, loads once
         workers = self.options.num_workers
         dataset = SplitIndices(split, len(images)) if indices_only else self._load()[split]
@@ -242,8 +242,7 @@ class ImageSplits:
                        pin_memory=torch.cuda.is_available())  # fmt: skip
         if resumable:
             return resumable_loader(dataset, batch_size or self.options.batch_size, shard, **options)
-        return DataLoader(dataset, batch_size=batch_size or self.options.batch_size, shuffle=shuffle,
-                          drop_last=drop_last, **options)  # fmt: skip
+        return DataLoader(dataset, batch_size=batch_size or self.options.batch_size, **options)
 
 
 class SplitIndices(Dataset):

@@ -165,7 +165,8 @@ class VQVAE(VQModel, pl.LightningModule):
         histograms, usages = {}, []
         for level, usage, dead in zip(self.levels, self.val_usage, self.dead_codes()):
             stats = usage.compute()
-            histograms[self._per_level(f"{split}/code_histogram", level)] = stats["counts"].cpu().numpy()  # all ranks
+            if split == "val":  # the dashboard's code histograms (validation only)
+                histograms[self._per_level("val/code_histogram", level)] = stats["counts"].cpu().numpy()  # all ranks
             usage.reset()
             usages.append(stats["usage"])
             self.log(self._per_level(f"{split}/perplexity", level), stats["perplexity"])
