@@ -2,18 +2,19 @@
 # The emoji GPU targets in one prepared run, through the real commands (about 7 minutes on one H100):
 # stage 1 with configs/stage1/emoji_gpu.yaml (2 min), test PSNR/SSIM/rFID/codes used, extraction, the
 # Transformer prior with configs/stage2/emoji_transformer_gpu.yaml (2 min 15 s), sample FID of 1,000 samples
-# beside the real-data floor (emoji feature net), and `sample --n 64` process wall.
+# beside the real-data floor (emoji feature net; also with --cfg_scale 3, and that with the temperature rising
+# 1.0 -> 1.3 over the grid), and `sample --n 64` process wall.
 #
 #   bash benchmarks/gpu_emoji.sh OUT_DIR                    # a GPU machine, project on PYTHONPATH
 #   ACC=cpu S1_TIME=00:00:00:20 S2_TIME=00:00:00:20 N=32 S2_ARGS="--data.batch_size 16" PY=.venv/bin/python bash benchmarks/gpu_emoji.sh /tmp/x
 #
 # Needs data/emoji (`make data-emoji`, or benchmarks/carry_emoji.py unpack) and the emoji feature net
 # (runs/feature_net/emoji.pt, from `train_feature_net --data.dataset emoji ...`). Each step has its own
-# time limit, a failing step does not stop the later ones, and no step starts after BUDGET_S (440) seconds;
+# time limit, a failing step does not stop the later ones, and no step starts after BUDGET_S (460) seconds;
 # results (packed after every step): OUT_DIR/log.txt and results.tar.gz.
 set -u
 OUT=${1:?usage: gpu_emoji.sh OUT_DIR}
-R=${RUNS:-runs/gpu_emoji} FEAT=${FEATURES:-runs/feature_net/emoji.pt} BUDGET=${BUDGET_S:-440}
+R=${RUNS:-runs/gpu_emoji} FEAT=${FEATURES:-runs/feature_net/emoji.pt} BUDGET=${BUDGET_S:-460}
 S1=${S1_TIME:-00:00:02:00} S2=${S2_TIME:-00:00:02:15}
 source "$(dirname "$0")/_gpu_steps.sh"
 step stage1 300 $PY -m stage1_vqvae.train fit --config configs/stage1/emoji_gpu.yaml --trainer.accelerator $ACC \
@@ -32,5 +33,9 @@ done
 step sample_n_cfg3 120 $PY -m tools.sample --prior $S2CK --n $N --cfg_scale 3 --out $R/samples_cfg3.npz --device $DEV
 step fid_cfg3 120 $PY -m tools.evaluate samples --samples $R/samples_cfg3.npz --data.dataset emoji --data.val_size 0 \
   --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples_cfg3.json
+step sample_n_sched 120 $PY -m tools.sample --prior $S2CK --n $N --cfg_scale 3 --temperature 1.0 --temperature_end 1.3 \
+  --out $R/samples_sched.npz --device $DEV
+step fid_sched 120 $PY -m tools.evaluate samples --samples $R/samples_sched.npz --data.dataset emoji --data.val_size 0 \
+  --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples_sched.json
 cp "$R/samples_64.png" "$OUT/" 2>/dev/null
 echo "== done $(date +%T)"

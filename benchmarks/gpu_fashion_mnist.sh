@@ -3,7 +3,8 @@
 # H100): stage 1 with configs/stage1/fashion_mnist_gpu.yaml (60 s of training; images/s and test PSNR),
 # extract_codes (images/s), the Transformer prior with configs/stage2/fashion_mnist_transformer_gpu.yaml
 # (60 s; code maps/s and test bits/code against the CPU demo's 5.356), `sample --n 64` process wall, sample
-# FID of 1,000 samples, and the masked-vs-autoregressive sampling speed (benchmarks/maskgit_speed.py).
+# FID of 1,000 samples (`make demo`'s guidance and temperature schedule), and the masked-vs-autoregressive
+# sampling speed (benchmarks/maskgit_speed.py).
 #
 #   bash benchmarks/gpu_fashion_mnist.sh OUT_DIR             # a GPU machine, project on PYTHONPATH
 #   ACC=cpu S1_TIME=00:00:00:20 S2_TIME=00:00:00:20 N=32 S2_ARGS="--data.batch_size 16" PY=.venv/bin/python bash benchmarks/gpu_fashion_mnist.sh /tmp/x
@@ -28,7 +29,8 @@ step eval_prior 60 $PY -m tools.evaluate prior --ckpt $S2CK --codes $R/codes --d
 for i in 1 2; do
   step sample_64_$i 60 $PY -m tools.sample --prior $S2CK --n 64 --out $R/samples_64.png --device $DEV --overwrite
 done
-step sample_n 60 $PY -m tools.sample --prior $S2CK --n $N --out $R/samples.npz --device $DEV
+step sample_n 60 $PY -m tools.sample --prior $S2CK --n $N --cfg_scale 4 --temperature 1.0 --temperature_end 1.4 \
+  --out $R/samples.npz --device $DEV
 step fid 60 $PY -m tools.evaluate samples --samples $R/samples.npz --ckpt $S1CK --features $FEAT --device $DEV \
   --json $R/eval_samples.json
 step maskgit_speed 90 $PY benchmarks/maskgit_speed.py --device $DEV --threads 0 --repeats 2 --grids emoji_16x16 --json $R/maskgit_speed.json
