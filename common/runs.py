@@ -17,12 +17,10 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,7 +45,7 @@ from common.launch import (
     on_rank_zero,
     point_latest,
 )
-from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger
+from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
@@ -276,21 +274,9 @@ class VQGenCLI(LightningCLI):
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
 
 
-def _no_advert(record: logging.LogRecord) -> bool:
-    """Lightning 2.6 prints tips to install its cloud logger and model registry on runs that do not use them."""
-    message = record.getMessage()
-    return "litlogger" not in message and "litmodels" not in message
-
-
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
     """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
-    # Lightning 2.6's own use of a class torch 2.13 deprecates: printed by every run, nothing for a user to do
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-    # validate/test from a training checkpoint: its callbacks' states (RngState, ModelCheckpoint) are not needed
-    warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create")
-    lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if _no_advert not in lightning_info.filters:
-        lightning_info.addFilter(_no_advert)
+    quiet_lightning()
     try:
         cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
     except UserError as e:

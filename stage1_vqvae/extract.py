@@ -37,6 +37,7 @@ from common.codes_writer import CodesWriter
 from common.datamodule import ImageDataModule
 from common.images import from_uint8
 from common.launch import machine_error
+from common.logging import quiet_lightning
 from common.readers import SPLITS
 from common.splits import data_options
 from stage1_vqvae.model import VQModel, load_stage1
@@ -297,6 +298,7 @@ def _run(args: list[str] | None) -> str | None:
 
 
 def main(args: list[str] | None = None) -> None:
+    quiet_lightning()
     run_command("extract_codes", _run, args)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from test_stage1 import ROOT, fit_args, fit_in_subprocess, train_losses
 
 from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
+from common.logging import LIGHTNING_NOISE
 from stage1_vqvae.train import main as train_stage1
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.train import main as train_stage2
@@ -308,6 +310,28 @@ def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folde
     assert "litlogger" not in printed and "anonymous setting" not in printed, printed[-3000:]
     assert list((tmp_path / "runs" / "version_0" / "wandb").glob("offline-run-*"))
 
+
+
+def test_lightning_advice_that_does_not_apply_is_not_printed(shapes_folder, tmp_path, monkeypatch, recwarn):
+    """Lightning's worker advice (any machine with more than 2 cores, though vqgen's loaders only index arrays
+    in memory), its log-interval warning (epochs shorter than --log.every_n_steps: logging counts global steps)
+    and its bf16 model-summary note were printed by every such run. The same run without quiet_lightning shows
+    all three, so the test sees them fire."""
+    from pytorch_lightning.trainer.connectors import data_connector
+
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 7)  # an 8-core machine
+    extra = ("--trainer.precision", "bf16-mixed", "--trainer.enable_model_summary", "true",
+             "--log.every_n_steps", "100")  # fmt: skip
+
+    def noise(root: Path) -> set[str]:
+        recwarn.clear()
+        train_stage1(fit_args(shapes_folder, root, 2, *extra))
+        return {p for p, _ in LIGHTNING_NOISE[2:] if any(re.search(p, str(w.message)) for w in recwarn.list)}
+
+    with monkeypatch.context() as m:
+        m.setattr("common.runs.quiet_lightning", lambda: None)
+        assert noise(tmp_path / "loud") == {p for p, _ in LIGHTNING_NOISE[2:]}
+    assert noise(tmp_path / "quiet") == set()
 
 def test_trainer_settings_the_machine_cannot_run_are_one_line(shapes_folder, tmp_path, capsys):
     """A GPU config on a CPU machine (here: Apple's MPS, which no Linux machine has) was a Lightning traceback."""
