@@ -9,15 +9,22 @@ STAGE1_CKPT := $(RUNS)/stage1/latest/checkpoints/last.ckpt
 PRIOR_CKPT := $(RUNS)/stage2_transformer/latest/checkpoints/best.ckpt
 export WANDB_SILENT ?= true
 
-.PHONY: setup data data-emoji demo demo-emoji demo-stage1 test lint bench clean serve serve-emoji
+.PHONY: setup setup-dev data data-emoji demo demo-emoji demo-stage1 test lint bench clean serve serve-emoji
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 # torch first, pinned: that pin is a local CPU build here; an unpinned torch would pull a multi-GB CUDA build.
+# The commands need the project alone; the tests and lint add the dev tools (pytest, ruff, selenium, scipy:
+# 10 s of the 45-s set-up here), so `make demo` does not wait for them.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -63,10 +70,10 @@ serve: setup
 serve-emoji: setup
 	$(BIN)/serve --prior $(EMOJI_RUNS)/stage2_transformer/latest/checkpoints/best.ckpt --temperature 0.95
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 
 clean:
