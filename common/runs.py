@@ -34,6 +34,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import EXIT_USER_ERROR, UserError, one_line
+from common.interrupt import EXIT_INTERRUPTED, Interrupted, StopOnInterrupt
 from common.launch import (
     RUN_ENV,
     Run,
@@ -94,6 +95,9 @@ class RunWatch(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._point(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._point(trainer)  # Ctrl-C's checkpoint (common.interrupt) may be the run's first
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         for logger in trainer.loggers:
@@ -164,6 +168,7 @@ class VQGenCLI(LightningCLI):
         self.run: Run | None = None
         self.run_dir: Path | None = None
         self._watch: RunWatch | None = None
+        self._prog = kwargs.get("parser_kwargs", {}).get("prog", "train")
         self._rank0 = True
         try:
             super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
@@ -249,7 +254,7 @@ class VQGenCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         monitor, mode = getattr(model, "monitor", ("val/loss", "min"))
         self._watch = RunWatch(self._root, self.run_dir)
-        callbacks += [self._watch, RngState()]
+        callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, self.run_dir / "checkpoints" / "last.ckpt")]
         callbacks.append(
             ModelCheckpoint(
                 dirpath=self.run_dir / "checkpoints",
@@ -282,3 +287,6 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
     except UserError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except Interrupted as e:
+        print(f"{prog}: {e}; to go on from there, run the same command with --ckpt_path last", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None

@@ -1,10 +1,13 @@
 """Callbacks the stage-1 tests pass on the command line (``--trainer.callbacks``). `DumpCodebook` looks inside
 a run: it saves each rank's quantizer state at the start and end of training as
 ``<out>/{start,end}_rank{r}.pt`` (with the rank's run folder), and at the end also the trained model's codes
-for the first test images. `FailAt` makes a run fail in training before it writes any checkpoint."""
+for the first test images. `FailAt` makes a run fail in training before it writes any checkpoint;
+`InterruptAt` presses Ctrl-C."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -53,3 +56,15 @@ class FailAt(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
         if self.in_backward:
             self._fail(trainer)
+
+
+class InterruptAt(pl.Callback):
+    """Sends this process a SIGINT (a Ctrl-C) at the start of the batch that makes step `step` + 1, once."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.step, self.sent = step, False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)

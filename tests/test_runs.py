@@ -9,6 +9,7 @@ import csv
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.train import main as train_stage2
 
 FAIL = "tests.ddp_probe.FailAt"
+INTERRUPT = "tests.ddp_probe.InterruptAt"
 
 
 @pytest.fixture(autouse=True)
@@ -234,6 +236,39 @@ def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash,
         assert torch.equal(value, b["state_dict"][name]), name
     assert train_losses(tmp_path / "straight" / "version_0") == train_losses(tmp_path / "resumed" / "version_0")
 
+
+
+@pytest.mark.parametrize("press", [3, 8, 5], ids=["mid_epoch", "before_a_validation", "an_epochs_last_batch"])
+def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, capsys,
+                                                                                 press):  # fmt: skip
+    """Ctrl-C during step `press` + 1 (6 batches per epoch, a validation and checkpoint every 3 steps): that
+    step is finished and saved as last.ckpt, the run exits with 130 and says how to go on (no validation,
+    test or grid first), `latest` points at it (its first checkpoint when no validation came before), the
+    SIGINT handler is the caller's again, and `--ckpt_path last` then ends with the weights and logged losses
+    of a run never stopped, bit for bit. Pressed during step 9, the save comes before that step's
+    validation, which the resumed run makes; during step 6, the epoch's last, after it (at the epoch's end)."""
+    every3 = ("--trainer.val_check_interval", "3")
+    train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *every3))
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, f"--trainer.callbacks+={INTERRUPT}",
+                              f"--trainer.callbacks.step={press}"))  # fmt: skip
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
+    run = tmp_path / "resumed" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    err = capsys.readouterr().err
+    assert f"train_stage1: stopped by Ctrl-C at step {press + 1}, saved as {last}" in err, err
+    assert "--ckpt_path last" in err and not (run / "reconstructions.png").exists()
+    assert torch.load(last, weights_only=True)["global_step"] == press + 1
+    assert (tmp_path / "resumed" / "latest").resolve() == run.resolve()
+    train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
+    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+            for name in ("straight", "resumed"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 12
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    assert train_losses(tmp_path / "straight" / "version_0") == train_losses(run)
 
 # ------------------------------------------------------------------------------------- launchers
 @pytest.mark.slow

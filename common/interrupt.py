@@ -1,0 +1,95 @@
+"""Ctrl-C during `fit`: finish the training step under way, save it as ``last.ckpt`` and stop, so that
+``--ckpt_path last`` goes on from the step the user stopped at (Lightning's own handling keeps only the
+last validation's checkpoint: up to 1,000 steps of the default configs lost). A second Ctrl-C stops at once,
+the Lightning way. The saved run resumes bit-identically to one never stopped (tests/test_runs.py).
+
+One process only: under DDP every rank gets the Ctrl-C at a different step, and saving would need them to
+agree on one, so several processes keep Lightning's handling.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C: `make` stops too
+
+
+class Interrupted(Exception):
+    """Raised out of the fit once the step is saved: no validation, test or grid follows (Lightning would run
+    a validation before stopping, an extra RNG draw the uninterrupted run never made)."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by Ctrl-C at step {step}, saved as {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopOnInterrupt(Callback):
+    """Installs a SIGINT handler for the training loop of a one-process fit; raises Interrupted when saved."""
+
+    def __init__(self, prog: str, checkpoint: Path) -> None:
+        self.prog, self.checkpoint = prog, checkpoint
+        self.requested, self._at_epoch_end = False, False
+        self._saved: int | None = None  # the step saved as last.ckpt
+        self._previous: Any = None
+        self._installed = False
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self._restore()  # a second Ctrl-C raises KeyboardInterrupt inside the step
+        print(f"\n{self.prog}: Ctrl-C: stopping after this training step and saving it to {self.checkpoint} "
+              "(Ctrl-C again to stop at once, keeping only the last validation's checkpoint)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.SIG_IGN:  # started in the background by a shell: no Ctrl-C reaches it
+                return
+            self._previous = previous if previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, self._request)
+            self._installed = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        """Saves the finished step; Interrupted follows at the next hook, after Lightning has logged the step.
+        The last batch of an epoch is saved at the epoch's end instead (after any validation there): a run
+        resumed from the epoch's last batch end draws one shuffle more than one never stopped."""
+        if self.requested and self._saved is None:
+            self.requested = False
+            if batch_idx + 1 < trainer.num_training_batches:
+                self._save(trainer)
+            else:
+                self._at_epoch_end = True
+
+    def _save(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)
+        self._saved = trainer.global_step
+
+    def _stop_if_saved(self, *args: Any) -> None:
+        if self._saved is not None:
+            raise Interrupted(self._saved, self.checkpoint)
+
+    on_train_batch_start = on_validation_start = _stop_if_saved
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._at_epoch_end:
+            self._save(trainer)
+        self._stop_if_saved()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+        self._stop_if_saved()  # the step pressed on was the last one (max_steps): it is saved all the same
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
