@@ -22,6 +22,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C: `make` stops too
 
 
 class UserError(Exception):
@@ -118,11 +119,14 @@ def wandb_offline_unless_logged_in() -> bool:
 
 
 def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: list[str] | None) -> None:
-    """Run a command's body; print what it returns, or its user error as one line and exit 2."""
+    """Run a command's body; print what it returns, or its user error as one line and exit 2 (Ctrl-C: 130)."""
     try:
         message = fn(args)
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written under temporary names, so no partial file is left
+        print(f"\n{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     if message:
         print(message, flush=True)

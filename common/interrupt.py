@@ -17,8 +17,6 @@ from typing import Any
 
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C: `make` stops too
-
 
 class Interrupted(Exception):
     """Raised out of the fit once the step is saved: no validation, test or grid follows (Lightning would run

@@ -33,8 +33,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
-from common.cli import EXIT_USER_ERROR, UserError, one_line
-from common.interrupt import EXIT_INTERRUPTED, Interrupted, StopOnInterrupt
+from common.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, one_line
+from common.interrupt import Interrupted, StopOnInterrupt
 from common.launch import (
     RUN_ENV,
     Run,

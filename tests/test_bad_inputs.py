@@ -261,3 +261,26 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, command, args, 
     assert re.search(message, err), f"{message!r} not in {err!r}"
     assert not (root / "PWNED").exists(), "a crafted checkpoint ran code"
     assert snapshot(root) == before
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(world, capsys, monkeypatch):
+    """Ctrl-C while `sample` writes its grid: one line (no KeyboardInterrupt traceback), exit code 130 (so
+    `make` stops), and neither the grid nor its temporary file is left (outputs are written atomically)."""
+    import tools.sample
+    from common.io import atomic_file
+
+    def interrupted_save(images, path, **kwargs):
+        with atomic_file(path) as f:
+            f.write(b"half a PNG")
+            raise KeyboardInterrupt
+
+    root = Path(world["root"])
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(tools.sample, "save_grid", interrupted_save)
+    before = snapshot(root)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        sample(["--prior", world["prior"], "--n", "2", "--out", str(root / "grid.png")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 130 and err == "sample: interrupted (Ctrl-C)", err
+    assert snapshot(root) == before
