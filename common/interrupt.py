@@ -71,7 +71,9 @@ class StopOnInterrupt(Callback):
                 self._at_epoch_end = True
 
     def _save(self, trainer: Trainer) -> None:
-        trainer.save_checkpoint(self.checkpoint, weights_only=False)
+        # the full checkpoint (optimizer, loops, callbacks), as ModelCheckpoint writes it; Lightning's second
+        # argument says what is saved, not how a file is loaded (every load here is weights-only)
+        trainer.save_checkpoint(self.checkpoint, False)
         self._saved = trainer.global_step
 
     def _stop_if_saved(self, *args: Any) -> None:
