@@ -211,9 +211,9 @@ def _no_advert(record: logging.LogRecord) -> bool:
     return "litlogger" not in message and "litmodels" not in message
 
 
-def quiet_lightning(noise: tuple[tuple[str, type[Warning]], ...] = LIGHTNING_NOISE) -> None:
+def quiet_lightning() -> None:
     """Silence LIGHTNING_NOISE and Lightning's adverts for the rest of the process (training and extraction)."""
-    for message, category in noise:
+    for message, category in LIGHTNING_NOISE:
         warnings.filterwarnings("ignore", message, category)
     lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _no_advert not in lightning_info.filters:
