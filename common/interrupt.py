@@ -19,8 +19,8 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 
 
 class Interrupted(Exception):
-    """Raised out of the fit once the step is saved: no validation, test or grid follows (Lightning would run
-    a validation before stopping, an extra RNG draw the uninterrupted run never made)."""
+    """Raised out of the fit once the step is saved, so no test or grid follows (Lightning's should_stop would
+    also run a validation the uninterrupted run never made: an RNG draw more)."""
 
     def __init__(self, step: int, checkpoint: Path) -> None:
         super().__init__(f"stopped by Ctrl-C at step {step}, saved as {checkpoint}")
@@ -32,7 +32,7 @@ class StopOnInterrupt(Callback):
 
     def __init__(self, prog: str, checkpoint: Path) -> None:
         self.prog, self.checkpoint = prog, checkpoint
-        self.requested, self._at_epoch_end = False, False
+        self.requested = False
         self._saved: int | None = None  # the step saved as last.ckpt
         self._previous: Any = None
         self._installed = False
@@ -40,7 +40,8 @@ class StopOnInterrupt(Callback):
     def _request(self, signum: int, frame: Any) -> None:
         self.requested = True
         self._restore()  # a second Ctrl-C raises KeyboardInterrupt inside the step
-        print(f"\n{self.prog}: Ctrl-C: stopping after this training step and saving it to {self.checkpoint} "
+        print(f"\n{self.prog}: Ctrl-C: stopping after this training step (the next, if this one ends an epoch) "
+              f"and saving it to {self.checkpoint} "
               "(Ctrl-C again to stop at once, keeping only the last validation's checkpoint)",
               file=sys.stderr, flush=True)  # fmt: skip
 
@@ -60,36 +61,26 @@ class StopOnInterrupt(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        """Saves the finished step; Interrupted follows at the next hook, after Lightning has logged the step.
-        The last batch of an epoch is saved at the epoch's end instead (after any validation there): a run
-        resumed from the epoch's last batch end draws one shuffle more than one never stopped."""
+        """Saves the finished step; Interrupted follows at the next batch's start, after Lightning has logged the
+        step and run the validation due after it, if any (ModelCheckpoint then writes last.ckpt again, after it,
+        as in a run never stopped: saved before it, the resumed run's validation drew from the RNG before the
+        saved states were restored). An epoch's last step is not saved: the next epoch's first is (a run resumed
+        from a checkpoint written at an epoch's end, without a validation there, shuffled the next epoch
+        differently)."""
         if self.requested and self._saved is None:
-            self.requested = False
-            if batch_idx + 1 < trainer.num_training_batches:
-                self._save(trainer)
-            else:
-                self._at_epoch_end = True
+            if batch_idx + 1 < trainer.num_training_batches or trainer.num_training_batches == 1:
+                self.requested = False
+                # the full checkpoint (optimizer, loops, callbacks), as ModelCheckpoint writes it; Lightning's
+                # second argument says what is saved, not how a file is loaded (every load here is weights-only)
+                trainer.save_checkpoint(self.checkpoint, False)
+                self._saved = trainer.global_step
 
-    def _save(self, trainer: Trainer) -> None:
-        # the full checkpoint (optimizer, loops, callbacks), as ModelCheckpoint writes it; Lightning's second
-        # argument says what is saved, not how a file is loaded (every load here is weights-only)
-        trainer.save_checkpoint(self.checkpoint, False)
-        self._saved = trainer.global_step
-
-    def _stop_if_saved(self, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self._saved is not None:
             raise Interrupted(self._saved, self.checkpoint)
 
-    on_train_batch_start = on_validation_start = _stop_if_saved
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._at_epoch_end:
-            self._save(trainer)
-        self._stop_if_saved()
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore()
-        self._stop_if_saved()  # the step pressed on was the last one (max_steps): it is saved all the same
+        self._restore()  # the step pressed on was the last one (max_steps): the run ends as usual
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()

@@ -96,9 +96,6 @@ class RunWatch(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._point(trainer)
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._point(trainer)  # Ctrl-C's checkpoint (common.interrupt) may be the run's first
-
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         for logger in trainer.loggers:
             logger.save()

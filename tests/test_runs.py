@@ -238,16 +238,18 @@ def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash,
 
 
 
-@pytest.mark.parametrize("press", [3, 8, 5], ids=["mid_epoch", "before_a_validation", "an_epochs_last_batch"])
+@pytest.mark.parametrize("press,every", [(2, 3), (3, 3), (8, 3), (5, 3), (5, 10)],
+                         ids=["first_checkpoint_before_a_validation", "mid_epoch", "before_a_validation",
+                              "an_epochs_last_batch", "an_epochs_last_batch_no_validation"])  # fmt: skip
 def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, capsys,
-                                                                                 press):  # fmt: skip
-    """Ctrl-C during step `press` + 1 (6 batches per epoch, a validation and checkpoint every 3 steps): that
-    step is finished and saved as last.ckpt, the run exits with 130 and says how to go on (no validation,
-    test or grid first), `latest` points at it (its first checkpoint when no validation came before), the
-    SIGINT handler is the caller's again, and `--ckpt_path last` then ends with the weights and logged losses
-    of a run never stopped, bit for bit. Pressed during step 9, the save comes before that step's
-    validation, which the resumed run makes; during step 6, the epoch's last, after it (at the epoch's end)."""
-    every3 = ("--trainer.val_check_interval", "3")
+                                                                                 press, every):  # fmt: skip
+    """Ctrl-C during step `press` + 1 (6 batches per epoch, a validation and checkpoint every `every` steps):
+    that step is finished and saved as last.ckpt (an epoch's last step: the next one), the run exits with 130
+    and says how to go on (no test or grid first), `latest` points at it (also when it is the run's first
+    checkpoint), the SIGINT handler is the caller's again, and `--ckpt_path last` then ends with the weights
+    and logged losses of a run never stopped, bit for bit. Pressed during step 3 or 9, the validation due
+    after it runs before the run stops, as it would have."""
+    every3 = ("--trainer.val_check_interval", str(every))
     train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *every3))
     capsys.readouterr()
     handler = signal.getsignal(signal.SIGINT)
@@ -258,14 +260,15 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(s
     run = tmp_path / "resumed" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
     err = capsys.readouterr().err
-    assert f"train_stage1: stopped by Ctrl-C at step {press + 1}, saved as {last}" in err, err
+    saved = press + 1 if (press + 1) % 6 else press + 2
+    assert f"train_stage1: stopped by Ctrl-C at step {saved}, saved as {last}" in err, err
     assert "--ckpt_path last" in err and not (run / "reconstructions.png").exists()
-    assert torch.load(last, weights_only=True)["global_step"] == press + 1
+    assert torch.load(last, weights_only=True)["global_step"] == saved
     assert (tmp_path / "resumed" / "latest").resolve() == run.resolve()
     train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
     a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12
+    assert a["global_step"] == b["global_step"] == 12 // every * every  # the last validation's checkpoint
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
     assert train_losses(tmp_path / "straight" / "version_0") == train_losses(run)
