@@ -8,6 +8,7 @@ adds Lightning's hooks to this class.
 from __future__ import annotations
 
 import inspect
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +56,13 @@ class UInt8ImageDataset(Dataset):
 
 def already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch  # module-level so worker processes can pickle it
+
+
+def worker_ignores_ctrl_c(worker_id: int) -> None:
+    """A loader worker's init: a terminal's Ctrl-C reaches every process of the job, and a worker it stopped
+    made the training's next fetch crash before the step could be saved (common.interrupt); the main process
+    ends its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ImageSplits:
@@ -239,7 +247,8 @@ class ImageSplits:
         # (and draws its worker seed from torch's global RNG) at every pass, so a run resumed mid-epoch, whose
         # first validation would otherwise make one that the uninterrupted run made earlier, draws the same.
         options = dict(num_workers=workers, persistent_workers=workers > 0 and resumable, collate_fn=already_batched,
-                       pin_memory=torch.cuda.is_available())  # fmt: skip
+                       pin_memory=torch.cuda.is_available(),
+                       worker_init_fn=worker_ignores_ctrl_c if workers else None)  # fmt: skip
         if resumable:
             return resumable_loader(dataset, batch_size or self.options.batch_size, shard, **options)
         return DataLoader(dataset, batch_size=batch_size or self.options.batch_size, **options)

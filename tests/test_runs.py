@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +351,30 @@ def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folde
     assert list((tmp_path / "runs" / "version_0" / "wandb").glob("offline-run-*"))
 
 
+
+
+def test_ctrl_c_from_a_terminal_with_loader_workers(shapes_folder, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: loader workers must not die of it (the next fetch
+    crashed with a traceback and no `latest`), so the run still saves its step and exits with 130."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    args = fit_args(shapes_folder, tmp_path / "runs", 100000, "--data.num_workers", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "stage1_vqvae.train", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:  # wait for training to run (a progress line), then press Ctrl-C
+            lines.append(line)
+            if re.match(r"epoch \d+ step \d+/", line):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert re.search(r"train_stage1: stopped by Ctrl-C at step \d+, saved as ", out), out[-3000:]
+    assert (tmp_path / "runs" / "latest" / "checkpoints" / "last.ckpt").is_file()
 
 def test_lightning_advice_that_does_not_apply_is_not_printed(shapes_folder, tmp_path, monkeypatch, recwarn):
     """Lightning's worker advice (any machine with more than 2 cores, though vqgen's loaders only index arrays
