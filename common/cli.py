@@ -12,10 +12,13 @@ A user error (a bad flag, a missing or unusable file, an output that already exi
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import torch
@@ -23,6 +26,28 @@ from jsonargparse import ArgumentParser
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C: `make` stops too
+
+
+class CommandInterrupted(Exception):
+    """Ctrl-C inside `ctrl_c_raises_interrupted`: not a KeyboardInterrupt, which Lightning's loops catch
+    themselves (they print their own line and exit with 1); run_command reports both alike."""
+
+
+@contextlib.contextmanager
+def ctrl_c_raises_interrupted() -> Iterator[None]:
+    """Inside the block, Ctrl-C raises CommandInterrupted (main thread, and not when SIGINT is ignored)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise CommandInterrupted
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class UserError(Exception):
@@ -125,7 +150,7 @@ def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: l
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-    except KeyboardInterrupt:  # Ctrl-C: outputs are written under temporary names, so no partial file is left
+    except (KeyboardInterrupt, CommandInterrupted):  # Ctrl-C: outputs are written under temporary names
         print(f"\n{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     if message:

@@ -31,7 +31,15 @@ import torch
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset
 
-from common.cli import Parser, UserError, add_overwrite, at_least, make_parser, run_command
+from common.cli import (
+    Parser,
+    UserError,
+    add_overwrite,
+    at_least,
+    ctrl_c_raises_interrupted,
+    make_parser,
+    run_command,
+)
 from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
 from common.datamodule import ImageDataModule
@@ -227,7 +235,7 @@ def extract_codes(
             "use --strategy ddp (run as `extract_codes ...` or `python -m stage1_vqvae.extract ...`)"
         )
     predictor = CodesPredictor(model, {s: images for s, (images, _) in arrays.items()}, batch_size)
-    with _no_tf32():
+    with _no_tf32(), ctrl_c_raises_interrupted():  # Ctrl-C: our one line and exit 130, not Lightning's exit 1
         trainer.predict(predictor, return_predictions=False)
     rank0 = trainer.is_global_zero
     with writer if rank0 else contextlib.nullcontext():

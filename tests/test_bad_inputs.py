@@ -6,8 +6,10 @@ marker file must never get that far). Models are tiny and untrained; every row r
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -284,3 +286,23 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(world, capsys, m
     err = capsys.readouterr().err.strip()
     assert info.value.code == 130 and err == "sample: interrupted (Ctrl-C)", err
     assert snapshot(root) == before
+
+
+def test_ctrl_c_in_extract_codes_is_our_line_not_lightnings(world, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while extract_codes encodes (inside Lightning's predict loop, which handles KeyboardInterrupt
+    itself: its own line, exit 1): one line, exit 130, no codes directory."""
+    from stage1_vqvae.extract import CodesPredictor
+
+    encode = CodesPredictor._encode
+
+    def pressed(self, x):
+        os.kill(os.getpid(), signal.SIGINT)
+        return encode(self, x)
+
+    monkeypatch.setattr(CodesPredictor, "_encode", pressed)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        extract_codes(["--ckpt", world["stage1"], "--out", str(tmp_path / "codes"), "--accelerator", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 130 and err.splitlines()[-1] == "extract_codes: interrupted (Ctrl-C)", err
+    assert "Traceback" not in err and not (tmp_path / "codes").exists()
