@@ -4,6 +4,7 @@ lines, DDP on CPU, config errors). Every fit is a few steps of configs/stage1/ti
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -50,20 +51,29 @@ def fit_args(data: Path, root: Path, steps: int = 8, *extra: str, probe: Path | 
     return args + list(extra)
 
 
-def fit_in_subprocess(args: list[str], cwd: Path, launcher: tuple[str, ...] = ()) -> tuple[int, str]:
+def fit_in_subprocess(args: list[str], cwd: Path, launcher: tuple[str, ...] = (),
+                      timeout: float = 300) -> tuple[int, str]:  # fmt: skip
     """train_stage1 in its own process group (DDP re-launches sys.argv, so not in-process), optionally under a
-    launcher module (torchrun): (exit code, output). A hang is killed whole at 300 s."""
+    launcher module (torchrun): (exit code, output). A hang is killed whole after `timeout` s, after every process
+    printed where it was (SIGABRT with faulthandler on: a rare DDP hang was seen without that)."""
     env = {k: v for k, v in os.environ.items() if k not in ("VQGEN_RUN_DIR", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
-               WANDB_MODE="offline")  # fmt: skip
+               WANDB_MODE="offline", PYTHONFAULTHANDLER="1")  # fmt: skip
     proc = subprocess.Popen([sys.executable, *launcher, "-m", "stage1_vqvae.train", *args], cwd=cwd, env=env,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a grandchild: end the whole process group
-        out, _ = proc.communicate()
+        os.killpg(proc.pid, signal.SIGABRT)  # each Python process dumps its threads' stacks, then dies
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            out = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a grandchild: end the whole process group
+        if out is None:
+            out, _ = proc.communicate()
     return proc.returncode, out
 
 
