@@ -33,10 +33,17 @@ class CommandInterrupted(Exception):
     themselves (they print their own line and exit with 1); run_command reports both alike."""
 
 
+def ctrl_c_reaches_us() -> bool:
+    """Whether this code may handle Ctrl-C: only the main thread can set a SIGINT handler, and a job that a
+    shell started in the background ignores SIGINT (no Ctrl-C reaches it; leave it so)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    return main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
 @contextlib.contextmanager
 def ctrl_c_raises_interrupted() -> Iterator[None]:
-    """Inside the block, Ctrl-C raises CommandInterrupted (main thread, and not when SIGINT is ignored)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    """Inside the block, Ctrl-C raises CommandInterrupted (when `ctrl_c_reaches_us`)."""
+    if not ctrl_c_reaches_us():
         yield
         return
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import Callback, LightningModule, Trainer
+
+from common.cli import ctrl_c_reaches_us
 
 
 class Interrupted(Exception):
@@ -53,10 +54,8 @@ class StopOnInterrupt(Callback):
             self._installed = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+        if trainer.world_size == 1 and ctrl_c_reaches_us():
             previous = signal.getsignal(signal.SIGINT)
-            if previous is signal.SIG_IGN:  # started in the background by a shell: no Ctrl-C reaches it
-                return
             self._previous = previous if previous is not None else signal.default_int_handler
             signal.signal(signal.SIGINT, self._request)
             self._installed = True
