@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` without installing
     sys.path.insert(0, str(ROOT))
 
+from common.malloc import keep_freed_memory  # noqa: E402  (needs the path above)
+
+keep_freed_memory()  # every command does (common.cli.run_command, common.runs.train_main), so benchmarks do too
+
 
 def load_config(path: str, sets: list[str]) -> dict:
     """Read a YAML config and apply `a.b.c=value` overrides (values parsed as YAML)."""

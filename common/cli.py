@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 import torch
 from jsonargparse import ArgumentParser
 
+from common.malloc import keep_freed_memory
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C: `make` stops too
 
@@ -152,6 +154,7 @@ def wandb_offline_unless_logged_in() -> bool:
 
 def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: list[str] | None) -> None:
     """Run a command's body; print what it returns, or its user error as one line and exit 2 (Ctrl-C: 130)."""
+    keep_freed_memory()
     try:
         message = fn(args)
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files

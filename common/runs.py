@@ -47,6 +47,7 @@ from common.launch import (
     point_latest,
 )
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
+from common.malloc import keep_freed_memory
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
@@ -279,6 +280,7 @@ class VQGenCLI(LightningCLI):
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
     """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
     quiet_lightning()
+    keep_freed_memory()
     try:
         cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
     except UserError as e:
