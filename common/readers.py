@@ -282,27 +282,30 @@ def available_memory() -> int | None:
 
 
 def check_fits_in_memory(root: Path, n: int, image_size: int, channels: int) -> None:
-    """Refuse, before decoding anything, a folder whose arrays cannot fit: they are held in memory, and
-    making the splits copies them once more (peak about twice the decoded size); an out-of-memory kill
-    after an hour of decoding would say nothing."""
+    """Refuse, before decoding anything, a folder whose array cannot fit in memory (with a tenth to spare
+    for the rest of the process): an out-of-memory kill after an hour of decoding would say nothing."""
     need, free = n * image_size * image_size * channels, available_memory()
-    if free is not None and 2 * need > free:
+    if free is not None and 1.1 * need > free:
         raise DatasetError(
             f"image folder {root}: {n:,} images at {image_size}x{image_size}x{channels} take {need / 2**30:.1f} GiB "
-            f"in memory and about twice that while the splits are made, but {free / 2**30:.1f} GiB is available; "
+            f"in memory, but {free / 2**30:.1f} GiB is available; "
             "pass a smaller --data.image_size, --data.limit N (N images per split) or a folder with fewer images"
         )
 
 
 def load_image_folder(root: str | Path, image_size: int, channels: int | None = None, only: np.ndarray | None = None,
-                      scan: tuple[list[Path], np.ndarray, list[str]] | None = None) -> ImageArrays:  # fmt: skip
+                      scan: tuple[list[Path], np.ndarray, list[str]] | None = None,
+                      rows: np.ndarray | None = None, channels_first: bool = False) -> ImageArrays:  # fmt: skip
     """All images (IMAGE_SUFFIXES) under `root` as (N, image_size, image_size, C); labels as `scan_image_folder`
-    (or `scan`, its result). `only`: the ascending positions in the scan to decode, the others left unread."""
+    (or `scan`, its result). `only`: the ascending positions in the scan to decode, the others left unread.
+    `rows` (a permutation) and `channels_first` as `read_images` takes them; the labels follow the rows."""
     check_channels(channels, "load_image_folder")
     files, labels, class_names = scan or scan_image_folder(root)
     channels = channels or infer_channels(files)
     if only is not None:
         files, labels = [files[i] for i in only], labels[only]
     check_fits_in_memory(Path(root), len(files), image_size, channels)
-    return ImageArrays(read_images(files, image_size, channels), labels, class_names)
-
+    images = read_images(files, image_size, channels, rows=rows, channels_first=channels_first)
+    if rows is not None:
+        labels = labels[np.argsort(rows)]  # row r holds file argsort(rows)[r]
+    return ImageArrays(images, labels, class_names)

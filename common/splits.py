@@ -204,15 +204,27 @@ class ImageSplits:
         perm = np.random.default_rng(h.seed).permutation(n)
         index = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
         if h.dataset == "image_folder":
-            # Decode only what the splits keep: with --data.limit a try-out on a large folder reads 3 x limit
-            # files, not the folder. Positions in `kept` replace the scan's, so the splits are the same images.
-            kept = np.unique(np.concatenate([np.sort(index[s])[: h.limit] for s in SPLITS]))
-            arrays = test = load_image_folder(h.root, self.image_size, self.channels, only=kept,
-                                              scan=self._folder_scan())  # fmt: skip
-            index = {s: np.searchsorted(kept, np.sort(index[s])[: h.limit]) for s in SPLITS}
-        else:
-            index["test"] = np.arange(len(test.labels))
+            return self._folder_splits(index)
+        index["test"] = np.arange(len(test.labels))
         return self._make_splits(index, {"train": arrays, "val": arrays, "test": test})
+
+    def _folder_splits(self, index: dict[str, np.ndarray]) -> dict[str, UInt8ImageDataset]:
+        """Decode only what the splits keep (with --data.limit a try-out on a large folder reads 3 x limit
+        files, not the folder), in the files' order, each straight into its split's rows of one (N, C, H, W)
+        array: each split is a slice of it, so the folder is held once, never copied (a user's folder may
+        only just fit in memory)."""
+        order = [np.sort(index[s])[: self.options.limit] for s in SPLITS]  # sorted: the folder's order
+        grouped = np.concatenate(order)  # scan positions, split after split
+        kept = np.sort(grouped)  # the reading order
+        arrays = load_image_folder(self.options.root, self.image_size, self.channels, only=kept,
+                                   scan=self._folder_scan(), rows=np.argsort(grouped), channels_first=True)  # fmt: skip
+        ends = np.cumsum([len(o) for o in order])
+        self._splits = {
+            split: UInt8ImageDataset(torch.from_numpy(arrays.images[end - len(o) : end]),
+                                     torch.from_numpy(arrays.labels[end - len(o) : end]).long())
+            for split, o, end in zip(SPLITS, order, ends)
+        }  # fmt: skip
+        return self._splits
 
     def _make_splits(
         self, index: dict[str, np.ndarray], source: dict[str, ImageArrays]
