@@ -218,12 +218,9 @@ class ImageSplits:
         kept = np.sort(grouped)  # the reading order
         arrays = load_image_folder(self.options.root, self.image_size, self.channels, only=kept,
                                    scan=self._folder_scan(), rows=np.argsort(grouped), channels_first=True)  # fmt: skip
-        ends = np.cumsum([len(o) for o in order])
-        self._splits = {
-            split: UInt8ImageDataset(torch.from_numpy(arrays.images[end - len(o) : end]),
-                                     torch.from_numpy(arrays.labels[end - len(o) : end]).long())
-            for split, o, end in zip(SPLITS, order, ends)
-        }  # fmt: skip
+        cuts = np.cumsum([len(o) for o in order])[:-1]  # views, not copies
+        parts = zip(SPLITS, np.split(arrays.images, cuts), np.split(arrays.labels, cuts))
+        self._splits = {s: UInt8ImageDataset(torch.from_numpy(x), torch.from_numpy(y).long()) for s, x, y in parts}
         return self._splits
 
     def _make_splits(

@@ -34,10 +34,10 @@ print(json.dumps({"kept": kept, "faults": (resource.getrusage(resource.RUSAGE_SE
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _probe(mode: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "VQGEN_KEEP"))}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, env={**clean, **env}, capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, env=clean, capture_output=True, text=True,
+                         check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
