@@ -8,7 +8,10 @@ adds Lightning's hooks to this class.
 from __future__ import annotations
 
 import inspect
+import platform
 import signal
+import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -56,6 +59,21 @@ class UInt8ImageDataset(Dataset):
 
 def already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch  # module-level so worker processes can pickle it
+
+
+def loader_options(workers: int, persistent: bool, shard: dict[str, int] | None = None) -> dict[str, Any]:
+    """DataLoader arguments shared by both stages' loaders: whole batches (`already_batched`) and, with
+    `workers` worker processes, workers that ignore a terminal's Ctrl-C and outlive an epoch when `persistent`.
+    `shard`: a DDP rank's place (common.shuffle.shard_of); its forks of workers can hang before Python 3.12."""
+    options: dict[str, Any] = dict(num_workers=workers, collate_fn=already_batched)
+    if workers:
+        options.update(persistent_workers=persistent, worker_init_fn=worker_ignores_ctrl_c)
+        if shard is not None and shard.get("num_replicas", 1) > 1 and sys.version_info < (3, 12):
+            warnings.warn(
+                f"--data.num_workers {workers} under DDP on Python {platform.python_version()}: a worker's fork can "
+                "hang for good (CPython gh-112275, fixed in 3.12); the data is in memory, so --data.num_workers 0 "
+                "loses nothing", stacklevel=2)  # fmt: skip
+    return options
 
 
 def worker_ignores_ctrl_c(worker_id: int) -> None:
@@ -255,9 +273,7 @@ class ImageSplits:
         # Workers persist across epochs for the training loader only. An evaluation loader makes its iterator
         # (and draws its worker seed from torch's global RNG) at every pass, so a run resumed mid-epoch, whose
         # first validation would otherwise make one that the uninterrupted run made earlier, draws the same.
-        options = dict(num_workers=workers, persistent_workers=workers > 0 and resumable, collate_fn=already_batched,
-                       pin_memory=torch.cuda.is_available(),
-                       worker_init_fn=worker_ignores_ctrl_c if workers else None)  # fmt: skip
+        options = dict(loader_options(workers, persistent=resumable, shard=shard), pin_memory=torch.cuda.is_available())
         if resumable:
             return resumable_loader(dataset, batch_size or self.options.batch_size, shard, **options)
         return DataLoader(dataset, batch_size=batch_size or self.options.batch_size, **options)

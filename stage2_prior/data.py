@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.codes import CodesError, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
 from common.shuffle import ResumableTraining, resumable_loader, shard_of
-from common.splits import already_batched, worker_ignores_ctrl_c
+from common.splits import loader_options
 
 
 class CodesDataset(Dataset):
@@ -102,10 +102,10 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
             )
         workers = self.hparams.num_workers
         # persistent workers for the training loader only: see common.splits.ImageSplits.dataloader
-        options = dict(num_workers=workers, collate_fn=already_batched, persistent_workers=workers > 0 and shuffle,
-                       worker_init_fn=worker_ignores_ctrl_c if workers else None)  # fmt: skip
+        shard = shard_of(self.trainer)
+        options = loader_options(workers, persistent=shuffle, shard=shard)
         if shuffle:  # __getitems__ returns whole batches (collate_fn)
-            return resumable_loader(ds, self.hparams.batch_size, shard_of(self.trainer), **options)
+            return resumable_loader(ds, self.hparams.batch_size, shard, **options)
         return DataLoader(ds, batch_size=self.hparams.batch_size, **options)  # in order, every grid
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:

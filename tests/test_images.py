@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -390,6 +391,21 @@ def test_datamodule_image_folder(folder: Path) -> None:
     check_batch(next(iter(dm.train_dataloader())), 2, 3, 16)
     with pytest.raises(ValueError, match="leave none to train on"):
         ImageDataModule("image_folder", root=str(folder), val_size=5000).setup()
+
+
+def test_loader_workers_of_a_ddp_rank_warn_before_python_3_12(shapes_folder: Path) -> None:
+    """A DDP rank's fork of a worker can hang for good before Python 3.12 (README, *Loaders*): its loaders say
+    so; one process, or no workers, say nothing."""
+    options = dict(root=str(shapes_folder), image_size=16, batch_size=8, val_size=8, test_size=8)
+    rank = {"num_replicas": 2, "rank": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ImageSplits("image_folder", num_workers=1, **options).dataloader("train", resumable=True, shard=rank)
+        ImageSplits("image_folder", num_workers=0, **options).dataloader("train", resumable=True, shard=rank)
+        ImageSplits("image_folder", num_workers=1, **options).dataloader("train", resumable=True)
+    said = [str(w.message) for w in caught if "gh-112275" in str(w.message)]
+    assert len(said) == (1 if sys.version_info < (3, 12) else 0), said
+    assert all(m.startswith("--data.num_workers 1 under DDP on Python 3.") for m in said)
 
 
 def test_datamodule_bad_arguments() -> None:

@@ -284,7 +284,7 @@ def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
                     "--trainer.strategy", "ddp", "--data.batch_size", "4", probe=probe)  # fmt: skip
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     code, out = fit_in_subprocess(args, tmp_path, torchrun)
-    assert code == 0, out[-6000:]
+    assert code == 0, out[-20000:]
     assert sorted(p.name for p in root.iterdir()) == ["latest", "version_0"], out[-3000:]
     run = (root / "version_0").resolve()
     ranks = [torch.load(probe / f"end_rank{r}.pt") for r in (0, 1)]
@@ -296,19 +296,20 @@ def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_path):
-    """Two DDP ranks, each with a loader worker, 6 batches of 4 per rank and epoch: 12 steps straight vs
-    crashed at step 4 and resumed from the step-3 (mid-epoch) checkpoint. Each rank's shard comes back at the
-    batch it had reached."""
+    """Two DDP ranks, 6 batches of 4 per rank and epoch: 12 steps straight vs crashed at step 4 and resumed
+    from the step-3 (mid-epoch) checkpoint. Each rank's shard comes back at the batch it had reached.
+    Without loader workers (resuming with them is tested in one process above): a worker forked by a DDP rank
+    on Python 3.11.7 hung in the fork now and then (README, *Loaders*), and with it this test, once in CI."""
     ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--data.batch_size", "4", "--trainer.val_check_interval", "3", "--data.num_workers", "1")  # fmt: skip
+           "--data.batch_size", "4", "--trainer.val_check_interval", "3")  # fmt: skip
     code, out = fit_in_subprocess(fit_args(shapes_folder, tmp_path / "straight", 12, *ddp), tmp_path)
-    assert code == 0, out[-6000:]
+    assert code == 0, out[-20000:]
     crash = (f"--trainer.callbacks+={FAIL}", "--trainer.callbacks.step=4")
     code, out = fit_in_subprocess(fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, *crash), tmp_path)
     assert code != 0 and "injected failure at step 4" in out, out[-6000:]
     resume = fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, "--ckpt_path", "last")
     code, out = fit_in_subprocess(resume, tmp_path)
-    assert code == 0, out[-6000:]
+    assert code == 0, out[-20000:]
     a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for name in ("straight", "resumed"))  # fmt: skip
     assert a["global_step"] == b["global_step"] == 12
