@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from tools.features import (
     FeatureNet,
     FeaturesError,
     accuracy,
+    default_path,
     feature_net_features,
     fit_feature_net,
     load_feature_net,
@@ -124,3 +126,24 @@ def test_feature_file_errors(tmp_path, monkeypatch):
     if not has_fidelity:  # with it installed, Inception would try to download its weights
         with pytest.raises(FeaturesError, match="Inception-v3 features are unavailable.*torch-fidelity"):
             load_features("inception", "fashion_mnist")
+
+
+def test_auto_features_of_an_image_folder_are_that_folders(tmp_path, monkeypatch):
+    """Each image folder is its own data set: `auto` finds the net trained on the folder by its name and
+    refuses one trained on another folder of the same name (its FID would measure the wrong data)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    photos, other_photos, faces = tmp_path / "photos", tmp_path / "old" / "photos", tmp_path / "my faces"
+    assert default_path("image_folder", str(photos)) == Path("runs/feature_net/image_folder_photos.pt")
+    assert default_path("image_folder", str(faces)).name == "image_folder_my_faces.pt"
+    assert default_path("fashion_mnist", "/somewhere") == Path("runs/feature_net/fashion_mnist.pt")
+    net = FeatureNet(channels=3, num_classes=2, width=8, feature_dim=16)
+    save_feature_net(net, default_path("image_folder", str(photos)), dataset="image_folder",
+                     data={"root": str(photos)}, image_size=8, channels=3)  # fmt: skip
+    found = load_features("auto", "image_folder", root=str(photos / "."))
+    assert found.image_shape == (3, 8, 8) and "image-folder 'photos'" in found.label
+    with pytest.raises(FeaturesError, match=r"image_folder_photos.pt was trained on the image folder .*photos, "
+                                            r"not on --data.root .*old/photos: train one on this folder"):
+        load_features("auto", "image_folder", root=str(other_photos))
+    with pytest.raises(FeaturesError, match=r"image_folder_my_faces.pt does not exist.*--data.root .*my faces"):
+        load_features("auto", "image_folder", root=str(faces))

@@ -13,8 +13,9 @@ each beside its real-data floor: a random train subset of the same size against 
 biased upwards at small n, so the floor, not 0, is what a perfect model would score).
 
 FID/KID features (--features): a feature-net file from `train_feature_net`, "inception" (torch-fidelity),
-or auto: runs/feature_net/<dataset>.pt, else Inception if installed, else an error saying what to run
-(`stage1` then reports everything but the reconstruction FID, and says what to run for it).
+or auto: runs/feature_net/<dataset>.pt (an image folder: image_folder_<folder name>.pt, checked to have been
+trained on that very folder), else Inception if installed, else an error saying what to run (`stage1` then
+reports everything but the reconstruction FID, and says what to run for it).
 Every FID line names its features: "FID (Fashion-MNIST classifier features)" is not Inception FID.
 """
 
@@ -281,7 +282,7 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
     data = cfg.data.as_dict()
     samples = load_samples(cfg.samples) if mode == "samples" else None  # the user's file first, then the rest
     # stage1's PSNR, SSIM and usage need no features: without any (and none asked for), no reconstruction FID
-    features = load_features(cfg.features, data["dataset"], device, optional=mode == "stage1")
+    features = load_features(cfg.features, data["dataset"], device, optional=mode == "stage1", root=data.get("root"))
     if mode == "stage1":
         dm = ImageSplits(**data, image_size=model.image_size, channels=model.in_channels)
         result = {"mode": mode, "ckpt": cfg.ckpt, "dataset": data["dataset"],
@@ -289,7 +290,7 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
         print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
                     ("metric", "value"), stage1_rows(result, features.label if features else ""))  # fmt: skip
         if features is None:
-            print(f"no reconstruction FID: {missing_features_message(data['dataset'])}")
+            print(f"no reconstruction FID: {missing_features_message(data['dataset'], data.get('root'))}")
             return result
     else:
         c, h, _ = samples.shape[1:]

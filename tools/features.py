@@ -26,7 +26,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from tools.net_files import fit_classifier, load_net_file, rebuilding, save_net_file
+from tools.net_files import dataset_key, fit_classifier, load_net_file, rebuilding, save_net_file
 
 FORMAT = "vqgen-feature-net"
 VERSION = 1
@@ -39,13 +39,14 @@ class FeaturesError(UserError, ValueError):
     """Features cannot be loaded or do not fit the images; the message says what to do."""
 
 
-def default_path(dataset: str) -> Path:
-    """Where `train_feature_net` saves, and `evaluate` looks, by default: runs/feature_net/<dataset>.pt."""
-    return DEFAULT_DIR / f"{dataset}.pt"
+def default_path(dataset: str, root: str | None = None) -> Path:
+    """Where `train_feature_net` saves, and `evaluate` looks, by default: runs/feature_net/<dataset>.pt, and
+    for an image folder runs/feature_net/image_folder_<folder name>.pt (each folder is its own data set)."""
+    return DEFAULT_DIR / f"{dataset_key(dataset, root)}.pt"
 
 
-def _train_command(dataset: str) -> str:
-    return f"train_feature_net --data.dataset {dataset} [--data.root DIR]"
+def _train_command(dataset: str, root: str | None = None) -> str:
+    return f"train_feature_net --data.dataset {dataset} " + (f"--data.root {root}" if root else "[--data.root DIR]")
 
 
 # ------------------------------------------------------------------------------------------ network
@@ -168,6 +169,17 @@ class Features:
         return torch.cat(out).double().cpu().numpy()
 
 
+def _check_same_folder(path: Path, root: str) -> None:
+    """The default file of an image folder is found by the folder's name: refuse one trained on another
+    folder of the same name, whose FIDs would silently measure the wrong data set."""
+    trained_on = (load_feature_net(path)[1].get("data") or {}).get("root")
+    if trained_on is None or Path(str(trained_on)).resolve() != Path(root).resolve():
+        raise FeaturesError(
+            f"{path} was trained on the image folder {trained_on}, not on --data.root {root}: train one on this "
+            f"folder (`{_train_command('image_folder', root)} --out FILE`) and pass --features FILE"
+        )
+
+
 def feature_net_features(path: str | Path, device: torch.device) -> Features:
     net, info = load_feature_net(path)
     name = DATASET_NAMES.get(info.get("dataset"), f"{info.get('dataset', 'custom')} dataset")
@@ -194,32 +206,34 @@ def inception_features(device: torch.device) -> Features:
                     inception=True)  # fmt: skip
 
 
-def missing_features_message(dataset: str) -> str:
-    """What to run (or pass) when no features exist for `dataset`."""
-    path = default_path(dataset)
+def missing_features_message(dataset: str, root: str | None = None) -> str:
+    """What to run (or pass) when no features exist for `dataset` (at `root`)."""
+    path = default_path(dataset, root)
     return (f"{path} does not exist and Inception-v3 needs torch-fidelity. Train the project's feature net first: "
-            f"`{_train_command(dataset)}` (about 2 minutes on a CPU; it saves to {path}), or pass --features FILE / "
-            "--features inception")  # fmt: skip
+            f"`{_train_command(dataset, root)}` (about 2 minutes on a CPU; it saves to {path}), or pass "
+            "--features FILE / --features inception")  # fmt: skip
 
 
 def load_features(spec: str | None, dataset: str, device: torch.device | str = "cpu",
-                  optional: bool = False) -> Features | None:  # fmt: skip
-    """`spec`: a feature-net file, "inception", or "auto"/None = runs/feature_net/<dataset>.pt if it exists,
-    else Inception if torch-fidelity is installed, else a FeaturesError saying to run train_feature_net (None
-    instead when `optional`: the caller goes on without FID)."""
+                  optional: bool = False, root: str | None = None) -> Features | None:  # fmt: skip
+    """`spec`: a feature-net file, "inception", or "auto"/None = :func:`default_path` of `dataset` (and, for an
+    image folder, its `root`) if it exists, else Inception if torch-fidelity is installed, else a FeaturesError
+    saying to run train_feature_net (None instead when `optional`: the caller goes on without FID)."""
     device = torch.device(device)
     if spec == "inception":
         return inception_features(device)
     if spec not in (None, "", "auto"):
         return feature_net_features(spec, device)
-    path = default_path(dataset)
+    path = default_path(dataset, root)
     if path.is_file():
+        if dataset == "image_folder" and root:
+            _check_same_folder(path, root)
         return feature_net_features(path, device)
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
         if optional:
             return None
-        raise FeaturesError(f"no features for FID/KID: {missing_features_message(dataset)}") from None
+        raise FeaturesError(f"no features for FID/KID: {missing_features_message(dataset, root)}") from None
     print(f"no {path}: using Inception-v3 features (torch-fidelity)", file=sys.stderr)
     return inception_features(device)

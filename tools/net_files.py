@@ -14,6 +14,7 @@ the caller adds (data options, image size, channels, reference features...).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,14 +40,25 @@ def add_training_options(parser, lr: float, kind: str, overwrite: str) -> None:
     parser.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
     parser.add_argument("--width", type=int, default=32, help="channels of the first conv layers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default=None, help=f"default: runs/{kind}/<dataset>.pt")
+    parser.add_argument("--out", type=str, default=None, help=f"default: runs/{kind}/<dataset>.pt (an image folder: "
+                        "image_folder_<folder name>.pt)")
     add_overwrite(parser, overwrite)
     add_device(parser)
     parser.add_argument("--log_every", type=int, default=100, help="print a progress line every N steps")
     parser.add_class_arguments(ImageSplits, "data")
 
 
-def start_training(cfg, default_path: Callable[[str], Path]):
+def dataset_key(dataset: str, root: str | None) -> str:
+    """`dataset`, or image_folder_<name of the folder> for an image folder (characters outside [A-Za-z0-9._-]
+    become _), so folders of different names never share a default file (the feature net's `auto` also checks
+    that its file was trained on the very folder)."""
+    if dataset != "image_folder" or not root:
+        return dataset
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "root"
+    return f"image_folder_{name}"
+
+
+def start_training(cfg, default_path: Callable[[str, str | None], Path]):
     """Check the shared options and the output (before any slow work), seed, read the data: (out, device,
     the ImageSplits)."""
     from common.splits import ImageSplits
@@ -54,7 +66,7 @@ def start_training(cfg, default_path: Callable[[str], Path]):
     at_least(1, steps=cfg.steps, width=cfg.width)
     at_least(0, log_every=cfg.log_every)
     data = cfg.data.as_dict()
-    out = check_output(cfg.out or default_path(data["dataset"]), cfg.overwrite)
+    out = check_output(cfg.out or default_path(data["dataset"], data.get("root")), cfg.overwrite)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     return out, device, ImageSplits(**data)

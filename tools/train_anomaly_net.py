@@ -2,16 +2,17 @@
 
     train_anomaly_net --data.dataset image_folder --data.root normal_parts/ --data.image_size 64
     train_anomaly_net --data.dataset fashion_mnist --classes 0 --out runs/anomaly_net/tshirt.pt   # one class
-    score_anomalies new_parts/ --prior PRIOR.ckpt --anomaly_net runs/anomaly_net/image_folder.pt --out s.csv
+    score_anomalies new/ --prior PRIOR.ckpt --anomaly_net runs/anomaly_net/image_folder_normal_parts.pt --out s.csv
 
 Give it the normal images only (a folder of them, or the classes of a labelled data set named by
-``--classes``): it learns which of 72 mirrorings, shifts and quarter turns was applied to each (no labels,
-no anomalies needed) and keeps the features of those images, as they are and mirrored, as the reference for
-the ``transform_knn`` score (see :mod:`tools.transform_net`). It saves the net, the references, the image
-size and channels and the data options to ``--out`` (default ``runs/anomaly_net/<dataset>.pt``), atomically,
-and never overwrites without ``--overwrite``. It trains ``--members`` (default 2) independently seeded nets
-and the score averages them; each net's default 1,000 steps of 128 images take about 1.5 minutes on a 2-core
-CPU at 28 px (``--members 1`` halves the time for a slightly noisier score).
+``--classes``): it learns which of 72 mirrorings, shifts and quarter turns was applied to each (no labels, no
+anomalies needed) and keeps the features of those images, as they are and mirrored, as the reference for the
+``transform_knn`` score (see :mod:`tools.transform_net`). It saves the net, the references, the image size and
+channels and the data options to ``--out`` (default ``runs/anomaly_net/<dataset>.pt``; an image folder:
+``image_folder_<folder name>.pt``), atomically, and never overwrites without ``--overwrite``. It trains
+``--members`` (default 2) independently seeded nets and the score averages them; each net's default 1,000
+steps of 128 images take about 1.5 minutes on a 2-core CPU at 28 px (``--members 1`` halves the time for a
+slightly noisier score).
 """
 
 from __future__ import annotations

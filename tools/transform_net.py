@@ -50,7 +50,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from tools.net_files import fit_classifier, load_net_file, rebuilding, save_net_file, state_dict_cpu
+from tools.net_files import dataset_key, fit_classifier, load_net_file, rebuilding, save_net_file, state_dict_cpu
 
 FORMAT = "vqgen-anomaly-net"
 VERSION = 3  # 1: one net, 2: no views (both still read)
@@ -65,9 +65,10 @@ class AnomalyNetError(UserError, ValueError):
     """An anomaly-net file cannot be loaded or does not fit the images; the message says what to do."""
 
 
-def default_path(dataset: str) -> Path:
-    """Where `train_anomaly_net` saves by default: runs/anomaly_net/<dataset>.pt."""
-    return DEFAULT_DIR / f"{dataset}.pt"
+def default_path(dataset: str, root: str | None = None) -> Path:
+    """Where `train_anomaly_net` saves by default: runs/anomaly_net/<dataset>.pt (an image folder:
+    image_folder_<folder name>.pt, as the feature net's)."""
+    return DEFAULT_DIR / f"{dataset_key(dataset, root)}.pt"
 
 
 # ------------------------------------------------------------------------------------------ transformations
