@@ -29,8 +29,9 @@ from PIL import Image
 
 from common.images import from_uint8, to_uint8
 from common.splits import ImageSplits
-from tools.codec import uniform_bits, unpack
+from tools.codec import uniform_bits
 from tools.compress import compress_codes, decode_images, decompress_codes, encode_images
+from tools.container import unpack
 from tools.load import load_models
 from tools.vqz import LABEL_CHOICES
 

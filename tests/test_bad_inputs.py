@@ -94,7 +94,8 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     paths = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}  # "images.vqz" -> {images_vqz}
     paths.update({p.stem: str(p) for p in root.glob("*.ckpt")})  # "prior.ckpt" -> {prior}
     return {**paths, "root": str(root), "shapes": str(shapes_folder), "missing": str(root / "missing"),
-            "missing_png": str(root / "missing.png"), "corrupt_png": str(bad_images / "broken.png")}  # fmt: skip
+            "missing_png": str(root / "missing.png"), "corrupt_png": str(bad_images / "broken.png"),
+            "first_disc": str(sorted((shapes_folder / "discs").iterdir())[0])}  # fmt: skip
 
 
 P = ["--prior", "{prior}"]
@@ -173,7 +174,9 @@ ROWS = [
     ("sample", [*P, "--out", "{images_vqz}"], r"--out \S*images.vqz: use a .png"),
     ("compress", ["{images}", *P, "--out", "{images_vqz}"], r"images.vqz already exists; pass --overwrite"),
     ("compress", ["{images}", *P, "--out", "{a_file}/x.vqz"], r"is a file, not a directory"),
-    ("decompress", ["{images_vqz}", *P, "--out", "{decoded}"], r"000000.png already exists .*pass --overwrite"),
+    ("decompress", ["{images_vqz}", *P, "--out", "{decoded}"], r"decoded/\S+\.png already exists .*pass --overwrite"),
+    ("compress", ["{images}", "{first_disc}", *P, "--out", "two.vqz"],
+     r"--names keep: \S+ and \S+ would both decompress to \S+\.png; rename one.* or pass --names none"),
     ("decompress", ["{images_vqz}", *P, "--out", "{a_file}"], r"--out \S*a_file is a file; give a directory"),
     ("decompress", ["{images_vqz}", *P, "--out", UNWRITABLE], r"cannot write into /proc"),
     ("score_anomalies", ["{images}", *P, "--out", "{existing_csv}"], r"existing.csv already exists"),

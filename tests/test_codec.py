@@ -1,4 +1,4 @@
-"""Tests for stage2_prior/codec.py and compress.py: exact round trips with both prior kinds, overhead over
+"""Tests for tools/codec.py, tools/container.py and compress.py: exact round trips with both prior kinds, overhead over
 the ideal code length, and a container that rejects truncation, bit flips, other versions, other
 checkpoints and 1,000+ fuzzed files with a ContainerError in bounded time."""
 
@@ -20,17 +20,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.build import PRIORS
 from stage2_prior.decoding import CodePrior
 from stage2_prior.prior import Prior
-from tools.codec import (
-    HEADER,
-    Container,
-    ContainerError,
-    best_labels,
-    decode_codes,
-    deterministic,
-    encode_codes,
-    pack,
-    unpack,
-)
+from tools.codec import best_labels, decode_codes, deterministic, encode_codes
 from tools.compress import (
     Models,
     compress_codes,
@@ -39,6 +29,7 @@ from tools.compress import (
     main_compress,
     main_decompress,
 )
+from tools.container import HEADER, Container, ContainerError, pack, unpack
 
 K, GRID, SIZE = 32, (4, 4), 16
 
@@ -82,13 +73,17 @@ def save_ckpt(model: pl.LightningModule, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def small_file() -> tuple[bytes, np.ndarray, Models]:
-    """A 5-image .vqz (two batches) made with a transformer prior, with its codes and models."""
+NAMES = ["a.png", "ünïcode 名字.jpg", "x" * 251 + ".png", "odd\udcff.png", "no suffix"]  # 5 fit names
+
+
+@pytest.fixture(scope="module", params=["without names", "with names"])
+def small_file(request) -> tuple[bytes, np.ndarray, Models]:
+    """A 5-image .vqz (two batches) made with a transformer prior, with its codes and models: format
+    version 3, and version 4 with file names."""
     prior, vqvae = make_prior("transformer"), make_vqvae()
     models = models_with(prior, vqvae, "ab" * 32, "cd" * 32)
     codes = some_codes(prior, 5)
-    data, _ = compress_codes(models, codes, batch_size=3)
+    data, _ = compress_codes(models, codes, batch_size=3, names=NAMES if request.param == "with names" else None)
     return data, codes, models
 
 
@@ -151,8 +146,8 @@ def _with_crc(body: bytes) -> bytes:
 
 def test_wrong_version_is_rejected(small_file) -> None:
     data = bytearray(small_file[0][:-4])
-    data[4:6] = struct.pack("<H", 4)
-    with pytest.raises(ContainerError, match="unsupported .vqz format version 4; this code reads versions 1 to 3"):
+    data[4:6] = struct.pack("<H", 5)
+    with pytest.raises(ContainerError, match="unsupported .vqz format version 5; this code reads versions 1 to 4"):
         unpack(_with_crc(bytes(data)), "f.vqz")
 
 
@@ -188,6 +183,66 @@ def test_garbage_streams_with_valid_crc_fail_cleanly(small_file) -> None:
         c.streams = [rng.integers(0, 256, 4 * int(rng.integers(0, 8)), dtype=np.uint8).tobytes() for _s in c.streams]
         with pytest.raises(ContainerError, match="f.vqz: batch 0: "):
             decompress_codes(models, pack(c), "f.vqz")
+
+
+# ------------------------------------------------------------------------------------------ file names
+def named_file(names: list[str] | None, labels: str = "best", classes: int = 0) -> tuple[bytes, np.ndarray, Models]:
+    prior = make_prior("transformer", num_classes=classes)
+    models = models_with(prior, make_vqvae(), "ab" * 32, "cd" * 32)
+    codes = class_codes(prior, 5, classes) if classes else some_codes(prior, 5)
+    return compress_codes(models, codes, batch_size=3, labels=labels, names=names)[0], codes, models
+
+
+@pytest.mark.parametrize("labels", ["best", "null"])
+def test_file_names_round_trip_beside_either_label_choice(labels: str) -> None:
+    """Names make a version-4 file whose flags say whether labels were coded; the codes decode exactly, the
+    names come back as given, and a file without names is the version-3/2 file byte for byte plus nothing."""
+    data, codes, models = named_file(NAMES, labels, classes=3)
+    c = unpack(data)
+    assert c.version == 4 and c.names == NAMES and c.labels_coded == (labels == "best")
+    np.testing.assert_array_equal(decompress_codes(models, data), codes)
+    plain, _, _ = named_file(None, labels, classes=3)
+    assert unpack(plain).version == (3 if labels == "best" else 2) and unpack(plain).names is None
+    assert unpack(plain).streams == c.streams  # the names change nothing but the header
+    assert len(data) - len(plain) < 1 + 4 + sum(len(n.encode("utf-8", "surrogateescape")) for n in NAMES)
+
+
+@pytest.mark.parametrize("bad, problem", [("../up.png", "not a plain file name"), ("a/b.png", "not a plain"),
+                                          ("", "not a plain"), ("..", "not a plain"), ("nul\0.png", "not a plain"),
+                                          ("back\\slash.png", "not a plain"), ("x" * 256, "longer than 255 bytes"),
+                                          ("\ud800.png", "not encodable")])  # fmt: skip
+def test_unfit_names_are_refused_when_packing_and_when_reading(bad: str, problem: str) -> None:
+    """A name that could write outside --out (or nowhere) is refused by pack, and a file that holds one
+    anyway (made by hand, CRC fixed) is a ContainerError naming it, before any model work."""
+    with pytest.raises(ValueError, match=problem):
+        named_file(["a.png", bad, "c.png", "d.png", "e.png"])
+    if problem == "not encodable":
+        return  # cannot be written into a file at all
+    data, _, _ = named_file(NAMES)
+    c = unpack(data)
+    block = zlib.compress(b"\0".join(n.encode("utf-8", "surrogateescape") for n in ["a.png", bad, *NAMES[2:]]))
+    start = HEADER.size + 2  # step version, flags
+    length = struct.unpack_from("<I", data, start)[0]
+    forged = data[:start] + struct.pack("<I", len(block)) + block + data[start + 4 + length : -4]
+    # a NUL inside a name splits it in two: one name too many
+    with pytest.raises(ContainerError, match="f.vqz: corrupt file names? .*" + ("6 for 5" if "\0" in bad else problem)):
+        unpack(_with_crc(forged), "f.vqz")
+    assert c.names == NAMES
+
+
+def test_a_names_block_cannot_expand_without_bound() -> None:
+    """A zlib bomb (10 MB of zeros in a few KB), too many or too few names: ContainerErrors, quickly."""
+    data, _, _ = named_file(NAMES)
+    start = HEADER.size + 2
+    length = struct.unpack_from("<I", data, start)[0]
+    for raw, match in [(bytes(10_000_000), "not one zlib block of at most"), (b"a\0b", "2 for 5 images"),
+                       (b"\0".join([b"n"] * 6), "6 for 5 images"), (None, "corrupt file names")]:  # fmt: skip
+        block = zlib.compress(raw) if raw is not None else b"not zlib at all"
+        forged = data[:start] + struct.pack("<I", len(block)) + block + data[start + 4 + length : -4]
+        t0 = time.perf_counter()
+        with pytest.raises(ContainerError, match=match):
+            unpack(_with_crc(forged), "f.vqz")
+        assert time.perf_counter() - t0 < 1
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
@@ -250,18 +305,56 @@ def test_cli_round_trip_and_no_overwrite(ckpts, tmp_path: Path, capsys) -> None:
     main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz)])
     assert "3 images" in capsys.readouterr().out and vqz.stat().st_size > HEADER.size
     main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
-    assert np.asarray(Image.open(out / "000000.png")).shape == (SIZE, SIZE)
-    (out / "000001.png").write_bytes(b"keep me")
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]  # the files' own names
+    assert np.asarray(Image.open(out / "0.png")).shape == (SIZE, SIZE)
+    (out / "1.png").write_bytes(b"keep me")
     for main, args in [(main_decompress, [str(vqz), "--out", str(out)]),
                        (main_compress, [str(ckpts["images"]), "--out", str(vqz)])]:  # fmt: skip
         with pytest.raises(SystemExit) as e:
             main([*args, "--prior", str(ckpts["prior"])])
         assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    assert (out / "000001.png").read_bytes() == b"keep me"
+    assert (out / "1.png").read_bytes() == b"keep me"
     main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out), "--overwrite"])
-    assert (out / "000001.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "1.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temp files left behind
+
+
+def test_cli_keeps_file_names_unless_told_not_to(ckpts, tmp_path: Path, capsys) -> None:
+    """`compress` keeps each file's name (a JPEG comes back as <stem>.png, pixels as without names);
+    `--names none` numbers them; two files that would come back as one are refused before any work."""
+    images, prior = ckpts["images"], str(ckpts["prior"])
+    Image.open(images / "2.png").save(tmp_path / "photo.jpg")
+    main_compress([str(images), str(tmp_path / "photo.jpg"), "--prior", prior, "--out", str(tmp_path / "n.vqz")])
+    assert "of them file names" in capsys.readouterr().out
+    main_compress([str(images), str(tmp_path / "photo.jpg"), "--prior", prior, "--out", str(tmp_path / "p.vqz"),
+                   "--names", "none"])  # fmt: skip
+    named, plain = (tmp_path / "n.vqz").read_bytes(), (tmp_path / "p.vqz").read_bytes()
+    assert unpack(named).names == ["0.png", "1.png", "2.png", "photo.jpg"] and unpack(plain).names is None
+    assert len(plain) < len(named) < len(plain) + 40  # a few bytes an image
+    for vqz, out in [("n.vqz", "named"), ("p.vqz", "numbered")]:
+        main_decompress([str(tmp_path / vqz), "--prior", prior, "--out", str(tmp_path / out)])
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["0.png", "1.png", "2.png", "photo.png"]
+    assert sorted(p.name for p in (tmp_path / "numbered").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    for a, b in [("0.png", "000000.png"), ("photo.png", "000003.png")]:
+        assert Image.open(tmp_path / "named" / a).tobytes() == Image.open(tmp_path / "numbered" / b).tobytes()
+    (tmp_path / "again").mkdir()
+    Image.open(images / "0.png").save(tmp_path / "again" / "0.jpg")
+    err = user_error(main_compress, [str(images), str(tmp_path / "again"), "--prior", prior, "--out",
+                                     str(tmp_path / "c.vqz")], capsys)  # fmt: skip
+    assert "--names keep: " in err and "0.png and " in err and "0.jpg would both decompress to 0.png" in err
+    assert "--names none" in err and not (tmp_path / "c.vqz").exists()
+
+
+def test_decompress_refuses_a_hand_made_file_whose_names_collide(ckpts, tmp_path: Path, capsys) -> None:
+    vqz = tmp_path / "x.vqz"
+    main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz)])
+    c = unpack(vqz.read_bytes())
+    c.names = ["a.png", "b.png", "a.jpg"]
+    (tmp_path / "forged.vqz").write_bytes(pack(c))
+    err = user_error(main_decompress, [str(tmp_path / "forged.vqz"), "--prior", str(ckpts["prior"]), "--out",
+                                       str(tmp_path / "out")], capsys)  # fmt: skip
+    assert "forged.vqz: a.png and a.jpg would both decompress to a.png; `compress` never writes" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bad_files_give_clear_errors(ckpts, tmp_path: Path, capsys) -> None:
@@ -297,7 +390,7 @@ def test_decompress_that_fails_midway_leaves_no_partial_folder(ckpts, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.vqz"]  # no decoded/, no hidden temp folder
     monkeypatch.setattr(Image.Image, "save", real_save)
     main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
 
 
 def as_version_1(data: bytes) -> bytes:

@@ -97,7 +97,7 @@ def test_compress_round_trip_is_exact(run, tmp_path: Path) -> None:
     for i in range(3):
         image = load_image(images / f"{i}.png", 16, 1)
         want = to_uint8(vqvae.decode_codes(vqvae.encode_to_codes(image)))[0, 0].numpy()
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{i:06d}.png")), want)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{i}.png")), want)
 
 
 def test_score_anomalies_heat_map_over_levels(run, tmp_path: Path) -> None:

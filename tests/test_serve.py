@@ -9,8 +9,10 @@ import base64
 import io
 import re
 import socket
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +118,20 @@ def test_compress_and_decompress_give_the_commands_files(client, world, tmp_path
         assert data[fmt]["fits"] == (data[fmt]["bytes"] <= data["vq"]["bytes"]), data[fmt]
     main_decompress([str(tmp_path / "cli.vqz"), "--prior", world["prior"], "--out", str(tmp_path / "out")])
     page = client.post("/api/decompress", files={"file": ("x.vqz", decode(data["vqz"]))}).json()
-    assert page["count"] == 1
-    np.testing.assert_array_equal(pixels(page["images"][0]), np.asarray(Image.open(tmp_path / "out" / "000000.png")))
+    assert page["count"] == 1 and page["names"] == [f"{image.stem}.png"]  # the name `decompress` writes
+    cli = np.asarray(Image.open(tmp_path / "out" / f"{image.stem}.png"))
+    np.testing.assert_array_equal(pixels(page["images"][0]), cli)
     np.testing.assert_array_equal(pixels(page["images"][0]), pixels(data["vq"]["png"]))
+
+
+def test_a_vqz_of_more_images_than_the_page_shows_is_refused_before_its_names(client, world, tmp_path):  # noqa: F811
+    """A forged image count (CRC fixed) is refused from the header, before the names are inflated."""
+    main_compress([str(first_image(world)), "--prior", world["prior"], "--out", str(tmp_path / "one.vqz")])
+    body = bytearray((tmp_path / "one.vqz").read_bytes()[:-4])
+    body[81:85] = struct.pack("<I", 10**9)  # the header's image count
+    forged = bytes(body) + struct.pack("<I", zlib.crc32(body))
+    r = client.post("/api/decompress", files={"file": ("big.vqz", forged)})
+    assert r.status_code == 400 and "big.vqz holds 1000000000 images; at most 64 are read here" in r.text, r.text
 
 
 def test_a_transparent_image_is_read_over_white_as_the_commands_read_it(client, world, tmp_path):  # noqa: F811

@@ -140,9 +140,11 @@ def test_compress_then_decompress_gives_the_decompress_commands_pixels(page, wor
     data = until(page, "window.vqgen.last.decompress")
     shown = page.find_elements("css selector", "#decompress-result img[data-role=decoded]")
     assert data["count"] == 1 and len(shown) == 1
+    caption = page.find_element("css selector", "#decompress-result figcaption").text
+    assert caption == image.stem + ".png"  # the upload's name, kept in the .vqz as `compress` keeps it
     main_decompress([str(vqz), "--prior", world["prior"], "--out", str(tmp_path / "cli")])
     np.testing.assert_array_equal(pixels(shown[0].get_attribute("src")),
-                                  np.asarray(Image.open(tmp_path / "cli" / "000000.png")))  # fmt: skip
+                                  np.asarray(Image.open(tmp_path / "cli" / caption)))  # fmt: skip
 
 
 def test_everything_came_from_the_server(page, server):

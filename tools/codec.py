@@ -1,4 +1,4 @@
-"""Lossless coding of stage-1 codes with a stage-2 prior, and the ``.vqz`` container that holds the result.
+"""Lossless coding of stage-1 codes with a stage-2 prior, into the streams a ``.vqz`` container holds.
 
 The entropy coder is ``constriction``'s range coder (``stream.queue``) with categorical models built from
 the prior's probabilities (``Categorical(perfect=False)``: constriction quantizes them to 24-bit integer
@@ -13,152 +13,25 @@ image, the label (a class or the null one) under which the prior gives its codes
 that label first (uniformly: log2(classes + 1) bits an image) and then the codes under it (format version
 3). The prior's null class alone is trained on a tenth of the batches (label dropout), so it codes worse
 than the best class by more than the label costs: on the emoji test split 0.2702 bits per pixel with the
-null class, 0.2671 with the best labels, theirs included. An unconditional prior codes no labels. The
-container stores a CRC32 of each batch's codes, so a machine that computes different floats (another CPU
-or torch build) gets a clear error, never silently different images.
-
-Container layout (little-endian; ``HEADER`` below)::
-
-    offset  size  field
-    0       4     magic b"VQZ1"
-    4       2     format version (3; versions 1 and 2 are still read: version 1 has no step-version byte,
-                  and only version 3 streams begin with the images' labels)
-    6       32    SHA-256 of the prior checkpoint
-    38      32    SHA-256 of the stage-1 checkpoint
-    70      2     image_size          72  1  channels
-    73      2+2   grid height, width  77  4  codebook_size
-    81      4     image count         85  4  batch size (images per coded batch)
-    89      1     the prior's step version (`CodePrior.step_version`: the arithmetic that made the streams)
-    90      8*nb  per batch (nb = ceil(count / batch_size)): stream length in bytes, CRC32 of its codes
-    ...           the batches' range-coder streams, concatenated (32-bit little-endian words)
-    end-4   4     CRC32 of every byte before it
-
-:func:`unpack` checks every length against the bytes left before using it and the file CRC before
-anything is decoded; every problem is a :class:`ContainerError` naming the file.
+null class, 0.2671 with the best labels, theirs included. An unconditional prior codes no labels.
+The container (:mod:`tools.container`) stores a CRC32 of each batch's codes, so a machine that computes
+different floats (another CPU or torch build) gets a clear error, never silently different images.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import constriction
 import numpy as np
 import torch
 from torch import nn
 
-from common.cli import UserError
 from stage2_prior.decoding import CodePrior, code_bits
-
-MAGIC = b"VQZ1"
-FORMAT_VERSION = 3
-HEADER = struct.Struct("<4sH32s32sHBHHIII")  # magic .. batch size: 89 bytes, the same in every version
-STEP = struct.Struct("<B")  # versions 2 and 3: the prior's step version (version 1 files: 1)
-BATCH_ENTRY = struct.Struct("<II")  # stream length in bytes, CRC32 of the batch's codes
-MAX_BATCH_SIZE = 4096  # bounds the work a (CRC-valid but hostile) header can ask for per batch entry
-MAX_CODEBOOK_SIZE = 1 << 16
-CRC_SIZE = 4
-
-
-class ContainerError(UserError, ValueError):
-    """A .vqz file is unusable (truncated, corrupt, another version, made with other checkpoints)."""
-
-
-@dataclass
-class Container:
-    """What a .vqz file holds; ``streams[i]`` codes images ``i * batch_size`` .. ``(i + 1) * batch_size``."""
-
-    prior_sha256: str  # hex
-    stage1_sha256: str  # hex
-    image_size: int
-    channels: int
-    grid_shape: tuple[int, int]
-    codebook_size: int
-    count: int
-    batch_size: int
-    step_version: int  # the prior's CodePrior.step_version: the arithmetic that made the streams
-    streams: list[bytes] = field(default_factory=list)
-    codes_crc: list[int] = field(default_factory=list)
-    version: int = FORMAT_VERSION  # what unpack read; what pack writes (2: null class, no labels)
-
-    @property
-    def labels_coded(self) -> bool:
-        """Whether each stream begins with its images' labels (when the prior is class-conditional)."""
-        return self.version >= 3
-
-    @property
-    def num_batches(self) -> int:
-        return -(-self.count // self.batch_size)
-
-    def batch_bounds(self) -> list[tuple[int, int]]:
-        return [(s, min(s + self.batch_size, self.count)) for s in range(0, self.count, self.batch_size)]
-
-
-# ------------------------------------------------------------------------------------------ container
-def pack(c: Container) -> bytes:
-    """Serialize a container (see the module docstring for the layout)."""
-    if len(c.streams) != c.num_batches or len(c.codes_crc) != c.num_batches:
-        raise ValueError(f"{c.num_batches} batches expected, got {len(c.streams)} streams")
-    if c.version not in (2, FORMAT_VERSION):
-        raise ValueError(f"pack writes format versions 2 and {FORMAT_VERSION}, got {c.version}")
-    head = HEADER.pack(MAGIC, c.version, bytes.fromhex(c.prior_sha256), bytes.fromhex(c.stage1_sha256),
-                       c.image_size, c.channels, *c.grid_shape, c.codebook_size, c.count, c.batch_size)  # fmt: skip
-    head += STEP.pack(c.step_version)
-    table = b"".join(BATCH_ENTRY.pack(len(s), crc) for s, crc in zip(c.streams, c.codes_crc))
-    body = head + table + b"".join(c.streams)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def unpack(data: bytes, name: str = "<bytes>") -> Container:
-    """Parse and check a .vqz file's bytes; ContainerError (naming `name`) on any problem."""
-    size = len(data)
-    if size < len(MAGIC) and MAGIC.startswith(bytes(data)):
-        raise ContainerError(f"{name}: truncated ({size} bytes); re-create it with `compress`")
-    if data[: len(MAGIC)] != MAGIC:
-        raise ContainerError(f"{name}: not a .vqz file (no VQZ1 magic); pass a file written by `compress`")
-    if size < HEADER.size + CRC_SIZE:
-        raise ContainerError(f"{name}: truncated ({size} bytes, shorter than the {HEADER.size}-byte header)")
-    (_, version, prior_sha, stage1_sha, image_size, channels, gh, gw, k, count, batch_size) = HEADER.unpack_from(data)
-    if version not in (1, 2, FORMAT_VERSION):
-        raise ContainerError(f"{name}: unsupported .vqz format version {version}; this code reads versions 1 to "
-                             f"{FORMAT_VERSION} (decompress it with the vqgen version that wrote it)")  # fmt: skip
-    if zlib.crc32(data[:-CRC_SIZE]) != struct.unpack_from("<I", data, size - CRC_SIZE)[0]:
-        raise ContainerError(f"{name}: file is corrupt or truncated (CRC32 mismatch); re-create it with `compress`")
-    problems = [f"{what}={v}" for what, v, ok in [
-        ("image_size", image_size, image_size >= 1), ("channels", channels, channels in (1, 3)),
-        ("grid_height", gh, gh >= 1), ("grid_width", gw, gw >= 1),
-        ("codebook_size", k, 1 <= k <= MAX_CODEBOOK_SIZE),
-        ("batch_size", batch_size, 1 <= batch_size <= MAX_BATCH_SIZE),
-    ] if not ok]  # fmt: skip
-    if problems:
-        raise ContainerError(f"{name}: corrupt header ({', '.join(problems)})")
-    pos, end, step_version = HEADER.size, size - CRC_SIZE, 1  # version 1 files: step version 1
-    if version >= 2:
-        if end - pos < STEP.size:
-            raise ContainerError(f"{name}: truncated (no step version after the header)")
-        (step_version,) = STEP.unpack_from(data, pos)
-        pos += STEP.size
-    c = Container(prior_sha.hex(), stage1_sha.hex(), image_size, channels, (gh, gw), k, count, batch_size,
-                  step_version, version=version)  # fmt: skip
-    if c.num_batches * BATCH_ENTRY.size > end - pos:
-        raise ContainerError(f"{name}: truncated or corrupt: the header announces {count} images in "
-                             f"{c.num_batches} batches, more than the file can hold")  # fmt: skip
-    entries = [BATCH_ENTRY.unpack_from(data, pos + i * BATCH_ENTRY.size) for i in range(c.num_batches)]
-    pos += c.num_batches * BATCH_ENTRY.size
-    for i, (length, crc) in enumerate(entries):
-        if length % 4 or length > end - pos:
-            raise ContainerError(f"{name}: truncated or corrupt: batch {i} claims {length} bytes, "
-                                 f"{end - pos} are left")  # fmt: skip
-        c.streams.append(bytes(data[pos : pos + length]))
-        c.codes_crc.append(crc)
-        pos += length
-    if pos != end:
-        raise ContainerError(f"{name}: corrupt: {end - pos} unexpected bytes after the last batch")
-    return c
+from tools.container import MAX_BATCH_SIZE, Container, ContainerError
 
 
 def codes_crc32(codes: np.ndarray) -> int:

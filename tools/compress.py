@@ -1,12 +1,15 @@
 """`compress` / `decompress`: store images as their stage-1 codes, entropy-coded with the stage-2 prior.
 
     compress a.png b.png more_images/ --prior prior.ckpt --out images.vqz
-    decompress images.vqz --prior prior.ckpt --out decoded/          # decoded/000000.png, 000001.png, ...
+    decompress images.vqz --prior prior.ckpt --out decoded/          # decoded/a.png, b.png, <each file>.png
 
 `compress` encodes each image to codes with stage 1 and codes them with the prior's probabilities
-(:mod:`tools.codec`: range coding, a versioned ``.vqz`` container with both checkpoints' SHA-256
+(:mod:`tools.codec`: range coding; :mod:`tools.container`: a versioned ``.vqz`` container with both checkpoints' SHA-256
 and CRCs). `decompress` recovers the codes exactly and writes stage 1's decoding of them as PNGs, so the
-images come back as stage-1 reconstructions: lossless for the codes, lossy for the pixels. The stage-1
+images come back as stage-1 reconstructions: lossless for the codes, lossy for the pixels. The file also
+keeps each image's file name (``--names none``: not, and `decompress` numbers them 000000.png, ...), so
+`decompress` writes ``<name without its extension>.png`` for each; two files whose names would collide
+(``a/x.png`` and ``b/x.jpg``) are refused up front. The stage-1
 checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae`` is given.
 Both run on the CPU with one thread (exact decoding needs identical floats) and never replace an existing
 file without ``--overwrite``; `compress` writes a temp file renamed into place, `decompress` writes into
@@ -25,9 +28,17 @@ from common.cli import add_overwrite, make_parser, run_command
 from common.images import image_files, load_images, to_uint8
 from common.io import check_output, check_output_dir, staging_dir, write_atomic
 from stage2_prior.build import require_likelihood
-from tools.codec import MAX_BATCH_SIZE, unpack
+from tools.container import MAX_BATCH_SIZE, ContainerError, check_name, pack_names, unpack
 from tools.load import Models  # noqa: F401  (re-exported: tests build Models through this module)
-from tools.vqz import DEFAULT_BATCH_SIZE, compress_codes, cpu_models, decode_images, decompress_codes, encode_images
+from tools.vqz import (
+    DEFAULT_BATCH_SIZE,
+    compress_codes,
+    cpu_models,
+    decode_images,
+    decompress_codes,
+    encode_images,
+    png_names,
+)
 
 
 def _parser(prog: str):
@@ -46,34 +57,49 @@ def run_compress(args: list[str] | None) -> str:
     labels_help = ("with a class-conditional prior: code each image under the label that costs it the fewest "
                    "bits (best: smaller files, one forward pass per label more) or the null class")
     p.add_argument("--labels", type=Literal["best", "null"], default="best", help=labels_help)
+    names_help = ("keep: store each image's file name, for `decompress` to write <name>.png (a few bytes an "
+                  "image); none: store none, `decompress` numbers the images")
+    p.add_argument("--names", type=Literal["keep", "none"], default="keep", help=names_help)
     a = p.parse_args(args)
     if not 1 <= a.batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"--batch_size must be in [1, {MAX_BATCH_SIZE}], got {a.batch_size}")
     out = check_output(a.out, a.overwrite)
     files = image_files(a.images)
+    names = [f.name for f in files] if a.names == "keep" else None
+    if names is not None:  # names unfit to store, or two that would come back as one file: refused before any work
+        for f in files:
+            if problem := check_name(f.name):
+                raise ValueError(f"--names keep: {f}: {problem}; rename it or pass --names none")
+        png_names([str(f) for f in files], "--names keep", "rename one, compress them into separate files, or "
+                  "pass --names none to number the images instead")  # fmt: skip
     m = cpu_models(a.prior, a.vqvae)
     require_likelihood(m.prior, a.prior, "compress")  # the codec needs exact probabilities
     t0 = time.perf_counter()
     codes = encode_images(m.vqvae, load_images(files, m.image_size, m.channels))
-    data, ideal = compress_codes(m, codes, a.batch_size, a.labels)
+    data, ideal = compress_codes(m, codes, a.batch_size, a.labels, names)
     seconds = time.perf_counter() - t0
     write_atomic(out, data)
     pixels = len(files) * m.image_size**2
-    return (f"{len(files)} images -> {out}: {len(data)} bytes, {8 * len(data) / pixels:.4f} bits per pixel "
+    named = f" ({len(pack_names(names, len(names)))} of them file names)" if names is not None else ""
+    return (f"{len(files)} images -> {out}: {len(data)} bytes{named}, {8 * len(data) / pixels:.4f} bits per pixel "
             f"(ideal {ideal / pixels:.4f}), {len(files) / seconds:.1f} images/s")  # fmt: skip
 
 
 def run_decompress(args: list[str] | None) -> str:
     p = _parser("decompress")
     p.add_argument("file", type=str, help="a .vqz file written by `compress`")
-    p.add_argument("--out", type=str, required=True, help="directory for the decoded images (000000.png, ...)")
+    p.add_argument("--out", type=str, required=True,
+                   help="directory for the decoded images (<name>.png for each stored file name, else 000000.png, ...)")
     a = p.parse_args(args)
     path = Path(a.file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     data = path.read_bytes()
-    count = unpack(data, str(path)).count  # check the file before loading the models
+    c = unpack(data, str(path))  # check the file before loading the models
+    count = c.count
     names = [f"{i:06d}.png" for i in range(count)]
+    if c.names is not None:  # two stored names on one file: only a hand-made .vqz has that
+        names = png_names(c.names, str(path), "`compress` never writes such a file", ContainerError)
     out = check_output_dir(a.out, names, a.overwrite)
     m = cpu_models(a.prior, a.vqvae)
     require_likelihood(m.prior, a.prior, "decompress")

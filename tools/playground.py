@@ -28,7 +28,7 @@ from stage2_prior.build import require_likelihood
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
 from tools.anomaly_scores import SCORES, default_score, heat_map_grid, score_images
-from tools.codec import unpack
+from tools.container import ContainerError, check_name, unpack
 from tools.drawing import class_labels, complete_codes, draw_codes, keep_from_painted, rows_by_label
 from tools.load import Models, load_models
 from tools.transform_net import AnomalyNet
@@ -40,6 +40,7 @@ from tools.vqz import (
     decode_images,
     decompress_codes,
     encode_images,
+    png_names,
 )
 
 MAX_SAMPLES = 256  # per request: one batch of the sampler
@@ -195,7 +196,8 @@ class Playground:
         of it as `decompress` gives it back, and JPEG and WebP files of at most the same number of bytes."""
         m = self._codec("Compress")
         t0 = time.perf_counter()
-        data, _ = compress_codes(m, encode_images(m.vqvae, from_uint8(image[None])), DEFAULT_BATCH_SIZE)
+        names = None if check_name(name) else [name]  # as `compress` stores it (a name unfit to store: none)
+        data, _ = compress_codes(m, encode_images(m.vqvae, from_uint8(image[None])), DEFAULT_BATCH_SIZE, names=names)
         decoded = to_uint8(decode_images(m.vqvae, decompress_codes(m, data, name)))[0]
         seconds = time.perf_counter() - t0
         pixels = image.shape[1] * image.shape[2]
@@ -210,14 +212,16 @@ class Playground:
 
     @torch.no_grad()
     def decompress(self, data: bytes, name: str) -> dict:
-        """.vqz bytes -> the images `decompress` writes (uint8 PNGs), at most MAX_IMAGES of them."""
-        count = unpack(data, name).count  # the file's checks, before any model work
-        if count > MAX_IMAGES:
-            raise ValueError(f"{name} holds {count} images; the page shows at most {MAX_IMAGES}: "
-                             "use the `decompress` command")  # fmt: skip
+        """.vqz bytes -> the images `decompress` writes (uint8 PNGs), at most MAX_IMAGES of them, and their
+        file names as `decompress` writes them."""
+        c = unpack(data, name, max_count=MAX_IMAGES)  # the file's checks, before any model work
+        count = c.count
+        names = [f"{i:06d}.png" for i in range(count)]
+        if c.names is not None:
+            names = png_names(c.names, name, "`compress` never writes such a file", ContainerError)
         m = self._codec("Compress")
         images = to_uint8(decode_images(m.vqvae, decompress_codes(m, data, name)))
-        return {"count": count, "images": [png_bytes(x) for x in images],
+        return {"count": count, "images": [png_bytes(x) for x in images], "names": names,
                 "bpp": 8 * len(data) / max(1, count * m.image_size**2)}  # fmt: skip
 
     # ------------------------------------------------------------------------------------ anomaly

@@ -1,12 +1,12 @@
 """Images <-> ``.vqz`` bytes with loaded models: what `compress`/`decompress` and the page (`serve`) share.
 
     codes = encode_images(m.vqvae, images)            # (N, C, S, S) in [-1, 1] -> codes (N, H, W)
-    data, ideal_bits = compress_codes(m, codes)       # -> the .vqz file's bytes
+    data, ideal_bits = compress_codes(m, codes)       # -> the .vqz file's bytes (names=[...]: version 4)
     codes = decompress_codes(m, data, "x.vqz")        # -> codes, exactly; ContainerError if the file is bad
     images = decode_images(m.vqvae, codes)            # -> stage 1's decoding, [-1, 1]
 
-The coding itself (range coder, container layout) is :mod:`tools.codec`; `m` must hold fp32 CPU models
-(:func:`cpu_models`), since exact decoding needs bit-identical probabilities on both sides.
+The coding itself (range coder) is :mod:`tools.codec`, the file layout :mod:`tools.container`; `m` must hold
+fp32 CPU models (:func:`cpu_models`), since exact decoding needs bit-identical probabilities on both sides.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from stage1_vqvae.model import VQModel
-from tools.codec import FORMAT_VERSION, Container, ContainerError, decode_codes, encode_codes, pack, unpack
+from tools.codec import decode_codes, encode_codes
+from tools.container import FORMAT_VERSION, Container, ContainerError, pack, unpack
 from tools.load import Models, load_models
 
 DEFAULT_BATCH_SIZE = 256
@@ -43,18 +44,35 @@ def encode_images(vqvae: VQModel, images: torch.Tensor, batch_size: int = DEFAUL
 
 
 def compress_codes(
-    m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, labels: str = "best"
+    m: Models, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, labels: str = "best",
+    names: list[str] | None = None,
 ) -> tuple[bytes, float]:
     """codes (N, H, W) -> (.vqz bytes, ideal payload bits -sum log2 p). labels "best": with a
-    class-conditional prior, code each image under its best label (stored); "null": the null class, no labels."""
+    class-conditional prior, code each image under its best label (stored); "null": the null class, no labels.
+    names: the images' file names, stored (format version 4) for `decompress` to write them back."""
     if labels not in LABEL_CHOICES:
         raise ValueError(f"--labels must be one of {LABEL_CHOICES}, got {labels!r}")
     streams, crcs, ideal = encode_codes(m.prior, codes, batch_size, code_labels=labels == "best")
-    # "null" is exactly what format version 2 stores (null class, no labels), so it is written as version 2
+    # without names, "best" is format version 3 and "null" exactly what version 2 stores (null class, no
+    # labels): the files stay byte-identical to those versions
+    version = FORMAT_VERSION if names is not None else 3 if labels == "best" else 2
     c = Container(m.prior_sha256, m.stage1_sha256, m.image_size, m.channels, tuple(m.vqvae.grid_shape),
-                  m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version,
-                  streams, crcs, version=FORMAT_VERSION if labels == "best" else 2)  # fmt: skip
+                  m.vqvae.codebook_size, len(codes), batch_size, m.prior.step_version, streams, crcs,
+                  version=version, names=names, coded_labels=labels == "best")  # fmt: skip
     return pack(c), ideal
+
+
+def png_names(names: list[str], where: str, fix: str, error: type[Exception] = ValueError) -> list[str]:
+    """The files `decompress` writes for stored `names`: each name's stem + .png (decoded images are PNGs);
+    `error` naming `where`, both names and `fix` if two would land on one file."""
+    out, seen = [], {}
+    for n in names:
+        png = f"{Path(n).stem}.png"
+        if png in seen:
+            raise error(f"{where}: {seen[png]} and {n} would both decompress to {png}; {fix}")
+        seen[png] = n
+        out.append(png)
+    return out
 
 
 def decompress_codes(m: Models, data: bytes, name: str = "<bytes>") -> np.ndarray:

@@ -225,7 +225,7 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         data, name = await upload(await form_of(request), "file")
         out, seconds = await queue.run(play.decompress, data, name)
         return {"count": out["count"], "bpp": out["bpp"], "images": [data_url(x) for x in out["images"]],
-                "seconds": seconds}  # fmt: skip
+                "names": out["names"], "seconds": seconds}  # fmt: skip
 
     @app.post("/api/anomaly")
     async def anomaly(request: Request):

@@ -223,7 +223,7 @@ $("#decompress-form").addEventListener("submit", (event) => {
     if (!$("#decompress-file").files.length) throw new Error("choose a .vqz file to decompress");
     const data = await api("/api/decompress", new FormData(form));
     vqgen.last.decompress = data;
-    $("#decompress-result").replaceChildren(...data.images.map((src, i) => figure(src, `image ${i + 1}`, "decoded")));
+    $("#decompress-result").replaceChildren(...data.images.map((src, i) => figure(src, data.names[i], "decoded")));
     return `${data.count} image(s), ${data.bpp.toFixed(3)} bits/pixel, ${data.seconds.toFixed(2)} s`;
   });
 });
