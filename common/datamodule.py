@@ -51,6 +51,9 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._load()
+        if not getattr(self, "_described", False) and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.describe(), flush=True)  # once, before the first step: is this the data meant?
+            self._described = True
 
     def train_dataloader(self) -> DataLoader:
         n, b = len(self.split_arrays("train")[1]), self.options.batch_size

@@ -252,6 +252,17 @@ class ImageSplits:
             )
         return self._splits
 
+    def describe(self) -> str:
+        """One line saying what was read, for the user to check before a long run: the split sizes, the image
+        size and colour, the classes (an image folder's labels are its sub-folders' names)."""
+        h, names = self.options, self.class_names
+        where = f" {h.root}" if h.root and h.dataset in ("image_folder", "emoji", "cifar10") else ""
+        sizes = " / ".join(f"{s} {len(self.split_arrays(s)[1]):,}" for s in SPLITS)
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        colour = "RGB" if self.channels == 3 else "grayscale"
+        classes = f"{len(names)} classes ({shown})" if len(names) > 1 else f"one class ({shown}): no labels to use"
+        return f"data: {h.dataset}{where}: {sizes} images, {self.image_size}x{self.image_size} {colour}, {classes}"
+
     def split_arrays(self, split: str) -> tuple[Tensor, Tensor]:
         """(uint8 images (N, C, H, W), long labels (N,)) of "train", "val" or "test"."""
         if split not in SPLITS:

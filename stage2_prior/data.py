@@ -93,6 +93,19 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         for name in ("train", "val", "test"):
             if name in self.meta.counts:
                 self.split(name)
+        if not getattr(self, "_described", False) and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.describe(), flush=True)  # once, before the first step
+            self._described = True
+
+    def describe(self) -> str:
+        """One line: the splits' sizes, the grid (or levels), the codebook and the classes."""
+        m = self.meta
+        sizes = " / ".join(f"{s} {n:,}" for s, n in m.counts.items())
+        levels = m.levels or []
+        grid = " + ".join(f"{lv['name']} {lv['grid_shape'][0]}x{lv['grid_shape'][1]}" for lv in levels) \
+            if len(levels) > 1 else f"{m.grid_shape[0]}x{m.grid_shape[1]}"
+        classes = f"{m.num_classes} classes" if m.num_classes else "no classes"
+        return f"codes: {self.hparams.codes_dir}: {sizes} code maps of {grid}, codebook {m.codebook_size}, {classes}"
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = self.split(name)

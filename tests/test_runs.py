@@ -157,9 +157,13 @@ def test_a_run_name_in_use_is_refused_and_resumed_with_last(shapes_folder, tmp_p
     assert ckpt["global_step"] == 6 and sorted(train_losses(run)) == list(range(6))
 
 
-def test_latest_moves_only_to_a_run_with_a_checkpoint(shapes_folder, tmp_path):
+def test_latest_moves_only_to_a_run_with_a_checkpoint(shapes_folder, tmp_path, capsys):
     root = tmp_path / "runs"
     train_stage1(fit_args(shapes_folder, root, 2))
+    # before training, one line says what was read, so a wrong folder or labels show at once
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
+    assert said == [f"data: image_folder {shapes_folder}: train 48 / val 8 / test 8 images, 16x16 grayscale, "
+                    "2 classes (discs, squares)"]  # fmt: skip
     with pytest.raises(RuntimeError, match="injected failure"):  # a bug in training keeps its traceback
         train_stage1(fit_args(shapes_folder, root, 4, f"--trainer.callbacks+={FAIL}", "--trainer.callbacks.step=1"))
     assert (root / "version_1").is_dir()  # the failed run keeps its logs
@@ -317,7 +321,7 @@ def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_pa
         assert torch.equal(value, b["state_dict"][name]), name
 
 
-def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path):
+def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
     """Labels -1 ("unlabelled") train the null class; a run that ends before its first validation (so with
     no best.ckpt) is tested with its final weights and still writes its sample grid."""
     stage1 = tmp_path / "stage1.ckpt"
@@ -337,6 +341,8 @@ def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path):
     run = root / "latest"
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
     assert (run / "samples.png").is_file()
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("codes: ")]
+    assert said == [f"codes: {tmp_path / 'codes'}: train 16 / val 8 / test 8 code maps of 2x2, codebook 8, 2 classes"]
 
 
 def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folder, tmp_path, monkeypatch, capfd,
