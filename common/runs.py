@@ -48,6 +48,7 @@ from common.launch import (
 )
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
+from common.splits import WORKER_TIMEOUT_MESSAGE
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
@@ -180,6 +181,10 @@ class VQGenCLI(LightningCLI):
             if (machine := machine_error(e, flags, note)) is not None:
                 raise machine from e
             raise UserError(str(e)) from e
+        except RuntimeError as e:
+            if not str(e).startswith(WORKER_TIMEOUT_MESSAGE):
+                raise
+            raise RuntimeError(worker_timeout_hint(e)) from e
         finally:  # after every after_<subcommand> hook, also of subclasses
             failed = sys.exc_info()[0] is not None
             trainer = getattr(self, "trainer", None)
@@ -275,6 +280,14 @@ class VQGenCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.run_dir is not None and self.trainer.is_global_zero:
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
+
+
+def worker_timeout_hint(e: Exception) -> str:
+    """What a hung loader worker means and what to do: the DataLoader's timeout error, explained."""
+    known = " (Python < 3.12: CPython gh-112275's deadlock of a fork taken while another thread held a lock)"
+    return (f"{e}: a loader worker sent nothing for that long, so it hung{known if sys.version_info < (3, 12) else ''}"
+            "; the data is in memory, so run the same command with --data.num_workers 0 and --ckpt_path last "
+            "to go on from the last checkpoint")
 
 
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:

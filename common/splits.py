@@ -39,6 +39,11 @@ from common.readers import (
 )  # fmt: skip
 from common.shuffle import resumable_loader
 
+# A loader worker that sends nothing for this long is hung, not slow: every batch is one index operation on
+# data in memory (milliseconds). The DataLoader then raises instead of waiting for good (see loader_options).
+WORKER_TIMEOUT_S = 600.0
+WORKER_TIMEOUT_MESSAGE = "DataLoader timed out"  # the start of PyTorch's error for it
+
 
 class UInt8ImageDataset(Dataset):
     """One split as a uint8 tensor; `__getitems__` lets the DataLoader fetch a batch in one indexing op."""
@@ -63,11 +68,13 @@ def already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
 
 def loader_options(workers: int, persistent: bool, shard: dict[str, int] | None = None) -> dict[str, Any]:
     """DataLoader arguments shared by both stages' loaders: whole batches (`already_batched`) and, with
-    `workers` worker processes, workers that ignore a terminal's Ctrl-C and outlive an epoch when `persistent`.
-    `shard`: a DDP rank's place (common.shuffle.shard_of); its forks of workers can hang before Python 3.12."""
+    `workers` worker processes, workers that ignore a terminal's Ctrl-C and outlive an epoch when `persistent`,
+    and a fetch that raises after WORKER_TIMEOUT_S of silence (a hung worker ends the run; it resumes from
+    `last.ckpt`). `shard`: a DDP rank's place (common.shuffle.shard_of); its forks of workers can hang before
+    Python 3.12."""
     options: dict[str, Any] = dict(num_workers=workers, collate_fn=already_batched)
     if workers:
-        options.update(persistent_workers=persistent, worker_init_fn=worker_ignores_ctrl_c)
+        options.update(persistent_workers=persistent, worker_init_fn=worker_ignores_ctrl_c, timeout=WORKER_TIMEOUT_S)
         if shard is not None and shard.get("num_replicas", 1) > 1 and sys.version_info < (3, 12):
             warnings.warn(
                 f"--data.num_workers {workers} under DDP on Python {platform.python_version()}: a worker's fork can "

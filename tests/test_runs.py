@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,29 @@ def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folde
     assert list((tmp_path / "runs" / "version_0" / "wandb").glob("offline-run-*"))
 
 
+
+
+def test_a_hung_loader_worker_ends_the_run_with_what_to_do(shapes_folder, tmp_path, monkeypatch):
+    """A worker that never answers (as a fork deadlocked before Python 3.12 does) stops the run after the
+    loaders' timeout, with an error that says what it means and how to go on, instead of waiting for good."""
+    from torch.utils.data import get_worker_info
+
+    import common.splits
+
+    real = common.splits.UInt8ImageDataset.__getitems__
+
+    def hangs_in_a_worker(self, indices):
+        if get_worker_info() is not None:  # a forked worker inherits this patch; the main process never calls it
+            time.sleep(3600)
+        return real(self, indices)
+
+    monkeypatch.setattr(common.splits.UInt8ImageDataset, "__getitems__", hangs_in_a_worker)
+    monkeypatch.setattr(common.splits, "WORKER_TIMEOUT_S", 2.0)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"DataLoader timed out after 2.0 seconds: a loader worker sent nothing "
+                                           r"for that long, so it hung.*--data.num_workers 0 and --ckpt_path last"):
+        train_stage1(fit_args(shapes_folder, tmp_path / "runs", 4, "--data.num_workers", "1"))
+    assert time.monotonic() - t0 < 60
 
 
 def test_ctrl_c_from_a_terminal_with_loader_workers(shapes_folder, tmp_path):
