@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import user_error
+from PIL import Image
 
 from common.datamodule import ImageDataModule
 from stage1_vqvae import extract
@@ -22,7 +23,7 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
 from tools import sample, train_feature_net
-from tools.evaluate import main
+from tools.evaluate import load_samples, main
 
 DATA = dict(dataset="image_folder", image_size=16, batch_size=8, val_size=8, test_size=8)
 
@@ -105,6 +106,34 @@ def test_evaluate_samples_prints_the_floor(artifacts, shapes_folder, tmp_path, c
     assert "real-data floor" in printed and f"FID (image-folder '{shapes_folder.name}' classifier" in printed
     assert r["samples"] == 16 and r["floor_train_images"] == 16 and r["test_images"] == 8
     assert r["fid"] >= 0 and r["fid_floor"] >= 0 and r["kid_subset_size"] == 8
+
+
+def test_samples_as_png_files_score_as_their_npz(artifacts, shapes_folder, tmp_path, capsys):
+    """`sample --images DIR` writes each sample as a PNG (never over existing files without --overwrite), and
+    `evaluate samples` scores a folder of images (any generator's) exactly as the .npz of the same images."""
+    args = ["--prior", str(artifacts["prior"]), "--n", "16", "--out", str(tmp_path / "s.npz"), "--device", "cpu"]
+    sample.main([*args, "--images", str(tmp_path / "pngs")])
+    names = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(16)]
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as npz:
+        images = npz["images"]
+        np.testing.assert_array_equal(images, np.load(artifacts["samples"], allow_pickle=False)["images"])  # seed 0
+    for i in (0, 15):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pngs" / names[i])), images[i, 0])
+    (tmp_path / "pngs" / names[3]).write_bytes(b"keep me")  # --per_class 2 of 2 classes: 000000-000003.png
+    again = ["--prior", str(artifacts["prior"]), "--out", str(tmp_path / "t.npz"), "--device", "cpu", "--per_class",
+             "2", "--images", str(tmp_path / "pngs")]  # fmt: skip
+    err = user_error(sample.main, again, capsys)
+    assert "pngs/000000.png already exists (and 3 more); pass --overwrite to replace, or choose another --images" in err
+    assert (tmp_path / "pngs" / names[3]).read_bytes() == b"keep me" and not (tmp_path / "t.npz").exists()
+    (tmp_path / "pngs" / names[3]).unlink()
+    Image.fromarray(images[3, 0]).save(tmp_path / "pngs" / names[3])
+    data = ["--ckpt", str(artifacts["stage1"]), "--features", str(artifacts["features"]), "--kid_subsets", "5"]
+    from_npz = evaluate("samples", "--samples", str(tmp_path / "s.npz"), *data, out=tmp_path / "a.json")
+    from_dir = evaluate("samples", "--samples", str(tmp_path / "pngs"), *data, out=tmp_path / "b.json")
+    assert torch.equal(load_samples(tmp_path / "pngs", channels=1), torch.from_numpy(images))  # the same pixels
+    assert from_dir["samples"] == 16 and from_dir["fid"] == pytest.approx(from_npz["fid"], rel=1e-6)
+    assert from_dir["kid"] == pytest.approx(from_npz["kid"], rel=1e-6, abs=1e-9)
 
 
 def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(artifacts, tmp_path, capsys):

@@ -3,14 +3,15 @@
     evaluate stage1 --ckpt runs/stage1/latest/checkpoints/last.ckpt            # data options from the ckpt
     evaluate prior --ckpt runs/stage2_transformer/latest/checkpoints/best.ckpt --codes codes/fashion_mnist
     evaluate samples --samples runs/samples.npz --json samples_eval.json    # data options: the samples' stage 1
+    evaluate samples --samples other_model_pngs/ --data.dataset fashion_mnist   # any generator's image files
 
 stage1 (test split): MSE in [-1, 1] pixel units, PSNR, SSIM, reconstruction FID (reconstructions vs the
 originals), codebook usage, perplexity, dead codes. prior (codes' test split): NLL in bits per code and
 bits per image dimension, top-1 accuracy; for a masked-token (maskgit) prior, which has no exact likelihood,
 the NLL and accuracy at masked positions under its training mask schedule (seeded masks), labelled as not
-a likelihood. samples (a `sample` .npz): FID and KID against the test split,
-each beside its real-data floor: a random train subset of the same size against the test split (FID is
-biased upwards at small n, so the floor, not 0, is what a perfect model would score).
+a likelihood. samples (a `sample` .npz, or a folder of image files from any generator): FID and KID against
+the test split, each beside its real-data floor: a random train subset of the same size against the test
+split (FID is biased upwards at small n, so the floor, not 0, is what a perfect model would score).
 
 FID/KID features (--features): a feature-net file from `train_feature_net`, "inception" (torch-fidelity),
 or auto: runs/feature_net/<dataset>.pt (an image folder: image_folder_<folder name>.pt, checked to have been
@@ -32,10 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from common.cli import Parser, add_device, at_least, make_parser, resolve_device, run_command
 from common.codes import CodesError, CodesMeta, check_matches, load_split, read_meta
-from common.images import to_uint8
+from common.images import image_files, read_images, to_uint8
 from common.io import atomic_file, check_output
 from common.splits import ImageSplits, data_options
 from stage1_vqvae.model import VQModel
@@ -156,9 +158,18 @@ def prior_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ samples
-def load_samples(path: str | Path) -> torch.Tensor:
-    """The uint8 images (n, C, H, W) of a `sample` .npz, checked."""
+def load_samples(path: str | Path, channels: int | None = None) -> torch.Tensor:
+    """The uint8 images (n, C, H, W) of a `sample` .npz, checked; or of a folder of image files (any
+    generator's samples), read as every command reads image files, at the first file's size (the shorter
+    side, center-cropped) and with `channels` (the data's)."""
     path = Path(path)
+    if path.is_dir():
+        files = image_files([path])
+        if len(files) < 2:
+            raise ValueError(f"--samples {path}: a folder of samples needs at least 2 images, it has {len(files)}")
+        with Image.open(files[0]) as first:
+            size = min(first.size)
+        return torch.from_numpy(read_images(files, size, channels)).permute(0, 3, 1, 2).contiguous()
     if not path.is_file():
         raise FileNotFoundError(f"--samples {path}: no such file; write one with `sample --prior PRIOR.ckpt --n 1000`")
     try:
@@ -247,7 +258,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
             p.add_argument("--codes", type=str, required=True, help="codes directory (extract_codes --out)")
         else:
             if mode == "samples":
-                p.add_argument("--samples", type=str, required=True, help="the .npz `sample` writes")
+                p.add_argument("--samples", type=str, required=True,
+                               help="the .npz `sample` writes, or a folder of image files (any generator's)")
                 p.add_argument("--seed", type=int, default=0, help="the floor's train subset and KID's subsets")
                 p.add_argument("--kid_subsets", type=int, default=100)
             defaults = "" if mode == "stage1" else (": its data options are the defaults (by default the one "
@@ -280,7 +292,9 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
                     ("metric", "value"), prior_rows(result))  # fmt: skip
         return result
     data = cfg.data.as_dict()
-    samples = load_samples(cfg.samples) if mode == "samples" else None  # the user's file first, then the rest
+    samples = None  # the user's file first, then the rest
+    if mode == "samples":  # a folder's images are read in the data's colour
+        samples = load_samples(cfg.samples, ImageSplits(**data).channels if Path(cfg.samples).is_dir() else None)
     # stage1's PSNR, SSIM and usage need no features: without any (and none asked for), no reconstruction FID
     features = load_features(cfg.features, data["dataset"], device, optional=mode == "stage1", root=data.get("root"))
     if mode == "stage1":

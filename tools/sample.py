@@ -8,7 +8,9 @@
 
 ``--out`` names the grid's format by its suffix (.png, .jpg, .webp); beside it goes ``<out>.npz`` with
 ``codes`` (n, H, W), ``images`` (n, C, H, W) uint8 and ``labels`` (n,), -1 for unconditional.
-``--out x.npz`` writes only the .npz. Existing files are never replaced without ``--overwrite``. The
+``--out x.npz`` writes only the .npz. ``--images DIR`` also writes every sample as its own PNG,
+``DIR/000000.png`` ... in drawing order (labels in the .npz), for tools that score a folder of images
+(clean-fid, torch-fidelity). Existing files are never replaced without ``--overwrite``. The
 stage-1 checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae``
 is given. ``--mask`` is in pixels (white = keep): a code is redrawn if any pixel of its cell is not white.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from common.cli import (
     UserError,
@@ -34,7 +37,7 @@ from common.cli import (
     wandb_offline_unless_logged_in,
 )  # fmt: skip
 from common.images import GRID_FORMATS, load_image, make_grid, save_grid, to_uint8
-from common.io import atomic_file, check_output
+from common.io import atomic_file, check_output, check_output_dir, staging_dir
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_STEPS
@@ -74,6 +77,8 @@ def build_parser():
     p.add_argument("--mask", type=str, default=None, help="with --prime: a mask image, white = keep")
     p.add_argument("--steps", type=int, default=None,
                    help=f"maskgit priors only: decoding steps, one network pass each (default {DEFAULT_STEPS})")
+    p.add_argument("--images", type=str, default=None,
+                   help="also write each sample as DIR/000000.png, ... (for tools that score a folder)")
     p.add_argument("--wandb", action="store_true", help="also log the grid to a W&B run (offline if not logged in)")
     add_overwrite(p)
     return p
@@ -89,6 +94,15 @@ def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
         raise UserError(f"--out {out}: use a .png, .jpg, .webp (grid + .npz) or .npz (codes and images) name")
     grid = None if suffix == ".npz" else check_output(out, a.overwrite)
     return grid, check_output(out.with_suffix(".npz"), a.overwrite)
+
+
+def sample_names(n: int) -> list[str]:
+    return [f"{i:06d}.png" for i in range(n)]
+
+
+def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
+    """--images DIR for `n` samples: refused if it would replace a file (without --overwrite); None if not asked."""
+    return check_output_dir(a.images, sample_names(n), a.overwrite, "--images") if a.images else None
 
 
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str]) -> tuple[torch.Tensor | None, int]:
@@ -135,6 +149,8 @@ def _run(args: list[str] | None) -> str:
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be > 0, got {value}")
     grid_path, npz_path = outputs(a)
+    if a.images:  # the folder itself now; the files once their count is known, still before any drawing
+        check_output_dir(a.images, [], a.overwrite, "--images")
     device = resolve_device(a.device)
     m = load_models(a.prior, a.vqvae, device)
     prior, vqvae = m.prior, m.vqvae
@@ -152,6 +168,7 @@ def _run(args: list[str] | None) -> str:
     scale = a.scale or (2 if m.image_size < 64 else 1)
     if a.prime:
         keep = completion_keep(a, vqvae).to(device)  # the options before the image
+        images_dir = check_images_dir(a, a.n)
         image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
         labels = None
@@ -163,6 +180,7 @@ def _run(args: list[str] | None) -> str:
     else:
         labels, per_row = choose_labels(prior, a, m.class_names)
         n = len(labels) if labels is not None else a.n
+        images_dir = check_images_dir(a, n)
         chunks = []
         for start in range(0, n, a.batch_size):
             lab = labels[start : start + a.batch_size].to(device) if labels is not None else None
@@ -181,9 +199,14 @@ def _run(args: list[str] | None) -> str:
                  labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
                  stage1_ckpt=np.array(str(stage1)),
                  stage1_ckpt_relative=np.array(os.path.relpath(stage1, npz_path.resolve().parent)))  # fmt: skip
+    if images_dir is not None:
+        with staging_dir(images_dir) as tmp:
+            for name, x in zip(sample_names(len(images)), to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()):
+                Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(tmp / name, format="PNG")
     if a.wandb:
         _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
-    wrote = f"wrote {' and '.join(str(p) for p in (grid_path, npz_path) if p)}"
+    done = [grid_path, npz_path] + ([f"{len(images)} PNGs in {images_dir}/"] if images_dir is not None else [])
+    wrote = f"wrote {' and '.join(str(p) for p in done if p)}"
     if not a.prime and labels is not None and grid_path:  # which row is which class: the grid has no captions
         rows = [f"{c} {m.class_names[c]}" for c in labels.unique(sorted=True).tolist()]
         wrote += f"; rows, top to bottom: {', '.join(rows)}"
