@@ -30,6 +30,7 @@ from tools.compress import (
     main_decompress,
 )
 from tools.container import HEADER, Container, ContainerError, pack, unpack
+from tools.vqz import png_names
 
 K, GRID, SIZE = 32, (4, 4), 16
 
@@ -343,6 +344,13 @@ def test_cli_keeps_file_names_unless_told_not_to(ckpts, tmp_path: Path, capsys) 
                                      str(tmp_path / "c.vqz")], capsys)  # fmt: skip
     assert "--names keep: " in err and "0.png and " in err and "0.jpg would both decompress to 0.png" in err
     assert "--names none" in err and not (tmp_path / "c.vqz").exists()
+
+
+def test_decompressed_names_are_plain_pngs_of_at_most_255_bytes() -> None:
+    assert png_names(["a.jpg", "b.tar.png", "no suffix", "x" * 251 + ".png"], "f", "") == [
+        "a.png", "b.tar.png", "no suffix.png", "x" * 251 + ".png"]  # fmt: skip
+    with pytest.raises(ContainerError, match=r"f.vqz: x+ would decompress to a name longer than 255 bytes; fix it"):
+        png_names(["x" * 253], "f.vqz", "fix it", ContainerError)  # a fit name to store, but not with .png
 
 
 def test_decompress_refuses_a_hand_made_file_whose_names_collide(ckpts, tmp_path: Path, capsys) -> None:

@@ -4,13 +4,13 @@
     decompress images.vqz --prior prior.ckpt --out decoded/          # decoded/a.png, b.png, <each file>.png
 
 `compress` encodes each image to codes with stage 1 and codes them with the prior's probabilities
-(:mod:`tools.codec`: range coding; :mod:`tools.container`: a versioned ``.vqz`` container with both checkpoints' SHA-256
-and CRCs). `decompress` recovers the codes exactly and writes stage 1's decoding of them as PNGs, so the
-images come back as stage-1 reconstructions: lossless for the codes, lossy for the pixels. The file also
-keeps each image's file name (``--names none``: not, and `decompress` numbers them 000000.png, ...), so
-`decompress` writes ``<name without its extension>.png`` for each; two files whose names would collide
-(``a/x.png`` and ``b/x.jpg``) are refused up front. The stage-1
-checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae`` is given.
+(:mod:`tools.codec`: range coding; :mod:`tools.container`: a versioned ``.vqz`` container with both
+checkpoints' SHA-256 and CRCs). `decompress` recovers the codes exactly and writes stage 1's decoding of
+them as PNGs, so the images come back as stage-1 reconstructions: lossless for the codes, lossy for the
+pixels. The file also keeps each image's file name (``--names none``: not, and `decompress` numbers them
+000000.png, ...), so `decompress` writes ``<name without its extension>.png`` for each; two files whose
+names would collide (``a/x.png`` and ``b/x.jpg``) are refused up front. The stage-1 checkpoint is the
+one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae`` is given.
 Both run on the CPU with one thread (exact decoding needs identical floats) and never replace an existing
 file without ``--overwrite``; `compress` writes a temp file renamed into place, `decompress` writes into
 a hidden temporary folder whose files are moved into ``--out`` only once all of them are written.

@@ -18,7 +18,7 @@ import torch
 
 from stage1_vqvae.model import VQModel
 from tools.codec import decode_codes, encode_codes
-from tools.container import FORMAT_VERSION, Container, ContainerError, pack, unpack
+from tools.container import FORMAT_VERSION, MAX_NAME_BYTES, Container, ContainerError, pack, unpack
 from tools.load import Models, load_models
 
 DEFAULT_BATCH_SIZE = 256
@@ -68,6 +68,8 @@ def png_names(names: list[str], where: str, fix: str, error: type[Exception] = V
     out, seen = [], {}
     for n in names:
         png = f"{Path(n).stem}.png"
+        if len(png.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:  # a long name without an extension
+            raise error(f"{where}: {n} would decompress to a name longer than {MAX_NAME_BYTES} bytes; {fix}")
         if png in seen:
             raise error(f"{where}: {seen[png]} and {n} would both decompress to {png}; {fix}")
         seen[png] = n
