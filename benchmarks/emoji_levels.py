@@ -1,6 +1,8 @@
 """Two levels against one (the bottom grid alone) on emoji-64 at equal training time, through the real commands.
 
-For each variant: `train_stage1` (configs/stage1/emoji.yaml, its `levels` or only the bottom one) for the
+Variants: two levels (8x8 top + 16x16 bottom), the same with the bottom conditioned on the top (VQ-VAE-2's
+`--model.condition_levels true`) and one level (the bottom grid alone, emoji.yaml's default).
+For each variant: `train_stage1` (configs/stage1/emoji.yaml with the variant's levels) for the
 same wall-clock budget, `extract_codes`, `train_stage2` (configs/stage2/emoji_transformer.yaml) for the same
 budget, then `evaluate stage1` (test PSNR/SSIM/codes used), `evaluate prior` (test bits per dimension,
 summed over the levels), `sample --n N` and `evaluate samples` (FID in the emoji feature net beside the
@@ -23,7 +25,12 @@ from pathlib import Path
 
 from _common import machine, report  # also puts the repo root on sys.path
 
-VARIANTS = {"two_levels": None, "one_level": '[{"name": "bottom", "downsample": 4}]'}
+TWO_LEVELS = '[{"name": "bottom", "downsample": 4}, {"name": "top", "downsample": 8}]'
+VARIANTS = {  # the extra arguments of each variant's train_stage1 (configs/stage1/emoji.yaml has one level)
+    "two_levels": ["--model.levels", TWO_LEVELS],
+    "one_level": ["--model.levels", '[{"name": "bottom", "downsample": 4}]'],
+    "two_levels_conditioned": ["--model.levels", TWO_LEVELS, "--model.condition_levels", "true"],  # VQ-VAE-2's
+}
 
 
 def run(cmd: list[str]) -> float:
@@ -34,13 +41,13 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def variant(name: str, levels: str | None, a: argparse.Namespace) -> dict:
+def variant(name: str, extra: list[str], a: argparse.Namespace) -> dict:
     py, out = sys.executable, Path(a.out) / name
     s1, s2 = out / "stage1/latest/checkpoints/last.ckpt", out / "stage2/latest/checkpoints/best.ckpt"
     emoji = ["--data.dataset", "emoji", "--data.val_size", "0", "--data.test_size", "0"]
     walls = {
         "stage1_s": run([py, "-m", "stage1_vqvae.train", "fit", "--config", "configs/stage1/emoji.yaml",
-                         *(["--model.levels", levels] if levels else []), "--trainer.max_steps", "1000000",
+                         *extra, "--trainer.max_steps", "1000000",
                          "--trainer.max_time", a.stage1_time, "--trainer.default_root_dir", str(out / "stage1"),
                          "--log.backend", "csv"]),
         "extract_s": run([py, "-m", "stage1_vqvae.extract", "--ckpt", str(s1), "--out", str(out / "codes")]),

@@ -59,7 +59,9 @@ class VQModel(nn.Module):
 
     With levels, each level above the bottom encodes the features of the level below further (``level_encoders``),
     has its own quantizer, and is upsampled back to the bottom grid (``level_upsamplers``); the decoder reads
-    the bottom's quantized features concatenated with the upsampled ones. The codes the rest of the pipeline
+    the bottom's quantized features concatenated with the upsampled ones. With ``condition_levels`` (VQ-VAE-2's
+    design) each level below the top is quantized from its features joined with the level above's quantized
+    ones (``level_conditioners``). The codes the rest of the pipeline
     sees are then one flat sequence per image, top level first: ``grid_shape == (1, T)`` with T the sum of
     the levels' h * w (``levels`` lists them; :func:`common.codes.split_levels` cuts a sequence back). One
     level is the same code path with one entry, its codes (B, h, w), state-dict keys as before levels existed.
@@ -86,6 +88,7 @@ class VQModel(nn.Module):
         rotation_trick: bool = False,
         fsq_levels: list[int] | None = None,
         levels: list[dict] | None = None,
+        condition_levels: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.image_size = int(in_channels), int(image_size)
@@ -123,6 +126,19 @@ class VQModel(nn.Module):
         ][::-1]  # fmt: skip
         self.codebook_size = max(level["codebook_size"] for level in self.levels)
         self.grid_shape = sequence_shape(self.levels)
+        # VQ-VAE-2's conditioning (made last, so the modules above draw the same initial weights either way):
+        # each level below the top is quantized from its features joined with the level above's quantized
+        # features, upsampled to its grid, so it codes what the level above leaves out.
+        self.condition_levels = bool(condition_levels) and len(specs) > 1
+        if self.condition_levels:
+            self.level_conditioners = nn.ModuleList(
+                nn.ModuleDict({
+                    "up": Decoder(code_dim, width, res_blocks, res_width, above["downsample"] // below["downsample"],
+                                  code_dim, latent_size(image_size, below["downsample"])),
+                    "join": nn.Conv2d(2 * code_dim, code_dim, 1),
+                })
+                for below, above in zip(specs, specs[1:])
+            )  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +152,15 @@ class VQModel(nn.Module):
         zs = [self.encoder(images)]  # (B, code_dim, h0, w0)
         for enc in self.level_encoders:
             zs.append(enc(zs[-1]))  # (B, code_dim, h_i, w_i), coarser each time
-        qs = [q(z) for q, z in zip([self.quantizer, *self.level_quantizers], zs)]
+        quantizers = [self.quantizer, *self.level_quantizers]
+        if not self.condition_levels:
+            qs = [q(z) for q, z in zip(quantizers, zs)]
+        else:  # top down: each level below sees the one above's quantized features
+            qs = [quantizers[-1](zs[-1])]
+            for i in range(len(zs) - 2, -1, -1):
+                cond = self.level_conditioners[i]
+                joined = cond["join"](torch.cat([zs[i], cond["up"](qs[0].quantized)], 1))  # (B, code_dim, h_i, w_i)
+                qs.insert(0, quantizers[i](joined))
         recon = self._decode([q.quantized for q in qs])  # (B, C, H, W)
         return recon, qs[::-1]
 

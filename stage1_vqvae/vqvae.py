@@ -63,6 +63,9 @@ class VQVAE(VQModel, pl.LightningModule):
             codebook_size: 512}, {name: top, downsample: 8, codebook_size: 512}]``: each level's downsample is
             2-16 times the one below; codebook_size and fsq_levels default to the flat arguments, which
             ``downsample`` is ignored beside. Metrics are logged per level (``val/usage/top`` ...).
+        condition_levels: with levels, quantize each level below the top from its features joined with the
+            upsampled quantized level above (VQ-VAE-2's bottom conditioned on the top), so the lower level
+            codes what the upper one leaves out; off: the levels are quantized independently.
         lr, weight_decay: AdamW. warmup_steps: linear warm-up. cosine: cosine decay to 0 over the run.
         channels_last: use the channels_last memory format (faster convolutions on many CPUs/GPUs).
     """
@@ -90,6 +93,7 @@ class VQVAE(VQModel, pl.LightningModule):
         rotation_trick: bool = False,
         fsq_levels: list[int] | None = None,
         levels: list[dict] | None = None,
+        condition_levels: bool = False,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -99,7 +103,7 @@ class VQVAE(VQModel, pl.LightningModule):
         super().__init__(
             in_channels, image_size, width, res_blocks, res_width, downsample, code_dim, quantizer, codebook_size,
             beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, rotation_trick, fsq_levels,
-            levels,
+            levels, condition_levels,
         )  # fmt: skip  (VQModel's, then LightningModule's __init__)
         self.save_hyperparameters()
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]

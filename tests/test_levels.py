@@ -66,6 +66,42 @@ def test_every_level_changes_the_image_and_gets_gradients() -> None:
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
 
+def test_conditioned_levels_code_the_bottom_given_the_top(tmp_path: Path) -> None:
+    """condition_levels (VQ-VAE-2): the bottom is quantized from its features joined with the upsampled
+    quantized top, so its codes change when only the top's codebook does (never without the flag); the
+    shared modules start from the same weights either way; gradients reach the conditioner and the top's
+    encoder through it; a checkpoint rebuilds the flag from its hyperparameters; one level ignores it."""
+    plain, conditioned = two_level().eval(), two_level(condition_levels=True).eval()
+    shared = plain.state_dict()
+    assert all(torch.equal(v, conditioned.state_dict()[k]) for k, v in shared.items())
+    assert {k.split(".")[0] for k in conditioned.state_dict().keys() - shared.keys()} == {"level_conditioners"}
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    for model, depends in ((plain, False), (conditioned, True)):
+        model.train()(images)  # the first training batch initialises the codebooks (k-means)
+        model.eval()
+        before = model.split_codes(model.encode_to_codes(images))
+        with torch.no_grad():
+            model.level_quantizers[0].embed.mul_(-1)  # the top's codebook only
+        after = model.split_codes(model.encode_to_codes(images))
+        assert not torch.equal(after[1], before[1]) == depends  # the bottom level's codes
+        codes = model.encode_to_codes(images)
+        torch.testing.assert_close(model.decode_codes(codes), model(images)[0].clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    conditioned.train()
+    recon, qs = conditioned(images)
+    (recon.square().mean() + sum(q.loss for q in qs)).backward()
+    for name in ("level_conditioners", "level_encoders", "level_upsamplers"):
+        grads = [p.grad for n, p in conditioned.named_parameters() if n.startswith(name)]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+    torch.manual_seed(0)
+    module = VQVAE(3, 16, **NET, levels=TWO, condition_levels=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "c.ckpt")
+    rebuilt, _ = load_stage1(tmp_path / "c.ckpt")
+    assert rebuilt.condition_levels and rebuilt.state_dict().keys() == module.state_dict().keys()
+    one = VQModel(1, 16, **NET, codebook_size=16, condition_levels=True)
+    assert not one.condition_levels and {k.split(".")[0] for k in one.state_dict()} == {"encoder", "quantizer",
+                                                                                         "decoder"}
+
+
 def test_one_level_keeps_the_old_state_dict_and_shape() -> None:
     torch.manual_seed(0)
     old_style = VQModel(1, 16, **NET, codebook_size=16)
