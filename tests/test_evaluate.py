@@ -23,7 +23,8 @@ from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
 from tools import sample, train_feature_net
-from tools.evaluate import load_samples, main
+from tools.evaluate import main
+from tools.sample_files import load_samples
 
 DATA = dict(dataset="image_folder", image_size=16, batch_size=8, val_size=8, test_size=8)
 

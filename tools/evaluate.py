@@ -33,11 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from common.cli import Parser, add_device, at_least, make_parser, resolve_device, run_command
 from common.codes import CodesError, CodesMeta, check_matches, load_split, read_meta
-from common.images import image_files, read_images, to_uint8
+from common.images import to_uint8
 from common.io import atomic_file, check_output
 from common.splits import ImageSplits, data_options
 from stage1_vqvae.model import VQModel
@@ -46,6 +45,7 @@ from stage2_prior.maskgit import MaskedPrior, random_mask
 from tools.features import Features, load_features, missing_features_message
 from tools.fid import fid, kid
 from tools.load import load_prior, load_stage1, prior_facts
+from tools.sample_files import load_samples, stage1_of_samples
 
 KID_SUBSET = 1000
 # Not --data options: size and channels come from the model or the samples, batching from --batch_size.
@@ -158,53 +158,6 @@ def prior_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ samples
-def load_samples(path: str | Path, channels: int | None = None) -> torch.Tensor:
-    """The uint8 images (n, C, H, W) of a `sample` .npz, checked; or of a folder of image files (any
-    generator's samples), read as every command reads image files, at the first file's size (the shorter
-    side, center-cropped) and with `channels` (the data's)."""
-    path = Path(path)
-    if path.is_dir():
-        files = image_files([path])
-        if len(files) < 2:
-            raise ValueError(f"--samples {path}: a folder of samples needs at least 2 images, it has {len(files)}")
-        with Image.open(files[0]) as first:
-            size = min(first.size)
-        return torch.from_numpy(read_images(files, size, channels)).permute(0, 3, 1, 2).contiguous()
-    if not path.is_file():
-        raise FileNotFoundError(f"--samples {path}: no such file; write one with `sample --prior PRIOR.ckpt --n 1000`")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz:
-                raise ValueError(f"--samples {path} has no 'images' array (it has {', '.join(npz.files)}); "
-                                 "pass the .npz that `sample` writes beside its PNG")  # fmt: skip
-            images = npz["images"]
-    except (OSError, EOFError, ValueError) as e:
-        raise ValueError(f"--samples {path}: {e}" if str(path) not in str(e) else str(e)) from e
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
-        raise ValueError(f"--samples {path}: 'images' must be uint8 (n >= 2, C in 1|3, H, W), "
-                         f"got {images.dtype} {images.shape}")  # fmt: skip
-    return torch.from_numpy(images)
-
-
-def stage1_of_samples(path: str | None) -> str | None:
-    """The stage-1 checkpoint a `sample` .npz names, if that file is still there: its absolute path, else the
-    same file relative to the .npz (the project copied elsewhere), else None: the --data.* defaults apply, and
-    load_samples reports a bad file."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            named = str(npz["stage1_ckpt"]) if "stage1_ckpt" in npz.files else None
-            relative = str(npz["stage1_ckpt_relative"]) if "stage1_ckpt_relative" in npz.files else None
-    except (OSError, EOFError, ValueError, TypeError):
-        return None
-    if named and not Path(named).is_file() and relative and (Path(path).parent / relative).is_file():
-        return str(Path(path).parent / relative)
-    if named and not Path(named).is_file():
-        print(f"evaluate: note: --samples {path} names the stage 1 {named}, which is gone; the --data.* options "
-              "are the defaults unless given (or pass --ckpt)", file=sys.stderr)  # fmt: skip
-        return None
-    return named or None
-
-
 def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features, seed: int = 0,
                      kid_subsets: int = 100) -> dict[str, Any]:  # fmt: skip
     features.check(samples, "the samples")
