@@ -138,6 +138,12 @@ def unpack(data: bytes, name: str = "<bytes>", max_count: int | None = None) -> 
         pos += STEP.size
     c = Container(prior_sha.hex(), stage1_sha.hex(), image_size, channels, (gh, gw), k, count, batch_size,
                   step_version, version=version)  # fmt: skip
+
+    def table_fits(left: int) -> None:  # before anything is built from the count (a forged one inflates nothing)
+        if c.num_batches * BATCH_ENTRY.size > left:
+            raise ContainerError(f"{name}: truncated or corrupt: the header announces {count} images in "
+                                 f"{c.num_batches} batches, more than the file can hold")  # fmt: skip
+
     if version >= 4:
         if end - pos < FLAGS.size:
             raise ContainerError(f"{name}: truncated (no flags after the step version)")
@@ -154,14 +160,10 @@ def unpack(data: bytes, name: str = "<bytes>", max_count: int | None = None) -> 
             if length > end - pos:
                 raise ContainerError(f"{name}: truncated or corrupt: the file names claim {length} bytes, "
                                      f"{end - pos} are left")  # fmt: skip
-            if c.num_batches * BATCH_ENTRY.size > end - pos - length:  # a forged count inflates nothing
-                raise ContainerError(f"{name}: truncated or corrupt: the header announces {count} images in "
-                                     f"{c.num_batches} batches, more than the file can hold")  # fmt: skip
+            table_fits(end - pos - length)
             c.names = unpack_names(bytes(data[pos : pos + length]), count, name)
             pos += length
-    if c.num_batches * BATCH_ENTRY.size > end - pos:
-        raise ContainerError(f"{name}: truncated or corrupt: the header announces {count} images in "
-                             f"{c.num_batches} batches, more than the file can hold")  # fmt: skip
+    table_fits(end - pos)
     entries = [BATCH_ENTRY.unpack_from(data, pos + i * BATCH_ENTRY.size) for i in range(c.num_batches)]
     pos += c.num_batches * BATCH_ENTRY.size
     for i, (length, crc) in enumerate(entries):
