@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.images import from_uint8
+from common.logging import say_once
 from common.readers import _MNIST_LIKE, DatasetError, mnist_like_files
 from common.shuffle import ResumableTraining, shard_of
 from common.splits import ImageSplits
@@ -51,9 +52,7 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._load()
-        if not getattr(self, "_described", False) and (self.trainer is None or self.trainer.is_global_zero):
-            print(self.describe(), flush=True)  # once, before the first step: is this the data meant?
-            self._described = True
+        say_once(self, self.describe())  # is this the data meant?
 
     def train_dataloader(self) -> DataLoader:
         n, b = len(self.split_arrays("train")[1]), self.options.batch_size

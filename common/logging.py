@@ -259,6 +259,15 @@ class LineProgressBar(ProgressBar):
         print(f"epoch {trainer.current_epoch} step {trainer.global_step} {parts}", flush=True)
 
 
+def say_once(owner: Any, line: str) -> None:
+    """Print `line` the first time `owner` (a data module) asks, on the global-zero rank only: what a run read,
+    before its first step."""
+    trainer = getattr(owner, "trainer", None)
+    if not getattr(owner, "_said", False) and (trainer is None or trainer.is_global_zero):
+        print(line, flush=True)
+        owner._said = True
+
+
 def _fmt(v: Any) -> str:
     try:
         return f"{float(v):.4g}"

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
+from common.logging import say_once
 from common.shuffle import ResumableTraining, resumable_loader, shard_of
 from common.splits import loader_options
 
@@ -93,9 +94,7 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         for name in ("train", "val", "test"):
             if name in self.meta.counts:
                 self.split(name)
-        if not getattr(self, "_described", False) and (self.trainer is None or self.trainer.is_global_zero):
-            print(self.describe(), flush=True)  # once, before the first step
-            self._described = True
+        say_once(self, self.describe())
 
     def describe(self) -> str:
         """One line: the splits' sizes, the grid (or levels), the codebook and the classes."""

@@ -169,19 +169,17 @@ class Features:
         return torch.cat(out).double().cpu().numpy()
 
 
-def _check_same_folder(path: Path, root: str) -> None:
-    """The default file of an image folder is found by the folder's name: refuse one trained on another
-    folder of the same name, whose FIDs would silently measure the wrong data set."""
-    trained_on = (load_feature_net(path)[1].get("data") or {}).get("root")
-    if trained_on is None or Path(str(trained_on)).resolve() != Path(root).resolve():
-        raise FeaturesError(
-            f"{path} was trained on the image folder {trained_on}, not on --data.root {root}: train one on this "
-            f"folder (`{_train_command('image_folder', root)} --out FILE`) and pass --features FILE"
-        )
-
-
-def feature_net_features(path: str | Path, device: torch.device) -> Features:
+def feature_net_features(path: str | Path, device: torch.device, folder: str | None = None) -> Features:
+    """Features of a feature-net file; `folder`: the image folder it must have been trained on (the default
+    file of a folder is found by the folder's name, and one trained on another folder of that name would
+    silently measure the wrong data set)."""
     net, info = load_feature_net(path)
+    trained_on = (info.get("data") or {}).get("root")
+    if folder is not None and (trained_on is None or Path(str(trained_on)).resolve() != Path(folder).resolve()):
+        raise FeaturesError(
+            f"{path} was trained on the image folder {trained_on}, not on --data.root {folder}: train one on this "
+            f"folder (`{_train_command('image_folder', folder)} --out FILE`) and pass --features FILE"
+        )
     name = DATASET_NAMES.get(info.get("dataset"), f"{info.get('dataset', 'custom')} dataset")
     if info.get("dataset") == "image_folder":
         name = f"image-folder '{Path(str(info.get('data', {}).get('root'))).name}'"
@@ -226,9 +224,7 @@ def load_features(spec: str | None, dataset: str, device: torch.device | str = "
         return feature_net_features(spec, device)
     path = default_path(dataset, root)
     if path.is_file():
-        if dataset == "image_folder" and root:
-            _check_same_folder(path, root)
-        return feature_net_features(path, device)
+        return feature_net_features(path, device, root if dataset == "image_folder" and root else None)
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
