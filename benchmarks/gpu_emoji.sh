@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_emoji.sh OUT_DIR                    # a GPU machine, project on PYTHONPATH
 #   ACC=cpu S1_TIME=00:00:00:20 S2_TIME=00:00:00:20 N=32 S2_ARGS="--data.batch_size 16" PY=.venv/bin/python bash benchmarks/gpu_emoji.sh /tmp/x
+#   S1_ARGS="--model.condition_levels true" bash benchmarks/gpu_emoji.sh OUT_DIR   # VQ-VAE-2's conditioned bottom
 #
 # Needs data/emoji (`make data-emoji`, or benchmarks/carry_emoji.py unpack) and the emoji feature net
 # (runs/feature_net/emoji.pt, from `train_feature_net --data.dataset emoji ...`). Each step has its own
@@ -18,7 +19,7 @@ R=${RUNS:-runs/gpu_emoji} FEAT=${FEATURES:-runs/feature_net/emoji.pt} BUDGET=${B
 S1=${S1_TIME:-00:00:02:00} S2=${S2_TIME:-00:00:02:15}
 source "$(dirname "$0")/_gpu_steps.sh"
 step stage1 300 $PY -m stage1_vqvae.train fit --config configs/stage1/emoji_gpu.yaml --trainer.accelerator $ACC \
-  --trainer.max_time $S1 --trainer.default_root_dir $R/stage1 --log.backend csv
+  --trainer.max_time $S1 --trainer.default_root_dir $R/stage1 --log.backend csv ${S1_ARGS:-}
 step eval_stage1 120 $PY -m tools.evaluate stage1 --ckpt $S1CK --features $FEAT --device $DEV --json $R/eval_stage1.json
 step extract 120 $PY -m stage1_vqvae.extract --ckpt $S1CK --out $R/codes --accelerator $ACC
 step stage2 300 $PY -m stage2_prior.train fit --config configs/stage2/emoji_transformer_gpu.yaml --trainer.accelerator $ACC \
