@@ -6,6 +6,7 @@ import json
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,10 +57,22 @@ def peak_ram_mb() -> float:
 
 
 def report(result: dict, json_path: str | None) -> None:
-    """Print `key  value` rows and write the JSON file."""
+    """Print `key  value` rows and write the JSON file (see write_result)."""
     width = max(map(len, result))
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(json_path, result)
+
+
+def write_result(json_path: str | Path, result: dict) -> Path:
+    """Write `result` as JSON to `json_path`, or, if that file exists, beside it with the time in its name:
+    a re-run never replaces the figures the README quotes (a quick check with --limit once did); move the
+    new file over by hand to replace them. Returns the path written."""
+    path = Path(json_path)
+    if path.exists():
+        path = path.with_name(f"{path.stem}_{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}")
+        print(f"{json_path} exists (its figures may be quoted in the README): writing {path} instead", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path

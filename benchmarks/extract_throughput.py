@@ -13,14 +13,13 @@ weights encode as fast as trained ones (same operations), but their codes mean n
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from _common import ROOT, machine  # also puts the repo root on sys.path
+from _common import ROOT, machine, write_result  # also puts the repo root on sys.path
 
 from common.readers import SPLITS
 from common.splits import data_options
@@ -93,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'images':>8} {'seconds':>8} {'images/s':>9} {'threads':>7} {'batch':>6}")
     for r in rows:
         print(f"{n:>8} {r['seconds']:>8.2f} {r['images_per_s']:>9.0f} {result['threads']:>7} {r['batch_size']:>6}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+    print(f"written to {write_result(args.json, result)}")
     return result
 
 

@@ -16,7 +16,6 @@ pixels x channels, the figure ``evaluate prior`` reports) and each level's share
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import ROOT, machine  # also puts the repo root on sys.path
+from _common import ROOT, machine, write_result  # also puts the repo root on sys.path
 
 from common.codes import load_split, read_meta
 from stage2_prior.build import build_network
@@ -113,7 +112,7 @@ def main() -> None:
         print(f"{name:<10} {steps:>12} {r['top_bits_per_dim']:8.4f} {r['bottom_bits_per_dim']:8.4f} "
               f"{r['bits_per_dim']:9.4f}")  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, results)
     print(f"written to {args.out}")
 
 
