@@ -49,6 +49,8 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
         if self.options.dataset in _MNIST_LIKE:  # download once, on rank 0
             for split in ("train", "test"):
                 mnist_like_files(self.options.dataset, self.options.root, split, self.options.download)
+        elif self.options.cache_dir is not None:  # decode into the cache once, on each node's rank 0; the other
+            self._load()  # ranks map the file in setup() (all of them decoding would race to write the same file)
 
     def setup(self, stage: str | None = None) -> None:
         self._load()

@@ -107,17 +107,23 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 def read_images(paths: list[Path], image_size: int, channels: int, threads: int | None = None,
-                rows: np.ndarray | None = None, channels_first: bool = False) -> np.ndarray:  # fmt: skip
+                rows: np.ndarray | None = None, channels_first: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Many files -> uint8 (N, image_size, image_size, channels), each as `read_image` reads it, in order;
     `rows`: file i goes to row rows[i] instead (a permutation), `channels_first`: (N, channels, S, S), so a
-    caller needs no second, rearranged copy of a folder that barely fits in memory.
+    caller needs no second, rearranged copy of a folder that barely fits in memory. `out`: the array to fill
+    (e.g. a memory-mapped file, common.image_cache), of that shape and uint8; by default a new one.
 
     Threads pay off where decoding dominates (photos, JPEGs, PNGs of a few hundred pixels: Pillow decodes
     without the GIL; 1.5-1.9x on 2 cores) and lose where Python's per-file work does (64-px RGBA glyphs: 0.7x),
     so the first files are read both ways and the faster way reads the rest. The array is the same either
     way; a broken file raises the first such file's ImageError in the files' order, as a loop would."""
-    shape = (channels, image_size, image_size) if channels_first else (image_size, image_size, channels)
-    out = np.empty((len(paths), *shape), np.uint8)
+    one = (channels, image_size, image_size) if channels_first else (image_size, image_size, channels)
+    shape = (len(paths), *one)
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"read_images: out must be uint8 {shape}, got {out.dtype} {out.shape}")
 
     def read(i: int) -> None:
         image = read_image(paths[i], image_size, channels)  # (S, S, C)

@@ -21,6 +21,7 @@ import numpy as np
 from common.cli import UserError
 from common.images import IMAGE_SUFFIXES, SUFFIXES_TEXT, check_channels, infer_channels, read_images
 from common.io import atomic_file
+from common.memory import available_memory
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "image_folder", "emoji")
 SPLITS = ("train", "val", "test")
@@ -270,26 +271,17 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     return files, labels, [name for name, _ in classes]
 
 
-def available_memory() -> int | None:
-    """Bytes this machine can still give a process (Linux MemAvailable), None where that is unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_fits_in_memory(root: Path, n: int, image_size: int, channels: int) -> None:
     """Refuse, before decoding anything, a folder whose array cannot fit in memory (with a tenth to spare
-    for the rest of the process): an out-of-memory kill after an hour of decoding would say nothing."""
+    for the rest of the process; a SLURM job's or container's limit counts, common.memory): an out-of-memory
+    kill after an hour of decoding would say nothing."""
     need, free = n * image_size * image_size * channels, available_memory()
     if free is not None and 1.1 * need > free:
         raise DatasetError(
             f"image folder {root}: {n:,} images at {image_size}x{image_size}x{channels} take {need / 2**30:.1f} GiB "
             f"in memory, but {free / 2**30:.1f} GiB is available; "
-            "pass a smaller --data.image_size, --data.limit N (N images per split) or a folder with fewer images"
+            "pass --data.cache_dir DIR (decoded once into a file there and read from disk), a smaller "
+            "--data.image_size, or --data.limit N (N images per split)"
         )
 
 

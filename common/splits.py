@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from common.emoji import emoji_class_names, group_split, load_emoji
+from common.image_cache import cached_images
 from common.images import check_channels, from_uint8, infer_channels
 from common.readers import (
     _MNIST_LIKE,
@@ -103,6 +104,8 @@ class ImageSplits:
     to 64. `channels` None means native (inferred for a folder); 1 <-> 3 conversion is allowed.
     `on_device`: the Lightning data module keeps each split on the training device and draws batches there
     (GPU training is then never loader-bound); plain loaders ignore it.
+    `cache_dir` (image_folder only): decode the splits once into a file there and memory-map it in every run
+    (common.image_cache): later runs start at once, and a folder larger than memory is read from disk.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class ImageSplits:
         download: bool = True,
         limit: int | None = None,
         on_device: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -128,6 +132,11 @@ class ImageSplits:
         check_channels(channels, "ImageDataModule")
         if dataset == "image_folder" and root is None:
             raise DatasetError("data: dataset=image_folder needs --data.root DIR holding the images")
+        if cache_dir is not None and dataset != "image_folder":
+            raise DatasetError(
+                f"data: --data.cache_dir is for --data.dataset image_folder; {dataset} is read whole into memory "
+                "in seconds, so drop --data.cache_dir"
+            )
         native, other = _NATIVE.get(dataset, (0, image_size))[1], _OTHER_SIZES.get(dataset)
         if image_size not in (None, native, other):
             how = {28: " (zero-padded)", 64: " (resized)"}.get(native, "")
@@ -149,12 +158,13 @@ class ImageSplits:
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
         self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,
                                        val_size=val_size, test_size=test_size, seed=seed, download=download,
-                                       limit=limit, on_device=on_device)  # fmt: skip
+                                       limit=limit, on_device=on_device, cache_dir=cache_dir)  # fmt: skip
         self.record_options(vars(self.options))
         self._image_size_arg, self._channels_arg = image_size, channels
         self._splits: dict[str, UInt8ImageDataset] | None = None
         self._scan: tuple[list[Path], np.ndarray, list[str]] | None = None
         self._channels: int | None = None
+        self._cache_file: Path | None = None  # the memory-mapped decoded folder, with --data.cache_dir
 
     def record_options(self, options: dict[str, Any]) -> None:
         """Where a subclass keeps the options (the Lightning data module saves them as hyperparameters)."""
@@ -241,8 +251,15 @@ class ImageSplits:
         order = [np.sort(index[s])[: self.options.limit] for s in SPLITS]  # sorted: the folder's order
         grouped = np.concatenate(order)  # scan positions, split after split
         kept = np.sort(grouped)  # the reading order
-        arrays = load_image_folder(self.options.root, self.image_size, self.channels, only=kept,
-                                   scan=self._folder_scan(), rows=np.argsort(grouped), channels_first=True)  # fmt: skip
+        if self.options.cache_dir is not None:  # decoded once into a file, memory-mapped (larger than memory is fine)
+            files, labels, names = self._folder_scan()
+            rows = np.argsort(grouped)
+            images, self._cache_file, _ = cached_images(self.options.cache_dir, self.options.root,
+                                                        [files[i] for i in kept], self.image_size, self.channels, rows)
+            arrays = ImageArrays(images, labels[kept][np.argsort(rows)], names)
+        else:
+            arrays = load_image_folder(self.options.root, self.image_size, self.channels, only=kept,
+                                       scan=self._folder_scan(), rows=np.argsort(grouped), channels_first=True)
         cuts = np.cumsum([len(o) for o in order])[:-1]  # views, not copies
         parts = zip(SPLITS, np.split(arrays.images, cuts), np.split(arrays.labels, cuts))
         self._splits = {s: UInt8ImageDataset(torch.from_numpy(x), torch.from_numpy(y).long()) for s, x, y in parts}
@@ -268,7 +285,8 @@ class ImageSplits:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         colour = "RGB" if self.channels == 3 else "grayscale"
         classes = f"{len(names)} classes ({shown})" if len(names) > 1 else f"one class ({shown}): no labels to use"
-        return f"data: {h.dataset}{where}: {sizes} images, {self.image_size}x{self.image_size} {colour}, {classes}"
+        size, cached = self.image_size, f", memory-mapped from {self._cache_file}" if self._cache_file else ""
+        return f"data: {h.dataset}{where}: {sizes} images, {size}x{size} {colour}, {classes}{cached}"
 
     def split_arrays(self, split: str) -> tuple[Tensor, Tensor]:
         """(uint8 images (N, C, H, W), long labels (N,)) of "train", "val" or "test"."""

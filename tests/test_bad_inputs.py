@@ -243,6 +243,14 @@ ROWS = [
                            "--members", "0", "--out", "a.pt"], r"--members must be >= 1, got 0"),
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{missing}", "--out", "a.pt"],
      r"image folder \S*missing does not exist"),  # fmt: skip
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.cache_dir",
+                           "{a_file}", "--out", "f.pt"], r"--data.cache_dir \S*a_file is a file; pass a directory"),
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.cache_dir",
+                           UNWRITABLE, "--out", "f.pt"], r"--data.cache_dir /proc/\S*: cannot create it"),
+    ("train_feature_net", ["--data.dataset", "fashion_mnist", "--data.cache_dir", "c", "--out", "f.pt"],
+     r"--data.cache_dir is for --data.dataset image_folder; fashion_mnist is read whole into memory"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.cache_dir", "{a_file}"],
+     r"--data.cache_dir \S*a_file is a file"),
     ("train_feature_net", ["--data.dataset", "cifar10", "--data.root", "{missing}", "--out", "f.pt"],
      r"CIFAR-10 not found"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "fashion_mnist", "--data.root", "{missing}", "--data.download", "false",

@@ -90,6 +90,23 @@ def test_data_options_and_splits_override(stage1, tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_split(tmp_path, "test")[0], expected_codes(ckpt, root, "test", limit=3)[0])
 
 
+def test_extraction_through_a_cache_gives_the_same_codes(stage1, tmp_path: Path, monkeypatch) -> None:
+    """--data.cache_dir: the first extraction decodes the folder into the cache, the second only maps it;
+    both give the codes of the plain read."""
+    from common import image_cache
+
+    ckpt, root = stage1
+    args = ["--ckpt", str(ckpt), "--data.cache_dir", str(tmp_path / "cache"), "--accelerator", "cpu"]
+    main([*args, "--out", str(tmp_path / "first")])
+    assert len(list((tmp_path / "cache").glob("images_16px_gray_24img_*.npy"))) == 1
+    monkeypatch.setattr(image_cache, "read_images", lambda *a, **k: pytest.fail("decoded although cached"))
+    main([*args, "--out", str(tmp_path / "second")])
+    for split in ("train", "val", "test"):
+        want = expected_codes(ckpt, root, split)[0]
+        for out in ("first", "second"):
+            np.testing.assert_array_equal(load_split(tmp_path / out, split)[0], want)
+
+
 def test_existing_codes_need_overwrite(stage1, tmp_path: Path, capsys) -> None:
     ckpt, _ = stage1
     args = ["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "val"]

@@ -223,7 +223,7 @@ def test_a_folder_too_big_for_memory_is_refused_before_decoding(folder: Path, mo
     with monkeypatch.context() as m:
         m.setattr(im, "read_images", lambda *a, **k: pytest.fail("decoded although it cannot fit"))
         with pytest.raises(DatasetError, match=r"7 images at 16x16x3 take 0.0 GiB in memory, but 0.0 GiB is "
-                                               r"available; pass a smaller --data.image_size"):  # fmt: skip
+                                               r"available; pass --data.cache_dir DIR"):  # fmt: skip
             load_image_folder(folder, 16)
     monkeypatch.setattr(im, "available_memory", lambda: exact)
     assert load_image_folder(folder, 16).images.shape == (7, 16, 16, 3)
