@@ -56,16 +56,16 @@ def cache_path(cache_dir: Path, root: Path, n: int, image_size: int, channels: i
     return cache_dir / f"{folder}_{image_size}px_{'rgb' if channels == 3 else 'gray'}_{n}img_{key[:16]}.npy"
 
 
-def _cache_dir(cache_dir: str | Path) -> Path:
-    path = Path(cache_dir)
-    if path.exists() and not path.is_dir():
-        raise DatasetError(f"--data.cache_dir {path} is a file; pass a directory (it is created if missing)")
+def _writable_dir(path: Path) -> Path:
+    """`path` made if missing and checked writable (a cache only read may sit in a read-only directory)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"--data.cache_dir {path}: cannot create it ({e.strerror}); pass a writable one") from e
+        raise DatasetError(f"--data.cache_dir {path}: cannot create it ({e.strerror}); pass a writable one "
+                           "(or --data.cache_dir null to decode into memory)") from e
     if not os.access(path, os.W_OK | os.X_OK):
-        raise DatasetError(f"--data.cache_dir {path}: not writable; pass a directory you can write to")
+        raise DatasetError(f"--data.cache_dir {path}: not writable; pass a directory you can write to "
+                           "(or --data.cache_dir null to decode into memory)")
     return path
 
 
@@ -89,12 +89,15 @@ def cached_images(cache_dir: str | Path, root: str | Path, files: list[Path], im
     """(uint8 (N, channels, S, S) memory-mapped, its file, whether it was decoded now): the images `files` name
     as `read_images(files, image_size, channels, rows=rows, channels_first=True)` would return them, read from
     the cache file when one for exactly these files exists, else decoded once into it."""
-    root, directory = Path(root), _cache_dir(cache_dir)
+    root, directory = Path(root), Path(cache_dir)
+    if directory.exists() and not directory.is_dir():
+        raise DatasetError(f"--data.cache_dir {directory} is a file; pass a directory (it is created if missing)")
     in_rows = files if rows is None else [files[i] for i in np.argsort(rows)]  # row r holds file argsort(rows)[r]
     shape = (len(files), channels, image_size, image_size)
     path = cache_path(directory, root, len(files), image_size, channels, cache_key(root, in_rows, image_size, channels))
     if path.is_file():
         return _open(path, shape), path, False
+    _writable_dir(directory)
     need, free = int(np.prod(shape)) + 128, shutil.disk_usage(directory).free
     if need + SPARE_BYTES > free:
         raise DatasetError(

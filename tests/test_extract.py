@@ -149,13 +149,17 @@ def test_two_process_ddp_matches_one_process(stage1, tmp_path: Path) -> None:
     args = ["--ckpt", str(ckpt), "--batch_size", "3", "--data.val_size", "1", "--accelerator", "cpu"]
     main([*args, "--out", str(tmp_path / "one")])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    ddp = [sys.executable, "-m", "stage1_vqvae.extract", *args, "--out", str(tmp_path / "two")]
+    # The two processes read the folder through a cache (--data.cache_dir): rank 0 decodes it before it starts
+    # rank 1, which maps the file.
+    ddp = [sys.executable, "-m", "stage1_vqvae.extract", *args, "--out", str(tmp_path / "two"),
+           "--data.cache_dir", str(tmp_path / "cache")]  # fmt: skip
     proc = subprocess.run(
         [*ddp, "--devices", "2", "--strategy", "ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout
+    assert proc.stdout.count("cache: decoding") == 1 and len(list((tmp_path / "cache").iterdir())) == 1
     assert (
         read_meta(tmp_path / "two").counts == read_meta(tmp_path / "one").counts == {"train": 19, "val": 1, "test": 4}
     )
