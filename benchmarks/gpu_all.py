@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import ROOT, machine, peak_ram_mb  # also puts the repo root on sys.path
+from _common import ROOT, machine, peak_ram_mb, write_result  # also puts the repo root on sys.path
 
 from common.images import from_uint8
 from stage1_vqvae.vqvae import VQVAE
@@ -297,9 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**machine(device), "note": NOTE, "quick": a.quick, "wall_s": round(time.perf_counter() - t_start, 1),
               "peak_ram_mb": peak_ram_mb(), "rows": rows}  # fmt: skip
     print_table(result)
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"written to {a.json}")
+    print(f"written to {write_result(a.json, result)}")
     return result
 
 
