@@ -203,3 +203,18 @@ def test_sample_bad_args(kwargs, match):
     kwargs = dict(dict(n=2), **kwargs)
     with pytest.raises(ValueError, match=match):
         sample_codes(prior, **kwargs)
+
+
+def test_class_rows_of_a_grid_are_padded_with_the_grids_white() -> None:
+    """`sample`'s grid: one row per class (labels_in_turn), short rows padded with tiles of the padding's white,
+    so an empty cell reads as empty on white-background data (emoji), not as a black failed sample."""
+    from common.images import make_grid
+    from tools.drawing import labels_in_turn, rows_by_label
+
+    labels, per_row = labels_in_turn([0, 1, 2], 8)  # 3, 3, 2 images: the last row one short
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2] and per_row == 3
+    images = torch.full((8, 3, 4, 4), -1.0)  # black samples
+    tiles = rows_by_label(images, labels, per_row)
+    assert tiles.shape == (9, 3, 4, 4) and (tiles[:8] == -1).all() and (tiles[8] == 1).all()
+    grid = make_grid(tiles, nrow=per_row, padding=1)  # (3 * 5 + 1, 3 * 5 + 1, 3)
+    assert (grid[11:15, 11:15] == 255).all() and (grid[11:15, 6:10] == 0).all()

@@ -42,13 +42,14 @@ def labels_in_turn(classes: list[int], n: int) -> tuple[torch.Tensor, int]:
 
 
 def rows_by_label(images: torch.Tensor, labels: torch.Tensor | None, per_row: int) -> torch.Tensor:
-    """Lay images out one row per label, padding short rows with blank (-1) tiles."""
+    """Lay images out one row per label, padding short rows with blank tiles of the grid's own white (+1: black
+    ones looked like failed samples on emoji's white backgrounds)."""
     if labels is None:
         return images
     rows = []
     for c in labels.unique(sorted=True):
         row = images[labels == c]
-        blank = torch.full((per_row - len(row), *images.shape[1:]), -1.0)
+        blank = torch.full((per_row - len(row), *images.shape[1:]), 1.0)
         rows.append(torch.cat([row, blank]))
     return torch.cat(rows)
 
