@@ -302,3 +302,10 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
     except Interrupted as e:
         print(f"{prog}: {e}; to go on from there, run the same command with --ckpt_path last", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except ModuleNotFoundError as e:  # an environment without LightningCLI's extras (e.g. installed --no-deps)
+        if "jsonargparse" not in str(e) and e.name not in ("jsonargparse", "docstring_parser", "typeshed_client"):
+            raise
+        print(f"{prog}: error: the training commands read their configs with jsonargparse[signatures], which this "
+              f"environment lacks ({one_line(e)}); install it: pip install 'jsonargparse[signatures]>=4.27.7' "
+              "(or `make setup`)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(EXIT_USER_ERROR) from None

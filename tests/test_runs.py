@@ -96,6 +96,24 @@ def test_bad_flag_is_one_line(shapes_folder, tmp_path, capsys):
     assert err.startswith("train_stage1: error: ") and "--trainer.max_stepz" in err
 
 
+def test_missing_jsonargparse_extras_are_one_line(shapes_folder, tmp_path, capsys, monkeypatch):
+    """An environment without jsonargparse[signatures] (installed with --no-deps, say): Lightning raises its
+    ModuleNotFoundError; the command says what is missing and how to install it, in one line, exit 2."""
+    import pytorch_lightning.cli
+
+    class Missing:  # Lightning's RequirementCache, as it reads when the extras are absent
+        def __bool__(self) -> bool:
+            return False
+
+        def __str__(self) -> str:
+            return "Requirement 'jsonargparse[signatures]>=4.27.7' not met. HINT: Try running `pip install -U ...`"
+
+    monkeypatch.setattr(pytorch_lightning.cli, "_JSONARGPARSE_SIGNATURES_AVAILABLE", Missing())
+    err = user_error(train_stage1, fit_args(shapes_folder, tmp_path / "runs", 2), capsys)
+    assert "lacks (Requirement 'jsonargparse[signatures]>=4.27.7' not met" in err
+    assert err.endswith("install it: pip install 'jsonargparse[signatures]>=4.27.7' (or `make setup`)")
+
+
 def write_codes(out: Path, tmp_path: Path) -> Path:
     """A small, valid codes directory (8 codes, 2x2 grids, 2 classes)."""
     stage1 = tmp_path / "stage1.ckpt"
