@@ -31,6 +31,8 @@ import numpy as np
 from _common import ROOT, machine, report
 from PIL import Image
 
+from common.memory import V2, memory_cgroups
+
 PROBE = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
@@ -72,23 +74,16 @@ def make_folder(folder: Path, n: int) -> None:
 
 def memory_cgroup(limit: int) -> tuple[Path, str, str] | None:
     """A new child of this process's memory cgroup limited to `limit` bytes, as (folder, peak file, version);
-    None where it cannot be made (no root, cgroup read-only)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" and (Path("/sys/fs/cgroup") / "cgroup.controllers").is_file():
-            base, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.peak", "v2")
-        elif "memory" in controllers.split(","):
-            base, files = Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.max_usage_in_bytes", "v1")
-        else:
-            continue
-        parent = base / path.strip("/") if (base / path.strip("/")).is_dir() else base
-        child = parent / f"vqgen_bench_{os.getpid()}"
+    None where it cannot be made (no root, cgroup read-only, no memory controller there)."""
+    for folder, _, files in memory_cgroups():
+        peak, version = ("memory.peak", "v2") if files == V2 else ("memory.max_usage_in_bytes", "v1")
+        child = folder / f"vqgen_bench_{os.getpid()}"
         try:
             child.mkdir()
             (child / files[0]).write_text(str(limit))
             if (child / "memory.memsw.limit_in_bytes").exists():  # no swapping instead of the limit
                 (child / "memory.memsw.limit_in_bytes").write_text(str(limit))
-            return child, files[1], files[2]
+            return child, peak, version
         except OSError:
             if child.is_dir():
                 child.rmdir()

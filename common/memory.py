@@ -53,14 +53,15 @@ def _headroom(folder: Path, files: tuple[str, str, str]) -> int | None:
     return max(0, int(limit) - max(0, usage - _stat_value(folder, files[2])))
 
 
-def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), fs: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The least headroom over this process's memory cgroups and their parents (v2 at `fs` or `fs`/unified,
-    v1 at `fs`/memory), None where no limit is set or nothing can be read."""
+def memory_cgroups(proc_cgroup: Path = Path("/proc/self/cgroup"), fs: Path = Path("/sys/fs/cgroup"),
+                   ) -> list[tuple[Path, Path, tuple[str, str, str]]]:  # fmt: skip
+    """(this process's cgroup folder, its hierarchy's mount, the version's files: V2 or V1) for each hierarchy
+    that may hold a memory limit: v2 at `fs` or `fs`/unified, v1's memory controller at `fs`/memory."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        return None
-    found: list[int] = []
+        return []
+    found = []
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":
@@ -70,15 +71,25 @@ def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), fs: Path = Pa
         else:
             continue
         for mount, files in places:
+            if files == V2 and not (mount / "cgroup.controllers").is_file():  # not a v2 hierarchy (v1's tmpfs)
+                continue
             folder = mount / path.strip("/")
-            if not folder.is_dir():  # a cgroup namespace: the process's own cgroup is the mount's root
-                folder = mount
-            while True:
-                if (room := _headroom(folder, files)) is not None:
-                    found.append(room)
-                if folder == mount or mount not in folder.parents:
-                    break
-                folder = folder.parent
+            # in a cgroup namespace the process's own cgroup is the mount's root
+            found.append((folder if folder.is_dir() else mount, mount, files))
+    return found
+
+
+def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), fs: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The least headroom over this process's memory cgroups and their parents, None where no limit is set or
+    nothing can be read."""
+    found: list[int] = []
+    for folder, mount, files in memory_cgroups(proc_cgroup, fs):
+        while True:
+            if (room := _headroom(folder, files)) is not None:
+                found.append(room)
+            if folder == mount or mount not in folder.parents:
+                break
+            folder = folder.parent
     return min(found) if found else None
 
 

@@ -148,6 +148,7 @@ def test_cgroup_limits_count_as_the_memory_a_process_can_take(tmp_path: Path) ->
     proc = tmp_path / "cgroup"
     fs = tmp_path / "fs"
     proc.write_text("0::/job/step\n")
+    write_cgroup(fs, {"cgroup.controllers": "cpu memory"})  # a v2 hierarchy's root
     write_cgroup(fs / "job" / "step", {"memory.max": "max", "memory.current": "100"})
     assert cgroup_headroom(proc, fs) is None  # no limit anywhere
     write_cgroup(fs / "job", {"memory.max": "1000", "memory.current": "700",
@@ -155,6 +156,8 @@ def test_cgroup_limits_count_as_the_memory_a_process_can_take(tmp_path: Path) ->
     assert cgroup_headroom(proc, fs) == 1000 - (700 - 200)  # the parent's limit, its file cache reclaimable
     write_cgroup(fs / "job" / "step", {"memory.max": "600", "memory.current": "550"})
     assert cgroup_headroom(proc, fs) == 50  # the tighter of the two
+    (fs / "cgroup.controllers").unlink()
+    assert cgroup_headroom(proc, fs) is None  # not a v2 hierarchy (a v1 host's tmpfs): its files are not read
     proc.write_text("4:memory:/elsewhere\n1:cpu:/x\n")  # v1, a namespace whose path is not under the mount
     write_cgroup(fs / "memory", {"memory.limit_in_bytes": "4096", "memory.usage_in_bytes": "5000",
                                  "memory.stat": "total_inactive_file 2000"})  # fmt: skip
