@@ -26,7 +26,26 @@ GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # Pi
 
 
 class ImageError(UserError, ValueError):
-    """An image file cannot be read; the message names it."""
+    """An image file cannot be read; the message names it (`path`, and `reason`: what the reader said)."""
+
+    def __init__(self, message: str, path: Path | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+MAX_NAMED = 20  # unreadable files named in one error; the count says how many more
+
+
+def unreadable(errors: list[tuple[int, ImageError]], n: int) -> ImageError:
+    """One error for every file of a read that failed (its position, its error): a folder with a few broken
+    files among thousands is fixed in one go, not one rerun per file. One file: its own error."""
+    errors = sorted(errors, key=lambda e: e[0])
+    if len(errors) == 1:
+        return errors[0][1]
+    names = ", ".join(str(e.path) for _, e in errors[:MAX_NAMED])
+    more = f" and {len(errors) - MAX_NAMED} more" if len(errors) > MAX_NAMED else ""
+    return ImageError(f"{len(errors)} of {n} image files cannot be read ({errors[0][1].reason}, the first): "
+                      f"{names}{more}; fix or delete them")  # fmt: skip
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -100,9 +119,8 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             # np.array copies: PIL's buffer is read-only, and torch.from_numpy warns on such arrays
             arr = np.array(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise ImageError(
-            f"{path}: cannot read image ({type(e).__name__}: {e}); fix or delete the file"
-        ) from e
+        reason = f"{type(e).__name__}: {e}"
+        raise ImageError(f"{path}: cannot read image ({reason}); fix or delete the file", path, reason) from e
     return arr.reshape(image_size, image_size, channels)
 
 
@@ -117,16 +135,22 @@ def read_images(paths: list[Path], image_size: int, channels: int, threads: int 
     Threads pay off where decoding dominates (photos, JPEGs, PNGs of a few hundred pixels: Pillow decodes
     without the GIL; 1.5-1.9x on 2 cores) and lose where Python's per-file work does (64-px RGBA glyphs: 0.7x),
     so the first files are read both ways and the faster way reads the rest. The array is the same either
-    way; a broken file raises the first such file's ImageError in the files' order, as a loop would."""
+    way. Broken files do not stop the read: every one is named, in the files' order, in one ImageError at the
+    end (`unreadable`)."""
     one = (channels, image_size, image_size) if channels_first else (image_size, image_size, channels)
     shape = (len(paths), *one)
     if out is None:
         out = np.empty(shape, np.uint8)
     elif out.shape != shape or out.dtype != np.uint8:
         raise ValueError(f"read_images: out must be uint8 {shape}, got {out.dtype} {out.shape}")
+    errors: list[tuple[int, ImageError]] = []
 
     def read(i: int) -> None:
-        image = read_image(paths[i], image_size, channels)  # (S, S, C)
+        try:
+            image = read_image(paths[i], image_size, channels)  # (S, S, C)
+        except ImageError as e:
+            errors.append((i, e))  # list.append is atomic: safe from the pool's threads
+            return
         out[i if rows is None else rows[i]] = image.transpose(2, 0, 1) if channels_first else image
 
     threads, probe, done = threads or min(8, os.cpu_count() or 1), 32, 0
@@ -135,16 +159,19 @@ def read_images(paths: list[Path], image_size: int, channels: int, threads: int 
         for i in range(probe):
             read(i)
         serial = time.perf_counter() - t
-        with ThreadPoolExecutor(threads) as pool:  # map runs in order: results and the first error as a loop's
+        with ThreadPoolExecutor(threads) as pool:
             t = time.perf_counter()
             list(pool.map(read, range(probe, 2 * probe)))
             done = 2 * probe
             if time.perf_counter() - t < 0.8 * serial:
-                for start in range(done, len(paths), 512):  # chunks: a broken file stops the read within one
+                # chunks: a few hundred futures at a time, so Ctrl-C waits for one chunk, not the whole folder
+                for start in range(done, len(paths), 512):
                     list(pool.map(read, range(start, min(len(paths), start + 512))))
-                return out
+                done = len(paths)
     for i in range(done, len(paths)):
         read(i)
+    if errors:
+        raise unreadable(errors, len(paths))
     return out
 
 

@@ -311,7 +311,7 @@ def test_large_jpegs_are_read_like_a_full_decode(tmp_path: Path) -> None:
 @pytest.mark.parametrize("work", ["releases_gil", "holds_gil"])
 def test_read_images_equals_a_loop_threaded_or_not(tmp_path: Path, monkeypatch, work: str) -> None:
     """Whichever way read_images chooses (threads when decoding releases the GIL, here a sleep; one thread when
-    Python's own work dominates, here a busy loop), the array and the first broken file's error are a loop's."""
+    Python's own work dominates, here a busy loop), the array is a loop's, and every broken file is named."""
     rng = np.random.default_rng(0)
     files = []
     for i in range(300):
@@ -336,10 +336,23 @@ def test_read_images_equals_a_loop_threaded_or_not(tmp_path: Path, monkeypatch, 
     assert np.array_equal(read_images(files, 4, 3, threads=2), loop)
     rest = {threads_of[f] for f in files[64:]}  # after the two probes of 32 files
     assert rest == {threading.get_ident()} if work == "holds_gil" else len(rest) == 2
-    for i in (270, 100):  # broken files in a later chunk and in an earlier one: the earlier is named
-        files[i].write_bytes(b"not a png")
-    with pytest.raises(ImageError, match="100.png: cannot read image"):
+    files[270].write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="270.png: cannot read image"):  # one broken file: its own error
         read_images(files, 4, 3, threads=2)
+    for i in (100, 20):  # in the threads' part and in the first probe: all three named, in the files' order
+        files[i].write_bytes(b"not a png")
+    with pytest.raises(ImageError, match=r"^3 of 300 image files cannot be read \(UnidentifiedImageError: .*020.png.*, "
+                                         r"the first\): \S*020.png, \S*100.png, \S*270.png; fix or delete them$"):
+        read_images(files, 4, 3, threads=2)
+
+
+def test_many_unreadable_files_are_counted_and_the_first_twenty_named() -> None:
+    from common.images import MAX_NAMED, unreadable
+
+    errors = [(i, ImageError(f"f{i}: ...", Path(f"f{i:02d}.png"), f"reason {i}")) for i in reversed(range(25))]
+    message = str(unreadable(errors, 1000))
+    assert message.startswith("25 of 1000 image files cannot be read (reason 0, the first): f00.png, f01.png, ")
+    assert message.endswith(f"f{MAX_NAMED - 1}.png and 5 more; fix or delete them") and "f20.png" not in message
 
 
 def test_more_image_formats(tmp_path: Path) -> None:
