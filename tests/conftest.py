@@ -1,8 +1,9 @@
-"""Shared test setup: one torch thread, W&B offline, the repo on sys.path, and a tiny generated image folder."""
+"""Shared test setup: one torch thread, W&B offline, the repo on sys.path, Ctrl-C delivered, a tiny image folder."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` without `pip install -e .`: import the packages from the checkout
     sys.path.insert(0, str(ROOT))
+
+# A background job of a non-interactive shell (`nohup make test &`) starts with SIGINT ignored, so Python
+# installs no KeyboardInterrupt handler and the Ctrl-C tests (in this process and in the subprocesses it
+# starts, which inherit an ignored signal) would see nothing. They test what a terminal's Ctrl-C does: give
+# this process Python's handler back (a caught signal is reset to the default in a child it execs).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
