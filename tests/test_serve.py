@@ -74,6 +74,24 @@ def test_info_and_test_images(client):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (16, 16)
 
 
+def test_the_pages_test_images_decode_only_what_it_shows(world, monkeypatch):  # noqa: F811
+    """The page's test images are the first of stage 1's test split, read with --data.limit: 3 x count files
+    of a folder are decoded, not the folder, and no image cache is written."""
+    from common import readers
+    from common.splits import ImageSplits, data_options
+    from stage1_vqvae.model import load_stage1
+
+    decoded = []
+    real = readers.read_images
+    monkeypatch.setattr(readers, "read_images", lambda files, *a, **k: decoded.extend(files) or real(files, *a, **k))
+    play = Playground(load_models(world["prior"], None, "cpu"))
+    play.load_test_images(count=2)
+    assert len(decoded) == 6 and play.test_message == "2 test images of image_folder"
+    _, saved = load_stage1(play.m.vqvae_path)
+    full = ImageSplits(**data_options(saved)).split_arrays("test")[0]
+    assert len(full) == 8 and torch.equal(play.test_images, full[:2])
+
+
 @pytest.mark.parametrize("label,guidance", [(-1, {}), (1, {}), (1, {"cfg_scale": "2", "cfg_schedule": "constant"}),
                                            (1, {"cfg_scale": "2", "cfg_schedule": "linear"}),
                                            (-1, {"temperature_end": "1.6"})])  # fmt: skip
