@@ -153,7 +153,9 @@ def read_images(paths: list[Path], image_size: int, channels: int, threads: int 
             return
         out[i if rows is None else rows[i]] = image.transpose(2, 0, 1) if channels_first else image
 
-    threads, probe, done = threads or min(8, os.cpu_count() or 1), 32, 0
+    # the CPUs this process may run on (a SLURM job's or taskset's share), not the machine's
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, probe, done = threads or min(8, usable), 32, 0
     if threads > 1 and len(paths) >= 8 * probe:
         t = time.perf_counter()
         for i in range(probe):

@@ -346,6 +346,20 @@ def test_read_images_equals_a_loop_threaded_or_not(tmp_path: Path, monkeypatch, 
         read_images(files, 4, 3, threads=2)
 
 
+def test_a_process_allowed_one_cpu_reads_on_one_thread(tmp_path: Path, monkeypatch) -> None:
+    """read_images counts the CPUs this process may use (a SLURM job's share), not the machine's."""
+    files = []
+    for i in range(300):
+        files.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(np.full((6, 5, 3), i % 256, np.uint8)).save(files[-1])
+    seen = set()
+    real = images_module.read_image
+    monkeypatch.setattr(images_module, "read_image", lambda *a: seen.add(threading.get_ident()) or real(*a))
+    monkeypatch.setattr(images_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(images_module.os, "cpu_count", lambda: 64)
+    assert read_images(files, 4, 3).shape == (300, 4, 4, 3) and seen == {threading.get_ident()}
+
+
 def test_many_unreadable_files_are_counted_and_the_first_twenty_named() -> None:
     from common.images import MAX_NAMED, unreadable
 
