@@ -9,8 +9,8 @@ maps that file: the operating system keeps in memory what fits and reads the res
 The key hashes what decides the pixels: each file's path under the folder, size and modification time, in
 row order, with the image size, channels and DECODE_VERSION. Edit, add or remove a file, change the split
 seed, sizes or `--data.limit`, and the key (so the file) changes: a stale cache is never read. Files are
-written under a temporary name and renamed into place; nothing in the directory is ever deleted or
-overwritten (older caches of a folder are counted in the message, for the user to remove).
+written under a temporary name and renamed into place (common.io.atomic_file); nothing in the directory is
+ever deleted or overwritten (older caches of a folder are counted in the message, for the user to remove).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.images import read_images
+from common.io import atomic_file
 from common.readers import DatasetError
 
 DECODE_VERSION = 1  # bump when common.images.read_image changes the pixels it makes: old caches are then not read
@@ -111,16 +112,15 @@ def cached_images(cache_dir: str | Path, root: str | Path, files: list[Path], im
         + (f" ({len(older)} older cache file(s) of this folder there: delete them if unused)" if older else ""),
         flush=True,
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    with atomic_file(path, "w+b") as f:  # renamed into place only once every image is in it
+        np.lib.format.write_array_header_1_0(f, header)
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape)))
+        out = np.memmap(f, np.uint8, "r+", offset, shape)  # the images are decoded straight into the file
         read_images(files, image_size, channels, rows=rows, channels_first=True, out=out)
         out.flush()
         del out
-        with open(tmp, "rb+") as f:  # on disk before the name says the file is complete
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # ours, made above
-        raise
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the name says the file is complete
     return _open(path, shape), path, True

@@ -22,13 +22,15 @@ class OutputError(OSError):
 
 
 @contextmanager
-def atomic_file(dest: str | Path) -> Iterator[BinaryIO]:
-    """A temp file beside `dest`, moved into place only if the block succeeds: never a half-written file."""
+def atomic_file(dest: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """A temp file beside `dest`, moved into place only if the block succeeds: never a half-written file. Its
+    name is unique (mkstemp), so processes sharing the folder (nodes of one job) never write the same one.
+    `mode` "w+b": also readable (a memory map of it, common.image_cache)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, mode) as f:
             yield f
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, dest)
