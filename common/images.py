@@ -36,6 +36,12 @@ class ImageError(UserError, ValueError):
 MAX_NAMED = 20  # unreadable files named in one error; the count says how many more
 
 
+def cannot_read(path: Path, e: Exception) -> ImageError:
+    """The error for one file Pillow cannot read (it raises OSError, SyntaxError, ValueError, ...)."""
+    reason = f"{type(e).__name__}: {e}"
+    return ImageError(f"{path}: cannot read image ({reason}); fix or delete the file", path, reason)
+
+
 def unreadable(errors: list[tuple[int, ImageError]], n: int) -> ImageError:
     """One error for every file of a read that failed (its position, its error): a folder with a few broken
     files among thousands is fixed in one go, not one rerun per file. One file: its own error."""
@@ -73,16 +79,19 @@ def check_channels(channels: int | None, where: str) -> None:
 
 
 def infer_channels(files: list[Path]) -> int:
-    """1 if every image is grayscale, else 3 (reads headers only)."""
-    for path in files:
+    """1 if every image is grayscale, else 3 (reads headers only). A file whose header cannot be read is passed
+    over: the decode that follows names every such file at once (`read_images`); only when none can be read
+    are they all named here."""
+    errors: list[tuple[int, ImageError]] = []
+    for i, path in enumerate(files):
         try:
             with Image.open(path) as img:
                 if img.mode not in GRAY_MODES:
                     return 3
         except Exception as e:
-            raise ImageError(
-                f"{path}: cannot read image ({type(e).__name__}: {e}); fix or delete the file"
-            ) from e
+            errors.append((i, cannot_read(path, e)))
+    if files and len(errors) == len(files):
+        raise unreadable(errors, len(files))
     return 1
 
 
@@ -119,8 +128,7 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             # np.array copies: PIL's buffer is read-only, and torch.from_numpy warns on such arrays
             arr = np.array(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        reason = f"{type(e).__name__}: {e}"
-        raise ImageError(f"{path}: cannot read image ({reason}); fix or delete the file", path, reason) from e
+        raise cannot_read(path, e) from e
     return arr.reshape(image_size, image_size, channels)
 
 

@@ -360,6 +360,22 @@ def test_a_process_allowed_one_cpu_reads_on_one_thread(tmp_path: Path, monkeypat
     assert read_images(files, 4, 3).shape == (300, 4, 4, 3) and seen == {threading.get_ident()}
 
 
+def test_every_broken_file_of_a_folder_is_named_at_once(tmp_path: Path) -> None:
+    """The header scan (infer_channels) passes over broken files and the decode names them all; a folder of
+    nothing but broken files is named by the scan."""
+    from conftest import write_shapes
+
+    folder = write_shapes(tmp_path / "shapes", n=16)
+    (folder / "discs" / "000_broken.png").write_bytes(b"not an image")
+    (folder / "squares" / "zz_broken.png").write_bytes(b"nor this")
+    with pytest.raises(ImageError, match=r"^2 of 18 image files cannot be read \(UnidentifiedImageError: .*, the "
+                                         r"first\): \S*000_broken.png, \S*zz_broken.png; fix or delete them$"):
+        ImageSplits("image_folder", root=str(folder), image_size=16, val_size=2, test_size=2).split_arrays("train")
+    with pytest.raises(ImageError, match=r"^3 of 3 image files cannot be read \(.*\): \S*000_broken.png, "
+                                         r"\S*zz_broken.png, \S*missing.png; fix or delete them$"):
+        images_module.infer_channels(sorted(folder.rglob("*broken.png")) + [folder / "missing.png"])
+
+
 def test_many_unreadable_files_are_counted_and_the_first_twenty_named() -> None:
     from common.images import MAX_NAMED, unreadable
 
