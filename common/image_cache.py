@@ -118,7 +118,8 @@ def cached_images(cache_dir: str | Path, root: str | Path, files: list[Path], im
         offset = f.tell()
         f.truncate(offset + int(np.prod(shape)))
         out = np.memmap(f, np.uint8, "r+", offset, shape)  # the images are decoded straight into the file
-        read_images(files, image_size, channels, rows=rows, channels_first=True, out=out)
+        read_images(files, image_size, channels, rows=rows, channels_first=True, out=out,
+                    progress=f"images of {root} into the cache")
         out.flush()
         del out
         f.flush()

@@ -34,6 +34,7 @@ class ImageError(UserError, ValueError):
 
 
 MAX_NAMED = 20  # unreadable files named in one error; the count says how many more
+PROGRESS_S = 10.0  # a long read of a folder says how far it is this often
 
 
 def cannot_read(path: Path, e: Exception) -> ImageError:
@@ -134,11 +135,13 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 def read_images(paths: list[Path], image_size: int, channels: int, threads: int | None = None,
                 rows: np.ndarray | None = None, channels_first: bool = False,
-                out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                out: np.ndarray | None = None, progress: str | None = None) -> np.ndarray:  # fmt: skip
     """Many files -> uint8 (N, image_size, image_size, channels), each as `read_image` reads it, in order;
     `rows`: file i goes to row rows[i] instead (a permutation), `channels_first`: (N, channels, S, S), so a
     caller needs no second, rearranged copy of a folder that barely fits in memory. `out`: the array to fill
     (e.g. a memory-mapped file, common.image_cache), of that shape and uint8; by default a new one.
+    `progress`: what is read ("images of data/photos"), for a line every PROGRESS_S seconds of a long read
+    (CelebA: about two minutes on 2 cores), printed by the first process of a job only.
 
     Threads pay off where decoding dominates (photos, JPEGs, PNGs of a few hundred pixels: Pillow decodes
     without the GIL; 1.5-1.9x on 2 cores) and lose where Python's per-file work does (64-px RGBA glyphs: 0.7x),
@@ -161,6 +164,15 @@ def read_images(paths: list[Path], image_size: int, channels: int, threads: int 
             return
         out[i if rows is None else rows[i]] = image.transpose(2, 0, 1) if channels_first else image
 
+    start_time, last = time.perf_counter(), [time.perf_counter()]
+    say = progress is not None and os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0") == "0"
+
+    def report(done: int) -> None:  # from the main thread, between chunks
+        now = time.perf_counter()
+        if say and now - last[0] >= PROGRESS_S and done < len(paths):
+            last[0] = now
+            print(f"read {done:,} of {len(paths):,} {progress} ({done / (now - start_time):,.0f} images/s)", flush=True)
+
     # the CPUs this process may run on (a SLURM job's or taskset's share), not the machine's
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads, probe, done = threads or min(8, usable), 32, 0
@@ -177,9 +189,12 @@ def read_images(paths: list[Path], image_size: int, channels: int, threads: int 
                 # chunks: a few hundred futures at a time, so Ctrl-C waits for one chunk, not the whole folder
                 for start in range(done, len(paths), 512):
                     list(pool.map(read, range(start, min(len(paths), start + 512))))
+                    report(min(len(paths), start + 512))
                 done = len(paths)
     for i in range(done, len(paths)):
         read(i)
+        if (i + 1) % 512 == 0:
+            report(i + 1)
     if errors:
         raise unreadable(errors, len(paths))
     return out

@@ -297,7 +297,8 @@ def load_image_folder(root: str | Path, image_size: int, channels: int | None = 
     if only is not None:
         files, labels = [files[i] for i in only], labels[only]
     check_fits_in_memory(Path(root), len(files), image_size, channels)
-    images = read_images(files, image_size, channels, rows=rows, channels_first=channels_first)
+    images = read_images(files, image_size, channels, rows=rows, channels_first=channels_first,
+                         progress=f"images of {root}")
     if rows is not None:
         labels = labels[np.argsort(rows)]  # row r holds file argsort(rows)[r]
     return ImageArrays(images, labels, class_names)

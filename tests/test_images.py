@@ -376,6 +376,24 @@ def test_every_broken_file_of_a_folder_is_named_at_once(tmp_path: Path) -> None:
         images_module.infer_channels(sorted(folder.rglob("*broken.png")) + [folder / "missing.png"])
 
 
+def test_a_long_read_says_how_far_it_is_on_the_first_process_only(tmp_path: Path, monkeypatch, capsys) -> None:
+    files = []
+    for i in range(1100):
+        files.append(tmp_path / f"{i:04d}.png")
+        Image.fromarray(np.full((4, 4), i % 256, np.uint8)).save(files[-1])
+    read_images(files, 4, 1, threads=1, progress="images of shapes")
+    assert capsys.readouterr().out == ""  # quicker than PROGRESS_S: nothing said
+    monkeypatch.setattr(images_module, "PROGRESS_S", 0.0)
+    read_images(files, 4, 1, threads=1, progress="images of shapes")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["read 512 of 1,100 images of shapes",
+                                                       "read 1,024 of 1,100 images of shapes"]  # fmt: skip
+    assert all(line.endswith(" images/s)") for line in lines)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another rank of the job: silent
+    read_images(files, 4, 1, threads=1, progress="images of shapes")
+    assert capsys.readouterr().out == ""
+
+
 def test_many_unreadable_files_are_counted_and_the_first_twenty_named() -> None:
     from common.images import MAX_NAMED, unreadable
 
