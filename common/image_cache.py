@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.images import read_images
-from common.io import atomic_file
+from common.io import OutputError, atomic_file, check_writable_dir
 from common.readers import DatasetError
 
 DECODE_VERSION = 1  # bump when common.images.read_image changes the pixels it makes: old caches are then not read
@@ -58,15 +58,17 @@ def cache_path(cache_dir: Path, root: Path, n: int, image_size: int, channels: i
 
 
 def _writable_dir(path: Path) -> Path:
-    """`path` made if missing and checked writable (a cache only read may sit in a read-only directory)."""
+    """`path` made if missing and checked writable by a real write (common.io.check_writable_dir: permission
+    bits say nothing for root or a read-only file system); a cache only read may sit in a read-only directory."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DatasetError(f"--data.cache_dir {path}: cannot create it ({e.strerror}); pass a writable one "
                            "(or --data.cache_dir null to decode into memory)") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise DatasetError(f"--data.cache_dir {path}: not writable; pass a directory you can write to "
-                           "(or --data.cache_dir null to decode into memory)")
+    try:
+        check_writable_dir(path, "--data.cache_dir")
+    except OutputError as e:
+        raise DatasetError(f"{e} (or --data.cache_dir null to decode into memory)") from None
     return path
 
 

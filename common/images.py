@@ -164,13 +164,14 @@ def read_images(paths: list[Path], image_size: int, channels: int, threads: int 
             return
         out[i if rows is None else rows[i]] = image.transpose(2, 0, 1) if channels_first else image
 
-    start_time, last = time.perf_counter(), [time.perf_counter()]
+    start_time = last_report = time.perf_counter()
     say = progress is not None and os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0") == "0"
 
     def report(done: int) -> None:  # from the main thread, between chunks
+        nonlocal last_report
         now = time.perf_counter()
-        if say and now - last[0] >= PROGRESS_S and done < len(paths):
-            last[0] = now
+        if say and now - last_report >= PROGRESS_S and done < len(paths):
+            last_report = now
             print(f"read {done:,} of {len(paths):,} {progress} ({done / (now - start_time):,.0f} images/s)", flush=True)
 
     # the CPUs this process may run on (a SLURM job's or taskset's share), not the machine's

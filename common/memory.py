@@ -48,7 +48,7 @@ def _headroom(folder: Path, files: tuple[str, str, str]) -> int | None:
         usage = int((folder / files[1]).read_text().strip())
     except (OSError, ValueError):
         return None
-    if limit == "max" or not limit.isdigit() or int(limit) >= UNLIMITED:
+    if not limit.isdigit() or int(limit) >= UNLIMITED:  # v2's "max" is no limit too
         return None
     return max(0, int(limit) - max(0, usage - _stat_value(folder, files[2])))
 
