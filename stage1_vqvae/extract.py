@@ -261,7 +261,9 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
     parser.add_argument("--ckpt", type=str, required=True, help="stage-1 checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="codes directory to write")
     parser.add_argument("--splits", type=str, default=",".join(SPLITS), help="comma-separated splits")
-    parser.add_argument("--batch_size", type=int, default=512, help="images per batch and device")
+    parser.add_argument("--batch_size", type=int, default=512,
+                        help="images per batch and device (the model encodes them in passes of at most 256k pixels "
+                             "on a CPU, 16M on a GPU)")  # fmt: skip
     parser.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, ... (Lightning's)")
     parser.add_argument("--devices", type=int | str, default=1, help="number of devices (or Lightning's list)")
     parser.add_argument("--strategy", type=str, default="auto", help="with several devices: ddp")

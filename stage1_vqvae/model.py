@@ -20,6 +20,12 @@ from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 
 DEFAULT_LEVEL = "codes"  # the name of the only level of a one-level model (and of version-1 codes)
+# Pixels one pass of `encode_to_codes` / `decode_codes` takes at most (benchmarks/coding_passes.py, 2-core CPU,
+# 512 images): on a CPU passes of 256k pixels (334 images at 28 px, 64 at 64 px, 4 at 256 px) keep the
+# activations in cache and under glibc's mmap threshold: encoding 1.45-1.5x faster than one pass at 28-128 px
+# and 2.6x at 256 px, where one pass of 512 held 6.5 GB. On a GPU the bound only keeps memory in reach (2 GB
+# an activation at width 128) and leaves every measured batch (8,192 at 28 px, 512 at 64 px) whole.
+PIXELS_PER_PASS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 def level_specs(levels: list[dict] | None, downsample: int, codebook_size: int,
@@ -169,14 +175,27 @@ class VQModel(nn.Module):
         parts = [quantized[0]] + [up(q) for up, q in zip(self.level_upsamplers, quantized[1:])]
         return self.decoder(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
 
+    pixels_per_pass: int | None = None  # overrides PIXELS_PER_PASS for this model (benchmarks, tests)
+
+    def images_per_pass(self) -> int:
+        """How many images one network pass of `encode_to_codes` / `decode_codes` takes (PIXELS_PER_PASS)."""
+        budget = self.pixels_per_pass or PIXELS_PER_PASS.get(self.device.type, PIXELS_PER_PASS["cuda"])
+        return max(1, budget // self.image_size**2)
+
     @torch.no_grad()
     def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) in [-1, 1] -> codes (B, *grid_shape) long. Deterministic (eval mode)."""
+        """images (B, C, H, W) in [-1, 1] -> codes (B, *grid_shape) long. Deterministic (eval mode).
+
+        Any B (0 too): the batch is encoded in passes of `images_per_pass` images."""
+        if not len(images):
+            return torch.zeros(0, *self.grid_shape, dtype=torch.long, device=images.device)
         was_training = self.training
         self.eval()
-        codes = [q.codes for q in self(images)[1]]  # top first, (B, h_i, w_i) each
-        self.train(was_training)
-        return self.join_codes(codes)
+        try:
+            parts = [self.join_codes([q.codes for q in self(x)[1]]) for x in images.split(self.images_per_pass())]
+        finally:
+            self.train(was_training)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def join_codes(self, levels: list[torch.Tensor]) -> torch.Tensor:
         """One (B, h_i, w_i) tensor per level, top first -> codes (B, *grid_shape); undoes `split_codes`."""
@@ -188,16 +207,23 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, *grid_shape) -> images (B, C, H, W) in [-1, 1]."""
+        """codes (B, *grid_shape) -> images (B, C, H, W) in [-1, 1], decoded in passes of `images_per_pass`."""
         if codes.shape[1:] != self.grid_shape:
             raise ValueError(f"codes must have shape (B, *{self.grid_shape}), got {tuple(codes.shape)}")
-        quantized = []
-        for level, q, c in zip(self.levels, self._quantizers_top_first(), self.split_codes(codes)):
+        for level, c in zip(self.levels, self.split_codes(codes)):
             k = level["codebook_size"]
             if c.numel() and (c.min() < 0 or c.max() >= k):
                 raise ValueError(f"codes of level {level['name']} must lie in [0, {k}), got [{c.min()}, {c.max()}]")
-            quantized.append(q.lookup(c.long()))
-        return self._decode(quantized[::-1]).clamp(-1, 1)
+        images = None  # (B, C, H, W), filled pass by pass (a torch.cat of the passes would hold them twice)
+        n = self.images_per_pass()
+        for start in range(0, max(len(codes), 1), n):
+            chunk = codes[start : start + n]
+            quantized = [q.lookup(c.long()) for q, c in zip(self._quantizers_top_first(), self.split_codes(chunk))]
+            decoded = self._decode(quantized[::-1]).clamp_(-1, 1)  # bottom first -> (b, C, H, W)
+            if images is None:
+                images = decoded.new_empty(len(codes), *decoded.shape[1:])
+            images[start : start + n] = decoded
+        return images
 
     def dead_codes(self) -> list[int]:
         """Per level, top first: codes whose EMA usage is under the restart threshold (0 for FSQ)."""

@@ -17,7 +17,7 @@ from common.codes_writer import CodesWriter
 from common.datamodule import ImageDataModule
 from common.images import from_uint8
 from stage1_vqvae.extract import main as extract_main
-from stage1_vqvae.model import VQModel, load_stage1
+from stage1_vqvae.model import PIXELS_PER_PASS, VQModel, load_stage1
 from stage1_vqvae.vqvae import VQVAE
 
 TWO = [{"name": "bottom", "downsample": 2, "codebook_size": 16}, {"name": "top", "downsample": 4, "codebook_size": 8}]
@@ -49,6 +49,32 @@ def test_levels_shapes_order_and_round_trip() -> None:
     bad[:, 0, 0] = 8  # in range for the bottom's codebook, not for the top's
     with pytest.raises(ValueError, match="level top must lie in \\[0, 8\\)"):
         model.decode_codes(bad)
+
+
+def test_large_batches_go_through_in_passes_with_the_same_result() -> None:
+    """encode_to_codes / decode_codes split a batch into passes of at most PIXELS_PER_PASS pixels (a 256-px
+    batch of 512 in one pass took 7 GB); any split gives the one pass's codes and images."""
+    model = two_level().eval()
+    assert model.images_per_pass() == PIXELS_PER_PASS["cpu"] // 16**2  # the CPU's budget, in images of 16 px
+    images = torch.rand(7, 3, 16, 16) * 2 - 1
+    model.pixels_per_pass = 1 << 40
+    whole, recon = model.encode_to_codes(images), model.decode_codes(model.encode_to_codes(images))
+    for per_pass in (3, 1):  # 3 + 3 + 1, then one image a pass
+        model.pixels_per_pass = per_pass * 16**2
+        assert model.images_per_pass() == per_pass
+        assert torch.equal(model.encode_to_codes(images), whole)
+        torch.testing.assert_close(model.decode_codes(whole), recon, atol=1e-5, rtol=1e-5)
+    model.pixels_per_pass = 10  # under one image: still one image a pass
+    assert model.images_per_pass() == 1
+    bad = whole.clone()
+    bad[-1, 0, 0] = 8  # the last pass's image: refused before anything is decoded
+    with pytest.raises(ValueError, match="level top must lie"):
+        model.decode_codes(bad)
+    assert model.encode_to_codes(images[:0]).shape == (0, 1, 80)
+    assert model.decode_codes(whole[:0]).shape == (0, 3, 16, 16)
+    model.train()
+    model.encode_to_codes(images)
+    assert model.training  # the mode it found, restored after the passes
 
 
 def test_every_level_changes_the_image_and_gets_gradients() -> None:
