@@ -22,9 +22,9 @@ from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 DEFAULT_LEVEL = "codes"  # the name of the only level of a one-level model (and of version-1 codes)
 # Pixels one pass of `encode_to_codes` / `decode_codes` takes at most (benchmarks/coding_passes.py, 2-core CPU,
 # 512 images): on a CPU passes of 256k pixels (334 images at 28 px, 64 at 64 px, 4 at 256 px) keep the
-# activations in cache and under glibc's mmap threshold: encoding 1.45-1.5x faster than one pass at 28-128 px
-# and 2.6x at 256 px, where one pass of 512 held 6.5 GB. On a GPU the bound only keeps memory in reach (2 GB
-# an activation at width 128) and leaves every measured batch (8,192 at 28 px, 512 at 64 px) whole.
+# activations in cache and under glibc's mmap threshold: encoding 1.27x / 1.51x / 2.3x as fast as one pass
+# at 64 / 128 / 256 px (28 px unchanged), and at 256 px 1.1 GB instead of 6.5. On a GPU the bound only keeps
+# memory in reach (2 GB an activation at width 128) and leaves every measured batch (8,192 at 28 px) whole.
 PIXELS_PER_PASS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
