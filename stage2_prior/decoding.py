@@ -87,9 +87,24 @@ class CodePrior(PriorNetwork, metaclass=ABCMeta):
             self.end()
 
 
+# Codes one teacher-forced forward scores at most (`maps_per_pass`): its logits are (B, K, T) floats, 2.6 GB
+# for 500 maps of 1,280 codes at K = 1,024 (`evaluate prior` at 256 px peaked at 7.7 GB and took 1.5x as long
+# as in passes of 48 maps). 49-code maps (Fashion-MNIST) go 1,337 to a pass, so their batches stay whole.
+TOKENS_PER_PASS = 1 << 16
+
+
+def maps_per_pass(grid_shape: tuple[int, ...], at_most: int) -> int:
+    """How many code maps of grid_shape one scoring forward takes: at most `at_most`, TOKENS_PER_PASS codes."""
+    return max(1, min(at_most, TOKENS_PER_PASS // math.prod(grid_shape)))
+
+
 def code_bits(prior: nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """codes (B, H, W), labels (B,) or None (the null class) -> -log2 p(c_t | c_<t, label) (B, H, W): what
-    each code costs under one teacher-forced forward of an autoregressive prior (a CodePrior or the
-    LightningModule around one); the codec's label choice and the anomaly scores."""
-    logits = prior(codes, labels).float()  # (B, K, H, W)
-    return F.cross_entropy(logits, codes, reduction="none") / math.log(2)
+    each code costs under teacher-forced forwards (of `maps_per_pass` maps) of an autoregressive prior (a
+    CodePrior or the LightningModule around one); the codec's label choice and the anomaly scores."""
+    n, bits = maps_per_pass(codes.shape[1:], max(len(codes), 1)), []
+    for start in range(0, max(len(codes), 1), n):
+        c, lab = codes[start : start + n], None if labels is None else labels[start : start + n]
+        logits = prior(c, lab).float()  # (b, K, H, W)
+        bits.append(F.cross_entropy(logits, c, reduction="none") / math.log(2))
+    return bits[0] if len(bits) == 1 else torch.cat(bits)

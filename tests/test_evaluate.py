@@ -20,6 +20,7 @@ from PIL import Image
 from common.datamodule import ImageDataModule
 from stage1_vqvae import extract
 from stage1_vqvae.vqvae import VQVAE
+from stage2_prior import decoding
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
 from tools import sample, train_feature_net
@@ -186,6 +187,16 @@ def _with_meta(artifacts, name: str, **changes) -> Path:
     meta.pop("levels")  # one level: derived again from the changed codebook_size / grid_shape
     (codes / "meta.json").write_text(json.dumps({**meta, **changes}))
     return codes
+
+
+def test_evaluate_prior_in_passes_gives_the_same_figures(artifacts, tmp_path, monkeypatch):
+    """Long sequences are scored a few maps a forward (TOKENS_PER_PASS): the figures do not change."""
+    args = ("prior", "--ckpt", str(artifacts["prior"]), "--codes", str(artifacts["codes"]), "--batch_size", "5")
+    whole = evaluate(*args, out=tmp_path / "whole.json")
+    monkeypatch.setattr(decoding, "TOKENS_PER_PASS", 2 * 16)  # two 4x4 maps a forward: passes of 2, 2, 1 per batch
+    parts = evaluate(*args, out=tmp_path / "parts.json")
+    assert parts["accuracy"] == whole["accuracy"]
+    assert parts["bits_per_code"] == pytest.approx(whole["bits_per_code"], rel=1e-6)
 
 
 def test_prior_and_codes_that_do_not_belong_together(artifacts, capsys):

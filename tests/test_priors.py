@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stage2_prior import decoding
 from stage2_prior.pixelcnn import PIXELCNN_SIZES, GatedPixelCNN
 from stage2_prior.transformer import TRANSFORMER_SIZES, Transformer
 
@@ -164,3 +165,18 @@ def test_unlabelled_codes_use_the_null_class():
     with torch.no_grad():
         torch.testing.assert_close(prior(codes, labels)[[0, 2]], prior(codes[[0, 2]], None), atol=1e-6, rtol=0)
     assert Prior(16, GRID, 0, "pixelcnn", "tiny").net_labels(torch.tensor([-1, 3])) is None  # unconditional
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_code_bits_in_passes_equal_one_forward(kind, monkeypatch):
+    """code_bits scores long sequences a few maps a forward (TOKENS_PER_PASS); any split gives the same bits."""
+    prior, codes = make_prior(kind), random_codes(5)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    whole = decoding.code_bits(prior, codes, labels)
+    assert whole.shape == codes.shape and bool((whole > 0).all())
+    monkeypatch.setattr(decoding, "TOKENS_PER_PASS", 2 * T)
+    assert decoding.maps_per_pass(GRID, 5) == 2 and decoding.maps_per_pass(GRID, 1) == 1
+    torch.testing.assert_close(decoding.code_bits(prior, codes, labels), whole)
+    torch.testing.assert_close(decoding.code_bits(prior, codes, None)[:1], decoding.code_bits(prior, codes[:1], None))
+    monkeypatch.setattr(decoding, "TOKENS_PER_PASS", 1)  # under one map: still one map a forward
+    assert decoding.maps_per_pass(GRID, 5) == 1
