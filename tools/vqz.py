@@ -39,8 +39,8 @@ def as_codec_models(m: Models) -> Models:
     return m
 
 
-def encode_images(vqvae: VQModel, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    return torch.cat([vqvae.encode_to_codes(x) for x in images.split(batch_size)]).numpy()
+def encode_images(vqvae: VQModel, images: torch.Tensor) -> np.ndarray:
+    return vqvae.encode_to_codes(images).numpy()  # in the model's passes (memory stays bounded for any N)
 
 
 def compress_codes(
@@ -93,6 +93,5 @@ def decompress_codes(m: Models, data: bytes, name: str = "<bytes>") -> np.ndarra
     return decode_codes(m.prior, c, name)
 
 
-def decode_images(vqvae: VQModel, codes: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
-    codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
-    return torch.cat([vqvae.decode_codes(c) for c in codes_t.split(batch_size)]) if len(codes_t) else codes_t
+def decode_images(vqvae: VQModel, codes: np.ndarray) -> torch.Tensor:
+    return vqvae.decode_codes(torch.from_numpy(np.asarray(codes, dtype=np.int64)))  # in the model's passes
