@@ -62,6 +62,11 @@ class CodePrior(PriorNetwork, metaclass=ABCMeta):
         super().__init__(codebook_size, grid_shape, num_classes)
         self.step_labels: torch.Tensor | None = None  # (n,) while decoding
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of the caches `begin(n, labels)` allocates (subclasses with caches say; the tools check them
+        against free memory before drawing: tools.drawing.check_decoding_fits)."""
+        return 0
+
     def begin(self, n: int, labels: torch.Tensor | None) -> None:
         """Prepare to decode n grids with these labels; subclasses extend this to allocate caches."""
         self.step_labels = self.labels_or_null(labels, n, next(self.parameters()).device)

@@ -151,6 +151,12 @@ class GatedPixelCNN(CodePrior):
             v, hs = layer(v, hs, labels)
         return self.head(hs)  # (B, K, h, W)
 
+    def state_bytes(self, n: int) -> int:
+        """The caches `begin(n)` allocates, per layer: v_in, v_link, h_src and the two class biases."""
+        (H, W), p, C = self.grid_shape, self.layers[0].p, self.embed.embedding_dim
+        per_layer = C * (p + H - 1) * (W + 2 * p) + 2 * C * W + C * (p + W) + 2 * 2 * C
+        return len(self.layers) * n * per_layer * self.embed.weight.element_size()
+
     def begin(self, n: int, labels: torch.Tensor | None) -> None:
         """Allocate the decoding caches for n grids (see the module docstring)."""
         super().begin(n, labels)

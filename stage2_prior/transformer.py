@@ -165,6 +165,11 @@ class Transformer(CodePrior):
 
     # --- incremental decoding with a static KV cache ---
 
+    def state_bytes(self, n: int) -> int:
+        """The K/V buffers `begin(n)` allocates: 2 per layer of (n, T, n_embd) (5 GiB for 256 sequences of 1,280
+        codes at the `base` size)."""
+        return 2 * len(self.blocks) * n * self.seq_len * self.head.in_features * self.head.weight.element_size()
+
     def begin(self, n: int, labels: torch.Tensor | None) -> None:
         """Allocate K/V buffers (n, n_head, T, head_dim) in every layer and the position table (T, C)."""
         super().begin(n, labels)

@@ -19,7 +19,9 @@ from common.codes import sha256_file
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.build import PRIORS
 from stage2_prior.decoding import CodePrior
+from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.prior import Prior
+from tools import drawing
 from tools.codec import best_labels, decode_codes, deterministic, encode_codes
 from tools.compress import (
     Models,
@@ -318,6 +320,17 @@ def test_cli_round_trip_and_no_overwrite(ckpts, tmp_path: Path, capsys) -> None:
     main_decompress([str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out), "--overwrite"])
     assert (out / "1.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temp files left behind
+
+
+def test_compress_refuses_a_batch_whose_caches_cannot_fit(ckpts, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The coder steps through the codes as sampling does, with the same caches and the same check."""
+    monkeypatch.setattr(GatedPixelCNN, "state_bytes", lambda self, n: 1000 * n)
+    monkeypatch.setattr(drawing, "available_memory", lambda: 2500)
+    vqz = tmp_path / "x.vqz"
+    err = user_error(main_compress, [str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz)], capsys)
+    assert "3 grids at once need" in err and "--batch_size 2 or less" in err and not vqz.exists()
+    main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz), "--batch_size", "2"])
+    assert vqz.is_file()
 
 
 def test_cli_keeps_file_names_unless_told_not_to(ckpts, tmp_path: Path, capsys) -> None:

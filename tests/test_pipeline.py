@@ -14,7 +14,10 @@ from PIL import Image
 from common.cli import UserError, parse_classes
 from stage1_vqvae.extract import main as extract_main
 from stage1_vqvae.train import main as train_stage1
+from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.train import main as train_stage2
+from stage2_prior.transformer import Transformer
+from tools import drawing
 from tools.sample import main as sample_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -97,6 +100,23 @@ def test_sample_errors_are_clear(pipeline, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
         sample_main(["--prior", str(pipeline["prior"]), "--out", str(tmp_path / "s.png"), *extra])
     assert message in capsys.readouterr().err
+
+
+def test_a_batch_whose_caches_cannot_fit_is_refused_in_one_line(pipeline, tmp_path, capsys, monkeypatch):
+    """Before anything is allocated: the caches of a batch against the memory left (a 256-px prior's batch of
+    256 needs 5 GiB of K/V, twice that with guidance); the message names the --batch_size that fits."""
+    per_grid = 1000  # bytes of caches a grid, whatever the prior: 6 grids need 6,000 (+10 %), 2 fit in 2,500
+    for kind in (Transformer, GatedPixelCNN):
+        monkeypatch.setattr(kind, "state_bytes", lambda self, n: per_grid * n)
+    monkeypatch.setattr(drawing, "available_memory", lambda: 2500)
+    args = ["--prior", str(pipeline["prior"]), "--n", "6", "--out", str(tmp_path / "s.png")]
+    err = user_error(sample_main, args, capsys)
+    assert "6 grids at once need" in err and "--batch_size 2 or less" in err
+    err = user_error(sample_main, [*args, "--cfg_scale", "2"], capsys)
+    assert "(each drawn twice for guidance)" in err and "--batch_size 1 or less" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+    sample_main([*args, "--batch_size", "2"])  # what the message says works
+    assert (tmp_path / "s.png").is_file()
 
 
 def test_checkpoint_of_the_wrong_kind(pipeline, tmp_path, capsys):

@@ -180,3 +180,19 @@ def test_code_bits_in_passes_equal_one_forward(kind, monkeypatch):
     torch.testing.assert_close(decoding.code_bits(prior, codes, None)[:1], decoding.code_bits(prior, codes[:1], None))
     monkeypatch.setattr(decoding, "TOKENS_PER_PASS", 1)  # under one map: still one map a forward
     assert decoding.maps_per_pass(GRID, 5) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_bytes_are_what_begin_allocates(kind):
+    """The tools check state_bytes against free memory before drawing (tools.drawing.check_decoding_fits):
+    it must count every cache begin() makes, exactly."""
+    prior = make_prior(kind)
+    prior.begin(3, torch.tensor([0, 1, 2]))
+    caches = [t for v in vars(prior).values() for t in (v if isinstance(v, list) else [v]) if torch.is_tensor(t)]
+    caches += [t for m in prior.modules() if hasattr(m, "k_cache") for t in (m.k_cache, m.v_cache)]
+    made = sum(t.numel() * t.element_size() for t in caches if t is not prior.step_labels)
+    pos_table = getattr(prior, "_pos_table", None)  # (T, C): the same for any n, not a per-sequence cache
+    made -= 0 if pos_table is None else pos_table.numel() * pos_table.element_size()
+    assert made == prior.state_bytes(3) > 0
+    assert prior.state_bytes(6) == 2 * prior.state_bytes(3)
+    prior.end()

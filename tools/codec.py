@@ -32,6 +32,7 @@ from torch import nn
 
 from stage2_prior.decoding import CodePrior, code_bits
 from tools.container import MAX_BATCH_SIZE, Container, ContainerError
+from tools.drawing import check_decoding_fits
 
 
 def codes_crc32(codes: np.ndarray) -> int:
@@ -71,6 +72,7 @@ def code_positions(
     codes (n,) at t (the encoder returns the known ones, the decoder decodes them). Returns codes (n, H, W).
     labels (n,): the class of each image (num_classes: the null one); None: all null. Call inside
     :func:`deterministic`."""
+    check_decoding_fits(net, n)  # one line naming --batch_size, not an out-of-memory kill
     grid = torch.zeros(n, net.seq_len, dtype=torch.long)  # codes not yet known are 0, identically on both sides
     with net.decoding(n, None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))):
         for t in range(net.seq_len):

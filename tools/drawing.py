@@ -1,4 +1,4 @@
-"""Drawing and completing code grids for the tools, and laying the decoded images out (torch only).
+"""Drawing and completing code grids for the tools, and laying the decoded images out (no Lightning).
 
     labels, per_row = class_labels(prior.num_classes, label=None, n=16)   # one row per class
     codes = draw_codes(prior, n, labels, opts)                           # opts: sample_codes' keywords
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from common.memory import available_memory
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import sample_masked
@@ -61,9 +62,38 @@ def _sampler(prior: CodePrior | MaskedPrior, opts: dict):
     return sample_codes, {k: v for k, v in opts.items() if k != "steps"}
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes new tensors on `device` can still take (None: unknown): the process's share of the machine's
+    memory on a CPU (common.memory: cgroup limits count), the card's free memory plus what torch's caching
+    allocator holds unused on a GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return available_memory() if device.type == "cpu" else None
+
+
+def check_decoding_fits(prior: CodePrior | MaskedPrior, n: int, sequences_per_grid: int = 1) -> None:
+    """Refuse (ValueError, one line) n grids whose decoding caches cannot fit in free memory, with a tenth to
+    spare, before anything is allocated: a batch of 256 sequences of 1,280 codes at the `base` size needs
+    5 GiB of K/V (twice that with guidance, which decodes each grid twice), and the kernel's OOM kill, or
+    CUDA's out-of-memory traceback, would come instead."""
+    if not isinstance(prior, CodePrior):
+        return  # a masked prior keeps no caches
+    need = prior.state_bytes(n * sequences_per_grid)
+    free = free_memory(next(prior.parameters()).device)
+    if need and free is not None and 1.1 * need > free:
+        fits = int(free / 1.2 / (need / n))  # more to spare than the check: free memory moves between runs
+        twice = " (each drawn twice for guidance)" if sequences_per_grid > 1 else ""
+        raise ValueError(f"{n:,} grids at once{twice} need {need / 2**30:.1f} GiB for the prior's decoding caches "
+                         f"({prior.seq_len:,} codes each), but {free / 2**30:.1f} GiB is available; pass "
+                         f"--batch_size {max(fits, 1)} or less")  # fmt: skip
+
+
 def draw_codes(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None, opts: dict) -> torch.Tensor:
     """n new code grids (n, *grid_shape); opts are the samplers' keywords (temperature, top_k, top_p,
-    cfg_scale, generator; steps for a masked prior)."""
+    cfg_scale, generator; steps for a masked prior). Refused first when the caches cannot fit."""
+    guided = labels is not None and opts.get("cfg_scale", 1.0) != 1.0  # as sample_codes decides
+    check_decoding_fits(prior, n, 2 if guided else 1)
     sampler, kwargs = _sampler(prior, opts)
     return sampler(prior, n, labels, **kwargs)
 
@@ -73,6 +103,7 @@ def complete_codes(prior: CodePrior | MaskedPrior, prime: torch.Tensor, keep: to
     exactly, with the null class; opts as in :func:`draw_codes`. A raster-order prior sees only the codes
     before each position, so a re-drawn code cannot look at the kept codes below or right of it; a masked
     prior sees them all."""
+    check_decoding_fits(prior, len(prime))
     sampler, kwargs = _sampler(prior, opts)
     return sampler(prior, len(prime), None, prime=prime, keep=keep, **kwargs)
 
