@@ -103,13 +103,18 @@ def maps_per_pass(grid_shape: tuple[int, ...], at_most: int) -> int:
     return max(1, min(at_most, TOKENS_PER_PASS // math.prod(grid_shape)))
 
 
+def pass_slices(count: int, grid_shape: tuple[int, ...]) -> list[slice]:
+    """The rows of a batch of `count` code maps, one slice per forward (`maps_per_pass`); one slice for 0."""
+    n = maps_per_pass(grid_shape, max(count, 1))
+    return [slice(start, start + n) for start in range(0, max(count, 1), n)]
+
+
 def code_bits(prior: nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """codes (B, H, W), labels (B,) or None (the null class) -> -log2 p(c_t | c_<t, label) (B, H, W): what
-    each code costs under teacher-forced forwards (of `maps_per_pass` maps) of an autoregressive prior (a
-    CodePrior or the LightningModule around one); the codec's label choice and the anomaly scores."""
-    n, bits = maps_per_pass(codes.shape[1:], max(len(codes), 1)), []
-    for start in range(0, max(len(codes), 1), n):
-        c, lab = codes[start : start + n], None if labels is None else labels[start : start + n]
-        logits = prior(c, lab).float()  # (b, K, H, W)
-        bits.append(F.cross_entropy(logits, c, reduction="none") / math.log(2))
+    each code costs under teacher-forced forwards (`pass_slices`) of an autoregressive prior (a CodePrior or
+    the LightningModule around one); the codec's label choice and the anomaly scores."""
+    bits = []
+    for rows in pass_slices(len(codes), codes.shape[1:]):
+        logits = prior(codes[rows], None if labels is None else labels[rows]).float()  # (b, K, H, W)
+        bits.append(F.cross_entropy(logits, codes[rows], reduction="none") / math.log(2))
     return bits[0] if len(bits) == 1 else torch.cat(bits)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage2_prior.decoding import PriorNetwork, maps_per_pass
+from stage2_prior.decoding import PriorNetwork, pass_slices
 from stage2_prior.transformer import TRANSFORMER_SIZES, Block, gpt2_init
 
 MASKGIT_SIZES = TRANSFORMER_SIZES  # the same named sizes: equal-size comparisons
@@ -87,10 +87,9 @@ class MaskedPrior(PriorNetwork):
         """One network pass for the sampler: logits (M, K) at the M masked positions only, in row-major
         order of `masked` (the head runs on those positions alone); long sequences go `maps_per_pass` maps a
         forward (the same logits, in the same order)."""
-        n, parts = maps_per_pass(self.grid_shape, max(len(codes), 1)), []
-        for i in range(0, max(len(codes), 1), n):
-            c, m, lab = codes[i : i + n], masked[i : i + n], None if labels is None else labels[i : i + n]
-            parts.append(self.head(self.features(c, m, lab)[m.reshape(len(c), -1)]))  # (M_i, K)
+        parts = [self.head(self.features(codes[rows], masked[rows], None if labels is None else labels[rows])
+                           [masked[rows].reshape(len(codes[rows]), -1)])  # (M_i, K)
+                 for rows in pass_slices(len(codes), self.grid_shape)]  # fmt: skip
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -322,7 +322,7 @@ def test_cli_round_trip_and_no_overwrite(ckpts, tmp_path: Path, capsys) -> None:
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temp files left behind
 
 
-def test_compress_refuses_a_batch_whose_caches_cannot_fit(ckpts, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_the_codec_refuses_a_batch_whose_caches_cannot_fit(ckpts, tmp_path: Path, capsys, monkeypatch) -> None:
     """The coder steps through the codes as sampling does, with the same caches and the same check."""
     monkeypatch.setattr(GatedPixelCNN, "state_bytes", lambda self, n: 1000 * n)
     monkeypatch.setattr(drawing, "available_memory", lambda: 2500)
@@ -331,6 +331,11 @@ def test_compress_refuses_a_batch_whose_caches_cannot_fit(ckpts, tmp_path: Path,
     assert "3 grids at once need" in err and "--batch_size 2 or less" in err and not vqz.exists()
     main_compress([str(ckpts["images"]), "--prior", str(ckpts["prior"]), "--out", str(vqz), "--batch_size", "2"])
     assert vqz.is_file()
+    monkeypatch.setattr(drawing, "available_memory", lambda: 2000)  # a machine with less: the file's batches of 2
+    out = tmp_path / "out"  # do not fit, and decompress has no --batch_size: the message says what to do
+    err = user_error(main_decompress, [str(vqz), "--prior", str(ckpts["prior"]), "--out", str(out)], capsys)
+    assert "was compressed in batches of 2" in err and "compress again with --batch_size 1" in err
+    assert not out.exists()
 
 
 def test_cli_keeps_file_names_unless_told_not_to(ckpts, tmp_path: Path, capsys) -> None:

@@ -72,7 +72,6 @@ def code_positions(
     codes (n,) at t (the encoder returns the known ones, the decoder decodes them). Returns codes (n, H, W).
     labels (n,): the class of each image (num_classes: the null one); None: all null. Call inside
     :func:`deterministic`."""
-    check_decoding_fits(net, n)  # one line naming --batch_size, not an out-of-memory kill
     grid = torch.zeros(n, net.seq_len, dtype=torch.long)  # codes not yet known are 0, identically on both sides
     with net.decoding(n, None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))):
         for t in range(net.seq_len):
@@ -168,6 +167,7 @@ def encode_codes(
         raise ValueError(f"codes must have shape (N, *{tuple(net.grid_shape)}), got {codes.shape}")
     if codes.size and (codes.min() < 0 or codes.max() >= net.codebook_size):
         raise ValueError(f"codes must lie in [0, {net.codebook_size})")
+    check_decoding_fits(net, min(batch_size, len(codes)))  # one line naming --batch_size, not an OOM kill
     streams, crcs, ideal = [], [], 0.0
     labels = best_labels(net, codes, batch_size) if code_labels and net.num_classes > 0 else None
     with deterministic(net):
@@ -190,6 +190,9 @@ def decode_codes(net: CodePrior, c: Container, name: str = "<bytes>") -> np.ndar
         raise ContainerError(f"{name}: made with step arithmetic version {c.step_version} of this kind of prior, "
                              f"but this vqgen computes version {net.step_version} (the probabilities would differ); "
                              "decompress it with the vqgen release that made it")  # fmt: skip
+    check_decoding_fits(net, min(c.batch_size, c.count), remedy=f"{name} was compressed in batches of "
+                        f"{c.batch_size}: decompress it where more memory is free, or compress again with "
+                        "--batch_size {fits}")  # fmt: skip
     out = np.zeros((c.count, *c.grid_shape), dtype=np.int64)
     with deterministic(net):
         for i, ((start, stop), stream) in enumerate(zip(c.batch_bounds(), c.streams)):

@@ -72,11 +72,12 @@ def free_memory(device: torch.device) -> int | None:
     return available_memory() if device.type == "cpu" else None
 
 
-def check_decoding_fits(prior: CodePrior | MaskedPrior, n: int, sequences_per_grid: int = 1) -> None:
-    """Refuse (ValueError, one line) n grids whose decoding caches cannot fit in free memory, with a tenth to
-    spare, before anything is allocated: a batch of 256 sequences of 1,280 codes at the `base` size needs
-    5 GiB of K/V (twice that with guidance, which decodes each grid twice), and the kernel's OOM kill, or
-    CUDA's out-of-memory traceback, would come instead."""
+def check_decoding_fits(prior: CodePrior | MaskedPrior, n: int, sequences_per_grid: int = 1,
+                        remedy: str = "pass --batch_size {fits} or less") -> None:  # fmt: skip
+    """Refuse (ValueError, one line ending in `remedy`, given the batch that fits) n grids whose decoding
+    caches cannot fit in free memory, with a tenth to spare, before anything is allocated: a batch of 256
+    sequences of 1,280 codes at the `base` size needs 5 GiB of K/V (twice that with guidance, which decodes
+    each grid twice), and the kernel's OOM kill, or CUDA's out-of-memory traceback, would come instead."""
     if not isinstance(prior, CodePrior):
         return  # a masked prior keeps no caches
     need = prior.state_bytes(n * sequences_per_grid)
@@ -85,8 +86,8 @@ def check_decoding_fits(prior: CodePrior | MaskedPrior, n: int, sequences_per_gr
         fits = int(free / 1.2 / (need / n))  # more to spare than the check: free memory moves between runs
         twice = " (each drawn twice for guidance)" if sequences_per_grid > 1 else ""
         raise ValueError(f"{n:,} grids at once{twice} need {need / 2**30:.1f} GiB for the prior's decoding caches "
-                         f"({prior.seq_len:,} codes each), but {free / 2**30:.1f} GiB is available; pass "
-                         f"--batch_size {max(fits, 1)} or less")  # fmt: skip
+                         f"({prior.seq_len:,} codes each), but {free / 2**30:.1f} GiB is available; "
+                         + remedy.replace("{fits}", str(max(fits, 1))))  # fmt: skip (names may hold braces)
 
 
 def draw_codes(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None, opts: dict) -> torch.Tensor:

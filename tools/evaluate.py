@@ -40,7 +40,7 @@ from common.images import to_uint8
 from common.io import atomic_file, check_output
 from common.splits import ImageSplits, data_options
 from stage1_vqvae.model import VQModel
-from stage2_prior.decoding import CodePrior, maps_per_pass
+from stage2_prior.decoding import CodePrior, pass_slices
 from stage2_prior.maskgit import MaskedPrior, random_mask
 from tools.features import Features, load_features, missing_features_message
 from tools.fid import fid, kid
@@ -130,15 +130,13 @@ def evaluate_prior(prior: CodePrior | MaskedPrior, codes_dir: str, device: torch
     if len(codes_all) == 0:
         raise CodesError(f"the {split} split of {codes_dir} is empty")
     nll, correct, n = 0.0, 0, 0
-    per_pass = maps_per_pass(prior.grid_shape, batch_size)  # long sequences: fewer maps a forward
     for start in range(0, len(codes_all), batch_size):
         codes = torch.from_numpy(codes_all[start : start + batch_size].astype("int64")).to(device)  # (B, H, W)
         labels = torch.from_numpy(labels_all[start : start + batch_size]).to(device) if prior.num_classes else None
         # scored: every code (autoregressive), or those masked by the training schedule (maskgit)
         scored = random_mask(codes.shape, gen, device) if masked_prior else torch.ones_like(codes, dtype=torch.bool)
-        for i in range(0, len(codes), per_pass):
-            c, s = codes[i : i + per_pass], scored[i : i + per_pass]
-            lab = None if labels is None else labels[i : i + per_pass]
+        for rows in pass_slices(len(codes), prior.grid_shape):  # long sequences: a few maps a forward
+            c, s, lab = codes[rows], scored[rows], None if labels is None else labels[rows]
             logits = (prior(c, s, lab) if masked_prior else prior(c, lab)).float()  # (b, K, H, W)
             nll += float((F.cross_entropy(logits, c, reduction="none") * s).sum())  # labels -1: null class
             correct += int(((logits.argmax(1) == c) & s).sum())
