@@ -73,8 +73,10 @@ def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features | None, 
         images = images.to(device)
         codes = model.encode_to_codes(images)  # (B, *grid_shape): every level
         recon = model.decode_codes(codes)  # (B, C, H, W) in [-1, 1]
-        psnr.update(recon, images)
-        ssim.update(recon, images)
+        # in the model's passes: SSIM's Gaussian windows hold ~40 MB an image at 256 px (a batch of 500: 20 GB)
+        for r, x in zip(recon.split(model.images_per_pass()), images.split(model.images_per_pass())):
+            psnr.update(r, x)
+            ssim.update(r, x)
         for usage, level_codes in zip(usages, model.split_codes(codes)):
             usage.update(level_codes)
         sq_err += float(F.mse_loss(recon, images, reduction="sum"))
