@@ -28,12 +28,12 @@ CONFIGS = {28: ("fashion_mnist.yaml", 1), 64: ("image_folder.yaml", 3), 128: ("i
 CHILD = """
 import json, resource, sys, time, torch, yaml
 sys.path.insert(0, sys.argv[1])
+from common.checkpoint import constructor_args
 from common.malloc import keep_freed_memory
 from stage1_vqvae.model import VQModel
 keep_freed_memory()
 config, channels, size, n, budget = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-args = yaml.safe_load(open(config))["model"]
-args = {k: v for k, v in args.items() if k not in ("lr", "warmup_steps", "cosine", "channels_last", "weight_decay")}
+args = constructor_args(VQModel, yaml.safe_load(open(config))["model"])  # the network's arguments, not training's
 torch.manual_seed(0)
 model = VQModel(channels, size, **args).eval().to(memory_format=torch.channels_last)
 model.pixels_per_pass = budget or 1 << 62

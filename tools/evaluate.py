@@ -74,7 +74,8 @@ def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features | None, 
         codes = model.encode_to_codes(images)  # (B, *grid_shape): every level
         recon = model.decode_codes(codes)  # (B, C, H, W) in [-1, 1]
         # in the model's passes: SSIM's Gaussian windows hold ~40 MB an image at 256 px (a batch of 500: 20 GB)
-        for r, x in zip(recon.split(model.images_per_pass()), images.split(model.images_per_pass())):
+        per_pass = model.images_per_pass()
+        for r, x in zip(recon.split(per_pass), images.split(per_pass)):
             psnr.update(r, x)
             ssim.update(r, x)
         for usage, level_codes in zip(usages, model.split_codes(codes)):
