@@ -34,8 +34,8 @@ def images_per_s(model_args: dict, batch_size: int, variant: str, seconds: float
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16+channels_last"):
-            recon, q = model(x)
-            loss = F.mse_loss(recon.float(), x) + q.loss
+            recon, qs = model(x)  # one Quantized per level
+            loss = F.mse_loss(recon.float(), x) + sum(q.loss for q in qs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -48,6 +48,7 @@ from common.launch import (
 )
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
+from common.precision import announce, resolve_cpu_bf16
 from common.splits import WORKER_TIMEOUT_MESSAGE
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
@@ -200,6 +201,9 @@ class VQGenCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(LogConfig, "log")
+        parser.add_argument("--cpu_bf16", type=bool, default=False,
+                            help="train in bf16-mixed instead of a 32-bit --trainer.precision when training on a CPU "
+                                 "with native bf16 instructions (AVX512-BF16, AMX); elsewhere no change")  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -228,6 +232,10 @@ class VQGenCLI(LightningCLI):
             run = choose_run(root, name, ckpt, self.checkpoint_kind)
         cfg["ckpt_path"] = run.ckpt_path
         os.environ[RUN_ENV] = str(run.dir)
+        if (precision := resolve_cpu_bf16(cfg.get("cpu_bf16", False), cfg["trainer"])) is not None:
+            cfg["trainer"]["precision"] = precision  # config.yaml records what the run trained in
+            if self._rank0:
+                announce(precision)
         self.run, self.run_dir, self._root = run, run.dir, root
 
     def _discard_unstarted_run(self) -> None:

@@ -19,6 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from common.images import make_grid
 from common.logging import log_histogram, log_image
 from common.optim import adamw_warmup_cosine, time_budget_progress
+from common.precision import fp32_metrics
 from stage1_vqvae.model import VQModel
 
 
@@ -147,13 +148,15 @@ class VQVAE(VQModel, pl.LightningModule):
 
     def _evaluate(self, batch, batch_idx: int, split: str) -> None:
         images = self._prep(batch[0])
-        recon, qs = self(images)
-        recon = recon.float().clamp(-1, 1)
-        self.val_psnr(recon, images.float())
-        self.val_ssim(recon, images.float())
+        with fp32_metrics(self.device):  # the same figures whatever the training precision (SSIM's convs too)
+            recon, qs = self(images)
+            recon = recon.float().clamp(-1, 1)
+            self.val_psnr(recon, images.float())
+            self.val_ssim(recon, images.float())
+            loss = F.mse_loss(recon, images.float()) + sum(q.loss for q in qs)
         for usage, q in zip(self.val_usage, qs):
             usage(q.codes)
-        self.log(f"{split}/loss", F.mse_loss(recon, images.float()) + sum(q.loss for q in qs), sync_dist=True)
+        self.log(f"{split}/loss", loss, sync_dist=True)
         if batch_idx == 0 and split == "val":
             n = min(8, len(images))
             self._val_preview = torch.cat([images[:n].float(), recon[:n]]).cpu()

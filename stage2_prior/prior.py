@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common.optim import adamw_warmup_cosine, time_budget_progress
+from common.precision import fp32_metrics
 from stage2_prior.build import OVERRIDES, build_network, check_levels
 from stage2_prior.masked_sampling import sample_masked
 from stage2_prior.maskgit import MaskedPrior, masked_token_loss, random_mask
@@ -131,10 +132,12 @@ class Prior(pl.LightningModule):
         return self._metrics(batch, "train", batch_idx, drop_labels=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._metrics(batch, "val", batch_idx)
+        with fp32_metrics(self.device):
+            self._metrics(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._metrics(batch, "test", batch_idx)
+        with fp32_metrics(self.device):
+            self._metrics(batch, "test", batch_idx)
 
     @torch.no_grad()
     def sample(self, n: int, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

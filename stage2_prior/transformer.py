@@ -59,6 +59,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # Under CPU bf16 autocast the matmuls run 2.6x faster, but the fused attention's bf16 backward
+            # ran 5.6x slower than its fp32 one (2-core AVX512-BF16 host), so attention stays fp32.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.causal)
+            return self._merge(y)
         return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal))
 
     def forward_step(self, x: torch.Tensor, t: int) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""`--cpu_bf16` (common/precision.py): bf16-mixed only on a CPU with native bf16 and only in place of a 32-bit
+precision; attention kept in fp32 under CPU autocast; validation and test figures in fp32 whatever the
+training precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from common import precision
+from common.codes import CodesMeta, sha256_file
+from common.codes_writer import CodesWriter
+from stage1_vqvae.vqvae import VQVAE
+from stage2_prior.train import main as train_stage2
+from stage2_prior.transformer import Transformer
+from tools.evaluate import main as evaluate_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FLAGS = "fpu vme de pse tsc msr avx2 avx512f avx512bw avx512vl"
+
+
+def cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    core = "processor\t: {}\nmodel name\t: Test CPU\nflags\t\t: {}\n"
+    path.write_text(core.format(0, flags) + "\n" + core.format(1, flags))
+    return path
+
+
+@pytest.mark.parametrize("flags, native", [(FLAGS, False), (FLAGS + " avx512_bf16", True),
+                                           (FLAGS + " amx_tile amx_bf16", True), ("avx512_bf16x", False)])  # fmt: skip
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    assert precision.cpu_has_native_bf16(cpuinfo(tmp_path, flags)) is native
+
+
+def test_no_cpuinfo_means_no_native_bf16(tmp_path):
+    assert precision.cpu_has_native_bf16(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize("cpu_bf16, trainer, native, want", [
+    (True, {"accelerator": "cpu", "precision": "32-true"}, True, "bf16-mixed"),
+    (True, {"accelerator": "cpu", "precision": 32}, True, "bf16-mixed"),
+    (True, {"accelerator": "cpu", "precision": None}, True, "bf16-mixed"),  # Lightning's default: 32-true
+    (True, {"accelerator": "cpu"}, True, "bf16-mixed"),
+    (True, {"accelerator": "cpu", "precision": "32-true"}, False, None),  # emulated bf16 is slower: keep fp32
+    (False, {"accelerator": "cpu", "precision": "32-true"}, True, None),  # not asked for
+    (True, {"accelerator": "cpu", "precision": "16-mixed"}, True, None),  # a precision the user chose stays
+    (True, {"accelerator": "gpu", "precision": "32-true"}, True, None),  # only CPU training
+])  # fmt: skip
+def test_cpu_bf16_replaces_only_fp32_on_a_native_bf16_cpu(tmp_path, cpu_bf16, trainer, native, want):
+    info = cpuinfo(tmp_path, FLAGS + (" avx512_bf16" if native else ""))
+    assert precision.resolve_cpu_bf16(cpu_bf16, trainer, info) == want
+
+
+def test_auto_accelerator_is_the_cpu_only_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not precision.trains_on_cpu("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert precision.trains_on_cpu("auto") and precision.trains_on_cpu("cpu") and not precision.trains_on_cpu("cuda")
+
+
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
+    """The fused attention's bf16 backward is slow on CPUs: under CPU autocast it gets fp32 inputs, while the
+    linear layers run in bf16; the logits stay close to fp32's and every parameter gets a gradient."""
+    torch.manual_seed(0)
+    net = Transformer(16, (3, 3), 2, n_layer=2, n_head=2, n_embd=32)
+    codes, labels = torch.randint(0, 16, (4, 3, 3)), torch.tensor([0, 1, 0, 1])
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    exact = net(codes, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = net(codes, labels)
+        assert net.blocks[0].attn.qkv(torch.randn(2, 32)).dtype == torch.bfloat16  # the matmuls are bf16
+    assert seen == [torch.float32] * 4  # two layers, without and with autocast
+    assert (mixed.float() - exact).abs().max() < 0.1 * exact.abs().max()
+    F.cross_entropy(mixed.float(), codes).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+
+def tiny_codes(tmp_path: Path) -> Path:
+    stage1 = tmp_path / "stage1.ckpt"
+    vqvae = VQVAE(1, 8, 8, 1, 4, 4, 4, codebook_size=8)
+    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams)}, stage1)
+    meta = CodesMeta(codebook_size=8, grid_shape=(2, 2), num_classes=2, class_names=["a", "b"], image_size=8,
+                     channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
+    rng = np.random.default_rng(0)
+    with CodesWriter(tmp_path / "codes", meta) as writer:
+        for split, n in (("train", 32), ("val", 16), ("test", 16)):
+            codes = rng.integers(0, 8, (n, 2, 2))
+            codes[:, 1, 1] = codes[:, 0, 0]  # something to learn
+            writer.add_split(split, n).write(0, codes, rng.integers(0, 2, n))
+        writer.commit()
+    return tmp_path / "codes"
+
+
+def test_a_cpu_bf16_run_trains_in_bf16_and_reports_fp32_figures(tmp_path, monkeypatch, capsys):
+    """On a CPU said to have native bf16: the run says so, trains in bf16-mixed (its config.yaml records it)
+    and its test bits per code equal `evaluate prior`'s fp32 figure for the same checkpoint."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda *a: True)
+    codes = tiny_codes(tmp_path)
+    root = tmp_path / "runs"
+    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(codes),
+                  "--data.batch_size", "8", "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
+                  "--trainer.default_root_dir", str(root), "--cpu_bf16", "true"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "training in bf16-mixed: this CPU has native bf16 instructions" in err
+    config = yaml.safe_load((root / "latest" / "config.yaml").read_text())
+    assert config["trainer"]["precision"] == "bf16-mixed" and config["cpu_bf16"] is True
+    tested = float(next(line for line in out.splitlines() if line.startswith("test:")).split("test/bits_per_code=")[1]
+                   .split()[0])  # fmt: skip
+    evaluate_main(["prior", "--ckpt", str(root / "latest" / "checkpoints" / "best.ckpt"), "--codes", str(codes)])
+    evaluated = capsys.readouterr().out
+    assert f"{tested:.4f}" in evaluated, (tested, evaluated)
+
+
+def test_without_cpu_bf16_a_run_keeps_its_precision(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda *a: True)
+    root = tmp_path / "runs"
+    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(tiny_codes(tmp_path)),
+                  "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root)])
+    assert "bf16" not in capsys.readouterr().err
+    assert yaml.safe_load((root / "latest" / "config.yaml").read_text())["trainer"]["precision"] in (None, "32-true")
