@@ -89,3 +89,26 @@ def write_codes_dir(tmp_path: Path) -> Path:
             writer.add_split(split, n).write(0, rng.integers(0, 512, (n, 7, 7)), np.arange(n) % 10)
         writer.commit()
     return tmp_path / "codes"
+
+
+def write_trainable_codes(tmp_path: Path, labelled: bool = True) -> Path:
+    """A codes directory a prior can train on in seconds: 2x2 grids, K 8, two classes (or labels -1), whose
+    stage-1 checkpoint is a real tiny VQVAE (the training sample grids decode with it); the last code of a
+    map repeats its first, so there is something to learn."""
+    from common.codes import CodesMeta, sha256_file
+    from common.codes_writer import CodesWriter
+    from stage1_vqvae.vqvae import VQVAE
+
+    stage1 = tmp_path / "stage1.ckpt"
+    vqvae = VQVAE(1, 8, 8, 1, 4, 4, 4, codebook_size=8)
+    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams)}, stage1)
+    meta = CodesMeta(codebook_size=8, grid_shape=(2, 2), num_classes=2, class_names=["a", "b"], image_size=8,
+                     channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
+    rng = np.random.default_rng(0)
+    with CodesWriter(tmp_path / "codes", meta) as writer:
+        for split, n in (("train", 32), ("val", 16), ("test", 16)):
+            codes = rng.integers(0, 8, (n, 2, 2))
+            codes[:, 1, 1] = codes[:, 0, 0]
+            writer.add_split(split, n).write(0, codes, rng.integers(0, 2, n) if labelled else np.full(n, -1))
+        writer.commit()
+    return tmp_path / "codes"

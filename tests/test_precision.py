@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import write_trainable_codes
 
 from common import precision
-from common.codes import CodesMeta, sha256_file
-from common.codes_writer import CodesWriter
-from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.train import main as train_stage2
 from stage2_prior.transformer import Transformer
 from tools.evaluate import main as evaluate_main
@@ -88,27 +85,11 @@ def test_attention_runs_in_fp32_under_cpu_bf16_autocast(monkeypatch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
 
 
-def tiny_codes(tmp_path: Path) -> Path:
-    stage1 = tmp_path / "stage1.ckpt"
-    vqvae = VQVAE(1, 8, 8, 1, 4, 4, 4, codebook_size=8)
-    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams)}, stage1)
-    meta = CodesMeta(codebook_size=8, grid_shape=(2, 2), num_classes=2, class_names=["a", "b"], image_size=8,
-                     channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
-    rng = np.random.default_rng(0)
-    with CodesWriter(tmp_path / "codes", meta) as writer:
-        for split, n in (("train", 32), ("val", 16), ("test", 16)):
-            codes = rng.integers(0, 8, (n, 2, 2))
-            codes[:, 1, 1] = codes[:, 0, 0]  # something to learn
-            writer.add_split(split, n).write(0, codes, rng.integers(0, 2, n))
-        writer.commit()
-    return tmp_path / "codes"
-
-
 def test_a_cpu_bf16_run_trains_in_bf16_and_reports_fp32_figures(tmp_path, monkeypatch, capsys):
     """On a CPU said to have native bf16: the run says so, trains in bf16-mixed (its config.yaml records it)
     and its test bits per code equal `evaluate prior`'s fp32 figure for the same checkpoint."""
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda *a: True)
-    codes = tiny_codes(tmp_path)
+    codes = write_trainable_codes(tmp_path)
     root = tmp_path / "runs"
     train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(codes),
                   "--data.batch_size", "8", "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
@@ -126,8 +107,8 @@ def test_a_cpu_bf16_run_trains_in_bf16_and_reports_fp32_figures(tmp_path, monkey
 
 def test_without_cpu_bf16_a_run_keeps_its_precision(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda *a: True)
-    root = tmp_path / "runs"
-    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(tiny_codes(tmp_path)),
+    root, codes = tmp_path / "runs", write_trainable_codes(tmp_path)
+    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(codes),
                   "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root)])
     assert "bf16" not in capsys.readouterr().err
     assert yaml.safe_load((root / "latest" / "config.yaml").read_text())["trainer"]["precision"] in (None, "32-true")

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import user_error
+from conftest import user_error, write_trainable_codes
 from test_stage1 import ROOT, fit_args, fit_in_subprocess, train_losses
 
 from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
 from common.logging import LIGHTNING_NOISE
 from stage1_vqvae.train import main as train_stage1
-from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.train import main as train_stage2
 
 FAIL = "tests.ddp_probe.FailAt"
@@ -343,25 +342,16 @@ def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_pa
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
     """Labels -1 ("unlabelled") train the null class; a run that ends before its first validation (so with
     no best.ckpt) is tested with its final weights and still writes its sample grid."""
-    stage1 = tmp_path / "stage1.ckpt"
-    vqvae = VQVAE(1, 8, 8, 1, 4, 4, 4, codebook_size=8)
-    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams)}, stage1)
-    meta = CodesMeta(codebook_size=8, grid_shape=(2, 2), num_classes=2, class_names=["a", "b"], image_size=8,
-                     channels=1, stage1_ckpt=str(stage1), stage1_sha256=sha256_file(stage1))  # fmt: skip
-    rng = np.random.default_rng(0)
-    with CodesWriter(tmp_path / "codes", meta) as writer:
-        for split, n in (("train", 16), ("val", 8), ("test", 8)):
-            writer.add_split(split, n).write(0, rng.integers(0, 8, (n, 2, 2)), np.full(n, -1))
-        writer.commit()
+    codes = write_trainable_codes(tmp_path, labelled=False)
     root = tmp_path / "runs"
     train_stage2(["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir",
-                  str(tmp_path / "codes"), "--data.batch_size", "4", "--trainer.max_steps", "3",
+                  str(codes), "--data.batch_size", "4", "--trainer.max_steps", "3",
                   "--trainer.default_root_dir", str(root)])  # fmt: skip
     run = root / "latest"
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "checkpoints" / "best.ckpt").exists()
     assert (run / "samples.png").is_file()
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("codes: ")]
-    assert said == [f"codes: {tmp_path / 'codes'}: train 16 / val 8 / test 8 code maps of 2x2, codebook 8, 2 classes"]
+    assert said == [f"codes: {codes}: train 32 / val 16 / test 16 code maps of 2x2, codebook 8, 2 classes"]
 
 
 def test_a_wandb_run_with_a_large_codebook_logs_and_prints_no_noise(shapes_folder, tmp_path, monkeypatch, capfd,
