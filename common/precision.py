@@ -1,9 +1,9 @@
 """bf16 training on CPUs that have native bf16 instructions (`--cpu_bf16`).
 
 On a CPU with AVX512-BF16 (or AMX) oneDNN's bf16 matmuls run ~3.4x faster than fp32 ones (2-core AMD EPYC
-host, 2026-11-29: 339 vs 98 GFLOP/s), so the demo's prior trains 1.8x faster under bf16 autocast with the
-same test bits per code; on a CPU without them bf16 is emulated and far slower than fp32. So the CPU configs
-say ``cpu_bf16: true``: train in ``bf16-mixed`` where this CPU has the instructions, else as
+host, 2026-11-29: 339 vs 98 GFLOP/s), so the demo's prior trains 1.7x faster under bf16 autocast with the
+same test bits per code; on a CPU without them bf16 is emulated and far slower than fp32. So the demos'
+configs say ``cpu_bf16: true``: train in ``bf16-mixed`` where this CPU has the instructions, else as
 ``--trainer.precision`` says. Validation and test metrics are computed in fp32 either way (`fp32_metrics`),
 so figures do not depend on the training precision. Imports torch only.
 """
