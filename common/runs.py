@@ -157,6 +157,21 @@ class OneLineParser(LightningArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
+class NewestCheckpoint(ModelCheckpoint):
+    """last.ckpt: the newest step, written at every validation, better or not, and when training ends after
+    its last validation (max_time, or no validation at all). Lightning 2.6's ``save_last=True`` writes it only
+    beside a new best checkpoint, so a run whose validation got worse kept a stale last.ckpt and
+    ``--ckpt_path last`` went back to the best step. Without a monitor, top-1 is simply the newest."""
+
+    def __init__(self, dirpath: Path) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, enable_version_counter=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):  # fitting, and this step not saved yet
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class VQGenCLI(LightningCLI):
     """LightningCLI with vqgen's run-folder, logger, checkpoint, resume and progress conventions."""
 
@@ -266,16 +281,11 @@ class VQGenCLI(LightningCLI):
         monitor, mode = getattr(model, "monitor", ("val/loss", "min"))
         self._watch = RunWatch(self._root, self.run_dir)
         callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, self.run_dir / "checkpoints" / "last.ckpt")]
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=self.run_dir / "checkpoints",
-                filename="best",
-                monitor=monitor,
-                mode=mode,
-                save_last=True,
-                enable_version_counter=False,
-            )
-        )
+        ckpts = self.run_dir / "checkpoints"
+        callbacks += [  # the first is trainer.checkpoint_callback (best_model_path)
+            ModelCheckpoint(dirpath=ckpts, filename="best", monitor=monitor, mode=mode, enable_version_counter=False),
+            NewestCheckpoint(ckpts),
+        ]
         if not any(isinstance(c, ProgressBar) for c in callbacks):
             tty = sys.stderr.isatty()
             callbacks.append(TQDMProgressBar() if tty else LineProgressBar(log.every_n_steps))

@@ -112,3 +112,28 @@ def test_without_cpu_bf16_a_run_keeps_its_precision(tmp_path, monkeypatch, capsy
                   "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root)])
     assert "bf16" not in capsys.readouterr().err
     assert yaml.safe_load((root / "latest" / "config.yaml").read_text())["trainer"]["precision"] in (None, "32-true")
+
+
+def test_a_cpu_bf16_run_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """bf16-mixed on the CPU is deterministic: 12 steps straight vs crashed at step 4 and resumed with
+    --ckpt_path last (which chooses bf16 again) give the same weights bit for bit."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda *a: True)
+    codes = write_trainable_codes(tmp_path)
+
+    def fit(root: Path, *extra: str) -> None:
+        train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(codes),
+                      "--trainer.default_root_dir", str(root), "--data.batch_size", "8", "--trainer.max_steps", "12",
+                      "--trainer.val_check_interval", "3", "--sample_every_n_epochs", "0", "--cpu_bf16", "true",
+                      *extra])  # fmt: skip
+
+    fit(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        fit(tmp_path / "resumed", "--trainer.callbacks+=tests.ddp_probe.FailAt", "--trainer.callbacks.step=4")
+    fit(tmp_path / "resumed", "--ckpt_path", "last")
+    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+            for name in ("straight", "resumed"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 12
+    assert yaml.safe_load((tmp_path / "resumed" / "version_0" / "config.yaml").read_text())["trainer"]["precision"] \
+        == "bf16-mixed"
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name

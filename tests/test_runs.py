@@ -292,7 +292,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(s
     train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
     a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12 // every * every  # the last validation's checkpoint
+    assert a["global_step"] == b["global_step"] == 12  # the final step, also when no validation falls on it
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
     assert train_losses(tmp_path / "straight" / "version_0") == train_losses(run)
@@ -337,6 +337,30 @@ def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_pa
     assert a["global_step"] == b["global_step"] == 12
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsys):
+    """These codes overfit after the first validation (best.ckpt stays at step 3): last.ckpt must still be the
+    newest step at every validation (Lightning 2.6's save_last wrote it only beside a new best) and at the end
+    of training between validations; a run resumed from a checkpoint written before this (one ModelCheckpoint
+    state in it) goes on from its step."""
+    codes = write_trainable_codes(tmp_path)
+
+    def fit(root: Path, steps: int, *extra: str) -> Path:
+        train_stage2(["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir",
+                      str(codes), "--data.batch_size", "8", "--trainer.max_steps", str(steps),
+                      "--trainer.val_check_interval", "3", "--sample_every_n_epochs", "0",
+                      "--trainer.default_root_dir", str(root), *extra])  # fmt: skip
+        return root / "latest" / "checkpoints"
+
+    ckpts = fit(tmp_path / "runs", 12)
+    best, last = (torch.load(ckpts / name, weights_only=True) for name in ("best.ckpt", "last.ckpt"))
+    assert best["global_step"] == 3 and last["global_step"] == 12
+    old = {k: v for k, v in last.items() if k != "callbacks"}  # as the single-ModelCheckpoint runs wrote it
+    old["callbacks"] = {k: v for k, v in last["callbacks"].items() if "'monitor': None" not in k}
+    torch.save(old, tmp_path / "old.ckpt")
+    ckpts = fit(tmp_path / "resumed", 14, "--ckpt_path", str(tmp_path / "old.ckpt"))
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 14  # saved at the end, too
 
 
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
