@@ -112,3 +112,18 @@ def write_trainable_codes(tmp_path: Path, labelled: bool = True) -> Path:
             writer.add_split(split, n).write(0, codes, rng.integers(0, 2, n) if labelled else np.full(n, -1))
         writer.commit()
     return tmp_path / "codes"
+
+
+def crashed_and_resumed_equals_straight(fit, tmp_path: Path, steps: int = 12, crash_at: int = 4) -> None:
+    """`fit(root, *extra)` (a training command's fit, ending at `steps`) run straight, then crashed at step
+    `crash_at` (tests.ddp_probe.FailAt) and resumed with --ckpt_path last: both end at `steps` with the same
+    weights bit for bit."""
+    fit(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match=f"injected failure at step {crash_at}"):
+        fit(tmp_path / "resumed", "--trainer.callbacks+=tests.ddp_probe.FailAt", f"--trainer.callbacks.step={crash_at}")
+    fit(tmp_path / "resumed", "--ckpt_path", "last")
+    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+            for name in ("straight", "resumed"))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == steps
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name

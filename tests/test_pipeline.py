@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import user_error
+from conftest import crashed_and_resumed_equals_straight, user_error
 from PIL import Image
 
 from common.cli import UserError, parse_classes
@@ -192,12 +191,4 @@ def test_prior_resumed_mid_epoch_equals_an_uninterrupted_run(pipeline, tmp_path)
                       "8", "--model.kind", "maskgit", "--trainer.max_steps", "12", "--trainer.val_check_interval",
                       "3", "--sample_every_n_epochs", "0", *extra])  # fmt: skip
 
-    fit(tmp_path / "straight")
-    with pytest.raises(RuntimeError, match="injected failure at step 4"):
-        fit(tmp_path / "resumed", "--trainer.callbacks+=tests.ddp_probe.FailAt", "--trainer.callbacks.step=4")
-    fit(tmp_path / "resumed", "--ckpt_path", "last")
-    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-            for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12
-    for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name
+    crashed_and_resumed_equals_straight(fit, tmp_path)

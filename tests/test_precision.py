@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import write_trainable_codes
+from conftest import crashed_and_resumed_equals_straight, write_trainable_codes
 
 from common import precision
 from stage2_prior.train import main as train_stage2
@@ -126,14 +126,6 @@ def test_a_cpu_bf16_run_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path, 
                       "--trainer.val_check_interval", "3", "--sample_every_n_epochs", "0", "--cpu_bf16", "true",
                       *extra])  # fmt: skip
 
-    fit(tmp_path / "straight")
-    with pytest.raises(RuntimeError, match="injected failure at step 4"):
-        fit(tmp_path / "resumed", "--trainer.callbacks+=tests.ddp_probe.FailAt", "--trainer.callbacks.step=4")
-    fit(tmp_path / "resumed", "--ckpt_path", "last")
-    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-            for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12
+    crashed_and_resumed_equals_straight(fit, tmp_path)
     assert yaml.safe_load((tmp_path / "resumed" / "version_0" / "config.yaml").read_text())["trainer"]["precision"] \
         == "bf16-mixed"
-    for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name
