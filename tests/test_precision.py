@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import crashed_and_resumed_equals_straight, write_trainable_codes
+from conftest import crashed_and_resumed_equals_straight, user_error, write_trainable_codes
 
 from common import precision
 from stage2_prior.train import main as train_stage2
@@ -129,3 +129,12 @@ def test_a_cpu_bf16_run_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path, 
     crashed_and_resumed_equals_straight(fit, tmp_path)
     assert yaml.safe_load((tmp_path / "resumed" / "version_0" / "config.yaml").read_text())["trainer"]["precision"] \
         == "bf16-mixed"
+
+
+def test_a_bad_cpu_bf16_value_is_one_line_and_leaves_no_run(tmp_path, capsys):
+    root = tmp_path / "runs"
+    err = user_error(train_stage2, ["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir",
+                                    str(write_trainable_codes(tmp_path)), "--trainer.default_root_dir", str(root),
+                                    "--cpu_bf16", "maybe"], capsys)  # fmt: skip
+    assert "\"cpu_bf16\": Expected a <class 'bool'>. Got value: maybe" in err, err  # names the flag and value
+    assert not root.exists()
