@@ -280,9 +280,9 @@ class VQGenCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         monitor, mode = getattr(model, "monitor", ("val/loss", "min"))
         self._watch = RunWatch(self._root, self.run_dir)
-        callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, self.run_dir / "checkpoints" / "last.ckpt")]
         ckpts = self.run_dir / "checkpoints"
-        callbacks += [  # the first is trainer.checkpoint_callback (best_model_path)
+        callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, ckpts / "last.ckpt")]
+        callbacks += [  # the first ModelCheckpoint is trainer.checkpoint_callback (best_model_path)
             ModelCheckpoint(dirpath=ckpts, filename="best", monitor=monitor, mode=mode, enable_version_counter=False),
             NewestCheckpoint(ckpts),
         ]
