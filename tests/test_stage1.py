@@ -11,16 +11,20 @@ import re
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import user_error
 from PIL import Image
+from pytorch_lightning.callbacks import Timer
 
 from common.datamodule import ImageDataModule
 from common.images import from_uint8, make_grid
+from common.logging import _clock, run_length
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.train import main
 from stage1_vqvae.vqvae import VQVAE
@@ -223,9 +227,25 @@ def test_bf16_mixed_fit(shapes_folder, tmp_path):
 def test_line_progress_off_a_terminal(shapes_folder, tmp_path, capsys):
     main(fit_args(shapes_folder, tmp_path / "runs", 6, "--log.every_n_steps", "5"))
     out = capsys.readouterr().out
-    assert re.search(r"^epoch 0 step 5/6 \d+ img/s .*train/loss=[0-9.e+-]+", out, re.M), out
+    # rate, time since training started and the estimate left (1 step of 6 to go), then the training metrics
+    line = r"^epoch 0 step 5/6 \d+ img/s \d+:\d\d elapsed, ~\d+:\d\d left .*train/loss=[0-9.e+-]+"
+    assert re.search(line, out, re.M), out
     assert not re.search(r"step [1-4]/6", out)  # one line every 5 steps, not every step
     assert re.search(r"^epoch \d+ step 6 .*val/psnr=", out, re.M)  # a line per validation
+
+
+def test_progress_line_estimates_the_time_left():
+    """Steps left at the measured pace, unless --trainer.max_time ends the run first: then the time budget's
+    remainder, and the step total becomes an estimate ("~N") instead of max_steps' 1,000,000."""
+    by_steps = SimpleNamespace(estimated_stepping_batches=100, callbacks=[])
+    assert run_length(by_steps, 40, 0.5) == ("100", 30.0)
+    budget = SimpleNamespace(estimated_stepping_batches=1_000_000, callbacks=[Timer(duration=timedelta(seconds=100))])
+    assert run_length(budget, 40, 0.5) == ("~240", 100.0)
+    short = SimpleNamespace(estimated_stepping_batches=60, callbacks=[Timer(duration=timedelta(seconds=100))])
+    assert run_length(short, 40, 0.5) == ("60", 10.0)  # the steps end it before the budget
+    endless = SimpleNamespace(estimated_stepping_batches=float("inf"), callbacks=[])
+    assert run_length(endless, 40, 0.5) == ("?", None)
+    assert (_clock(7), _clock(123), _clock(3723)) == ("0:07", "2:03", "1:02:03")
 
 
 def test_wandb_without_credentials_logs_offline(shapes_folder, tmp_path, monkeypatch, capfd):
