@@ -77,9 +77,10 @@ class Stage2CLI(VQGenCLI):
         super().after_fit()
         if self.run_dir is None:
             return
-        # "best" exists only if a validation ran (max_steps can end the run before the first one).
+        # "best" exists only if a validation ran (max_steps can end the run before the first one). Its path, not
+        # "best": with last.ckpt's callback beside it, Lightning would warn that it picks the first of two.
         best = self.trainer.checkpoint_callback.best_model_path
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, verbose=False)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
