@@ -110,12 +110,12 @@ def main() -> None:
     n, pixels = len(originals), len(originals) * m.image_size**2
 
     t0 = time.perf_counter()
-    codes = encode_images(m.vqvae, from_uint8(originals), a.batch_size)
+    codes = encode_images(m.vqvae, from_uint8(originals))
     data, ideal = compress_codes(m, codes, a.batch_size, a.labels)
     compress_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     decoded_codes = decompress_codes(m, data)
-    recon = to_uint8(decode_images(m.vqvae, decoded_codes, a.batch_size))
+    recon = to_uint8(decode_images(m.vqvae, decoded_codes))
     decompress_s = time.perf_counter() - t0
 
     payload = 8 * sum(len(s) for s in unpack(data).streams)

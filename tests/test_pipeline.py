@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +195,19 @@ def test_prior_resumed_mid_epoch_equals_an_uninterrupted_run(pipeline, tmp_path)
                       "3", "--sample_every_n_epochs", "0", *extra])  # fmt: skip
 
     crashed_and_resumed_equals_straight(fit, tmp_path)
+
+
+def test_the_compression_benchmark_runs_on_trained_models(pipeline, shapes_folder, tmp_path):
+    """benchmarks/compression.py, whose figures the README quotes, through the codec on the test split: it
+    once called encode_images with an argument the codec had dropped, and nothing ran it to notice."""
+    out = tmp_path / "compression.json"
+    subprocess.run([sys.executable, "benchmarks/compression.py", "--prior", str(pipeline["prior"]), "--dataset",
+                    "image_folder", "--root", str(shapes_folder), "--limit", "6", "--json", str(out)],
+                   cwd=CONFIGS.parent, check=True, capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["images"] == 6 and result["codes_exact"]
+    assert 0 < result["ideal_bpp"] <= result["ours_payload_bpp"] <= result["ours_bpp"]  # the file adds a header
+    pixels = 6 * result["image_size"] ** 2
+    extra_bits = (result["ours_payload_bpp"] - result["ideal_bpp"]) * pixels
+    assert extra_bits <= 64  # the coder is -sum log2 p plus its final state (one batch here: one stream)
+    assert result["webp_per_image_at_our_psnr"]["psnr"] >= result["ours_psnr"]  # matched, not under
