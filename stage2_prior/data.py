@@ -77,7 +77,13 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
 
     @property
     def meta_dict(self) -> dict:
-        return asdict(self.meta)
+        """meta.json's fields, plus the training split's count of each class ("class_counts"), which the prior
+        keeps so that `sample --class_mix data` can draw classes in the data's proportions."""
+        meta = asdict(self.meta)
+        if self.meta.num_classes and "train" in self.meta.counts:
+            labels = self.split("train").labels
+            meta["class_counts"] = torch.bincount(labels[labels >= 0], minlength=self.meta.num_classes).tolist()
+        return meta
 
     def split(self, name: str) -> CodesDataset:
         if name not in self._splits:

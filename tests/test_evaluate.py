@@ -18,6 +18,7 @@ from conftest import user_error
 from PIL import Image
 
 from common.datamodule import ImageDataModule
+from common.splits import ImageSplits
 from stage1_vqvae import extract
 from stage1_vqvae.model import PIXELS_PER_PASS
 from stage1_vqvae.vqvae import VQVAE
@@ -262,3 +263,26 @@ def test_missing_features_say_what_to_run(artifacts, tmp_path, monkeypatch, caps
     assert "no features for FID/KID" in err and "train_feature_net --data.dataset image_folder" in err
     err = user_error(main, ["stage1", "--ckpt", str(artifacts["stage1"]), "--features", "nope.pt"], capsys)
     assert "nope.pt" in err
+
+
+def test_samples_mixed_unlike_the_test_split_get_a_note(artifacts, shapes_folder, tmp_path, capsys):
+    """The .npz's labels against the test split's: their total variation is in the result, and above 0.1 a note
+    says the FID counts the mix too and how to draw the data's (`sample --class_mix data`)."""
+    test_labels = ImageSplits(root=str(shapes_folder), **DATA).split_arrays("test")[1].numpy()
+    q = np.bincount(test_labels, minlength=2) / len(test_labels)
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        arrays = dict(npz)
+    common = ["--ckpt", str(artifacts["stage1"]), "--features", str(artifacts["features"]), "--kid_subsets", "5"]
+    as_test = np.repeat([0, 1], np.bincount(test_labels, minlength=2) * 2)  # 16 samples, the test split's mix
+    for name, labels in [("as_test", as_test), ("in_turn", arrays["labels"]), ("discs_only", np.zeros(16, int))]:
+        np.savez(tmp_path / f"{name}.npz", **{**arrays, "labels": labels})
+        r = evaluate("samples", "--samples", str(tmp_path / f"{name}.npz"), *common, out=tmp_path / f"{name}.json")
+        p = np.bincount(labels, minlength=2) / len(labels)
+        assert r["class_mix_distance"] == pytest.approx(np.abs(p - q).sum() / 2)
+        noted = "`sample --n N --class_mix data`" in capsys.readouterr().out
+        assert noted == (r["class_mix_distance"] > 0.1), (name, r["class_mix_distance"])
+        assert name != "as_test" or (r["class_mix_distance"] == 0 and not noted)
+    assert r["class_mix_distance"] == pytest.approx(q[1])  # discs only: the test split's share of squares
+    np.savez(tmp_path / "unconditional.npz", **{**arrays, "labels": np.full(16, -1)})
+    r = evaluate("samples", "--samples", str(tmp_path / "unconditional.npz"), *common, out=tmp_path / "u.json")
+    assert r["class_mix_distance"] is None

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import crashed_and_resumed_equals_straight, user_error
 from PIL import Image
 
 from common.cli import UserError, parse_classes
+from common.codes import load_split
 from stage1_vqvae.extract import main as extract_main
 from stage1_vqvae.train import main as train_stage1
 from stage2_prior.pixelcnn import GatedPixelCNN
@@ -211,3 +213,34 @@ def test_the_compression_benchmark_runs_on_trained_models(pipeline, shapes_folde
     extra_bits = (result["ours_payload_bpp"] - result["ideal_bpp"]) * pixels
     assert extra_bits <= 64  # the coder is -sum log2 p plus its final state (one batch here: one stream)
     assert result["webp_per_image_at_our_psnr"]["psnr"] >= result["ours_psnr"]  # matched, not under
+
+
+def test_class_mix_data_draws_classes_in_the_training_proportions(pipeline, tmp_path, capsys):
+    """The prior keeps its training split's class counts; `--class_mix data` draws labels in those proportions
+    (seeded, sorted), refuses --classes, and a prior trained before the counts were kept gets one line."""
+    ckpt = torch.load(pipeline["prior"], map_location="cpu", weights_only=True)
+    meta = ckpt["hyper_parameters"]["codes_meta"]
+    _, train_labels = load_split(pipeline["root"] / "codes", "train")
+    assert meta["class_counts"] == np.bincount(train_labels, minlength=2).tolist()
+
+    def draw(prior: Path, name: str, *extra: str) -> np.lib.npyio.NpzFile:
+        sample_main(["--prior", str(prior), "--class_mix", "data", "--out", str(tmp_path / name), *extra])
+        return np.load((tmp_path / name).with_suffix(".npz"))
+
+    a, b = draw(pipeline["prior"], "a.npz", "--n", "40", "--seed", "3"), draw(pipeline["prior"], "b.npz", "--n", "40",
+                                                                             "--seed", "3")  # fmt: skip
+    assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["codes"], b["codes"])
+    assert a["labels"].tolist() == sorted(a["labels"].tolist()) and set(a["labels"].tolist()) == {0, 1}
+    meta["class_counts"] = [0, 7]  # data of squares only: every label is a square
+    torch.save(ckpt, tmp_path / "squares.ckpt")
+    assert draw(tmp_path / "squares.ckpt", "s.png", "--n", "5")["labels"].tolist() == [1] * 5
+    assert capsys.readouterr().out.strip().endswith("classes in the training codes' proportions: 5 squares")
+    err = user_error(sample_main, ["--prior", str(pipeline["prior"]), "--class_mix", "data", "--classes", "1",
+                                   "--out", str(tmp_path / "c.npz")], capsys)  # fmt: skip
+    assert "drop --classes/--per_class" in err
+    del meta["class_counts"]  # as priors trained before 2026-11-29 are
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    err = user_error(sample_main, ["--prior", str(tmp_path / "old.ckpt"), "--class_mix", "data", "--out",
+                                   str(tmp_path / "o.npz")], capsys)  # fmt: skip
+    assert "does not record its training codes' class counts" in err and "--class_mix turn" in err
+    assert not (tmp_path / "o.npz").exists()

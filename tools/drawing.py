@@ -42,6 +42,15 @@ def labels_in_turn(classes: list[int], n: int) -> tuple[torch.Tensor, int]:
     return labels, int(torch.bincount(labels).max())
 
 
+def labels_in_proportion(counts: list[int], n: int, seed: int) -> torch.Tensor:
+    """n labels (sorted) drawn at random in the proportions of `counts` (the training split's count of each
+    class): the class mix of the data, which a sample FID against unbalanced data needs (emoji: 59 % "People &
+    Body"). Drawn on the CPU from its own generator, so the codes' draws are the same on every device."""
+    weights = torch.tensor(counts, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.multinomial(weights, n, replacement=True, generator=gen).sort().values
+
+
 def rows_by_label(images: torch.Tensor, labels: torch.Tensor | None, per_row: int) -> torch.Tensor:
     """Lay images out one row per label, padding short rows with blank tiles of the grid's own white (+1: black
     ones looked like failed samples on emoji's white backgrounds)."""

@@ -14,6 +14,7 @@ samples or compresses starts in about the time torch takes to import.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from common.codes import CodesMeta, check_matches, check_stage1, sha256_file
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.build import load_prior
 from stage2_prior.decoding import CodePrior
+
+CODES_META_FIELDS = {f.name for f in fields(CodesMeta)}  # a prior's codes_meta may hold more (class_counts)
 
 __all__ = ["Models", "load_models", "load_prior", "load_stage1", "prior_facts"]
 
@@ -60,6 +63,12 @@ class Models:
         return self.vqvae.in_channels
 
     @property
+    def class_counts(self) -> list[int] | None:
+        """The training split's count of each class (priors trained since 2026-11-29; None before, or unlabelled)."""
+        counts = self.codes_meta.get("class_counts")
+        return [int(c) for c in counts] if counts and len(counts) == self.prior.num_classes else None
+
+    @property
     def class_names(self) -> list[str]:
         """The prior's classes by name (from the codes it was trained on; ids where those have none)."""
         k, names = self.prior.num_classes, list(self.codes_meta.get("class_names") or [])[: self.prior.num_classes]
@@ -71,7 +80,7 @@ def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
     if not meta.get("stage1_ckpt"):
         raise CheckpointError(f"--prior {prior_path} names no stage-1 checkpoint; pass --vqvae PATH")
     try:
-        codes_meta = CodesMeta(**meta)
+        codes_meta = CodesMeta(**{k: v for k, v in meta.items() if k in CODES_META_FIELDS})  # not class_counts
     except TypeError as e:
         raise CheckpointError(
             f"--prior {prior_path}: its codes metadata is incomplete ({e}); pass --vqvae PATH"

@@ -2,6 +2,7 @@
 
     sample --prior prior.ckpt --n 64 --out samples.png                 # one row per class if conditional
     sample --prior prior.ckpt --per_class 8 --cfg_scale 2 --top_p 0.9
+    sample --prior prior.ckpt --n 1000 --class_mix data --out s.npz  # classes as in the data: for evaluate samples
     sample --prior prior.ckpt --prime shirt.png --keep_rows 12 --n 6   # keep 12 pixel rows, redraw the rest
     sample --prior maskgit.ckpt --n 64 --steps 8                       # a masked-token prior: 8 passes per grid
     sample --prior maskgit.ckpt --prime shirt.png --mask hole.png --n 6  # repair with context from every side
@@ -43,7 +44,15 @@ from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
 from stage2_prior.sampling import CFG_SCHEDULES
-from tools.drawing import complete_codes, draw_codes, keep_from_painted, labels_in_turn, redrawn_pixels, rows_by_label
+from tools.drawing import (
+    complete_codes,
+    draw_codes,
+    keep_from_painted,
+    labels_in_proportion,
+    labels_in_turn,
+    redrawn_pixels,
+    rows_by_label,
+)  # fmt: skip
 from tools.load import load_models
 from tools.repair import hole_from_mask_image
 
@@ -64,6 +73,9 @@ def build_parser():
     p.add_argument("--classes", type=str, default=None,
                    help="comma-separated class ids or names, e.g. 0,3,7 or Sneaker,Bag")
     p.add_argument("--per_class", type=int, default=None, help="samples per class: one grid row per class")
+    p.add_argument("--class_mix", choices=("turn", "data"), default="turn",
+                   help="turn: classes in turn, one grid row per class; data: classes drawn at random in the "
+                        "training codes' proportions (what a sample FID against unbalanced data needs)")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, default="linear",
                    help="guidance over the grid: linear grows from 1 to --cfg_scale as codes are fixed (lower FID "
@@ -105,14 +117,24 @@ def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
     return check_output_dir(a.images, sample_names(n), a.overwrite, "--images") if a.images else None
 
 
-def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str]) -> tuple[torch.Tensor | None, int]:
+def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
+                  class_counts: list[int] | None = None) -> tuple[torch.Tensor | None, int]:  # fmt: skip
     """Labels (n,) and the grid's row length: one row per class for a conditional prior; `--classes` takes ids
-    or the names in `class_names` (one per class of the prior)."""
+    or the names in `class_names` (one per class of the prior); `--class_mix data` draws them in the
+    proportions of `class_counts` (the prior's training codes), sorted, in square rows."""
     k = prior.num_classes
+    square = max(1, int(np.ceil(np.sqrt(a.n))))
     if k == 0:
+        if a.classes or a.per_class or a.class_mix == "data":
+            raise ValueError("--classes/--per_class/--class_mix data given, but this prior is unconditional")
+        return None, square
+    if a.class_mix == "data":
         if a.classes or a.per_class:
-            raise ValueError("--classes/--per_class given, but this prior is unconditional")
-        return None, max(1, int(np.ceil(np.sqrt(a.n))))
+            raise ValueError("--class_mix data draws every class in the data's proportions: drop --classes/--per_class")
+        if not class_counts:
+            raise ValueError(f"--class_mix data: --prior {a.prior} does not record its training codes' class counts "
+                             "(trained before 2026-11-29); retrain it with train_stage2, or use --class_mix turn")
+        return labels_in_proportion(class_counts, a.n, a.seed), square
     classes = list(range(k))
     if a.classes:
         classes = parse_classes(a.classes, class_names)
@@ -148,6 +170,8 @@ def _run(args: list[str] | None) -> str:
     for flag, value in (("temperature", a.temperature), ("temperature_end", a.temperature_end)):
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be > 0, got {value}")
+    if a.prime and a.class_mix != "turn":
+        raise UserError("--class_mix is for new samples; completions (--prime) are unconditional")
     grid_path, npz_path = outputs(a)
     if a.images:  # the folder itself now; the files once their count is known, still before any drawing
         check_output_dir(a.images, [], a.overwrite, "--images")
@@ -178,7 +202,7 @@ def _run(args: list[str] | None) -> str:
         images = vqvae.decode_codes(codes)
         grid_images, per_row = torch.cat([image, masked, images]).cpu(), a.n + 2
     else:
-        labels, per_row = choose_labels(prior, a, m.class_names)
+        labels, per_row = choose_labels(prior, a, m.class_names, m.class_counts)
         n = len(labels) if labels is not None else a.n
         images_dir = check_images_dir(a, n)
         chunks = []
@@ -189,7 +213,8 @@ def _run(args: list[str] | None) -> str:
             chunks.append(draw_codes(prior, min(a.batch_size, n - start), lab, opts))
         codes = torch.cat(chunks)
         images = vqvae.decode_codes(codes)  # in the model's passes
-        grid_images = rows_by_label(images.cpu(), labels, per_row)
+        # in turn: one row per class; in the data's mix the classes follow each other in square rows
+        grid_images = rows_by_label(images.cpu(), labels, per_row) if a.class_mix == "turn" else images.cpu()
     grid = save_grid(grid_images, grid_path, nrow=per_row, scale=scale) if grid_path else None
     # stage1_ckpt: where `evaluate samples` finds the data options; also relative to the .npz's folder, so a
     # copy of the project (runs/ beside it) on another machine still finds it
@@ -207,7 +232,11 @@ def _run(args: list[str] | None) -> str:
         _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
     done = [grid_path, npz_path] + ([f"{len(images)} PNGs in {images_dir}/"] if images_dir is not None else [])
     wrote = f"wrote {' and '.join(str(p) for p in done if p)}"
-    if not a.prime and labels is not None and grid_path:  # which row is which class: the grid has no captions
+    if not a.prime and labels is not None and a.class_mix == "data":
+        drawn = torch.bincount(labels, minlength=prior.num_classes).tolist()
+        wrote += "; classes in the training codes' proportions: " + ", ".join(
+            f"{k} {m.class_names[c]}" for c, k in enumerate(drawn) if k)
+    elif not a.prime and labels is not None and grid_path:  # which row is which class: the grid has no captions
         rows = [f"{c} {m.class_names[c]}" for c in labels.unique(sorted=True).tolist()]
         wrote += f"; rows, top to bottom: {', '.join(rows)}"
     return wrote

@@ -42,6 +42,18 @@ def load_samples(path: str | Path, channels: int | None = None) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+def sample_labels(path: str | Path) -> np.ndarray | None:
+    """The class of each sample in a `sample` .npz (None: a folder, no labels, or unconditional samples)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            labels = np.asarray(npz["labels"]) if "labels" in npz.files else None
+    except (OSError, EOFError, ValueError, TypeError, IsADirectoryError):
+        return None
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels < 0).any():
+        return None
+    return labels.astype(np.int64)
+
+
 def stage1_of_samples(path: str | None) -> str | None:
     """The stage-1 checkpoint a `sample` .npz names, if that file is still there: its absolute path, else the
     same file relative to the .npz (the project copied elsewhere), else None: the --data.* defaults apply, and
