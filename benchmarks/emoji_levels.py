@@ -5,7 +5,7 @@ Variants: two levels (8x8 top + 16x16 bottom), the same with the bottom conditio
 For each variant: `train_stage1` (configs/stage1/emoji.yaml with the variant's levels) for the
 same wall-clock budget, `extract_codes`, `train_stage2` (configs/stage2/emoji_transformer.yaml) for the same
 budget, then `evaluate stage1` (test PSNR/SSIM/codes used), `evaluate prior` (test bits per dimension,
-summed over the levels), `sample --n N` and `evaluate samples` (FID in the emoji feature net beside the
+summed over the levels), `sample --n N --class_mix data` and `evaluate samples` (FID in the emoji feature net beside the
 real-data floor). Both budgets are `--trainer.max_time` with the time-based cosine (common/optim.py), so
 each variant ends its schedule at the same moment whatever its cost per step. Run one variant at a time on
 a quiet machine; prints a table, writes JSON.
@@ -60,8 +60,8 @@ def variant(name: str, extra: list[str], a: argparse.Namespace) -> dict:
          "--json", str(out / "eval_stage1.json")])  # fmt: skip
     run([py, "-m", "tools.evaluate", "prior", "--ckpt", str(s2), "--codes", str(out / "codes"),
          "--json", str(out / "eval_prior.json")])  # fmt: skip
-    walls["sample_s"] = run([py, "-m", "tools.sample", "--prior", str(s2), "--n", str(a.n),
-                             "--out", str(out / "samples.npz")])  # fmt: skip
+    walls["sample_s"] = run([py, "-m", "tools.sample", "--prior", str(s2), "--n", str(a.n), "--class_mix", "data",
+                             "--out", str(out / "samples.npz")])  # fmt: skip (the data's classes: see README)
     run([py, "-m", "tools.evaluate", "samples", "--samples", str(out / "samples.npz"), *emoji, "--features",
          a.features, "--json", str(out / "eval_samples.json")])  # fmt: skip
     st1, pr, sm = (json.loads((out / f"eval_{k}.json").read_text()) for k in ("stage1", "prior", "samples"))

@@ -2,7 +2,7 @@
 # The emoji GPU targets in one prepared run, through the real commands (about 7 minutes on one H100):
 # stage 1 with configs/stage1/emoji_gpu.yaml (2 min), test PSNR/SSIM/rFID/codes used, extraction, the
 # Transformer prior with configs/stage2/emoji_transformer_gpu.yaml (2 min 15 s), sample FID of 1,000 samples
-# beside the real-data floor (emoji feature net; also with --cfg_scale 3, and that with the temperature rising
+# in the training codes' class proportions (--class_mix data) beside the real-data floor (emoji feature net; also with --cfg_scale 3, and that with the temperature rising
 # 1.0 -> 1.3 over the grid), and `sample --n 64` process wall.
 #
 #   bash benchmarks/gpu_emoji.sh OUT_DIR                    # a GPU machine, project on PYTHONPATH
@@ -25,16 +25,16 @@ step extract 120 $PY -m stage1_vqvae.extract --ckpt $S1CK --out $R/codes --accel
 step stage2 300 $PY -m stage2_prior.train fit --config configs/stage2/emoji_transformer_gpu.yaml --trainer.accelerator $ACC \
   --data.codes_dir $R/codes --trainer.max_time $S2 --trainer.default_root_dir $R/stage2 --log.backend csv ${S2_ARGS:-}
 step eval_prior 60 $PY -m tools.evaluate prior --ckpt $S2CK --codes $R/codes --device $DEV --json $R/eval_prior.json
-step sample_n 120 $PY -m tools.sample --prior $S2CK --n $N --out $R/samples.npz --device $DEV
+step sample_n 120 $PY -m tools.sample --prior $S2CK --n $N --class_mix data --out $R/samples.npz --device $DEV
 step fid 120 $PY -m tools.evaluate samples --samples $R/samples.npz --data.dataset emoji --data.val_size 0 \
   --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples.json
 for i in 1 2; do
   step sample_64_$i 60 $PY -m tools.sample --prior $S2CK --n 64 --out $R/samples_64.png --device $DEV --overwrite
 done
-step sample_n_cfg3 120 $PY -m tools.sample --prior $S2CK --n $N --cfg_scale 3 --out $R/samples_cfg3.npz --device $DEV
+step sample_n_cfg3 120 $PY -m tools.sample --prior $S2CK --n $N --class_mix data --cfg_scale 3 --out $R/samples_cfg3.npz --device $DEV
 step fid_cfg3 120 $PY -m tools.evaluate samples --samples $R/samples_cfg3.npz --data.dataset emoji --data.val_size 0 \
   --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples_cfg3.json
-step sample_n_sched 120 $PY -m tools.sample --prior $S2CK --n $N --cfg_scale 3 --temperature 1.0 --temperature_end 1.3 \
+step sample_n_sched 120 $PY -m tools.sample --prior $S2CK --n $N --class_mix data --cfg_scale 3 --temperature 1.0 --temperature_end 1.3 \
   --out $R/samples_sched.npz --device $DEV
 step fid_sched 120 $PY -m tools.evaluate samples --samples $R/samples_sched.npz --data.dataset emoji --data.val_size 0 \
   --data.test_size 0 --features $FEAT --device $DEV --json $R/eval_samples_sched.json

@@ -8,7 +8,8 @@ batch, steps, optimiser: configs/stage2/fashion_mnist_{transformer,maskgit}.yaml
 checked here rather than assumed: both networks' training steps (forward, backward, AdamW on batches of
 real codes) are timed in this process, interleaved, and their ratio reported.
 
-Samples: n per prior and setting, classes in turn (as `sample --n`), --seed (0), for every --temperature
+Samples: n per prior and setting, classes in turn (as `sample --n`; --class_mix data: in the training
+codes' proportions, which unbalanced data such as emoji need), --seed (0), for every --temperature
 (token temperature, 1 by default) and --temperature_end (the last draw's, `sample --temperature_end`),
 --cfg_scale (classifier-free guidance, 1 = off) and --cfg_schedule (constant, or linear: the scale grows
 from 1 over the grid) given and, for the
@@ -34,6 +35,7 @@ from common.splits import ImageSplits
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
 from stage2_prior.maskgit import masked_token_loss, random_mask
 from stage2_prior.sampling import CFG_SCHEDULES, sample_codes
+from tools.drawing import labels_in_proportion
 from tools.features import load_features
 from tools.fid import fid
 from tools.load import load_models
@@ -67,9 +69,13 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
     return {k: round(steps * 128 / v, 1) for k, v in best.items()}
 
 
-def draw(sampler, prior, n: int, batch_size: int, seed: int, **kw) -> tuple[torch.Tensor, float]:
+def draw(sampler, prior, n: int, batch_size: int, seed: int, class_counts: list[int] | None = None,
+         **kw) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """n grids, classes in turn, or in the proportions of class_counts (`sample --class_mix data`)."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % prior.num_classes if prior.num_classes else None
+    if class_counts is not None and labels is not None:
+        labels = labels_in_proportion(class_counts, n, seed)
     t = time.perf_counter()
     out = [sampler(prior, len(y), y, generator=gen, **kw) for y in labels.split(batch_size)]
     return torch.cat(out), time.perf_counter() - t
@@ -94,6 +100,8 @@ def main() -> None:
     ap.add_argument("--cfg_schedule", nargs="+", default=["constant"], choices=CFG_SCHEDULES,
                     help="guidance schedules tried, for both priors alike (names gain _lin for linear)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every draw (another seed: the FIDs' sampling noise)")
+    ap.add_argument("--class_mix", choices=("turn", "data"), default="turn",
+                    help="as `sample --class_mix`: classes in turn, or in the --codes train split's proportions")
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--train_steps", type=int, default=10, help="timed training steps per round and network")
     ap.add_argument("--json", default="benchmarks/results/maskgit_quality_cpu.json")
@@ -104,7 +112,12 @@ def main() -> None:
     train_codes, train_labels = load_split(a.codes, "train")
     codes = torch.from_numpy(np.asarray(train_codes[:5120], dtype=np.int64))
     labels = torch.from_numpy(np.asarray(train_labels[:5120], dtype=np.int64))
-    result: dict = {**machine(), "ar": a.ar, "masked": a.masked, "n": a.n, "masked_steps": a.steps, "seed": a.seed}
+    result: dict = {**machine(), "ar": a.ar, "masked": a.masked, "n": a.n, "masked_steps": a.steps, "seed": a.seed,
+                    "class_mix": a.class_mix}  # fmt: skip
+    counts = None
+    if a.class_mix == "data":
+        known = np.asarray(train_labels)[np.asarray(train_labels) >= 0]
+        counts = np.bincount(known, minlength=ar.prior.num_classes).tolist()
     speed = training_maps_per_s({"ar": ar.prior, "masked": masked.prior}, codes, labels, a.train_steps, 3)
     result.update({f"train_maps_per_s_{k}": v for k, v in speed.items()})
     result["train_step_time_ratio_masked_over_ar"] = round(speed["ar"] / speed["masked"], 3)
@@ -138,11 +151,11 @@ def main() -> None:
             tag = ("" if temp == 1 and end is None else f"_t{temp:g}") + ("" if end is None else f"-{end:g}")
             tag += "_lin" if sched == "linear" else ""
             kw = dict(cfg_scale=cfg, temperature=temp, temperature_end=end, cfg_schedule=sched)
-            score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, a.seed, **kw))
+            score(f"ar_cfg{cfg:g}{tag}", *draw(sample_codes, ar.prior, a.n, a.batch_size, a.seed, counts, **kw))
             for ct in a.choice_temperature:
                 kw_masked = dict(steps=a.steps, choice_temperature=ct, **kw)
                 name = f"masked_cfg{cfg:g}_ct{ct:g}{tag}"
-                score(name, *draw(sample_masked, masked.prior, a.n, a.batch_size, a.seed, **kw_masked))
+                score(name, *draw(sample_masked, masked.prior, a.n, a.batch_size, a.seed, counts, **kw_masked))
     # the defaults (no guidance, the sampler's choice temperature), then each prior at its best setting on val
     default = f"masked_cfg1_ct{DEFAULT_CHOICE_TEMPERATURE:g}"
     if "ar_cfg1_fid_test" in result and f"{default}_fid_test" in result:
