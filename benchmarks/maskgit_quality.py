@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from _common import machine, report  # also puts the repo root on sys.path
 
-from common.codes import load_split
+from common.codes import class_counts, load_split
 from common.images import to_uint8
 from common.splits import ImageSplits
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
@@ -69,13 +69,13 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
     return {k: round(steps * 128 / v, 1) for k, v in best.items()}
 
 
-def draw(sampler, prior, n: int, batch_size: int, seed: int, class_counts: list[int] | None = None,
+def draw(sampler, prior, n: int, batch_size: int, seed: int, counts: list[int] | None = None,
          **kw) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """n grids, classes in turn, or in the proportions of class_counts (`sample --class_mix data`)."""
+    """n grids, classes in turn, or in the proportions of `counts` (`sample --class_mix data`)."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % prior.num_classes if prior.num_classes else None
-    if class_counts is not None and labels is not None:
-        labels = labels_in_proportion(class_counts, n, seed)
+    if counts is not None and labels is not None:
+        labels = labels_in_proportion(counts, n, seed)
     t = time.perf_counter()
     out = [sampler(prior, len(y), y, generator=gen, **kw) for y in labels.split(batch_size)]
     return torch.cat(out), time.perf_counter() - t
@@ -114,10 +114,7 @@ def main() -> None:
     labels = torch.from_numpy(np.asarray(train_labels[:5120], dtype=np.int64))
     result: dict = {**machine(), "ar": a.ar, "masked": a.masked, "n": a.n, "masked_steps": a.steps, "seed": a.seed,
                     "class_mix": a.class_mix}  # fmt: skip
-    counts = None
-    if a.class_mix == "data":
-        known = np.asarray(train_labels)[np.asarray(train_labels) >= 0]
-        counts = np.bincount(known, minlength=ar.prior.num_classes).tolist()
+    counts = class_counts(train_labels, ar.prior.num_classes) if a.class_mix == "data" else None
     speed = training_maps_per_s({"ar": ar.prior, "masked": masked.prior}, codes, labels, a.train_steps, 3)
     result.update({f"train_maps_per_s_{k}": v for k, v in speed.items()})
     result["train_step_time_ratio_masked_over_ar"] = round(speed["ar"] / speed["masked"], 3)

@@ -144,6 +144,13 @@ def split_levels(codes: Any, levels: list[dict]) -> list[Any]:
     return out
 
 
+def class_counts(labels: Any, num_classes: int) -> list[int]:
+    """How many of `labels` (a split's, -1 = unlabelled and skipped) fall in each of the classes: what a prior
+    keeps (codes_meta "class_counts") so that `sample --class_mix data` draws the data's proportions."""
+    labels = np.asarray(labels)
+    return np.bincount(labels[labels >= 0], minlength=num_classes).tolist()
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (checkpoints can be large)."""
     digest = hashlib.sha256()

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.codes import CodesError, load_split, read_meta
+from common.codes import CodesError, class_counts, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
 from common.logging import say_once
 from common.shuffle import ResumableTraining, resumable_loader, shard_of
@@ -81,8 +81,7 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         keeps so that `sample --class_mix data` can draw classes in the data's proportions."""
         meta = asdict(self.meta)
         if self.meta.num_classes and "train" in self.meta.counts:
-            labels = self.split("train").labels
-            meta["class_counts"] = torch.bincount(labels[labels >= 0], minlength=self.meta.num_classes).tolist()
+            meta["class_counts"] = class_counts(self.split("train").labels.numpy(), self.meta.num_classes)
         return meta
 
     def split(self, name: str) -> CodesDataset:

@@ -179,7 +179,7 @@ def class_mix_distance(labels: np.ndarray, test_labels: np.ndarray) -> float | N
 def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features, seed: int = 0,
                      kid_subsets: int = 100, labels: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     features.check(samples, "the samples")
-    test, train = dm.split_arrays("test")[0], dm.split_arrays("train")[0]
+    (test, test_labels), train = dm.split_arrays("test"), dm.split_arrays("train")[0]
     if tuple(test.shape[1:]) != tuple(samples.shape[1:]):
         raise ValueError(f"the samples are {tuple(samples.shape[1:])} but the {dm.options.dataset} test images are "
                          f"{tuple(test.shape[1:])} (C, H, W); pass the --data.* options of stage 1")  # fmt: skip
@@ -189,7 +189,7 @@ def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features,
     f_floor = features(train[torch.from_numpy(pick)], "the train subset")
     subset = min(KID_SUBSET, n, len(test))
     kid_s, kid_f = kid(f_samples, f_test, kid_subsets, subset, seed), kid(f_floor, f_test, kid_subsets, subset, seed)
-    mix = class_mix_distance(labels, dm.split_arrays("test")[1].numpy()) if labels is not None else None
+    mix = class_mix_distance(labels, test_labels.numpy()) if labels is not None else None
     return {"samples": n, "test_images": len(test), "floor_train_images": len(pick), "fid": fid(f_samples, f_test),
             "fid_floor": fid(f_floor, f_test), "kid": kid_s[0], "kid_std": kid_s[1], "kid_floor": kid_f[0],
             "kid_floor_std": kid_f[1], "kid_subset_size": subset, "features": features.description,
