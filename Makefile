@@ -51,12 +51,15 @@ demo: demo-stage1
 
 # The whole pipeline on emoji (colour, 64 px, one 16x16 level by default): 10 min 44 s in a fresh clone on a
 # quiet 2-core CPU, the npm packages fetched included (README).
+# EMOJI_PRIOR_TIME: the prior's training time (dd:hh:mm:ss; the cosine follows it): 00:00:30:00 and more gives
+# emoji-like glyphs on a CPU (README, Colour and levels).
 EMOJI_RUNS ?= $(RUNS)/emoji
+EMOJI_PRIOR_TIME ?= 00:00:05:00
 demo-emoji: data-emoji
 	$(BIN)/train_stage1 fit --config configs/stage1/emoji.yaml --trainer.default_root_dir $(EMOJI_RUNS)/stage1
 	$(BIN)/extract_codes --ckpt $(EMOJI_RUNS)/stage1/latest/checkpoints/last.ckpt --out codes/emoji --overwrite
 	$(BIN)/train_stage2 fit --config configs/stage2/emoji_transformer.yaml --data.codes_dir codes/emoji \
-		--trainer.default_root_dir $(EMOJI_RUNS)/stage2_transformer
+		--trainer.max_time $(EMOJI_PRIOR_TIME) --trainer.default_root_dir $(EMOJI_RUNS)/stage2_transformer
 	$(BIN)/sample --prior $(EMOJI_RUNS)/stage2_transformer/latest/checkpoints/best.ckpt --n 64 --temperature 0.95 \
 		--out $(EMOJI_RUNS)/samples.png --overwrite
 	@echo "emoji demo done: $(EMOJI_RUNS)/stage1/latest/reconstructions.png and $(EMOJI_RUNS)/samples.png"
