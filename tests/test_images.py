@@ -8,6 +8,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -311,7 +312,9 @@ def test_large_jpegs_are_read_like_a_full_decode(tmp_path: Path) -> None:
 @pytest.mark.parametrize("work", ["releases_gil", "holds_gil"])
 def test_read_images_equals_a_loop_threaded_or_not(tmp_path: Path, monkeypatch, work: str) -> None:
     """Whichever way read_images chooses (threads when decoding releases the GIL, here a sleep; one thread when
-    Python's own work dominates, here a busy loop), the array is a loop's, and every broken file is named."""
+    Python's own work dominates: here each read advances the module's clock by 2 ms whichever thread it runs
+    on, as work holding the GIL would, without a busy loop whose timing another process on the machine could
+    skew), the array is a loop's, and every broken file is named."""
     rng = np.random.default_rng(0)
     files = []
     for i in range(300):
@@ -320,19 +323,19 @@ def test_read_images_equals_a_loop_threaded_or_not(tmp_path: Path, monkeypatch, 
     loop = np.stack([read_image(f, 4, 3) for f in files])
     real = images_module.read_image
 
-    threads_of = {}
+    threads_of, reads = {}, []
 
     def slow_read(path, image_size, channels):
         threads_of[path] = threading.get_ident()
         if work == "releases_gil":
             time.sleep(0.002)
         else:
-            end = time.perf_counter() + 0.002
-            while time.perf_counter() < end:
-                pass
+            reads.append(path)  # atomic; the clock below counts 2 ms per read, serial or not
         return real(path, image_size, channels)
 
     monkeypatch.setattr(images_module, "read_image", slow_read)
+    if work == "holds_gil":
+        monkeypatch.setattr(images_module, "time", SimpleNamespace(perf_counter=lambda: 0.002 * len(reads)))
     assert np.array_equal(read_images(files, 4, 3, threads=2), loop)
     rest = {threads_of[f] for f in files[64:]}  # after the two probes of 32 files
     assert rest == {threading.get_ident()} if work == "holds_gil" else len(rest) == 2
