@@ -45,7 +45,8 @@ def labels_in_turn(classes: list[int], n: int) -> tuple[torch.Tensor, int]:
 def labels_in_proportion(counts: list[int], n: int, seed: int) -> torch.Tensor:
     """n labels (sorted) drawn at random in the proportions of `counts` (the training split's count of each
     class): the class mix of the data, which a sample FID against unbalanced data needs (emoji: 59 % "People &
-    Body"). Drawn on the CPU from its own generator, so the codes' draws are the same on every device."""
+    Body"). Drawn on the CPU from their own generator: the same labels on every device, and the codes'
+    generator is left as --seed set it."""
     weights = torch.tensor(counts, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     return torch.multinomial(weights, n, replacement=True, generator=gen).sort().values
