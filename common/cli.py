@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
+import re
 import signal
 import sys
 import threading
@@ -65,6 +66,22 @@ class UserError(Exception):
 
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What a failed allocation asked for, in a few words, or None if `e` is not one: torch.OutOfMemoryError
+    (CUDA, MPS, XPU: its first sentences, the size tried and what the card has free) or the CPU allocator's
+    RuntimeError (a request the host cannot map). A batch too large for the machine, not a bug."""
+    if not isinstance(e, RuntimeError):
+        return None
+    text = one_line(e)
+    if (cpu := re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)):
+        return f"the host could not allocate {int(cpu[1]) / 2**30:,.1f} GiB"
+    if not isinstance(e, torch.OutOfMemoryError):
+        return None
+    # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.25 GiB
+    # is free. Including non-PyTorch memory, ..." (then allocator advice and a link): the first three sentences
+    return " ".join(re.split(r"(?<=\.) ", text)[:3]).rstrip(".")
 
 
 class Parser(ArgumentParser):
@@ -152,13 +169,21 @@ def wandb_offline_unless_logged_in() -> bool:
     return True
 
 
-def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: list[str] | None) -> None:
-    """Run a command's body; print what it returns, or its user error as one line and exit 2 (Ctrl-C: 130)."""
+def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: list[str] | None,
+                memory_flag: str | None = "--batch_size") -> None:  # fmt: skip
+    """Run a command's body; print what it returns, or its user error as one line and exit 2 (Ctrl-C: 130).
+    Running out of memory is one too, naming `memory_flag` (the option that sets how much is held at once)."""
     keep_freed_memory()
     try:
         message = fn(args)
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except RuntimeError as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        remedy = f"pass a smaller {memory_flag}" if memory_flag else "free some memory, or use a larger machine"
+        print(f"{prog}: error: out of memory ({what}); {remedy}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     except (KeyboardInterrupt, CommandInterrupted):  # Ctrl-C: outputs are written under temporary names
         print(f"\n{prog}: interrupted (Ctrl-C)", file=sys.stderr)

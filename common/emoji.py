@@ -183,7 +183,7 @@ def main(args: list[str] | None = None) -> None:
     from common.cli import run_command
 
     argv = sys.argv[1:] if args is None else args
-    run_command("data-emoji", lambda a: f"emoji ready in {fetch(a[0] if a else DEFAULT_ROOT)}", argv)
+    run_command("data-emoji", lambda a: f"emoji ready in {fetch(a[0] if a else DEFAULT_ROOT)}", argv, memory_flag=None)
 
 
 if __name__ == "__main__":

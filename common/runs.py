@@ -33,7 +33,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
-from common.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, one_line
+from common.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, one_line, out_of_memory
 from common.interrupt import Interrupted, StopOnInterrupt
 from common.launch import (
     RUN_ENV,
@@ -198,6 +198,8 @@ class VQGenCLI(LightningCLI):
                 raise machine from e
             raise UserError(str(e)) from e
         except RuntimeError as e:
+            if (what := out_of_memory(e)) is not None:  # a batch too large for the machine: one line, exit 2
+                raise UserError(self._out_of_memory_message(what)) from None
             if not str(e).startswith(WORKER_TIMEOUT_MESSAGE):
                 raise
             raise RuntimeError(worker_timeout_hint(e)) from e
@@ -208,6 +210,17 @@ class VQGenCLI(LightningCLI):
             if failed:
                 self._discard_unstarted_run()
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
+
+    def _out_of_memory_message(self, what: str) -> str:
+        """What ran out, the batch size to lower and, once training has started, where its checkpoints are."""
+        sub = getattr(self, "subcommand", None)
+        data = self.config[sub].get("data") if sub and getattr(self, "config", None) else None
+        size = data.get("batch_size") if data is not None else None
+        message = f"out of memory ({what}); pass a smaller --data.batch_size" + (f" (now {size})" if size else "")
+        saved = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        if saved is not None and any(saved.glob("*.ckpt")):
+            message += f"; the checkpoints saved so far are in {saved}"
+        return message
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

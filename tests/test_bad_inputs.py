@@ -320,3 +320,78 @@ def test_ctrl_c_in_extract_codes_is_our_line_not_lightnings(world, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert info.value.code == 130 and err.splitlines()[-1] == "extract_codes: interrupted (Ctrl-C)", err
     assert "Traceback" not in err and not (tmp_path / "codes").exists()
+
+
+# ------------------------------------------------------------------ out of memory
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+            "3.50 GiB is free. Including non-PyTorch memory, this process has 136.29 GiB memory in use. If reserved "
+            "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
+            "fragmentation. See documentation for Memory Management (https://pytorch.org/docs/stable/notes/cuda.html)")
+CUDA_OOM_SHORT = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+                  "3.50 GiB is free")  # fmt: skip
+
+
+def host_out_of_memory() -> RuntimeError:
+    """The CPU allocator's own error, for real: a request no host can map (2**62 bytes)."""
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as e:
+        return e
+    raise AssertionError("allocated 4 EiB")
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(world, tmp_path, capsys, monkeypatch):
+    """A batch the machine cannot hold, on the host or the card: one line with what was asked and the option that
+    sets the batch, exit 2, nothing written; any other RuntimeError is a bug and keeps its traceback."""
+    import tools.sample
+    from stage1_vqvae.extract import CodesPredictor
+
+    root = Path(world["root"])
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+
+    def host(*args, **kwargs):
+        raise host_out_of_memory()
+
+    monkeypatch.setattr(tools.sample, "draw_codes", host)
+    err = user_error(sample, ["--prior", world["prior"], "--n", "4", "--out", "grid.png"], capsys)
+    assert err == ("sample: error: out of memory (the host could not allocate 4,294,967,296.0 GiB); pass a smaller "
+                   "--batch_size"), err  # fmt: skip
+
+    def card(self, x):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(CodesPredictor, "_encode", card)
+    err = user_error(extract_codes, ["--ckpt", world["stage1"], "--out", "new_codes", "--accelerator", "cpu"], capsys)
+    assert err == f"extract_codes: error: out of memory ({CUDA_OOM_SHORT}); pass a smaller --batch_size", err
+    monkeypatch.setattr(tools.sample, "draw_codes", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        sample(["--prior", world["prior"], "--n", "4", "--out", "grid.png"])
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("at_step", [0, 12])
+def test_training_out_of_memory_is_one_line_naming_the_batch_size(at_step, shapes_folder, tmp_path, capsys,
+                                                                  monkeypatch):  # fmt: skip
+    """Out of memory in a training step: one line naming --data.batch_size and its value, exit 2; once a
+    checkpoint was saved (validation at step 10), where it is, to resume from with a smaller batch."""
+    from stage1_vqvae.train import main as train_stage1
+
+    step = VQVAE.training_step
+
+    def oom_from(self, batch, batch_idx):
+        if self.global_step >= at_step:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(VQVAE, "training_step", oom_from)
+    config = Path(__file__).resolve().parents[1] / "configs/stage1/tiny.yaml"
+    err = user_error(train_stage1, ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
+                                    "--data.dataset", "image_folder", "--data.root", str(shapes_folder),
+                                    "--data.image_size", "16", "--data.val_size", "8", "--data.test_size", "8",
+                                    "--data.batch_size", "16"], capsys)  # fmt: skip
+    expected = f"train_stage1: error: out of memory ({CUDA_OOM_SHORT}); pass a smaller --data.batch_size (now 16)"
+    if at_step:
+        expected += f"; the checkpoints saved so far are in {tmp_path / 'version_0' / 'checkpoints'}"
+        assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert err == expected, err

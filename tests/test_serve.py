@@ -246,6 +246,20 @@ def test_an_unexpected_error_is_a_500_with_one_line_and_the_server_goes_on(clien
     assert client.post("/api/sample", data={"n": 2}).status_code == 200
 
 
+def test_out_of_memory_is_a_503_that_says_so_and_the_server_goes_on(client, monkeypatch):
+    def too_many(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity "
+                                     "of 15.70 GiB of which 1.10 GiB is free. Including non-PyTorch memory, ...")
+
+    monkeypatch.setattr(client.app.state.play, "sample", too_many)
+    r = client.post("/api/sample", data={"n": 2})
+    assert r.status_code == 503 and r.json()["error"] == (
+        "out of memory (CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity of 15.70 GiB of "
+        "which 1.10 GiB is free); ask for fewer images at once")  # fmt: skip
+    monkeypatch.undo()
+    assert client.post("/api/sample", data={"n": 2}).status_code == 200
+
+
 def test_a_chunked_upload_is_cut_off_at_the_limit(client):
     def chunks():  # no Content-Length: the limit is enforced while reading
         for _ in range(LIMIT // 10_000 + 2):

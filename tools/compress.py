@@ -119,4 +119,4 @@ def main_compress(args: list[str] | None = None) -> None:
 
 
 def main_decompress(args: list[str] | None = None) -> None:
-    run_command("decompress", run_decompress, args)
+    run_command("decompress", run_decompress, args, memory_flag=None)  # its batches are the file's

@@ -113,7 +113,7 @@ def _run(args: list[str] | None) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    run_command("serve", _run, args)
+    run_command("serve", _run, args, memory_flag=None)
 
 
 if __name__ == "__main__":

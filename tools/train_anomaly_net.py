@@ -72,7 +72,7 @@ def _run(args: list[str] | None) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    run_command("train_anomaly_net", _run, args)
+    run_command("train_anomaly_net", _run, args, memory_flag=None)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def _run(args: list[str] | None) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    run_command("train_feature_net", _run, args)
+    run_command("train_feature_net", _run, args, memory_flag=None)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from common.cli import UserError, one_line
+from common.cli import UserError, one_line, out_of_memory
 from tools.playground import MAX_IMAGES, Playground
 from tools.uploads import MAX_PIXELS, png_bytes, read_mask, read_upload_image
 
@@ -152,6 +152,14 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
     @app.exception_handler(ValueError)
     async def user_error(request: Request, e: Exception):  # what the commands report as user errors
         return JSONResponse({"error": one_line(e)}, status_code=400)
+
+    @app.exception_handler(RuntimeError)
+    async def runtime_error(request: Request, e: RuntimeError):
+        if (what := out_of_memory(e)) is None:
+            raise e  # a bug: the 500 below, with its traceback in the log
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the failed request's blocks back before the next one
+        return JSONResponse({"error": f"out of memory ({what}); ask for fewer images at once"}, status_code=503)
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, e: Exception):  # Starlette logs the traceback after this answer
