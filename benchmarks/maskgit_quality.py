@@ -27,11 +27,10 @@ import time
 
 import numpy as np
 import torch
-from _common import machine, report  # also puts the repo root on sys.path
+from _common import machine, report, stage1_splits  # also puts the repo root on sys.path
 
 from common.codes import class_counts, load_split
 from common.images import to_uint8
-from common.splits import ImageSplits
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
 from stage2_prior.maskgit import masked_token_loss, random_mask
 from stage2_prior.sampling import CFG_SCHEDULES, sample_codes
@@ -51,8 +50,10 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
         for k, net in nets.items():
             net.train()
             t = time.perf_counter()
+            size = min(128, len(codes))  # the configs' batch, or every code map of a small set
             for i in range(steps):
-                batch = slice((i * 128) % (len(codes) - 128), (i * 128) % (len(codes) - 128) + 128)
+                start = (i * size) % (len(codes) - size + 1)
+                batch = slice(start, start + size)
                 c, y = codes[batch], labels[batch]
                 if k == "masked":
                     masked = random_mask(c.shape)
@@ -66,7 +67,7 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
                 best[k] = min(best[k], time.perf_counter() - t)
         for net in nets.values():
             net.eval()
-    return {k: round(steps * 128 / v, 1) for k, v in best.items()}
+    return {k: round(steps * min(128, len(codes)) / v, 1) for k, v in best.items()}
 
 
 def draw(sampler, prior, n: int, batch_size: int, seed: int, counts: list[int] | None = None,
@@ -85,7 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ar", default="runs/stage2_transformer/latest/checkpoints/best.ckpt")
     ap.add_argument("--masked", default="runs/stage2_maskgit/latest/checkpoints/best.ckpt")
-    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--dataset", default=None, help="default: the data stage 1 was trained on (its checkpoint's)")
+    ap.add_argument("--root", default=None, help="default: stage 1's --data.root (give it if the data moved)")
     ap.add_argument("--codes", default="codes/fashion_mnist", help="the codes both priors were trained on")
     ap.add_argument("--features", default="auto")
     ap.add_argument("--n", type=int, default=1000)
@@ -119,13 +121,14 @@ def main() -> None:
     result.update({f"train_maps_per_s_{k}": v for k, v in speed.items()})
     result["train_step_time_ratio_masked_over_ar"] = round(speed["ar"] / speed["masked"], 3)
 
-    data = ImageSplits(a.dataset, image_size=ar.image_size, channels=ar.channels)
-    features = load_features(a.features, a.dataset)
+    data, dataset, root = stage1_splits(ar.vqvae_path, ar.image_size, ar.channels, a.dataset, a.root)
+    features = load_features(a.features, dataset, root=root)
     result["features"] = features.description
     f_test = features(data.split_arrays("test")[0], "the test images")
     f_val = features(data.split_arrays("val")[0], "the validation images")
     train_images = data.split_arrays("train")[0]
-    pick = torch.from_numpy(np.sort(np.random.default_rng(0).choice(len(train_images), a.n, replace=False)))
+    pick = np.random.default_rng(0).choice(len(train_images), min(a.n, len(train_images)), replace=False)
+    pick = torch.from_numpy(np.sort(pick))
     f_floor = features(train_images[pick], "the train subset")
     result["fid_floor_test"] = round(fid(f_floor, f_test), 3)
 

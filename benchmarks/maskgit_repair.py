@@ -22,10 +22,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import machine, report  # also puts the repo root on sys.path
+from _common import machine, report, stage1_splits  # also puts the repo root on sys.path
 
 from common.images import from_uint8, to_uint8
-from common.splits import ImageSplits
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_masked
 from stage2_prior.sampling import sample_codes
 from tools.drawing import keep_from_painted, redrawn_pixels
@@ -84,7 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ar", default="runs/stage2_transformer/latest/checkpoints/best.ckpt")
     ap.add_argument("--masked", default="runs/stage2_maskgit/latest/checkpoints/best.ckpt")
-    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--dataset", default=None, help="default: the data stage 1 was trained on (its checkpoint's)")
+    ap.add_argument("--root", default=None, help="default: stage 1's --data.root (give it if the data moved)")
     ap.add_argument("--features", default="auto")
     ap.add_argument("--n", type=int, default=1000, help="test images (the first n)")
     ap.add_argument("--steps", type=int, default=8)
@@ -97,10 +97,10 @@ def main() -> None:
     if ar.stage1_sha256 != masked.stage1_sha256:
         raise SystemExit("the two priors were trained on codes of different stage-1 checkpoints")
     vqvae, size, grid = ar.vqvae, ar.image_size, tuple(ar.vqvae.grid_shape)
-    data = ImageSplits(a.dataset, image_size=size, channels=ar.channels)
+    data, dataset, root = stage1_splits(ar.vqvae_path, size, ar.channels, a.dataset, a.root)
     test = data.split_arrays("test")[0]  # uint8 (N, C, S, S)
     originals = from_uint8(test[: a.n])
-    features = load_features(a.features, a.dataset)
+    features = load_features(a.features, dataset, root=root)
     f_test = features(test, "the test images")
     with torch.inference_mode():
         codes = torch.cat([vqvae.encode_to_codes(x) for x in originals.split(a.batch_size)])

@@ -376,6 +376,48 @@ def test_sample_end_to_end(maskgit_run, tmp_path, capsys):
     assert "--steps must be >= 1, got 0" in err
 
 
+def test_the_masked_prior_benchmarks_run_on_trained_models(maskgit_run, shapes_folder, tmp_path):
+    """benchmarks/maskgit_quality.py and maskgit_repair.py, whose figures the README quotes, on tiny models and
+    an autoregressive prior of the same codes: every setting scored, the choice made on validation, repairs
+    kept every kept code (the script asserts it), and the images are the test split stage 1 was trained with
+    (8 of the 64 shapes; the folder's default split has 6), read from its checkpoint, not the defaults."""
+    import json
+    import subprocess
+    import sys
+
+    from stage2_prior.train import main as train_stage2
+    from tools.train_feature_net import main as train_feature_net
+
+    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", str(maskgit_run["codes"]),
+                  "--trainer.default_root_dir", str(tmp_path / "ar"), "--data.batch_size", "8"])  # fmt: skip
+    features = tmp_path / "features.pt"
+    train_feature_net(["--data.dataset", "image_folder", "--data.root", str(shapes_folder), "--data.image_size",
+                       "16", "--data.val_size", "8", "--data.test_size", "8", "--data.batch_size", "16", "--steps", "5",
+                       "--out", str(features)])
+    both = ["--ar", str(tmp_path / "ar/latest/checkpoints/best.ckpt"), "--masked", str(maskgit_run["prior"]),
+            "--features", str(features)]  # fmt: skip
+    subprocess.run([sys.executable, "benchmarks/maskgit_quality.py", *both, "--codes", str(maskgit_run["codes"]),
+                    "--n", "6", "--cfg_scale", "1", "2", "--train_steps", "1", "--json", str(tmp_path / "q.json")],
+                   cwd=CONFIGS.parent, check=True, capture_output=True)  # fmt: skip
+    q = json.loads((tmp_path / "q.json").read_text())
+    names = ["ar_cfg1", "ar_cfg2", "masked_cfg1_ct64", "masked_cfg2_ct64"]
+    assert all(q[f"{k}_fid_test"] >= 0 and q[f"{k}_fid_val"] >= 0 for k in names)
+    for kind in ("ar", "masked"):
+        best = q[f"best_on_val_{kind}"]
+        assert q[f"{best}_fid_val"] == min(q[f"{k}_fid_val"] for k in names if k.startswith(kind))
+    assert q["best_on_val_fid_ratio_masked_over_ar"] == round(q["best_on_val_masked_fid_test"]
+                                                              / q["best_on_val_ar_fid_test"], 3)  # fmt: skip
+    assert q["train_maps_per_s_ar"] > 0 and q["train_maps_per_s_masked"] > 0
+    subprocess.run([sys.executable, "benchmarks/maskgit_repair.py", *both, "--n", "100", "--batch_size", "4", "--json",
+                    str(tmp_path / "r.json")], cwd=CONFIGS.parent, check=True, capture_output=True)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["images"] == 8
+    for hole in ("centre_square", "lower_half", "random_half_of_codes"):
+        assert 0 < r[f"{hole}_codes_redrawn"] < 1
+        for who in ("ar", "masked", "reconstruction"):
+            assert math.isfinite(r[f"{hole}_{who}_psnr_hole_db"]) and math.isfinite(r[f"{hole}_{who}_psnr_seam_db"])
+
+
 def test_repair_with_a_pixel_mask_keeps_the_other_codes(maskgit_run, shapes_folder, tmp_path):
     from tools.sample import main as sample_main
 
