@@ -24,11 +24,10 @@ import time
 
 import numpy as np
 import torch
-from _common import machine, report  # also puts the repo root on sys.path
+from _common import machine, report, stage1_splits  # also puts the repo root on sys.path
 from PIL import Image
 
 from common.images import from_uint8, to_uint8
-from common.splits import ImageSplits
 from tools.codec import uniform_bits
 from tools.compress import compress_codes, decode_images, decompress_codes, encode_images
 from tools.container import unpack
@@ -95,8 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prior", default="runs/stage2_transformer/latest/checkpoints/best.ckpt")
     ap.add_argument("--vqvae", default=None, help="default: the stage-1 checkpoint the prior names")
-    ap.add_argument("--dataset", default="fashion_mnist", help="test split of this dataset (as --data.dataset)")
-    ap.add_argument("--root", default=None, help="its folder (as --data.root; default: the dataset's usual place)")
+    ap.add_argument("--dataset", default=None, help="default: the data stage 1 was trained on (its checkpoint's)")
+    ap.add_argument("--root", default=None, help="default: stage 1's --data.root (give it if the data moved)")
     ap.add_argument("--limit", type=int, default=1000, help="first N test images (0: all)")
     ap.add_argument("--batch_size", type=int, default=256, help="images per coded batch")
     ap.add_argument("--labels", default="best", choices=LABEL_CHOICES, help="as `compress --labels`")
@@ -105,7 +104,7 @@ def main() -> None:
     m = load_models(a.prior, a.vqvae, "cpu")
     m.prior.float()
     m.vqvae.float()
-    dm = ImageSplits(dataset=a.dataset, root=a.root, image_size=m.image_size, channels=m.channels)
+    dm, dataset, _ = stage1_splits(m.vqvae_path, m.image_size, m.channels, a.dataset, a.root)  # its test split
     originals = dm.split_arrays("test")[0][: a.limit or None]  # uint8 (N, C, H, W)
     n, pixels = len(originals), len(originals) * m.image_size**2
 
@@ -122,7 +121,7 @@ def main() -> None:
     ours_psnr = psnr(originals.numpy(), recon.numpy())
     images = originals.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for Pillow
     result = {
-        "dataset": a.dataset, "prior": a.prior, "prior_kind": type(m.prior).__name__, "images": n,
+        "dataset": dataset, "prior": a.prior, "prior_kind": type(m.prior).__name__, "images": n,
         "image_size": m.image_size,
         "channels": m.channels, "grid_shape": list(m.vqvae.grid_shape), "codebook_size": m.vqvae.codebook_size,
         "batch_size": a.batch_size, "labels": a.labels, "codes_exact": bool(np.array_equal(decoded_codes, codes)),

@@ -199,17 +199,17 @@ def test_prior_resumed_mid_epoch_equals_an_uninterrupted_run(pipeline, tmp_path)
     crashed_and_resumed_equals_straight(fit, tmp_path)
 
 
-def test_the_compression_benchmark_runs_on_trained_models(pipeline, shapes_folder, tmp_path):
+def test_the_compression_benchmark_runs_on_trained_models(pipeline, tmp_path):
     """benchmarks/compression.py, whose figures the README quotes, through the codec on the test split: it
     once called encode_images with an argument the codec had dropped, and nothing ran it to notice."""
     out = tmp_path / "compression.json"
-    subprocess.run([sys.executable, "benchmarks/compression.py", "--prior", str(pipeline["prior"]), "--dataset",
-                    "image_folder", "--root", str(shapes_folder), "--limit", "6", "--json", str(out)],
-                   cwd=CONFIGS.parent, check=True, capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "benchmarks/compression.py", "--prior", str(pipeline["prior"]), "--limit", "0",
+                    "--json", str(out)], cwd=CONFIGS.parent, check=True, capture_output=True)  # fmt: skip
     result = json.loads(out.read_text())
-    assert result["images"] == 6 and result["codes_exact"]
+    # the data and split stage 1 was trained on, from its checkpoint: 8 test shapes (the folder's default split: 6)
+    assert result["dataset"] == "image_folder" and result["images"] == 8 and result["codes_exact"]
     assert 0 < result["ideal_bpp"] <= result["ours_payload_bpp"] <= result["ours_bpp"]  # the file adds a header
-    pixels = 6 * result["image_size"] ** 2
+    pixels = 8 * result["image_size"] ** 2
     extra_bits = (result["ours_payload_bpp"] - result["ideal_bpp"]) * pixels
     assert extra_bits <= 64  # the coder is -sum log2 p plus its final state (one batch here: one stream)
     assert result["webp_per_image_at_our_psnr"]["psnr"] >= result["ours_psnr"]  # matched, not under
