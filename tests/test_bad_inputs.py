@@ -390,7 +390,8 @@ def test_training_out_of_memory_is_one_line_naming_the_batch_size(at_step, shape
                                     "--data.dataset", "image_folder", "--data.root", str(shapes_folder),
                                     "--data.image_size", "16", "--data.val_size", "8", "--data.test_size", "8",
                                     "--data.batch_size", "16"], capsys)  # fmt: skip
-    expected = f"train_stage1: error: out of memory ({CUDA_OOM_SHORT}); pass a smaller --data.batch_size (now 16)"
+    expected = (f"train_stage1: error: out of memory ({CUDA_OOM_SHORT}); pass a smaller --data.batch_size (now 16) "
+                "and, to keep the batch the learning rate was set for, --trainer.accumulate_grad_batches")
     if at_step:
         expected += f"; the checkpoints saved so far are in {tmp_path / 'version_0' / 'checkpoints'}"
         assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
