@@ -90,4 +90,3 @@ def stage1_splits(vqvae_path: str | Path, image_size: int, channels: int, datase
     opts = {**data_options(saved), "image_size": image_size, "channels": channels, "cache_dir": None}
     opts.update({k: v for k, v in (("dataset", dataset), ("root", root)) if v is not None})
     return ImageSplits(**opts), opts.get("dataset", "fashion_mnist"), opts.get("root")
-

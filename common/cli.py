@@ -6,7 +6,8 @@ score_anomalies, train_feature_net): one parser style, one --overwrite and --dev
 
 A user error (a bad flag, a missing or unusable file, an output that already exists) is one line,
 ``<prog>: error: <message>``, and exit code 2, never a traceback: everything a command raises as a
-`UserError`, `ValueError` or `OSError` is reported so. Parse errors take the same path. Imports torch
+`UserError`, `ValueError` or `OSError` is reported so, and so is running out of memory (naming the option
+that sets the batch). Parse errors take the same path. Imports torch
 (for devices) and jsonargparse (for ``--data.*`` options built from a class signature) only.
 """
 

@@ -212,12 +212,14 @@ class VQGenCLI(LightningCLI):
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
 
     def _out_of_memory_message(self, what: str) -> str:
-        """What ran out, the batch size to lower and, once training has started, where its checkpoints are."""
+        """What ran out, the batch size to lower (in fit, with the accumulation that keeps the optimiser's batch)
+        and where the checkpoints saved so far are, if there are any."""
         sub = getattr(self, "subcommand", None)
         data = self.config[sub].get("data") if sub and getattr(self, "config", None) else None
         size = data.get("batch_size") if data is not None else None
-        message = (f"out of memory ({what}); pass a smaller --data.batch_size" + (f" (now {size})" if size else "")
-                   + " and, to keep the batch the learning rate was set for, --trainer.accumulate_grad_batches")
+        message = f"out of memory ({what}); pass a smaller --data.batch_size" + (f" (now {size})" if size else "")
+        if sub == "fit":
+            message += " and, to keep the batch the learning rate was set for, --trainer.accumulate_grad_batches"
         saved = self.run_dir / "checkpoints" if self.run_dir is not None else None
         if saved is not None and any(saved.glob("*.ckpt")):
             message += f"; the checkpoints saved so far are in {saved}"
