@@ -80,6 +80,8 @@ def out_of_memory(e: BaseException) -> str | None:
         return f"the host could not allocate {int(cpu[1]) / 2**30:,.1f} GiB"
     if not isinstance(e, torch.OutOfMemoryError):
         return None
+    if "OutOfMemoryError: " in text:  # re-raised from a DataLoader worker: its traceback, then the message
+        text = text.rsplit("OutOfMemoryError: ", 1)[1]
     # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.25 GiB
     # is free. Including non-PyTorch memory, ..." (then allocator advice and a link): the first three sentences
     return " ".join(re.split(r"(?<=\.) ", text)[:3]).rstrip(".")

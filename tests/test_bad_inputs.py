@@ -396,3 +396,29 @@ def test_training_out_of_memory_is_one_line_naming_the_batch_size(at_step, shape
         expected += f"; the checkpoints saved so far are in {tmp_path / 'version_0' / 'checkpoints'}"
         assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
     assert err == expected, err
+
+
+class _RunsOut(torch.utils.data.Dataset):
+    def __init__(self, error) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        if self.error == "host":
+            return torch.empty(2**62, dtype=torch.uint8)
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+
+@pytest.mark.parametrize("error,what", [("host", "the host could not allocate 4,294,967,296.0 GiB"),
+                                        ("card", CUDA_OOM_SHORT)])  # fmt: skip
+def test_out_of_memory_in_a_data_loader_worker_is_recognised(error, what):
+    """A worker's failed allocation reaches the main process re-raised with the worker's traceback in front."""
+    from common.cli import out_of_memory
+
+    with pytest.raises(RuntimeError) as info:
+        next(iter(torch.utils.data.DataLoader(_RunsOut(error), num_workers=1)))
+    assert "worker process" in str(info.value) and out_of_memory(info.value) == what
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
