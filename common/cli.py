@@ -70,21 +70,22 @@ def one_line(message: str) -> str:
 
 
 def out_of_memory(e: BaseException) -> str | None:
-    """What a failed allocation asked for, in a few words, or None if `e` is not one: torch.OutOfMemoryError
-    (CUDA, MPS, XPU: its first sentences, the size tried and what the card has free) or the CPU allocator's
-    RuntimeError (a request the host cannot map). A batch too large for the machine, not a bug."""
+    """"out of memory (what the failed allocation asked for)", for a message that goes on with its remedy, or
+    None if `e` is not one: torch.OutOfMemoryError (CUDA, MPS, XPU: its first sentences, the size tried and
+    what the card has free) or the CPU allocator's RuntimeError (a request the host cannot map). A batch too
+    large for the machine, not a bug."""
     if not isinstance(e, RuntimeError):
         return None
     text = one_line(e)
     if (cpu := re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)):
-        return f"the host could not allocate {int(cpu[1]) / 2**30:,.1f} GiB"
+        return f"out of memory (the host could not allocate {int(cpu[1]) / 2**30:,.1f} GiB)"
     if not isinstance(e, torch.OutOfMemoryError):
         return None
     if "OutOfMemoryError: " in text:  # re-raised from a DataLoader worker: its traceback, then the message
         text = text.rsplit("OutOfMemoryError: ", 1)[1]
     # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.25 GiB
     # is free. Including non-PyTorch memory, ..." (then allocator advice and a link): the first three sentences
-    return " ".join(re.split(r"(?<=\.) ", text)[:3]).rstrip(".")
+    return f"out of memory ({' '.join(re.split(r'(?<=[.]) ', text)[:3]).rstrip('.')})"
 
 
 class Parser(ArgumentParser):
@@ -186,7 +187,7 @@ def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: l
         if (what := out_of_memory(e)) is None:
             raise
         remedy = f"pass a smaller {memory_flag}" if memory_flag else "free some memory, or use a larger machine"
-        print(f"{prog}: error: out of memory ({what}); {remedy}", file=sys.stderr)
+        print(f"{prog}: error: {what}; {remedy}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     except (KeyboardInterrupt, CommandInterrupted):  # Ctrl-C: outputs are written under temporary names
         print(f"\n{prog}: interrupted (Ctrl-C)", file=sys.stderr)

@@ -217,7 +217,7 @@ class VQGenCLI(LightningCLI):
         sub = getattr(self, "subcommand", None)
         data = self.config[sub].get("data") if sub and getattr(self, "config", None) else None
         size = data.get("batch_size") if data is not None else None
-        message = f"out of memory ({what}); pass a smaller --data.batch_size" + (f" (now {size})" if size else "")
+        message = f"{what}; pass a smaller --data.batch_size" + (f" (now {size})" if size else "")
         if sub == "fit":
             message += " and, to keep the batch the learning rate was set for, --trainer.accumulate_grad_batches"
         saved = self.run_dir / "checkpoints" if self.run_dir is not None else None

@@ -411,8 +411,8 @@ class _RunsOut(torch.utils.data.Dataset):
         raise torch.OutOfMemoryError(CUDA_OOM)
 
 
-@pytest.mark.parametrize("error,what", [("host", "the host could not allocate 4,294,967,296.0 GiB"),
-                                        ("card", CUDA_OOM_SHORT)])  # fmt: skip
+@pytest.mark.parametrize("error,what", [("host", "out of memory (the host could not allocate 4,294,967,296.0 GiB)"),
+                                        ("card", f"out of memory ({CUDA_OOM_SHORT})")])  # fmt: skip
 def test_out_of_memory_in_a_data_loader_worker_is_recognised(error, what):
     """A worker's failed allocation reaches the main process re-raised with the worker's traceback in front."""
     from common.cli import out_of_memory

@@ -159,7 +159,7 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
             raise e  # a bug: the 500 below, with its traceback in the log
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the failed request's blocks back before the next one
-        return JSONResponse({"error": f"out of memory ({what}); ask for fewer images at once"}, status_code=503)
+        return JSONResponse({"error": f"{what}; ask for fewer images at once"}, status_code=503)
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, e: Exception):  # Starlette logs the traceback after this answer
