@@ -7,6 +7,7 @@ missing wandb install falls back to CSV with a clear message.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -14,6 +15,7 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,22 @@ def quiet_lightning() -> None:
     lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _no_advert not in lightning_info.filters:
         lightning_info.addFilter(_no_advert)
+
+
+@contextlib.contextmanager
+def lightning_info_hidden(*phrases: str) -> Iterator[None]:
+    """Inside the block, drop Lightning's info lines that contain any of `phrases` (for a step whose lines
+    would mislead: the test after fit says it is "Restoring states" though nothing resumes)."""
+    lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not any(phrase in record.getMessage() for phrase in phrases)
+
+    lightning_info.addFilter(keep)
+    try:
+        yield
+    finally:
+        lightning_info.removeFilter(keep)
 
 
 class LineProgressBar(ProgressBar):

@@ -11,11 +11,13 @@ to the dashboard; after `fit` the best checkpoint is tested and ``samples.png`` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from pytorch_lightning import Callback
 
 from common.images import make_grid, save_grid
-from common.logging import log_image
+from common.logging import lightning_info_hidden, log_image
 from common.runs import VQGenCLI, train_main
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.data import CodesDataModule
@@ -79,12 +81,19 @@ class Stage2CLI(VQGenCLI):
             return
         # "best" exists only if a validation ran (max_steps can end the run before the first one). Its path, not
         # "best": with last.ckpt's callback beside it, Lightning would warn that it picks the first of two.
-        best = self.trainer.checkpoint_callback.best_model_path
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path
+        # Lightning says "Restoring states from the checkpoint path ..." here, which reads like a resume: the
+        # line below names the weights tested instead (a resumed fit's own restore lines are untouched)
+        with lightning_info_hidden("Restoring states from the checkpoint path", "Loaded model weights from"):
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-        print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+        score = checkpoint.best_model_score  # None when a resume into another folder restored only the path
+        weights = ("the final weights: no validation ran" if not best else str(best) if score is None
+                   else f"{Path(best).name}: {checkpoint.monitor} {float(score):.4f}")  # fmt: skip
+        print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())) + f"  ({weights})", flush=True)
         vqvae = load_stage1(self.datamodule.stage1_ckpt, "the codes' stage-1 checkpoint")[0]
         images, per_row = sample_grid_images(self.model.cpu(), vqvae)
         path = self.run_dir / "samples.png"

@@ -6,6 +6,7 @@ under torchrun, no duplicate metrics after a resume, and a resumed run equal to 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import shutil
@@ -340,7 +341,7 @@ def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_pa
         assert torch.equal(value, b["state_dict"][name]), name
 
 
-def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsys):
+def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsys, caplog):
     """These codes overfit after the first validation (best.ckpt stays at step 3): last.ckpt must still be the
     newest step at every validation (Lightning 2.6's save_last wrote it only beside a new best) and at the end
     of training between validations; a run resumed from a checkpoint written before this (one ModelCheckpoint
@@ -354,6 +355,7 @@ def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsy
                       "--trainer.default_root_dir", str(root), *extra])  # fmt: skip
         return root / "latest" / "checkpoints"
 
+    caplog.set_level(logging.INFO)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ckpts = fit(tmp_path / "runs", 12)
@@ -361,11 +363,18 @@ def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsy
     assert best["global_step"] == 3 and last["global_step"] == 12
     # the test after fit names best.ckpt itself: "best" made Lightning warn that it takes the first of the two
     assert not [w for w in caught if "multiple `ModelCheckpoint`" in str(w.message)]
+    # ... and says so itself, without Lightning's "Restoring states ...", which read like a resume
+    test_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("test: "))
+    assert re.search(r"test/bits_per_code=\S+ .*\(best\.ckpt: val/bits_per_code \d+\.\d{4}\)$", test_line), test_line
+    assert not [r for r in caplog.records if "Restoring states" in r.getMessage()]
+    caplog.clear()
     old = {k: v for k, v in last.items() if k != "callbacks"}  # as the single-ModelCheckpoint runs wrote it
     old["callbacks"] = {k: v for k, v in last["callbacks"].items() if "'monitor': None" not in k}
     torch.save(old, tmp_path / "old.ckpt")
     ckpts = fit(tmp_path / "resumed", 14, "--ckpt_path", str(tmp_path / "old.ckpt"))
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 14  # saved at the end, too
+    restored = [r.getMessage() for r in caplog.records if "Restor" in r.getMessage()]
+    assert restored and all("old.ckpt" in m for m in restored)  # a resume still says where it started
 
 
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
