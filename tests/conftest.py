@@ -122,8 +122,15 @@ def crashed_and_resumed_equals_straight(fit, tmp_path: Path, steps: int = 12, cr
     with pytest.raises(RuntimeError, match=f"injected failure at step {crash_at}"):
         fit(tmp_path / "resumed", "--trainer.callbacks+=tests.ddp_probe.FailAt", f"--trainer.callbacks.step={crash_at}")
     fit(tmp_path / "resumed", "--ckpt_path", "last")
+    assert_same_last_checkpoint(tmp_path, steps)
+
+
+def assert_same_last_checkpoint(tmp_path: Path, steps: int) -> None:
+    """The runs under tmp_path/straight and tmp_path/resumed both ended at `steps` with the same weights (the
+    same names, every tensor equal bit for bit) in their last.ckpt."""
     a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
             for name in ("straight", "resumed"))  # fmt: skip
     assert a["global_step"] == b["global_step"] == steps
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import user_error, write_trainable_codes
+from conftest import assert_same_last_checkpoint, user_error, write_trainable_codes
 from test_stage1 import ROOT, fit_args, fit_in_subprocess, train_losses
 
 from common.codes import CodesMeta, sha256_file
@@ -254,12 +254,7 @@ def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash,
         train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, f"--trainer.callbacks+={FAIL}",
                               f"--trainer.callbacks.step={crash}"))  # fmt: skip
     train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
-    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-            for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name
+    assert_same_last_checkpoint(tmp_path, 12)
     assert train_losses(tmp_path / "straight" / "version_0") == train_losses(tmp_path / "resumed" / "version_0")
 
 
@@ -292,11 +287,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(s
     assert torch.load(last, weights_only=True)["global_step"] == saved
     assert (tmp_path / "resumed" / "latest").resolve() == run.resolve()
     train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, "--ckpt_path", "last"))
-    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-            for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12  # the final step, also when no validation falls on it
-    for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name
+    assert_same_last_checkpoint(tmp_path, 12)  # the final step, also when no validation falls on it
     assert train_losses(tmp_path / "straight" / "version_0") == train_losses(run)
 
 # ------------------------------------------------------------------------------------- launchers
@@ -334,11 +325,7 @@ def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_pa
     resume = fit_args(shapes_folder, tmp_path / "resumed", 12, *ddp, "--ckpt_path", "last")
     code, out = fit_in_subprocess(resume, tmp_path)
     assert code == 0, out[-20000:]
-    a, b = (torch.load(tmp_path / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-            for name in ("straight", "resumed"))  # fmt: skip
-    assert a["global_step"] == b["global_step"] == 12
-    for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name
+    assert_same_last_checkpoint(tmp_path, 12)
 
 
 def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsys, caplog):
