@@ -16,8 +16,8 @@ from common.codes import sha256_file
 from common.images import from_uint8, to_uint8
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
-from tools.anomaly import COLUMNS, auroc, generic_code_bits, heat_map_grid, main, mean_nll_bits, score_images
-from tools.anomaly_scores import ORIENTATION_WEIGHT, reorientations
+from tools.anomaly import COLUMNS, auroc, heat_map_grid, main, mean_nll_bits, score_images
+from tools.anomaly_scores import ORIENTATION_WEIGHT, generic_code_bits, reorientations
 from tools.transform_net import AnomalyNet, TransformNet, reference_features
 
 SIZE, K = 16, 16

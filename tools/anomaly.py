@@ -71,12 +71,10 @@ from common.images import GRID_FORMATS, image_files, load_images, save_grid
 from common.io import check_output, write_atomic
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
-from tools.anomaly_scores import (  # noqa: F401  (generic_code_bits, code_surprise: tests import them from here)
+from tools.anomaly_scores import (
     DEFAULT_SCORE,
     SCORES,
-    code_surprise,
     default_score,
-    generic_code_bits,
     heat_map_grid,
     mean_nll_bits,
     score_images,
