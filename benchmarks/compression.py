@@ -1,9 +1,9 @@
-"""Compression benchmark: `compress` on a test set (Fashion-MNIST, or --dataset emoji) against the ideal
-code length, uniform coding of the codes, PNG / WebP lossless, and JPEG / WebP at matched PSNR;
-compress/decompress speed.
+"""Compression benchmark: `compress` on the test split of the data stage 1 was trained on (read from its
+checkpoint, as `evaluate` does) against the ideal code length, uniform coding of the codes, PNG / WebP
+lossless, and JPEG / WebP at matched PSNR; compress/decompress speed.
 
     python benchmarks/compression.py --prior runs/stage2_transformer/latest/checkpoints/best.ckpt --limit 1000
-    python benchmarks/compression.py --dataset emoji --limit 0 --json benchmarks/results/compression_emoji.json \
+    python benchmarks/compression.py --limit 0 --json benchmarks/results/compression_emoji.json \
         --prior runs/emoji/stage2_transformer/latest/checkpoints/best.ckpt      # the whole emoji test split
 
 Bits per pixel (bpp) everywhere, per pixel position (a colour pixel's three channels count once). Ours is
