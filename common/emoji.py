@@ -27,7 +27,7 @@ import numpy as np
 
 from common.cli import UserError
 from common.images import ImageError, read_images
-from common.readers import DatasetError, DatasetNotFoundError, ImageArrays
+from common.readers import DatasetError, DatasetNotFoundError, ImageArrays, where
 
 VERSION = "16.0.0"
 VENDORS = ("apple", "google", "twitter", "facebook")
@@ -109,7 +109,7 @@ def _extract(tarball: Path, vendor: str, root: Path) -> None:
 def _entries(root: Path) -> list[dict]:
     path = root / "emoji.json"
     if not path.is_file():
-        raise DatasetNotFoundError(f"emoji not found: no {path}; {HOW_TO_GET}")
+        raise DatasetNotFoundError(f"emoji not found: no {where(path)}; {HOW_TO_GET}")
     try:
         entries = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -139,7 +139,7 @@ def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArr
     names = emoji_class_names(root)
     vendors = [v for v in VENDORS if (root / "img" / v / "64").is_dir()]
     if not vendors:
-        raise DatasetNotFoundError(f"emoji not found: no {root}/img/<vendor>/64 folder; {HOW_TO_GET}")
+        raise DatasetNotFoundError(f"emoji not found: no <vendor>/64 folder in {where(root / 'img')}; {HOW_TO_GET}")
     files, labels, groups, who, what = [], [], [], [], []
     for row, e in enumerate(entries):
         if e.get("category") not in names:

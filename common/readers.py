@@ -70,6 +70,12 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are missing; the message lists where we looked and how to get them."""
 
 
+def where(path: str | Path) -> str:
+    """`path` for a message, saying what a relative one is relative to: checkpoints keep --data.root as it was
+    typed, so a command run from another directory looks for it somewhere else."""
+    return str(path) if Path(path).is_absolute() else f"{path} (relative to the current directory {Path.cwd()})"
+
+
 @dataclass
 class ImageArrays:
     """What every reader returns."""
@@ -252,7 +258,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(
-            f"image folder {root} does not exist; pass --data.root DIR holding {SUFFIXES_TEXT} "
+            f"image folder {where(root)} does not exist; pass --data.root DIR holding {SUFFIXES_TEXT} "
             "images (optionally in one sub-folder per class)"
         )
     classes = [(d.name, files) for d in sorted(root.iterdir()) if d.is_dir() and (files := _image_files(d))]

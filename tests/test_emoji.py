@@ -98,9 +98,21 @@ def test_image_splits_read_emoji(emoji_root):
         ImageSplits("emoji", root=str(emoji_root), image_size=48)
 
 
-def test_missing_emoji_says_how_to_get_them(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="make data-emoji"):
+def test_missing_emoji_says_how_to_get_them(tmp_path, monkeypatch):
+    with pytest.raises(DatasetNotFoundError, match="make data-emoji") as info:
         ImageSplits("emoji", root=str(tmp_path / "nothing")).split_arrays("train")
+    assert "relative to" not in str(info.value)
+    # a relative root (as a checkpoint keeps it, typed in another directory) says where it was looked for
+    monkeypatch.chdir(tmp_path)
+    for dataset, missing in (("emoji", "nothing/emoji.json"), ("image_folder", "nothing")):
+        with pytest.raises(DatasetNotFoundError) as info:
+            ImageSplits(dataset, root="nothing").split_arrays("train")
+        assert f"{missing} (relative to the current directory {tmp_path})" in str(info.value), str(info.value)
+    (tmp_path / "glyphs").mkdir()
+    (tmp_path / "glyphs" / "emoji.json").write_text("[]")
+    with pytest.raises(DatasetNotFoundError) as info:
+        ImageSplits("emoji", root="glyphs").split_arrays("train")
+    assert f"no <vendor>/64 folder in glyphs/img (relative to the current directory {tmp_path})" in str(info.value)
 
 
 def fake_package(vendor: str, evil: bool = False) -> bytes:
