@@ -78,15 +78,13 @@ def write_result(json_path: str | Path, result: dict) -> Path:
     return path
 
 
-def stage1_splits(vqvae_path: str | Path, image_size: int, channels: int, dataset: str | None = None,
-                  root: str | None = None):  # fmt: skip
-    """(ImageSplits of the data stage 1 was trained on, as `evaluate` reads it: its checkpoint's data options,
-    so an image folder's val/test split is the training run's; --dataset/--root override them; its dataset
-    name; its root)."""
+def stage1_splits(models, dataset: str | None = None, root: str | None = None):
+    """(ImageSplits of the data stage 1 was trained on, as `evaluate` reads it: the data options its checkpoint
+    holds (`tools.load.Models.stage1_data`), so an image folder's val/test split is the training run's;
+    --dataset/--root override them; its dataset name; its root)."""
     from common.splits import ImageSplits, data_options
-    from stage1_vqvae.model import load_stage1
 
-    _, saved = load_stage1(vqvae_path)
-    opts = {**data_options(saved), "image_size": image_size, "channels": channels, "cache_dir": None}
+    opts = {**data_options(models.stage1_data), "image_size": models.image_size, "channels": models.channels,
+            "cache_dir": None}  # fmt: skip
     opts.update({k: v for k, v in (("dataset", dataset), ("root", root)) if v is not None})
     return ImageSplits(**opts), opts.get("dataset", "fashion_mnist"), opts.get("root")

@@ -104,7 +104,7 @@ def main() -> None:
     m = load_models(a.prior, a.vqvae, "cpu")
     m.prior.float()
     m.vqvae.float()
-    dm, dataset, _ = stage1_splits(m.vqvae_path, m.image_size, m.channels, a.dataset, a.root)  # its test split
+    dm, dataset, _ = stage1_splits(m, a.dataset, a.root)  # its test split
     originals = dm.split_arrays("test")[0][: a.limit or None]  # uint8 (N, C, H, W)
     n, pixels = len(originals), len(originals) * m.image_size**2
 

@@ -44,13 +44,13 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
     """Code maps per second of a training step (forward, loss, backward, AdamW) per network, interleaved.
     Trains copies: the networks given stay as they are."""
     nets = {k: copy.deepcopy(net) for k, net in nets.items()}
+    size = min(128, len(codes))  # the configs' batch, or every code map of a small set
     opts = {k: torch.optim.AdamW(net.parameters(), lr=1e-4) for k, net in nets.items()}
     best = {k: float("inf") for k in nets}
     for r in range(rounds + 1):  # round 0: warm-up
         for k, net in nets.items():
             net.train()
             t = time.perf_counter()
-            size = min(128, len(codes))  # the configs' batch, or every code map of a small set
             for i in range(steps):
                 start = (i * size) % (len(codes) - size + 1)
                 batch = slice(start, start + size)
@@ -67,7 +67,7 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
                 best[k] = min(best[k], time.perf_counter() - t)
         for net in nets.values():
             net.eval()
-    return {k: round(steps * min(128, len(codes)) / v, 1) for k, v in best.items()}
+    return {k: round(steps * size / v, 1) for k, v in best.items()}
 
 
 def draw(sampler, prior, n: int, batch_size: int, seed: int, counts: list[int] | None = None,
@@ -121,7 +121,7 @@ def main() -> None:
     result.update({f"train_maps_per_s_{k}": v for k, v in speed.items()})
     result["train_step_time_ratio_masked_over_ar"] = round(speed["ar"] / speed["masked"], 3)
 
-    data, dataset, root = stage1_splits(ar.vqvae_path, ar.image_size, ar.channels, a.dataset, a.root)
+    data, dataset, root = stage1_splits(ar, a.dataset, a.root)
     features = load_features(a.features, dataset, root=root)
     result["features"] = features.description
     f_test = features(data.split_arrays("test")[0], "the test images")

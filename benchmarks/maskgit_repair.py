@@ -97,7 +97,7 @@ def main() -> None:
     if ar.stage1_sha256 != masked.stage1_sha256:
         raise SystemExit("the two priors were trained on codes of different stage-1 checkpoints")
     vqvae, size, grid = ar.vqvae, ar.image_size, tuple(ar.vqvae.grid_shape)
-    data, dataset, root = stage1_splits(ar.vqvae_path, size, ar.channels, a.dataset, a.root)
+    data, dataset, root = stage1_splits(ar, a.dataset, a.root)
     test = data.split_arrays("test")[0]  # uint8 (N, C, S, S)
     originals = from_uint8(test[: a.n])
     features = load_features(a.features, dataset, root=root)

@@ -41,10 +41,11 @@ class Models:
     """A prior network and its stage 1, on one device, with their checkpoints' paths and the prior's codes."""
 
     def __init__(self, prior: CodePrior, vqvae: VQModel, prior_path: Path, vqvae_path: Path, device: torch.device,
-                 codes_meta: dict | None = None) -> None:  # fmt: skip
+                 codes_meta: dict | None = None, stage1_data: dict | None = None) -> None:  # fmt: skip
         self.prior, self.vqvae = prior.to(device).eval(), vqvae.to(device).eval()
         self.prior_path, self.vqvae_path, self.device = prior_path, vqvae_path, device
         self.codes_meta = codes_meta or {}
+        self.stage1_data = stage1_data or {}  # the data options stage 1 was trained with (its checkpoint's)
 
     @cached_property
     def prior_sha256(self) -> str:
@@ -94,8 +95,8 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     prior, hparams = load_prior(prior_path)
     meta = hparams.get("codes_meta") or {}
     path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path)
-    vqvae, _ = load_stage1(path, "--vqvae")
-    models = Models(prior, vqvae, Path(prior_path), path, torch.device(device), meta)
+    vqvae, stage1_data = load_stage1(path, "--vqvae")
+    models = Models(prior, vqvae, Path(prior_path), path, torch.device(device), meta, stage1_data)
     if not vqvae_path:  # stage1_path_of has just checked it against the hash the codes recorded
         models.stage1_sha256 = meta["stage1_sha256"]
     facts = prior_facts(prior, meta)
