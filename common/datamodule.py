@@ -4,6 +4,7 @@ the Trainer asks for); its options are saved as hyperparameters, so a stage-1 ch
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,14 +15,17 @@ from common.images import from_uint8
 from common.logging import say_once
 from common.readers import _MNIST_LIKE, DatasetError, mnist_like_files
 from common.shuffle import ResumableTraining, shard_of
-from common.splits import ImageSplits
+from common.splits import RESOLVED_ROOT, ImageSplits
 
 
 class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
     """The Lightning data module of one image dataset; arguments as :class:`common.splits.ImageSplits`."""
 
     def record_options(self, options: dict[str, Any]) -> None:
-        self.save_hyperparameters(options)
+        # the root as typed (a copied project keeps working from its own top) and where it was at training time
+        # (common.splits.data_options falls back to that when a later command runs from another directory)
+        root = options.get("root")
+        self.save_hyperparameters({**options, RESOLVED_ROOT: str(Path(root).resolve()) if root else None})
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def dataloader(self, split: str, batch_size: int | None = None, indices_only: bool | None = None,

@@ -43,6 +43,7 @@ from common.shuffle import resumable_loader
 # A loader worker that sends nothing for this long is hung, not slow: every batch is one index operation on
 # data in memory (milliseconds). The DataLoader then raises instead of waiting for good (see loader_options).
 WORKER_TIMEOUT_S = 600.0
+RESOLVED_ROOT = "resolved_root"  # the hyperparameter: --data.root as an absolute path where training ran
 WORKER_TIMEOUT_MESSAGE = "DataLoader timed out"  # the start of PyTorch's error for it
 
 
@@ -333,6 +334,13 @@ class SplitIndices(Dataset):
 
 
 def data_options(saved: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The saved arguments (e.g. a checkpoint's datamodule_hyper_parameters) that ImageDataModule takes."""
+    """The saved arguments (e.g. a checkpoint's datamodule_hyper_parameters) that ImageDataModule takes.
+
+    A relative root is saved as typed; where it is not found from the current directory but was found where
+    training ran (RESOLVED_ROOT, saved since 2026-11-29), that absolute path is used instead."""
     known = set(inspect.signature(ImageSplits.__init__).parameters) - {"self", *skip}
-    return {k: v for k, v in saved.items() if k in known}
+    options = {k: v for k, v in saved.items() if k in known}
+    root, resolved = options.get("root"), saved.get(RESOLVED_ROOT)
+    if root and resolved and not Path(root).is_absolute() and not Path(root).exists() and Path(resolved).exists():
+        options["root"] = resolved
+    return options

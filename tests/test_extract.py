@@ -107,6 +107,26 @@ def test_extraction_through_a_cache_gives_the_same_codes(stage1, tmp_path: Path,
             np.testing.assert_array_equal(load_split(tmp_path / out, split)[0], want)
 
 
+def test_a_relative_root_is_found_from_another_directory(stage1, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A stage 1 trained with --data.root typed relative to where it ran: extract_codes run from elsewhere reads
+    the folder where training found it (the checkpoint keeps both); --data.root given there still wins."""
+    ckpt, root = stage1
+    monkeypatch.chdir(root.parent)
+    dm = ImageDataModule(root="images", **DATA)
+    assert (dm.hparams["root"], dm.hparams["resolved_root"]) == ("images", str(root.resolve()))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["datamodule_hyper_parameters"] = dict(dm.hparams)  # as if trained from root.parent with this root
+    torch.save(saved, tmp_path / "relative.ckpt")
+    monkeypatch.chdir(tmp_path)  # holds no images/
+    main(["--ckpt", "relative.ckpt", "--out", "codes", "--splits", "test", "--accelerator", "cpu"])
+    np.testing.assert_array_equal(load_split(tmp_path / "codes", "test")[0], expected_codes(ckpt, root, "test")[0])
+    err = user_error(main, ["--ckpt", "relative.ckpt", "--out", "other", "--data.root", "images"], capsys)
+    assert f"image folder images (relative to the current directory {tmp_path}) does not exist" in err, err
+    (tmp_path / "images").mkdir()  # a folder of that name here is the one meant: no fallback, its own error
+    err = user_error(main, ["--ckpt", "relative.ckpt", "--out", "other"], capsys)
+    assert "images" in err and str(root) not in err, err
+
+
 def test_existing_codes_need_overwrite(stage1, tmp_path: Path, capsys) -> None:
     ckpt, _ = stage1
     args = ["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "val"]
