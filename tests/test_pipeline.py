@@ -22,6 +22,7 @@ from stage2_prior.pixelcnn import GatedPixelCNN
 from stage2_prior.train import main as train_stage2
 from stage2_prior.transformer import Transformer
 from tools import drawing
+from tools.load import load_models
 from tools.sample import main as sample_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -213,6 +214,21 @@ def test_the_compression_benchmark_runs_on_trained_models(pipeline, tmp_path):
     extra_bits = (result["ours_payload_bpp"] - result["ideal_bpp"]) * pixels
     assert extra_bits <= 64  # the coder is -sum log2 p plus its final state (one batch here: one stream)
     assert result["webp_per_image_at_our_psnr"]["psnr"] >= result["ours_psnr"]  # matched, not under
+
+
+def test_the_sampling_speed_benchmark_runs_on_a_trained_prior(pipeline, tmp_path, monkeypatch):
+    """benchmarks/sample_speed.py, whose figures the README quotes: the trained prior and its stage 1, timed."""
+    from test_benchmarks import figures, run_script
+
+    out = tmp_path / "speed.json"
+    run_script("sample_speed.py", ["--prior", str(pipeline["prior"]), "--batch_size", "500", "--repeats", "1",
+                                   "--json", str(out)], monkeypatch)  # fmt: skip
+    result = figures(out)
+    assert result["weights"] == f"trained: {pipeline['prior']}"
+    assert result["transformer_n64_seconds"] > 0 and result["transformer_n1000_seconds"] > 0
+    assert result["transformer_cache_speedup"] == pytest.approx(
+        result["transformer_n64_naive_seconds"] / result["transformer_n64_seconds"], rel=0.05)
+    assert result["transformer_params"] == sum(p.numel() for p in load_models(pipeline["prior"]).prior.parameters())
 
 
 def test_class_mix_data_draws_classes_in_the_training_proportions(pipeline, tmp_path, capsys):
