@@ -18,6 +18,7 @@ from conftest import user_error
 from PIL import Image
 
 from common.datamodule import ImageDataModule
+from common.images import from_uint8
 from common.splits import ImageSplits
 from stage1_vqvae import extract
 from stage1_vqvae.model import PIXELS_PER_PASS
@@ -27,6 +28,7 @@ from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior
 from tools import sample, train_feature_net
 from tools.evaluate import main
+from tools.features import accuracy, load_feature_net
 from tools.sample_files import load_samples
 
 DATA = dict(dataset="image_folder", image_size=16, batch_size=8, val_size=8, test_size=8)
@@ -121,6 +123,23 @@ def test_evaluate_samples_prints_the_floor(artifacts, shapes_folder, tmp_path, c
     assert "real-data floor" in printed and f"FID (image-folder '{shapes_folder.name}' classifier" in printed
     assert r["samples"] == 16 and r["floor_train_images"] == 16 and r["test_images"] == 8
     assert r["fid"] >= 0 and r["fid_floor"] >= 0 and r["kid_subset_size"] == 8
+    # class agreement: the feature net's own top-1 on the samples against the classes they were drawn for
+    net, _ = load_feature_net(artifacts["features"])
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        images, labels = torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"])
+    assert "class agreement (the classifier names the class drawn)" in printed
+    assert r["class_agreement"] == pytest.approx(accuracy(net, images, labels))
+    test_images, test_labels = ImageSplits(root=str(shapes_folder), **DATA).split_arrays("test")
+    assert r["class_agreement_floor"] == pytest.approx(accuracy(net, test_images, test_labels))
+    said = net(from_uint8(images)).argmax(1)
+    for c in (0, 1):
+        assert r["class_agreement_per_class"][c] == pytest.approx(float((said[labels == c] == c).float().mean()))
+    # samples labelled with what the classifier says agree fully; a folder of images has no labels to agree with
+    with np.load(artifacts["samples"], allow_pickle=False) as npz:
+        np.savez(tmp_path / "said.npz", **{**{k: npz[k] for k in npz.files}, "labels": said.numpy()})
+    agreed = evaluate("samples", "--samples", str(tmp_path / "said.npz"), "--ckpt", str(artifacts["stage1"]),
+                      "--features", str(artifacts["features"]), "--kid_subsets", "5", out=tmp_path / "t.json")
+    assert agreed["class_agreement"] == 1.0 and agreed["fid"] == r["fid"]
 
 
 def test_samples_as_png_files_score_as_their_npz(artifacts, shapes_folder, tmp_path, capsys):
@@ -149,6 +168,7 @@ def test_samples_as_png_files_score_as_their_npz(artifacts, shapes_folder, tmp_p
     assert torch.equal(load_samples(tmp_path / "pngs", channels=1), torch.from_numpy(images))  # the same pixels
     assert from_dir["samples"] == 16 and from_dir["fid"] == pytest.approx(from_npz["fid"], rel=1e-6)
     assert from_dir["kid"] == pytest.approx(from_npz["kid"], rel=1e-6, abs=1e-9)
+    assert from_npz["class_agreement"] is not None and from_dir["class_agreement"] is None  # files carry no class
 
 
 def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(artifacts, tmp_path, capsys):

@@ -192,13 +192,35 @@ def evaluate_samples(samples: torch.Tensor, dm: ImageSplits, features: Features,
     return {"samples": n, "test_images": len(test), "floor_train_images": len(pick), "fid": fid(f_samples, f_test),
             "fid_floor": fid(f_floor, f_test), "kid": kid_s[0], "kid_std": kid_s[1], "kid_floor": kid_f[0],
             "kid_floor_std": kid_f[1], "kid_subset_size": subset, "features": features.description,
-            "class_mix_distance": mix}  # fmt: skip
+            "class_mix_distance": mix,
+            **class_agreement(features, f_samples, labels, f_test, test_labels.numpy())}  # fmt: skip
+
+
+def class_agreement(features: Features, f_samples: np.ndarray, labels: np.ndarray | None, f_test: np.ndarray,
+                    test_labels: np.ndarray) -> dict[str, Any]:  # fmt: skip
+    """How often the feature net's classifier names the class each sample was drawn for, beside how often it
+    names the test images' own classes (its accuracy: the floor). None where there is nothing to compare: no
+    labels (unconditional samples, a folder), Inception features, or classes the net does not know."""
+    none = {"class_agreement": None, "class_agreement_floor": None, "class_agreement_per_class": None}
+    known = test_labels >= 0
+    if labels is None or not features.num_classes or not known.any() or labels.max() >= features.num_classes:
+        return none
+    said, said_test = features.top1(f_samples), features.top1(f_test[known])
+    per_class = [float((said[labels == c] == c).mean()) if (labels == c).any() else None
+                 for c in range(features.num_classes)]  # fmt: skip
+    return {"class_agreement": float((said == labels).mean()),
+            "class_agreement_floor": float((said_test == test_labels[known]).mean()),
+            "class_agreement_per_class": per_class}  # fmt: skip
 
 
 def samples_rows(r: dict[str, Any], label: str) -> list[tuple[str, str, str]]:
-    return [(f"FID ({label})", f"{r['fid']:.3f}", f"{r['fid_floor']:.3f}"),
+    rows = [(f"FID ({label})", f"{r['fid']:.3f}", f"{r['fid_floor']:.3f}"),
             (f"KID ({label})", f"{r['kid']:.5f} ± {r['kid_std']:.5f}",
              f"{r['kid_floor']:.5f} ± {r['kid_floor_std']:.5f}")]  # fmt: skip
+    if r.get("class_agreement") is not None:  # the floor: the classifier's accuracy on the test images
+        rows.append(("class agreement (the classifier names the class drawn)", f"{r['class_agreement']:.3f}",
+                     f"{r['class_agreement_floor']:.3f}"))  # fmt: skip
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ output

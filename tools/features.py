@@ -137,12 +137,25 @@ class Features:
 
     ``label`` names the feature space in metric names ("FID (<label>)"); ``description`` adds details
     (file, test accuracy); ``image_shape`` (C, H, W) is what the images must be, or None for any.
+    ``num_classes``: a feature net's classes (its head turns features into them: ``top1``), 0 for Inception.
     """
 
     def __init__(self, net: nn.Module, label: str, description: str, image_shape: tuple[int, int, int] | None,
                  device: torch.device, inception: bool = False, batch_size: int = 500) -> None:  # fmt: skip
         self.net, self.label, self.description = net.to(device).eval(), label, description
         self.image_shape, self.device, self.inception, self.batch_size = image_shape, device, inception, batch_size
+        self.num_classes = 0 if inception else int(net.head[-1].out_features)
+
+    @torch.no_grad()
+    def top1(self, features: np.ndarray) -> np.ndarray | None:
+        """The class a feature net's head gives features (N, D) that __call__ returned (N,), or None (Inception).
+        Exactly the net's own prediction: the features are its body's float32 output, held as float64."""
+        if not self.num_classes:
+            return None
+        x = torch.from_numpy(features).float()
+        out = [self.net.head(x[i : i + self.batch_size].to(self.device)).argmax(1).cpu()
+               for i in range(0, len(x), self.batch_size)]  # fmt: skip
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
     def check(self, images: torch.Tensor, what: str) -> None:
         shape = tuple(images.shape[1:])
