@@ -15,7 +15,7 @@ from common.images import from_uint8
 from common.logging import say_once
 from common.readers import _MNIST_LIKE, DatasetError, mnist_like_files
 from common.shuffle import ResumableTraining, shard_of
-from common.splits import RESOLVED_ROOT, ImageSplits
+from common.splits import RESOLVED_ROOT, ImageSplits, data_root
 
 
 class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
@@ -24,7 +24,7 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
     def record_options(self, options: dict[str, Any]) -> None:
         # the root as typed (a copied project keeps working from its own top) and where it was at training time
         # (common.splits.data_options falls back to that when a later command runs from another directory)
-        root = options.get("root")
+        root = data_root(options.get("dataset"), options.get("root"))
         self.save_hyperparameters({**options, RESOLVED_ROOT: str(Path(root).resolve()) if root else None})
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from common.emoji import DEFAULT_ROOT as EMOJI_ROOT
 from common.emoji import emoji_class_names, group_split, load_emoji
 from common.image_cache import cached_images
 from common.images import check_channels, from_uint8, infer_channels
@@ -340,7 +341,13 @@ def data_options(saved: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str,
     training ran (RESOLVED_ROOT, saved since 2026-11-29), that absolute path is used instead."""
     known = set(inspect.signature(ImageSplits.__init__).parameters) - {"self", *skip}
     options = {k: v for k, v in saved.items() if k in known}
-    root, resolved = options.get("root"), saved.get(RESOLVED_ROOT)
+    root, resolved = data_root(options.get("dataset"), options.get("root")), saved.get(RESOLVED_ROOT)
     if root and resolved and not Path(root).is_absolute() and not Path(root).exists() and Path(resolved).exists():
         options["root"] = resolved
     return options
+
+
+def data_root(dataset: str | None, root: str | None) -> str | None:
+    """Where `dataset` is read from: --data.root, else emoji's default folder (data/emoji, relative to the
+    current directory); None where the reader finds the files itself (Fashion-MNIST's system copy, downloads)."""
+    return root or (str(EMOJI_ROOT) if dataset == "emoji" else None)

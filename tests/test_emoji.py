@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common import emoji
@@ -113,6 +114,25 @@ def test_missing_emoji_says_how_to_get_them(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         ImageSplits("emoji", root="glyphs").split_arrays("train")
     assert f"no <vendor>/64 folder in glyphs/img (relative to the current directory {tmp_path})" in str(info.value)
+
+
+def test_the_default_root_is_found_from_another_directory(tmp_path, monkeypatch):
+    """Emoji's default root, data/emoji, is relative: a stage-1 checkpoint keeps where it was at training time,
+    and a later command run from another directory reads the glyphs there (common.splits.data_options)."""
+    from common.datamodule import ImageDataModule
+    from common.splits import data_options
+
+    write_emoji(tmp_path / "project" / "data" / "emoji")
+    monkeypatch.chdir(tmp_path / "project")
+    dm = ImageDataModule("emoji", val_size=1, test_size=1)  # --data.root not given: data/emoji
+    saved = dict(dm.hparams)
+    assert saved["root"] is None and saved["resolved_root"] == str(tmp_path / "project" / "data" / "emoji")
+    want = dm.split_arrays("test")[0]
+    monkeypatch.chdir(tmp_path)  # no data/emoji here
+    assert data_options(saved)["root"] == saved["resolved_root"]
+    assert torch.equal(ImageSplits(**data_options(saved)).split_arrays("test")[0], want)
+    (tmp_path / "data" / "emoji").mkdir(parents=True)  # one here is the one meant (and says what is missing)
+    assert data_options(saved)["root"] is None
 
 
 def fake_package(vendor: str, evil: bool = False) -> bytes:

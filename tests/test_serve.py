@@ -92,6 +92,33 @@ def test_the_pages_test_images_decode_only_what_it_shows(world, monkeypatch):  #
     assert len(full) == 8 and torch.equal(play.test_images, full[:2])
 
 
+def test_the_pages_test_images_are_read_at_stage1s_size(shapes_folder, tmp_path):
+    """A real checkpoint's data options do not hold the image size (the model does): a stage 1 trained at 8 px
+    on the 16-px shapes folder (as `make demo-emoji` trains emoji, 64 px, at 32) shows its test images at 8 px.
+    The page read them at the folder's own size before and showed none."""
+    from dataclasses import asdict
+
+    from test_bad_inputs import save_ckpt
+
+    from common.codes import read_meta
+    from stage1_vqvae.extract import main as extract_codes
+    from stage1_vqvae.vqvae import VQVAE
+    from stage2_prior.prior import Prior
+
+    torch.manual_seed(0)
+    data = dict(dataset="image_folder", root=str(shapes_folder), val_size=8, test_size=8)  # as Lightning saves it
+    stage1 = save_ckpt(VQVAE(1, 8, 16, 1, 8, 4, 8, codebook_size=16).eval(), tmp_path / "stage1.ckpt",
+                       datamodule_hyper_parameters=data)  # fmt: skip
+    extract_codes(["--ckpt", str(stage1), "--out", str(tmp_path / "codes"), "--accelerator", "cpu"])
+    meta = read_meta(tmp_path / "codes")
+    prior = save_ckpt(Prior(meta.codebook_size, meta.grid_shape, meta.num_classes, "transformer", "tiny", asdict(meta)),
+                      tmp_path / "prior.ckpt")  # fmt: skip
+    play = Playground(load_models(prior, None, "cpu"))
+    play.load_test_images(count=3)
+    assert play.test_message == "3 test images of image_folder", play.test_message
+    assert play.test_images.shape == (3, 1, 8, 8)
+
+
 @pytest.mark.parametrize("label,guidance", [(-1, {}), (1, {}), (1, {"cfg_scale": "2", "cfg_schedule": "constant"}),
                                            (1, {"cfg_scale": "2", "cfg_schedule": "linear"}),
                                            (-1, {"temperature_end": "1.6"})])  # fmt: skip

@@ -23,7 +23,6 @@ import torch
 
 from common.images import from_uint8, make_grid, to_uint8
 from common.splits import ImageSplits, data_options
-from stage1_vqvae.model import load_stage1
 from stage2_prior.build import require_likelihood
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
@@ -102,8 +101,10 @@ class Playground:
         images and decodes 3 x count files of an image folder, not the folder (minutes for CelebA); nor is an
         image cache written for them."""
         try:
-            _, saved = load_stage1(self.m.vqvae_path)
-            splits = ImageSplits(**{**data_options(saved), "download": False, "limit": count, "cache_dir": None})
+            saved = self.m.stage1_data
+            # at stage 1's size: a checkpoint's data options leave it to the model (emoji trained at 32 px, not 64)
+            splits = ImageSplits(**{**data_options(saved), "image_size": self.m.image_size, "channels": self.m.channels,
+                                    "download": False, "limit": count, "cache_dir": None})  # fmt: skip
             images, _ = splits.split_arrays("test")
             if tuple(images.shape[1:]) != (self.m.channels, self.m.image_size, self.m.image_size):
                 raise ValueError(f"its images are {tuple(images.shape[1:])}, not what stage 1 reads")
