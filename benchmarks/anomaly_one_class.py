@@ -29,8 +29,8 @@ from anomaly_auroc import fit
 
 from common.datamodule import ImageDataModule
 from common.images import from_uint8
+from common.loaders import UInt8ImageDataset
 from common.readers import FASHION_MNIST_CLASSES
-from common.splits import UInt8ImageDataset
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
 from tools.anomaly import SCORES, auroc, mean_nll_bits, score_images

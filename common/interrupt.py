@@ -3,7 +3,7 @@ due after it, save it as ``last.ckpt`` and stop, so that ``--ckpt_path last`` go
 stopped at (Lightning's own handling keeps only the last validation's checkpoint: up to 1,000 steps of the
 default configs lost). A second Ctrl-C stops at once, the Lightning way. The saved run resumes
 bit-identically to one never stopped (tests/test_runs.py). Loader workers ignore Ctrl-C
-(common.splits.worker_ignores_ctrl_c), so a terminal's, which reaches them too, does not break the fetches.
+(common.loaders.worker_ignores_ctrl_c), so a terminal's, which reaches them too, does not break the fetches.
 
 One process only: under DDP every rank gets the Ctrl-C at a different step, and saving would need them to
 agree on one, so several processes keep Lightning's handling.

@@ -46,10 +46,10 @@ from common.launch import (
     on_rank_zero,
     point_latest,
 )
+from common.loaders import WORKER_TIMEOUT_MESSAGE
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
-from common.splits import WORKER_TIMEOUT_MESSAGE
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 

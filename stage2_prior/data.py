@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, class_counts, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
+from common.loaders import loader_options
 from common.logging import say_once
 from common.shuffle import ResumableTraining, resumable_loader, shard_of
-from common.splits import loader_options
 
 
 class CodesDataset(Dataset):

@@ -399,17 +399,17 @@ def test_a_hung_loader_worker_ends_the_run_with_what_to_do(shapes_folder, tmp_pa
     loaders' timeout, with an error that says what it means and how to go on, instead of waiting for good."""
     from torch.utils.data import get_worker_info
 
-    import common.splits
+    import common.loaders
 
-    real = common.splits.UInt8ImageDataset.__getitems__
+    real = common.loaders.UInt8ImageDataset.__getitems__
 
     def hangs_in_a_worker(self, indices):
         if get_worker_info() is not None:  # a forked worker inherits this patch; the main process never calls it
             time.sleep(3600)
         return real(self, indices)
 
-    monkeypatch.setattr(common.splits.UInt8ImageDataset, "__getitems__", hangs_in_a_worker)
-    monkeypatch.setattr(common.splits, "WORKER_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(common.loaders.UInt8ImageDataset, "__getitems__", hangs_in_a_worker)
+    monkeypatch.setattr(common.loaders, "WORKER_TIMEOUT_S", 2.0)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"DataLoader timed out after 2.0 seconds: a loader worker sent nothing "
                                            r"for that long, so it hung.*--data.num_workers 0 and --ckpt_path last"):
