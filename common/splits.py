@@ -1,8 +1,9 @@
 """Train/val/test splits of one image dataset, each held as one uint8 tensor (`ImageSplits`), torch only.
 
 A batch costs one indexing op and one conversion to [-1, 1] (stage 1 must see > 1500 images/s on 2 CPU
-cores). The readers live in :mod:`common.readers`; the Lightning data module (:mod:`common.datamodule`)
-adds Lightning's hooks to this class.
+cores). The readers live in :mod:`common.readers`, the DataLoader plumbing in :mod:`common.loaders`; the
+Lightning data module (:mod:`common.datamodule`) adds Lightning's hooks to this class. `data_options` turns a
+checkpoint's saved data arguments back into this class's.
 """
 
 from __future__ import annotations
