@@ -71,15 +71,16 @@ def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, s
 
 
 def draw(sampler, prior, n: int, batch_size: int, seed: int, counts: list[int] | None = None,
-         **kw) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """n grids, classes in turn, or in the proportions of `counts` (`sample --class_mix data`)."""
+         **kw) -> tuple[torch.Tensor, float, torch.Tensor]:  # fmt: skip
+    """n grids, classes in turn, or in the proportions of `counts` (`sample --class_mix data`); the time; the
+    classes drawn."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % prior.num_classes if prior.num_classes else None
     if counts is not None and labels is not None:
         labels = labels_in_proportion(counts, n, seed)
     t = time.perf_counter()
     out = [sampler(prior, len(y), y, generator=gen, **kw) for y in labels.split(batch_size)]
-    return torch.cat(out), time.perf_counter() - t
+    return torch.cat(out), time.perf_counter() - t, labels
 
 
 def main() -> None:
@@ -124,7 +125,12 @@ def main() -> None:
     data, dataset, root = stage1_splits(ar, a.dataset, a.root)
     features = load_features(a.features, dataset, root=root)
     result["features"] = features.description
-    f_test = features(data.split_arrays("test")[0], "the test images")
+    test_images, test_labels = data.split_arrays("test")
+    f_test = features(test_images, "the test images")
+    # class agreement (as `evaluate samples`): the feature net's classifier names the class drawn
+    said_test, known = features.top1(f_test), test_labels.numpy() >= 0
+    if said_test is not None and known.any():
+        result["class_agreement_floor_test"] = round(float((said_test[known] == test_labels.numpy()[known]).mean()), 4)
     f_val = features(data.split_arrays("val")[0], "the validation images")
     train_images = data.split_arrays("train")[0]
     pick = np.random.default_rng(0).choice(len(train_images), min(a.n, len(train_images)), replace=False)
@@ -132,11 +138,13 @@ def main() -> None:
     f_floor = features(train_images[pick], "the train subset")
     result["fid_floor_test"] = round(fid(f_floor, f_test), 3)
 
-    def score(name: str, codes: torch.Tensor, seconds: float) -> None:
+    def score(name: str, codes: torch.Tensor, seconds: float, labels: torch.Tensor) -> None:
         with torch.inference_mode():
             images = torch.cat([ar.vqvae.decode_codes(c) for c in codes.split(a.batch_size)])
         f = features(to_uint8(images), "the samples")
         result[f"{name}_fid_test"], result[f"{name}_fid_val"] = round(fid(f, f_test), 3), round(fid(f, f_val), 3)
+        if "class_agreement_floor_test" in result and int(labels.max()) < features.num_classes:
+            result[f"{name}_class_agreement"] = round(float((features.top1(f) == labels.numpy()).mean()), 4)
         result[f"{name}_sample_seconds"] = round(seconds, 2)
         print(f"{name}: FID test {result[f'{name}_fid_test']}, val {result[f'{name}_fid_val']}, "
               f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
@@ -165,6 +173,8 @@ def main() -> None:
         names = [k[: -len("_fid_val")] for k in result if k.startswith(f"{kind}_") and k.endswith("_fid_val")]
         best = min(names, key=lambda k: result[f"{k}_fid_val"])
         result[f"best_on_val_{kind}"], result[f"best_on_val_{kind}_fid_test"] = best, result[f"{best}_fid_test"]
+        if f"{best}_class_agreement" in result:
+            result[f"best_on_val_{kind}_class_agreement"] = result[f"{best}_class_agreement"]
     result["best_on_val_fid_ratio_masked_over_ar"] = round(result["best_on_val_masked_fid_test"]
                                                            / result["best_on_val_ar_fid_test"], 3)  # fmt: skip
     report(result, a.json)

@@ -408,6 +408,10 @@ def test_the_masked_prior_benchmarks_run_on_trained_models(maskgit_run, shapes_f
     assert q["best_on_val_fid_ratio_masked_over_ar"] == round(q["best_on_val_masked_fid_test"]
                                                               / q["best_on_val_ar_fid_test"], 3)  # fmt: skip
     assert q["train_maps_per_s_ar"] > 0 and q["train_maps_per_s_masked"] > 0
+    # class agreement (the feature net's top-1 = the class drawn) beside the FIDs, 6 samples: a multiple of 1/6
+    assert 0 <= q["class_agreement_floor_test"] <= 1
+    assert all(round(q[f"{k}_class_agreement"] * 6, 3) % 1 == 0 for k in names)
+    assert q["best_on_val_ar_class_agreement"] == q[f"{q['best_on_val_ar']}_class_agreement"]
     subprocess.run([sys.executable, "benchmarks/maskgit_repair.py", *both, "--n", "100", "--batch_size", "4", "--json",
                     str(tmp_path / "r.json")], cwd=CONFIGS.parent, check=True, capture_output=True)
     r = json.loads((tmp_path / "r.json").read_text())
