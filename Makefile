@@ -51,7 +51,7 @@ demo: demo-stage1
 
 # The whole pipeline on emoji (colour): at EMOJI_SIZE=32 (the default) 8x8 codes of 32-px
 # glyphs, which a 5-minute CPU prior learns well enough to draw recognisable flags, faces and food (the
-# classifier names the class drawn for 66-68 % of samples, 44-48 % at 64 px), in about 8 minutes on a quiet
+# classifier names the class drawn for 73-75 % of samples, 44-48 % at 64 px), in about 9 minutes on a quiet
 # 2-core CPU; EMOJI_SIZE=64 is the earlier demo (16x16 codes of 64-px glyphs, 13-15 minutes, blobs of
 # colour on a CPU). README, Colour and levels.
 # EMOJI_PRIOR_TIME: the prior's training time (dd:hh:mm:ss; the cosine follows it).

@@ -35,6 +35,7 @@ from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_mask
 from stage2_prior.maskgit import masked_token_loss, random_mask
 from stage2_prior.sampling import CFG_SCHEDULES, sample_codes
 from tools.drawing import labels_in_proportion
+from tools.evaluate import class_agreement
 from tools.features import load_features
 from tools.fid import fid
 from tools.load import load_models
@@ -127,10 +128,6 @@ def main() -> None:
     result["features"] = features.description
     test_images, test_labels = data.split_arrays("test")
     f_test = features(test_images, "the test images")
-    # class agreement (as `evaluate samples`): the feature net's classifier names the class drawn
-    said_test, known = features.top1(f_test), test_labels.numpy() >= 0
-    if said_test is not None and known.any():
-        result["class_agreement_floor_test"] = round(float((said_test[known] == test_labels.numpy()[known]).mean()), 4)
     f_val = features(data.split_arrays("val")[0], "the validation images")
     train_images = data.split_arrays("train")[0]
     pick = np.random.default_rng(0).choice(len(train_images), min(a.n, len(train_images)), replace=False)
@@ -143,8 +140,10 @@ def main() -> None:
             images = torch.cat([ar.vqvae.decode_codes(c) for c in codes.split(a.batch_size)])
         f = features(to_uint8(images), "the samples")
         result[f"{name}_fid_test"], result[f"{name}_fid_val"] = round(fid(f, f_test), 3), round(fid(f, f_val), 3)
-        if "class_agreement_floor_test" in result and int(labels.max()) < features.num_classes:
-            result[f"{name}_class_agreement"] = round(float((features.top1(f) == labels.numpy()).mean()), 4)
+        agreement = class_agreement(features, f, labels.numpy(), f_test, test_labels.numpy())  # as evaluate samples
+        if agreement["class_agreement"] is not None:
+            result[f"{name}_class_agreement"] = round(agreement["class_agreement"], 4)
+            result["class_agreement_floor_test"] = round(agreement["class_agreement_floor"], 4)
         result[f"{name}_sample_seconds"] = round(seconds, 2)
         print(f"{name}: FID test {result[f'{name}_fid_test']}, val {result[f'{name}_fid_val']}, "
               f"{seconds:.2f} s for {a.n}", flush=True)  # fmt: skip
