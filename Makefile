@@ -54,11 +54,13 @@ demo: demo-stage1
 # classifier names the class drawn for 73-75 % of samples, 44-48 % at 64 px), in about 9 minutes on a quiet
 # 2-core CPU; EMOJI_SIZE=64 is the earlier demo (16x16 codes of 64-px glyphs, 13-15 minutes, blobs of
 # colour on a CPU). README, Colour and levels.
-# EMOJI_PRIOR_TIME: the prior's training time (dd:hh:mm:ss; the cosine follows it).
+# EMOJI_PRIOR_TIME: the prior's training time (dd:hh:mm:ss; the cosine follows it); EMOJI_PRIOR_ARGS: more
+# train_stage2 options, e.g. "--model.dropout 0.1" for a longer prior (README).
 EMOJI_SIZE ?= 32
 EMOJI_RUNS ?= $(RUNS)/emoji
 EMOJI_CODES ?= codes/emoji_$(EMOJI_SIZE)px
 EMOJI_PRIOR_TIME ?= 00:00:05:00
+EMOJI_PRIOR_ARGS ?=
 # The prior's batch in code maps: 16 of 256 codes at 64 px (the config's), 64 of 64 codes at 32 px (as many codes a step)
 EMOJI_PRIOR_BATCH ?= $(if $(filter 64,$(EMOJI_SIZE)),16,64)
 # Sampling: at 32 px guidance 3 (linear) was best on validation FID (README); the 64-px demo's temperature alone
@@ -69,7 +71,7 @@ demo-emoji: data-emoji
 	$(BIN)/extract_codes --ckpt $(EMOJI_RUNS)/stage1/latest/checkpoints/last.ckpt --out $(EMOJI_CODES) --overwrite
 	$(BIN)/train_stage2 fit --config configs/stage2/emoji_transformer.yaml --data.codes_dir $(EMOJI_CODES) \
 		--data.batch_size $(EMOJI_PRIOR_BATCH) --trainer.max_time $(EMOJI_PRIOR_TIME) \
-		--trainer.default_root_dir $(EMOJI_RUNS)/stage2_transformer
+		--trainer.default_root_dir $(EMOJI_RUNS)/stage2_transformer $(EMOJI_PRIOR_ARGS)
 	$(BIN)/sample --prior $(EMOJI_RUNS)/stage2_transformer/latest/checkpoints/best.ckpt --n 64 $(EMOJI_SAMPLE_ARGS) \
 		--out $(EMOJI_RUNS)/samples.png --overwrite
 	@echo "emoji demo done: $(EMOJI_RUNS)/stage1/latest/reconstructions.png and $(EMOJI_RUNS)/samples.png"
