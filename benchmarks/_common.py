@@ -82,9 +82,6 @@ def stage1_splits(models, dataset: str | None = None, root: str | None = None):
     """(ImageSplits of the data stage 1 was trained on, as `evaluate` reads it: the data options its checkpoint
     holds (`tools.load.Models.stage1_data`), so an image folder's val/test split is the training run's;
     --dataset/--root override them; its dataset name; its root)."""
-    from common.splits import ImageSplits, data_options
-
-    opts = {**data_options(models.stage1_data), "image_size": models.image_size, "channels": models.channels,
-            "cache_dir": None}  # fmt: skip
-    opts.update({k: v for k, v in (("dataset", dataset), ("root", root)) if v is not None})
-    return ImageSplits(**opts), opts.get("dataset", "fashion_mnist"), opts.get("root")
+    given = {k: v for k, v in (("dataset", dataset), ("root", root)) if v is not None}
+    splits = models.stage1_splits(cache_dir=None, **given)
+    return splits, splits.options.dataset, splits.options.root

@@ -69,6 +69,15 @@ class Models:
         counts = self.codes_meta.get("class_counts")
         return [int(c) for c in counts] if counts and len(counts) == self.prior.num_classes else None
 
+    def stage1_splits(self, **options):
+        """`ImageSplits` of the data stage 1 was trained on, at stage 1's image size and channels (its checkpoint
+        keeps the data options but leaves the size to the model: emoji trained at 32 px, not the default 64);
+        `options` replace any of them. Imported here: the commands that never read data do not pay for it."""
+        from common.splits import ImageSplits, data_options
+
+        return ImageSplits(**{**data_options(self.stage1_data), "image_size": self.image_size,
+                              "channels": self.channels, **options})  # fmt: skip
+
     @property
     def class_names(self) -> list[str]:
         """The prior's classes by name (from the codes it was trained on; ids where those have none)."""

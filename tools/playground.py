@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from common.images import from_uint8, make_grid, to_uint8
-from common.splits import ImageSplits, data_options
 from stage2_prior.build import require_likelihood
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
@@ -101,15 +100,9 @@ class Playground:
         images and decodes 3 x count files of an image folder, not the folder (minutes for CelebA); nor is an
         image cache written for them."""
         try:
-            saved = self.m.stage1_data
-            # at stage 1's size: a checkpoint's data options leave it to the model (emoji trained at 32 px, not 64)
-            splits = ImageSplits(**{**data_options(saved), "image_size": self.m.image_size, "channels": self.m.channels,
-                                    "download": False, "limit": count, "cache_dir": None})  # fmt: skip
-            images, _ = splits.split_arrays("test")
-            if tuple(images.shape[1:]) != (self.m.channels, self.m.image_size, self.m.image_size):
-                raise ValueError(f"its images are {tuple(images.shape[1:])}, not what stage 1 reads")
-            self.test_images = images[:count].clone()
-            self.test_message = f"{len(self.test_images)} test images of {saved.get('dataset', 'the data')}"
+            splits = self.m.stage1_splits(download=False, limit=count, cache_dir=None)
+            self.test_images = splits.split_arrays("test")[0][:count].clone()
+            self.test_message = f"{len(self.test_images)} test images of {splits.options.dataset}"
         except Exception as e:  # missing data is normal here: the page still takes uploads
             self.test_images = None
             self.test_message = f"no test images: stage 1's data cannot be read here ({str(e).splitlines()[0]})"
