@@ -15,17 +15,18 @@ from common.images import from_uint8
 from common.logging import say_once
 from common.readers import _MNIST_LIKE, DatasetError, mnist_like_files
 from common.shuffle import ResumableTraining, shard_of
-from common.splits import RESOLVED_ROOT, ImageSplits, data_root
+from common.splits import RESOLVED_CACHE_DIR, RESOLVED_ROOT, ImageSplits, data_root
 
 
 class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
     """The Lightning data module of one image dataset; arguments as :class:`common.splits.ImageSplits`."""
 
     def record_options(self, options: dict[str, Any]) -> None:
-        # the root as typed (a copied project keeps working from its own top) and where it was at training time
-        # (common.splits.data_options falls back to that when a later command runs from another directory)
-        root = data_root(options.get("dataset"), options.get("root"))
-        self.save_hyperparameters({**options, RESOLVED_ROOT: str(Path(root).resolve()) if root else None})
+        # the root and cache as typed (a copied project keeps working from its own top) and where they were at
+        # training time (common.splits.data_options falls back to those when a later command runs elsewhere)
+        root, cache_dir = data_root(options.get("dataset"), options.get("root")), options.get("cache_dir")
+        self.save_hyperparameters({**options, RESOLVED_ROOT: str(Path(root).resolve()) if root else None,
+                                   RESOLVED_CACHE_DIR: str(Path(cache_dir).resolve()) if cache_dir else None})
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def dataloader(self, split: str, batch_size: int | None = None, indices_only: bool | None = None,

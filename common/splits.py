@@ -40,6 +40,7 @@ from common.readers import (
 from common.shuffle import resumable_loader
 
 RESOLVED_ROOT = "resolved_root"  # the hyperparameter: --data.root as an absolute path where training ran
+RESOLVED_CACHE_DIR = "resolved_cache_dir"  # and --data.cache_dir, likewise
 
 
 class ImageSplits:
@@ -269,13 +270,17 @@ class ImageSplits:
 def data_options(saved: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The saved arguments (e.g. a checkpoint's datamodule_hyper_parameters) that ImageDataModule takes.
 
-    A relative root is saved as typed; where it is not found from the current directory but was found where
-    training ran (RESOLVED_ROOT, saved since 2026-11-29), that absolute path is used instead."""
+    A relative root (or cache_dir) is saved as typed; where it is not found from the current directory but
+    was found where training ran (RESOLVED_ROOT and RESOLVED_CACHE_DIR, saved since 2026-11-29), that absolute
+    path is used instead: a command run from elsewhere reads the same folder and maps the same cache."""
     known = set(inspect.signature(ImageSplits.__init__).parameters) - {"self", *skip}
     options = {k: v for k, v in saved.items() if k in known}
-    root, resolved = data_root(options.get("dataset"), options.get("root")), saved.get(RESOLVED_ROOT)
-    if root and resolved and not Path(root).is_absolute() and not Path(root).exists() and Path(resolved).exists():
-        options["root"] = resolved
+    typed = {"root": data_root(options.get("dataset"), options.get("root")), "cache_dir": options.get("cache_dir")}
+    for key, resolved_key in (("root", RESOLVED_ROOT), ("cache_dir", RESOLVED_CACHE_DIR)):
+        path, resolved = typed[key], saved.get(resolved_key)
+        if path and resolved and not Path(path).is_absolute() and not Path(path).exists() \
+                and Path(resolved).exists():  # fmt: skip
+            options[key] = resolved
     return options
 
 

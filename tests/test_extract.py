@@ -127,6 +127,30 @@ def test_a_relative_root_is_found_from_another_directory(stage1, tmp_path: Path,
     assert "images" in err and str(root) not in err, err
 
 
+def test_a_relative_cache_dir_is_found_from_another_directory(stage1, tmp_path: Path, monkeypatch) -> None:
+    """A relative --data.cache_dir saved in the checkpoint: extract_codes run from another directory maps the
+    cache made where training ran instead of decoding the folder again into a new cache there."""
+    from common import image_cache
+
+    ckpt, root = stage1
+    monkeypatch.chdir(root.parent)
+    dm = ImageDataModule(root="images", cache_dir=f"cache_{tmp_path.name}", **DATA)
+    assert dm.hparams["resolved_cache_dir"] == str(root.parent / f"cache_{tmp_path.name}")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["datamodule_hyper_parameters"] = dict(dm.hparams)
+    torch.save(saved, tmp_path / "relative.ckpt")
+    main(["--ckpt", str(tmp_path / "relative.ckpt"), "--out", str(tmp_path / "first"), "--accelerator", "cpu"])
+    assert len(list((root.parent / f"cache_{tmp_path.name}").glob("*.npy"))) == 1  # made where "training" ran
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(image_cache, "read_images", lambda *a, **k: pytest.fail("decoded although cached"))
+    main(["--ckpt", "../relative.ckpt", "--out", "codes", "--accelerator", "cpu"])
+    assert list((tmp_path / "elsewhere").iterdir()) == [tmp_path / "elsewhere" / "codes"]  # no second cache
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(load_split(tmp_path / "elsewhere" / "codes", split)[0],
+                                      load_split(tmp_path / "first", split)[0])  # fmt: skip
+
+
 def test_existing_codes_need_overwrite(stage1, tmp_path: Path, capsys) -> None:
     ckpt, _ = stage1
     args = ["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "val"]
