@@ -3,6 +3,8 @@
 A codes directory holds::
 
     meta.json              CodesMeta: format version, levels, codebook size, grid shape, classes, stage-1 ckpt + hash
+    stage1.ckpt            a byte copy of that stage-1 checkpoint (since 2026-11-29): the codes decode even
+                           after its run is resumed (which rewrites last.ckpt), moved or deleted
     <split>/codes.npy      uint16 (N, H, W), read with memory mapping  (one level)
     <split>/codes_<level>.npy   uint16 (N, h, w) per level            (several levels: VQ-VAE-2)
     <split>/labels.npy     int64 (N,), -1 where unlabelled
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from common.cli import UserError
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 META_FILE = "meta.json"
+STAGE1_COPY = "stage1.ckpt"  # the copy of the stage-1 checkpoint in a codes directory
 CODES_FILE = "codes.npy"
 LABELS_FILE = "labels.npy"
 SPLIT_NAMES = ("train", "val", "test")  # the only splits a writer creates, and the only ones it ever deletes
@@ -66,6 +70,7 @@ class CodesMeta:
     counts: dict[str, int] = field(default_factory=dict)
     dataset: str = ""  # informational
     levels: list[dict] = field(default_factory=list)  # top first: {name, grid_shape, codebook_size}
+    stage1_copy: str = ""  # STAGE1_COPY when the directory holds a copy of the checkpoint (older ones do not)
 
     def __post_init__(self) -> None:
         self.grid_shape = tuple(int(s) for s in self.grid_shape)  # JSON has lists
@@ -109,7 +114,7 @@ class CodesMeta:
                 f"{', '.join(map(str, READ_VERSIONS))}; {_rerun(codes_dir, ckpt)}"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names if n not in raw and n not in ("counts", "dataset", "levels"))
+        missing = sorted(n for n in names if n not in raw and n not in ("counts", "dataset", "levels", "stage1_copy"))
         if missing:
             raise CodesError(f"{source}: missing {', '.join(missing)}; {_rerun(codes_dir, ckpt)}")
         try:
@@ -234,24 +239,35 @@ def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     return codes, labels
 
 
-def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None) -> str:
-    """The stage-1 checkpoint to decode with (`ckpt_path`, else the one the codes came from), verified by hash."""
+def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None, codes_dirs: Sequence[str | Path] = (),
+                 remedy: str = "pass --vqvae PATH (the checkpoint the codes came from) or re-run extract_codes",
+                 ) -> str:  # fmt: skip
+    """The stage-1 checkpoint to decode with (`ckpt_path`, else the one the codes came from), verified by hash.
+
+    Without `ckpt_path`: the checkpoint meta.json names if it is unchanged, else the copy extract_codes kept in
+    the codes directory (the first of `codes_dirs`, where the caller may find it, that holds it unchanged), so a
+    resumed, moved or deleted training run does not strand its codes, priors and .vqz files. `remedy` ends
+    the message when neither is there."""
     path = str(ckpt_path or meta.stage1_ckpt)
     if ckpt_path and not os.path.isfile(path):
         raise CodesError(f"stage-1 checkpoint {path} does not exist; pass the checkpoint the codes came from")
-    if not os.path.isfile(path):
-        raise CodesError(
-            f"stage-1 checkpoint {path} was moved or deleted since extraction; pass --vqvae PATH or "
-            f"re-run extract_codes"
-        )
-    digest = sha256_file(path)
-    if digest != meta.stage1_sha256:
-        raise CodesError(
-            f"stage-1 checkpoint {path} changed since extraction (sha256 {digest[:12]}..., the codes were "
-            f"extracted from {meta.stage1_ckpt} with sha256 {meta.stage1_sha256[:12]}...); pass the original "
-            f"--vqvae PATH or re-run `extract_codes --ckpt {path} --out CODES_DIR --overwrite`"
-        )
-    return path
+    digest = sha256_file(path) if os.path.isfile(path) else None
+    if digest == meta.stage1_sha256 or ckpt_path:
+        if digest != meta.stage1_sha256:
+            raise CodesError(
+                f"stage-1 checkpoint {path} is not the one the codes came from (sha256 {digest[:12]}..., the codes "
+                f"were extracted from {meta.stage1_ckpt} with sha256 {meta.stage1_sha256[:12]}...); pass that one"
+            )
+        return path
+    copies = [Path(d) / meta.stage1_copy for d in codes_dirs if d] if meta.stage1_copy else []
+    for copy in copies:
+        if copy.is_file() and sha256_file(copy) == meta.stage1_sha256:
+            return str(copy)
+    kept = f" and its copy {copies[0]} is {'changed' if copies[0].is_file() else 'missing'}" if copies else ""
+    if digest is None:
+        raise CodesError(f"stage-1 checkpoint {path} was moved or deleted since extraction{kept}; {remedy}")
+    raise CodesError(f"stage-1 checkpoint {path} changed since extraction (sha256 {digest[:12]}..., the codes were "
+                     f"extracted with sha256 {meta.stage1_sha256[:12]}...){kept}; {remedy}")  # fmt: skip
 
 
 def check_matches(prior: dict[str, Any], target: dict[str, Any], what: str, fix: str) -> None:

@@ -6,6 +6,7 @@ and writes meta.json last, so a directory with a meta.json is complete. numpy an
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from common.codes import (
     MAX_CODEBOOK_SIZE,
     META_FILE,
     SPLIT_NAMES,
+    STAGE1_COPY,
     CodesError,
     CodesMeta,
     read_meta,
@@ -145,7 +147,24 @@ class CodesWriter:
             )
         self.meta = meta
         self.splits: dict[str, SplitWriter] = {}
+        self.stage1_temp: Path | None = None  # the stage-1 copy until commit
         self.committed = False
+
+    def copy_stage1(self, ckpt: str | Path) -> None:
+        """Keep a byte copy of the stage-1 checkpoint as STAGE1_COPY (moved into place at commit), checked
+        against the hash the meta recorded: one that changed during extraction (a run still writing its
+        last.ckpt) is refused rather than paired with codes another model made."""
+        self.stage1_temp = _temp_path(self.out_dir / STAGE1_COPY)
+        digest = hashlib.sha256()
+        with open(ckpt, "rb") as src, open(self.stage1_temp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != self.meta.stage1_sha256:
+            raise CodesError(f"stage-1 checkpoint {ckpt} changed while its codes were extracted (is its run still "
+                             "training?); extract again from a checkpoint that no run writes to, e.g. best.ckpt "
+                             "of a finished run or a copy")  # fmt: skip
+        self.meta.stage1_copy = STAGE1_COPY
 
     def add_split(self, split: str, n: int) -> SplitWriter:
         if split in self.splits:
@@ -183,6 +202,8 @@ class CodesWriter:
                 os.replace(tmp, writer.final[name])
             for name in set(old_files) - set(writer.final):  # e.g. one level's codes.npy, now two levels
                 (writer.final[LABELS_FILE].parent / name).unlink(missing_ok=True)
+        if self.stage1_temp is not None:
+            os.replace(self.stage1_temp, self.out_dir / STAGE1_COPY)
         self.meta.counts = {split: w.n for split, w in self.splits.items()}
         write_atomic(meta_path, self.meta.to_json().encode())
         self.committed = True
@@ -194,6 +215,8 @@ class CodesWriter:
             writer.__dict__.pop("codes", None)
             writer.__dict__.pop("labels", None)
             writer._remove_temp()
+        if self.stage1_temp is not None:
+            self.stage1_temp.unlink(missing_ok=True)
 
     def __enter__(self) -> CodesWriter:
         return self

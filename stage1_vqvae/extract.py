@@ -240,7 +240,10 @@ def extract_codes(
     rank0 = trainer.is_global_zero
     with writer if rank0 else contextlib.nullcontext():
         gather_and_write(predictor, trainer.strategy, writer if rank0 else None, {s: y for s, (_, y) in arrays.items()})
-        return writer.commit() if rank0 else None
+        if not rank0:
+            return None
+        writer.copy_stage1(ckpt)  # the codes decode even after this checkpoint's run is resumed, moved or deleted
+        return writer.commit()
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ directory's meta.json and exposed as properties, which LightningCLI links into t
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -58,8 +59,12 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         if not 0.0 <= perturb < 1.0:
             raise CodesError(f"--data.perturb must be in [0, 1), got {perturb}")
         self.meta = read_meta(codes_dir)
-        # verify_stage1_ckpt raises CodesError if the checkpoint was moved or changed since extraction.
-        self.stage1_ckpt = verify_stage1_ckpt(self.meta) if check_stage1 else self.meta.stage1_ckpt
+        # The checkpoint meta.json names, else the copy in the codes directory; CodesError if neither is as it was.
+        self.stage1_ckpt = verify_stage1_ckpt(
+            self.meta, codes_dirs=[codes_dir],
+            remedy=f"re-run `extract_codes --ckpt STAGE1.ckpt --out {codes_dir} --overwrite` with the stage 1 "
+                   "to decode the prior's samples",
+        ) if check_stage1 else self.meta.stage1_ckpt  # fmt: skip
         self._splits: dict[str, CodesDataset] = {}
 
     # Linked into the model by train_stage2: never typed twice.
@@ -80,6 +85,10 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         """meta.json's fields, plus the training split's count of each class ("class_counts"), which the prior
         keeps so that `sample --class_mix data` can draw classes in the data's proportions."""
         meta = asdict(self.meta)
+        # where the prior's tools look for the stage-1 copy when the checkpoint meta.json names is gone: the codes
+        # directory as typed (from a moved project's top) and as it was where training ran
+        codes_dir = self.hparams["codes_dir"]
+        meta["codes_dir"], meta["codes_dir_resolved"] = str(codes_dir), str(Path(codes_dir).resolve())
         if self.meta.num_classes and "train" in self.meta.counts:
             meta["class_counts"] = class_counts(self.split("train").labels.numpy(), self.meta.num_classes)
         return meta

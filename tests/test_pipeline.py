@@ -178,6 +178,42 @@ def test_a_moved_stage1_is_accepted_and_another_one_refused(pipeline, shapes_fol
     assert "does not fit the prior: stage1_sha256" in err and "whose codes the prior was trained on" in err
 
 
+def test_codes_keep_their_stage1_through_a_resume_or_a_moved_project(pipeline, tmp_path, capsys, monkeypatch):
+    """extract_codes keeps a byte copy of the stage-1 checkpoint in the codes directory, so a resumed stage-1 run
+    (which rewrites the last.ckpt the codes came from) or a moved project does not strand the codes, the prior
+    and its samples: sample and train_stage2 fall back to the copy (the codes directory as typed, from the moved
+    project's top); with the copy gone too, the one-line error says where it looked."""
+    project = tmp_path / "project"
+    (project / "s1").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    (project / "s1/last.ckpt").write_bytes(pipeline["stage1"].read_bytes())
+    extract_main(["--ckpt", "s1/last.ckpt", "--out", "codes"])
+    assert (project / "codes/stage1.ckpt").read_bytes() == pipeline["stage1"].read_bytes()
+    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", "codes",
+                  "--trainer.default_root_dir", "s2", "--trainer.max_steps", "2", "--data.batch_size", "8",
+                  "--sample_every_n_epochs", "0"])  # fmt: skip
+    prior = "s2/latest/checkpoints/last.ckpt"
+    sample_main(["--prior", prior, "--n", "2", "--out", "before.npz"])
+    saved = torch.load("s1/last.ckpt", map_location="cpu", weights_only=True)
+    saved["global_step"] += 1  # as a resumed run rewrites last.ckpt: other bytes
+    torch.save(saved, "s1/last.ckpt")
+    sample_main(["--prior", prior, "--n", "2", "--out", "resumed.npz"])
+    resumed = np.load("resumed.npz")
+    assert str(resumed["stage1_ckpt"]) == str(project / "codes/stage1.ckpt")
+    assert np.array_equal(resumed["images"], np.load("before.npz")["images"])
+    project.rename(tmp_path / "moved")  # the whole project elsewhere: every absolute path it saved is gone
+    monkeypatch.chdir(tmp_path / "moved")
+    sample_main(["--prior", prior, "--n", "2", "--out", "moved.npz"])
+    assert np.array_equal(np.load("moved.npz")["images"], resumed["images"])
+    train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", "codes",
+                  "--trainer.default_root_dir", "s2", "--trainer.max_steps", "1", "--data.batch_size", "8",
+                  "--sample_every_n_epochs", "0"])  # fmt: skip
+    Path("codes/stage1.ckpt").unlink()
+    err = user_error(sample_main, ["--prior", prior, "--n", "2", "--out", "gone.npz"], capsys)
+    assert f"{project}/s1/last.ckpt was moved or deleted since extraction and its copy" in err, err
+    assert "codes/stage1.ckpt is missing; pass --vqvae PATH" in err, err
+
+
 def test_wandb_logs_the_grid_offline_beside_the_outputs(pipeline, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out" / "w.png"

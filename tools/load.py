@@ -86,7 +86,8 @@ class Models:
 
 
 def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
-    """The stage-1 checkpoint the prior's codes metadata names, verified by SHA-256."""
+    """The stage-1 checkpoint the prior's codes metadata names, or the copy in its codes directory, verified by
+    SHA-256."""
     if not meta.get("stage1_ckpt"):
         raise CheckpointError(f"--prior {prior_path} names no stage-1 checkpoint; pass --vqvae PATH")
     try:
@@ -95,7 +96,10 @@ def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
         raise CheckpointError(
             f"--prior {prior_path}: its codes metadata is incomplete ({e}); pass --vqvae PATH"
         ) from None
-    return Path(check_stage1(codes_meta))  # CodesError if moved or changed since extraction
+    # the checkpoint the codes name, else their directory's copy of it: where training ran, or as typed there
+    # (a moved project, run from its top); CodesError if none is as it was
+    dirs = [meta.get("codes_dir_resolved"), meta.get("codes_dir")]
+    return Path(check_stage1(codes_meta, codes_dirs=[d for d in dirs if d]))
 
 
 def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
