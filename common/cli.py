@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, set_parsing_settings
 
 from common.malloc import keep_freed_memory
 
@@ -96,8 +96,23 @@ class Parser(ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
+# What a `class_path` in a config file or on the command line may name (trainer.callbacks, logger, plugins, ...):
+# Lightning's classes and ours. jsonargparse imports any other path before it checks the class, so a config file
+# someone hands you could otherwise run the import-time code of any installed module, and build any class that
+# fits the slot with its arguments.
+ALLOWED_IMPORT_PATHS = ["pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "common", "stage1_vqvae",
+                        "stage2_prior", "tools"]  # fmt: skip
+
+
+def restrict_import_paths() -> None:
+    """Deny every import path a parsed value names except ALLOWED_IMPORT_PATHS (jsonargparse's own policy,
+    process-wide); a denied one is a user error naming the path."""
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=ALLOWED_IMPORT_PATHS)
+
+
 def make_parser(prog: str, doc: str | None) -> Parser:
     """A parser whose description is the first paragraph of a module docstring."""
+    restrict_import_paths()
     return Parser(prog=prog, description=(doc or "").split("\n\n")[0].strip(), exit_on_error=True)
 
 

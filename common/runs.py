@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,15 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
-from common.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, one_line, out_of_memory
+from common.cli import (
+    ALLOWED_IMPORT_PATHS,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    UserError,
+    one_line,
+    out_of_memory,
+    restrict_import_paths,
+)  # fmt: skip
 from common.interrupt import Interrupted, StopOnInterrupt
 from common.launch import (
     RUN_ENV,
@@ -153,6 +162,11 @@ class OneLineParser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse trying alternatives: it catches this itself
             super().error(message, ex)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        if denied := re.search(r"Importing '([\w.]+)' is not allowed", message):  # common.cli.restrict_import_paths
+            key = re.match(r'Parser key "([\w.]+)"', message)
+            message = (f"{key.group(1) + ': ' if key else ''}class_path {denied.group(1)} is refused: a config may "
+                       f"name classes of {', '.join(ALLOWED_IMPORT_PATHS)} only (none of another package's code runs "
+                       "from a config file)")  # fmt: skip
         print(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
 
@@ -328,6 +342,7 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
     """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
     quiet_lightning()
     keep_freed_memory()
+    restrict_import_paths()
     try:
         cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
     except UserError as e:

@@ -97,6 +97,21 @@ def test_bad_flag_is_one_line(shapes_folder, tmp_path, capsys):
     assert err.startswith("train_stage1: error: ") and "--trainer.max_stepz" in err
 
 
+def test_a_config_may_name_only_lightnings_and_our_classes(shapes_folder, tmp_path, capsys):
+    """A class_path in a config file (or on the command line) outside Lightning's and vqgen's packages is refused
+    before it is imported: `this` would print the Zen of Python at import, as any module's import-time code would
+    run. Lightning's own callbacks still load."""
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("trainer:\n  callbacks:\n    - class_path: this.Whatever\n")
+    err = user_error(train_stage1, [*fit_args(shapes_folder, tmp_path / "runs", 2), "--config", str(evil)], capsys)
+    assert "trainer.callbacks: class_path this.Whatever is refused: a config may name classes of pytorch_lightning" \
+        in err, err  # fmt: skip
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out and not (tmp_path / "runs").exists()
+    train_stage1([*fit_args(shapes_folder, tmp_path / "ok", 2),
+                  "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor"])  # fmt: skip
+    assert (tmp_path / "ok/latest/checkpoints/last.ckpt").exists()
+
+
 def test_missing_jsonargparse_extras_are_one_line(shapes_folder, tmp_path, capsys, monkeypatch):
     """An environment without jsonargparse[signatures] (installed with --no-deps, say): Lightning raises its
     ModuleNotFoundError; the command says what is missing and how to install it, in one line, exit 2."""
