@@ -99,15 +99,25 @@ class Parser(ArgumentParser):
 # What a `class_path` in a config file or on the command line may name (trainer.callbacks, logger, plugins, ...):
 # Lightning's classes and ours. jsonargparse imports any other path before it checks the class, so a config file
 # someone hands you could otherwise run the import-time code of any installed module, and build any class that
-# fits the slot with its arguments.
+# fits the slot with its arguments. Your own callbacks: name their packages in IMPORT_PATHS_ENV (the
+# environment is yours, a config file cannot set it).
 ALLOWED_IMPORT_PATHS = ["pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "common", "stage1_vqvae",
                         "stage2_prior", "tools"]  # fmt: skip
+IMPORT_PATHS_ENV = "VQGEN_IMPORT_PATHS"  # comma-separated, e.g. mylab.callbacks
+
+
+def allowed_import_paths() -> list[str]:
+    extra = [p.strip() for p in os.environ.get(IMPORT_PATHS_ENV, "").split(",") if p.strip()]
+    return ALLOWED_IMPORT_PATHS + extra
 
 
 def restrict_import_paths() -> None:
-    """Deny every import path a parsed value names except ALLOWED_IMPORT_PATHS (jsonargparse's own policy,
+    """Deny every import path a parsed value names except allowed_import_paths() (jsonargparse's own policy,
     process-wide); a denied one is a user error naming the path."""
-    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=ALLOWED_IMPORT_PATHS)
+    try:
+        set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=allowed_import_paths())
+    except ValueError as e:  # a malformed entry of the variable
+        raise UserError(f"{IMPORT_PATHS_ENV}: {e}") from None
 
 
 def make_parser(prog: str, doc: str | None) -> Parser:
@@ -198,8 +208,8 @@ def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: l
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-    except RuntimeError as e:
-        if (what := out_of_memory(e)) is None:
+    except (RuntimeError, MemoryError) as e:  # MemoryError: numpy's (an array too large for the host)
+        if (what := out_of_memory(e) if isinstance(e, RuntimeError) else f"out of memory ({one_line(e)})") is None:
             raise
         remedy = f"pass a smaller {memory_flag}" if memory_flag else "free some memory, or use a larger machine"
         print(f"{prog}: error: {what}; {remedy}", file=sys.stderr)

@@ -70,12 +70,19 @@ def _check_parent(path: Path, flag: str) -> None:
     os.remove(probe)  # the file this function just created
 
 
-def check_output(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
-    """A file the command will write: refuse a directory, an unwritable place, or an existing file without
-    --overwrite. Returns the path."""
+def check_output(path: str | Path, overwrite: bool, flag: str = "--out",
+                 inputs: dict[str, str | Path | list | None] | None = None) -> Path:  # fmt: skip
+    """A file the command will write: refuse a directory, an unwritable place, one of the command's `inputs`
+    ({flag: path or paths}; even with --overwrite: the command would replace what it reads), or an existing
+    file without --overwrite. Returns the path."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a directory; give a file name")
+    for name, given in (inputs or {}).items():
+        for p in given if isinstance(given, list) else [given]:
+            if p is not None and path.exists() and Path(p).is_file() and os.path.samefile(path, p):
+                raise OutputError(f"{flag} {path} is also {name}: a command never writes over its own input "
+                                  f"(not even with --overwrite); choose another {flag}")  # fmt: skip
     _check_parent(path, flag)
     if path.exists() and not overwrite:
         raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another {flag}")

@@ -35,10 +35,11 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import (
-    ALLOWED_IMPORT_PATHS,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
+    IMPORT_PATHS_ENV,
     UserError,
+    allowed_import_paths,
     one_line,
     out_of_memory,
     restrict_import_paths,
@@ -165,8 +166,8 @@ class OneLineParser(LightningArgumentParser):
         if denied := re.search(r"Importing '([\w.]+)' is not allowed", message):  # common.cli.restrict_import_paths
             key = re.match(r'Parser key "([\w.]+)"', message)
             message = (f"{key.group(1) + ': ' if key else ''}class_path {denied.group(1)} is refused: a config may "
-                       f"name classes of {', '.join(ALLOWED_IMPORT_PATHS)} only (none of another package's code runs "
-                       "from a config file)")  # fmt: skip
+                       f"name classes of {', '.join(allowed_import_paths())} only (no other package's code runs from "
+                       f"a config file); to use your own, export {IMPORT_PATHS_ENV}=PACKAGE[,PACKAGE]")  # fmt: skip
         print(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
 

@@ -41,6 +41,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 CFG_SCHEDULES = ("constant", "linear")
+# Below this the scaled logits overflow to inf (1e-300 made every probability NaN); --top_k 1 is the greedy draw.
+MIN_TEMPERATURE = 1e-6
 
 
 def check_cfg_schedule(schedule: str) -> None:
@@ -92,10 +94,10 @@ def _check_inputs(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if n <= 0:
         raise ValueError(f"n (number of samples) must be >= 1, got {n}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if temperature_end is not None and temperature_end <= 0:
-        raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
+    if not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE}, got {temperature}")
+    if temperature_end is not None and not temperature_end >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature_end must be >= {MIN_TEMPERATURE}, got {temperature_end}")
     if labels is not None:
         if prior.num_classes == 0:
             raise ValueError(

@@ -23,6 +23,10 @@ if str(ROOT) not in sys.path:  # `pytest` without `pip install -e .`: import the
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The tests' probe callbacks (tests.ddp_probe) named in --trainer.callbacks: a user's own package is allowed the
+# same way (common.cli.IMPORT_PATHS_ENV); the training subprocesses inherit it.
+os.environ["VQGEN_IMPORT_PATHS"] = "tests"
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread_offline():

@@ -68,6 +68,8 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     save_ckpt(prior, root / "prior.ckpt")
     save_ckpt(Prior(meta.codebook_size, meta.grid_shape, meta.num_classes, "maskgit", "tiny", asdict(meta)),
               root / "maskgit.ckpt")  # fmt: skip
+    save_ckpt(Prior(meta.codebook_size, meta.grid_shape, 0, "transformer", "tiny", asdict(meta)),
+              root / "uncond.ckpt")  # fmt: skip  (an unconditional prior)
     images = root / "images"
     images.mkdir()
     for f in sorted((shapes_folder / "discs").iterdir())[:3]:
@@ -91,6 +93,10 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     (root / "existing.png").write_bytes(b"keep me")
     (root / "existing.csv").write_text("keep me\n")
     (root / "a_file").write_text("a file, not a folder\n")
+    shutil.copy(sorted((shapes_folder / "discs").iterdir())[0], root / "prime.png")
+    (root / "stale_images").mkdir()  # an earlier run's 10 samples
+    for i in range(10):
+        shutil.copy(root / "prime.png", root / "stale_images" / f"{i:06d}.png")
     paths = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}  # "images.vqz" -> {images_vqz}
     paths.update({p.stem: str(p) for p in root.glob("*.ckpt")})  # "prior.ckpt" -> {prior}
     return {**paths, "root": str(root), "shapes": str(shapes_folder), "missing": str(root / "missing"),
@@ -133,8 +139,18 @@ ROWS = [
     ("sample", [*P, "--scale", "-2"], r"--scale must be >= 1, got -2"),
     ("sample", [*P, "--top_k", "100000"], r"--top_k must be in \[1, 16\] \(the codebook size\), got 100000"),
     ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),
-    ("sample", [*P, "--temperature", "0"], r"--temperature must be > 0"),
-    ("sample", [*P, "--temperature_end", "-1"], r"--temperature_end must be > 0, got -1"),
+    ("sample", [*P, "--temperature", "0"], r"--temperature must be >= 1e-06, got 0.0 \(--top_k 1 draws the most"),
+    ("sample", [*P, "--temperature_end", "-1"], r"--temperature_end must be >= 1e-06, got -1"),
+    ("sample", [*P, "--temperature", "1e-300"], r"--temperature must be >= 1e-06, got 1e-300"),  # was a NaN trace
+    ("sample", [*P, "--cfg_scale", "-5"], r"--cfg_scale must be >= 0 \(1 = off\), got -5"),
+    ("sample", ["--prior", "{uncond}", "--cfg_scale", "3"],
+     r"--cfg_scale guides towards a class; --prior \S*uncond.ckpt is unconditional: drop it"),  # was ignored
+    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--classes", "1"],
+     r"--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions \(--prime\) are "
+     r"unconditional: drop them"),  # fmt: skip  (--classes and --cfg_scale were silently ignored)
+    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--cfg_scale", "3"], r"are unconditional"),
+    ("sample", [*P, "--n", "2", "--scale", "100000"],
+     r"--scale 100000: a grid of 2 tiles of 1600000x1600000 px would take [\d,.]+ GiB; lower --scale"),
     ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; there are 2 classes \(0..1\)"),
     ("sample", [*P, "--classes", "nope"], r"--classes: no class named 'nope'; give ids or names, comma-separated"),
     ("sample", [*P, "--per_class", "0"], r"--per_class must be >= 1"),
@@ -175,6 +191,11 @@ ROWS = [
     ("sample", [*P, "--out", UNWRITABLE + "/x.png"], r"cannot write into /proc"),
     ("sample", [*P, "--out", "grid.gif"], r"--out grid.gif: use a .png, .jpg, .webp"),
     ("sample", [*P, "--out", "{images_vqz}"], r"--out \S*images.vqz: use a .png"),
+    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--out", "{prime_png}", "--overwrite"],
+     r"--out \S*prime.png is also --prime: a command never writes over its own input \(not even with --overwrite"),
+    ("sample", [*P, "--n", "2", "--images", "{stale_images}", "--overwrite", "--out", "new.png"],
+     r"--images \S*stale_images holds 8 sample file\(s\) beyond the 2 this run writes \(000002.png \.\.\.\) that "
+     r"--overwrite would leave among them; empty it or choose another --images"),  # fmt: skip
     ("compress", ["{images}", *P, "--out", "{images_vqz}"], r"images.vqz already exists; pass --overwrite"),
     ("compress", ["{images}", *P, "--out", "{a_file}/x.vqz"], r"is a file, not a directory"),
     ("decompress", ["{images_vqz}", *P, "--out", "{decoded}"], r"decoded/\S+\.png already exists .*pass --overwrite"),
@@ -280,19 +301,18 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, command, args, 
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(world, capsys, monkeypatch):
-    """Ctrl-C while `sample` writes its grid: one line (no KeyboardInterrupt traceback), exit code 130 (so
-    `make` stops), and neither the grid nor its temporary file is left (outputs are written atomically)."""
-    import tools.sample
-    from common.io import atomic_file
+    """Ctrl-C while `sample` writes its outputs (the grid written, the .npz half): one line (no KeyboardInterrupt
+    traceback), exit code 130 (so `make` stops), and neither output nor a temporary file is left (they are
+    written under temporary names and renamed together at the end)."""
+    import numpy as np
 
-    def interrupted_save(images, path, **kwargs):
-        with atomic_file(path) as f:
-            f.write(b"half a PNG")
-            raise KeyboardInterrupt
+    def interrupted_savez(f, **arrays):
+        f.write(b"half an npz")
+        raise KeyboardInterrupt
 
     root = Path(world["root"])
     monkeypatch.chdir(root)
-    monkeypatch.setattr(tools.sample, "save_grid", interrupted_save)
+    monkeypatch.setattr(np, "savez", interrupted_savez)
     before = snapshot(root)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:

@@ -161,6 +161,26 @@ def test_out_suffix_names_the_format_and_nothing_is_replaced(pipeline, tmp_path,
     assert (tmp_path / "only.npz").read_bytes() != before["only.npz"]
 
 
+def test_outputs_are_replaced_together_or_not_at_all(pipeline, tmp_path, capsys, monkeypatch):
+    """--overwrite writes the grid, the .npz and --images under temporary names and renames them together at the
+    end: a failure while the .npz is written (before: after the grid had replaced the old one) leaves every
+    earlier output as it was and no temporary file behind."""
+    base = ["--prior", str(pipeline["prior"]), "--n", "2", "--out", str(tmp_path / "s.png"), "--images",
+            str(tmp_path / "each")]  # fmt: skip
+    sample_main(base)
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert sorted(before) == ["each/000000.png", "each/000001.png", "s.npz", "s.png"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    err = user_error(sample_main, [*base, "--seed", "1", "--overwrite"], capsys)
+    assert "No space left on device" in err, err
+    assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary file or folder left
+
+
 def test_a_moved_stage1_is_accepted_and_another_one_refused(pipeline, shapes_folder, tmp_path, capsys):
     moved = tmp_path / "moved.ckpt"
     moved.write_bytes(pipeline["stage1"].read_bytes())  # same bytes, other place: the prior's own stage 1

@@ -105,7 +105,7 @@ def test_a_config_may_name_only_lightnings_and_our_classes(shapes_folder, tmp_pa
     evil.write_text("trainer:\n  callbacks:\n    - class_path: this.Whatever\n")
     err = user_error(train_stage1, [*fit_args(shapes_folder, tmp_path / "runs", 2), "--config", str(evil)], capsys)
     assert "trainer.callbacks: class_path this.Whatever is refused: a config may name classes of pytorch_lightning" \
-        in err, err  # fmt: skip
+        in err and "export VQGEN_IMPORT_PATHS=PACKAGE" in err, err  # fmt: skip
     assert "Beautiful is better than ugly" not in capsys.readouterr().out and not (tmp_path / "runs").exists()
     train_stage1([*fit_args(shapes_folder, tmp_path / "ok", 2),
                   "--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor"])  # fmt: skip

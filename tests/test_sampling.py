@@ -189,7 +189,7 @@ def test_unconditional_prior_samples():
     [
         (dict(n=0), "n "),
         (dict(temperature=0.0), "temperature"),
-        (dict(temperature_end=0.0), "temperature_end must be > 0"),
+        (dict(temperature_end=0.0), "temperature_end must be >= 1e-06"),
         (dict(labels=torch.tensor([1, 12])), r"unknown class id 12; this prior has 5 classes \(0..4\)"),
         (dict(labels=torch.tensor([-1, 0])), "unknown class id -1"),
         (dict(labels=torch.tensor([1])), "labels must"),

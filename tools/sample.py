@@ -19,7 +19,9 @@ is given. ``--mask`` is in pixels (white = keep): a code is redrawn if any pixel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,13 @@ from common.cli import (
     run_command,
     wandb_offline_unless_logged_in,
 )  # fmt: skip
-from common.images import GRID_FORMATS, load_image, make_grid, save_grid, to_uint8
+from common.images import GRID_FORMATS, load_image, make_grid, to_uint8
 from common.io import atomic_file, check_output, check_output_dir, staging_dir
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
-from stage2_prior.sampling import CFG_SCHEDULES
+from stage2_prior.sampling import CFG_SCHEDULES, MIN_TEMPERATURE
 from tools.drawing import (
     complete_codes,
     draw_codes,
@@ -97,15 +99,16 @@ def build_parser():
 
 
 def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
-    """(grid path or None, npz path), both checked before any work."""
+    """(grid path or None, npz path), both checked before any work; neither may be one of the inputs."""
     out = Path(a.out)
     if out.is_dir():
         check_output(out, a.overwrite)  # says it is a directory
     suffix = out.suffix.lower()
     if suffix != ".npz" and suffix not in GRID_FORMATS:
         raise UserError(f"--out {out}: use a .png, .jpg, .webp (grid + .npz) or .npz (codes and images) name")
-    grid = None if suffix == ".npz" else check_output(out, a.overwrite)
-    return grid, check_output(out.with_suffix(".npz"), a.overwrite)
+    inputs = {"--prior": a.prior, "--vqvae": a.vqvae, "--prime": a.prime, "--mask": a.mask}
+    grid = None if suffix == ".npz" else check_output(out, a.overwrite, inputs=inputs)
+    return grid, check_output(out.with_suffix(".npz"), a.overwrite, inputs=inputs)
 
 
 def sample_names(n: int) -> list[str]:
@@ -113,8 +116,32 @@ def sample_names(n: int) -> list[str]:
 
 
 def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
-    """--images DIR for `n` samples: refused if it would replace a file (without --overwrite); None if not asked."""
-    return check_output_dir(a.images, sample_names(n), a.overwrite, "--images") if a.images else None
+    """--images DIR for `n` samples: refused if it would replace a file (without --overwrite), or, with it, if DIR
+    holds sample files this run would not replace (an earlier, larger run's: a folder scored as one set would
+    mix the two, and they are not ours to delete); None if not asked."""
+    if not a.images:
+        return None
+    names = sample_names(n)
+    folder = check_output_dir(a.images, names, a.overwrite, "--images")
+    stale = sorted(p.name for p in folder.glob("[0-9]*.png") if re.fullmatch(r"\d{6}\.png", p.name)
+                   and p.name not in set(names)) if folder.is_dir() else []  # fmt: skip
+    if stale:
+        raise UserError(f"--images {folder} holds {len(stale)} sample file(s) beyond the {n} this run writes "
+                        f"({stale[0]} ...) that --overwrite would leave among them; empty it or choose another "
+                        "--images")  # fmt: skip
+    return folder
+
+
+MAX_GRID_BYTES = 2**31  # 2 GiB of pixels: far beyond any screen; a larger --scale is a typo, not a wish
+
+
+def check_grid_size(n: int, size: int, channels: int, scale: int) -> None:
+    """Refuse a --scale whose grid of n tiles would not fit in memory, before anything is drawn."""
+    side = size * scale + 2  # a tile and its padding
+    need = n * side * side * channels
+    if need > MAX_GRID_BYTES:
+        raise UserError(f"--scale {scale}: a grid of {n} tiles of {size * scale}x{size * scale} px would take "
+                        f"{need / 2**30:,.1f} GiB; lower --scale")  # fmt: skip
 
 
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
@@ -168,10 +195,14 @@ def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
     at_least(1, n=a.n, batch_size=a.batch_size, scale=a.scale, per_class=a.per_class, steps=a.steps)
     for flag, value in (("temperature", a.temperature), ("temperature_end", a.temperature_end)):
-        if value is not None and value <= 0:
-            raise UserError(f"--{flag} must be > 0, got {value}")
-    if a.prime and a.class_mix != "turn":
-        raise UserError("--class_mix is for new samples; completions (--prime) are unconditional")
+        if value is not None and not value >= MIN_TEMPERATURE:  # below it the scaled logits overflow
+            raise UserError(f"--{flag} must be >= {MIN_TEMPERATURE}, got {value} (--top_k 1 draws the most likely "
+                            "code at every step)")  # fmt: skip
+    if not a.cfg_scale >= 0:
+        raise UserError(f"--cfg_scale must be >= 0 (1 = off), got {a.cfg_scale}")
+    if a.prime and (a.class_mix != "turn" or a.classes or a.per_class or a.cfg_scale != 1):
+        raise UserError("--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions "
+                        "(--prime) are unconditional: drop them")  # fmt: skip
     grid_path, npz_path = outputs(a)
     if a.images:  # the folder itself now; the files once their count is known, still before any drawing
         check_output_dir(a.images, [], a.overwrite, "--images")
@@ -184,6 +215,8 @@ def _run(args: list[str] | None) -> str:
         raise UserError(f"--top_k must be in [1, {prior.codebook_size}] (the codebook size), got {a.top_k}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {a.top_p}")
+    if a.cfg_scale != 1 and prior.num_classes == 0:
+        raise UserError(f"--cfg_scale guides towards a class; --prior {a.prior} is unconditional: drop it")
     gen = torch.Generator(device=device).manual_seed(a.seed)
     opts = dict(temperature=a.temperature, temperature_end=a.temperature_end, top_k=a.top_k, top_p=a.top_p,
                 cfg_scale=a.cfg_scale, generator=gen, cfg_schedule=a.cfg_schedule)  # fmt: skip
@@ -193,6 +226,7 @@ def _run(args: list[str] | None) -> str:
     if a.prime:
         keep = completion_keep(a, vqvae).to(device)  # the options before the image
         images_dir = check_images_dir(a, a.n)
+        check_grid_size(a.n + 2, m.image_size, m.channels, scale)
         image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
         labels = None
@@ -205,6 +239,7 @@ def _run(args: list[str] | None) -> str:
         labels, per_row = choose_labels(prior, a, m.class_names, m.class_counts)
         n = len(labels) if labels is not None else a.n
         images_dir = check_images_dir(a, n)
+        check_grid_size(n, m.image_size, m.channels, scale)
         chunks = []
         for start in range(0, n, a.batch_size):
             lab = labels[start : start + a.batch_size].to(device) if labels is not None else None
@@ -215,21 +250,27 @@ def _run(args: list[str] | None) -> str:
         images = vqvae.decode_codes(codes)  # in the model's passes
         # in turn: one row per class; in the data's mix the classes follow each other in square rows
         grid_images = rows_by_label(images.cpu(), labels, per_row) if a.class_mix == "turn" else images.cpu()
-    grid = save_grid(grid_images, grid_path, nrow=per_row, scale=scale) if grid_path else None
+    grid = make_grid(grid_images, nrow=per_row, scale=scale) if grid_path or a.wandb else None
     # stage1_ckpt: where `evaluate samples` finds the data options; also relative to the .npz's folder, so a
     # copy of the project (runs/ beside it) on another machine still finds it
     stage1 = m.vqvae_path.resolve()
-    with atomic_file(npz_path) as f:
-        np.savez(f, codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).cpu().numpy(),
+    # Every output goes to a temporary name first; they are renamed into place together when all are written
+    # (the ExitStack's exits), so a failure or Ctrl-C never leaves a new grid beside an old .npz.
+    with contextlib.ExitStack() as outputs_written:
+        if grid_path:
+            Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(
+                outputs_written.enter_context(atomic_file(grid_path)), format=GRID_FORMATS[grid_path.suffix.lower()])
+        np.savez(outputs_written.enter_context(atomic_file(npz_path)), codes=codes.cpu().numpy().astype(np.uint16),
+                 images=to_uint8(images).cpu().numpy(),
                  labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
                  stage1_ckpt=np.array(str(stage1)),
                  stage1_ckpt_relative=np.array(os.path.relpath(stage1, npz_path.resolve().parent)))  # fmt: skip
-    if images_dir is not None:
-        with staging_dir(images_dir) as tmp:
+        if images_dir is not None:
+            tmp = outputs_written.enter_context(staging_dir(images_dir))
             for name, x in zip(sample_names(len(images)), to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()):
                 Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(tmp / name, format="PNG")
     if a.wandb:
-        _log_wandb(grid if grid is not None else make_grid(grid_images, nrow=per_row, scale=scale), a, npz_path.parent)
+        _log_wandb(grid, a, npz_path.parent)
     done = [grid_path, npz_path] + ([f"{len(images)} PNGs in {images_dir}/"] if images_dir is not None else [])
     wrote = f"wrote {' and '.join(str(p) for p in done if p)}"
     if not a.prime and labels is not None and a.class_mix == "data":
