@@ -29,6 +29,9 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
                                    RESOLVED_CACHE_DIR: str(Path(cache_dir).resolve()) if cache_dir else None})
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def record_folder_key(self, key: str) -> None:
+        self.hparams["folder_key"] = key  # the checkpoints written after the folder was listed keep it
+
     def dataloader(self, split: str, batch_size: int | None = None, indices_only: bool | None = None,
                    resumable: bool = False, shard: dict[str, int] | None = None) -> DataLoader:  # fmt: skip
         """As ImageSplits.dataloader; with --data.on_device the batches are row numbers (see below)."""

@@ -8,7 +8,9 @@ checkpoint's saved data arguments back into this class's.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -75,6 +77,7 @@ class ImageSplits:
         limit: int | None = None,
         on_device: bool = False,
         cache_dir: str | None = None,
+        folder_key: str | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -110,7 +113,8 @@ class ImageSplits:
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
         self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,
                                        val_size=val_size, test_size=test_size, seed=seed, download=download,
-                                       limit=limit, on_device=on_device, cache_dir=cache_dir)  # fmt: skip
+                                       limit=limit, on_device=on_device, cache_dir=cache_dir,
+                                       folder_key=folder_key)  # fmt: skip
         self.record_options(vars(self.options))
         self._image_size_arg, self._channels_arg = image_size, channels
         self._splits: dict[str, UInt8ImageDataset] | None = None
@@ -120,6 +124,25 @@ class ImageSplits:
 
     def record_options(self, options: dict[str, Any]) -> None:
         """Where a subclass keeps the options (the Lightning data module saves them as hyperparameters)."""
+
+    def _check_folder_key(self, files: list[Path]) -> None:
+        """The splits of a folder are a seeded permutation of its file list, so any file added or removed
+        redraws them all: say so when the list differs from the one a checkpoint's splits came from
+        (`folder_key`, saved by training), and record this list's key for the checkpoints to come."""
+        root = Path(self.options.root)
+        digest = hashlib.sha256("\n".join(f.relative_to(root).as_posix() for f in files).encode()).hexdigest()
+        key = f"{len(files)}:{digest[:16]}"
+        then = self.options.folder_key
+        if then and then != key:
+            print(f"warning: image folder {root} is not the one the checkpoint's splits were drawn from "
+                  f"({then.split(':')[0]} files then, {len(files)} now, or other files): train/val/test are drawn "
+                  "anew, so the test split may hold images stage 1 trained on and its figures are not comparable; "
+                  "restore the folder for those", file=sys.stderr, flush=True)  # fmt: skip
+        self.options.folder_key = key
+        self.record_folder_key(key)
+
+    def record_folder_key(self, key: str) -> None:
+        """Where a subclass keeps the folder's key (the Lightning data module: in its hyperparameters)."""
 
     # Cheap facts (no pixels read), so LightningCLI can link them into the model before setup().
     @property
@@ -150,6 +173,7 @@ class ImageSplits:
     def _folder_scan(self) -> tuple[list[Path], np.ndarray, list[str]]:
         if self._scan is None:
             self._scan = scan_image_folder(self.options.root)
+            self._check_folder_key(self._scan[0])
         return self._scan
 
     def _read(self, split: str) -> ImageArrays:

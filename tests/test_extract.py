@@ -151,6 +151,27 @@ def test_a_relative_cache_dir_is_found_from_another_directory(stage1, tmp_path: 
                                       load_split(tmp_path / "first", split)[0])  # fmt: skip
 
 
+def test_a_changed_folder_is_named_when_its_splits_are_drawn_anew(stage1, tmp_path: Path, capsys) -> None:
+    """The splits are a seeded permutation of the folder's file list, so one file added redraws them all and
+    the test split then holds images stage 1 trained on: training keeps the list's key in the checkpoint and
+    extract_codes warns (one line) when the folder it reads has another list; the same folder says nothing."""
+    import shutil
+
+    ckpt, root = stage1
+    key = torch.load(ckpt, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]["folder_key"]
+    assert key.startswith("24:"), key
+    capsys.readouterr()
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "same"), "--splits", "test", "--accelerator", "cpu"])
+    assert "warning" not in capsys.readouterr().err
+    shutil.copytree(root, tmp_path / "images")
+    shutil.copy(root / "a" / "0.png", tmp_path / "images" / "a" / "new.png")
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "changed"), "--splits", "test", "--accelerator", "cpu",
+          "--data.root", str(tmp_path / "images")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"warning: image folder {tmp_path / 'images'} is not the one the checkpoint's splits were drawn from (24 " \
+           "files then, 25 now, or other files)" in err, err  # fmt: skip
+
+
 def test_existing_codes_need_overwrite(stage1, tmp_path: Path, capsys) -> None:
     ckpt, _ = stage1
     args = ["--ckpt", str(ckpt), "--out", str(tmp_path), "--splits", "val"]
