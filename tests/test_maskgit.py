@@ -442,6 +442,30 @@ def test_repair_with_a_pixel_mask_keeps_the_other_codes(maskgit_run, shapes_fold
     assert (masked_tile[18:32, 0:16] == 128).all()  # the redrawn cells (rows 8..15, cols 0..7 at scale 2) are grey
 
 
+def test_a_mask_hole_is_dark_or_transparent_and_an_empty_mask_is_refused(tmp_path):
+    """The hole: darker than mid-grey, or more than half transparent (erased: read over white, as images are,
+    it looked white and the repair redrew nothing). Light grey keeps. A mask marking nothing is refused."""
+    from tools.repair import hole_from_mask_image
+
+    grey = np.full((16, 16), 255, np.uint8)
+    grey[0:4, 0:4], grey[8:12, 8:12] = 0, 200  # black: a hole; light grey: kept
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    hole = hole_from_mask_image(tmp_path / "grey.png", 16).numpy()
+    want = np.zeros((16, 16), bool)
+    want[0:4, 0:4] = True
+    assert (hole == want).all()
+    rgba = np.full((32, 32, 4), 255, np.uint8)  # white, opaque; twice the size: resized like the images
+    rgba[16:32, 0:8, 3] = 0  # erased to transparency (still white underneath)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "erased.png")
+    hole = hole_from_mask_image(tmp_path / "erased.png", 16).numpy()
+    want = np.zeros((16, 16), bool)
+    want[8:16, 0:4] = True
+    assert (hole == want).all()
+    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / "white.png")
+    with pytest.raises(ValueError, match=r"white.png marks no pixel to redraw: paint the hole black"):
+        hole_from_mask_image(tmp_path / "white.png", 16)
+
+
 def test_evaluate_prior_reports_the_masked_nll_as_not_a_likelihood(maskgit_run, capsys):
     from tools.evaluate import main as evaluate
 

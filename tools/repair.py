@@ -7,24 +7,37 @@
 
 Used, on each stage-1 level, by `sample --prime IMAGE --mask MASK` and the page's Repair (through
 :mod:`tools.drawing`) and by the repair benchmark, so all of them draw the same holes. Torch only (plus the
-image reader).
+image reader and Pillow for a mask's transparency).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 from common.images import load_image
 
 
 def hole_from_mask_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """A mask image (any size; resized like the images) -> (S, S) bool hole: True where it is not white
-    (white = keep, as for completion)."""
-    mask = load_image(path, image_size, channels=1)  # (1, 1, S, S) in [-1, 1]
-    return mask[0, 0] <= 0
+    """A mask image (any size; resized like the images) -> (S, S) bool hole: True where it is darker than
+    mid-grey (black paints the hole; white and light grey keep, which resizing and JPEG noise leave alone) or
+    more than half transparent (a hole erased in a paint program: over white, as images are read, it would
+    look kept). ValueError if nothing is left to redraw: the repair would only return the image."""
+    mask = load_image(path, image_size, channels=1)  # (1, 1, S, S) in [-1, 1], transparency over white
+    hole = mask[0, 0] <= 0
+    with Image.open(path) as img:
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            alpha = ImageOps.fit(ImageOps.exif_transpose(img).convert("RGBA").getchannel("A"),
+                                 (image_size, image_size), Image.Resampling.BILINEAR)  # fmt: skip
+            hole |= torch.from_numpy(np.asarray(alpha) < 128)
+    if not hole.any():
+        raise ValueError(f"--mask {path} marks no pixel to redraw: paint the hole black (darker than mid-grey) or "
+                         "erase it to transparency; white and light grey keep")  # fmt: skip
+    return hole
 
 
 def codes_to_redraw(hole: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:

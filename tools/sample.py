@@ -13,7 +13,8 @@
 ``DIR/000000.png`` ... in drawing order (labels in the .npz), for tools that score a folder of images
 (clean-fid, torch-fidelity). Existing files are never replaced without ``--overwrite``. The
 stage-1 checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae``
-is given. ``--mask`` is in pixels (white = keep): a code is redrawn if any pixel of its cell is not white.
+is given. ``--mask`` is in pixels (black or transparent = redraw, white = keep): a code is redrawn if any pixel
+of its cell is darker than mid-grey or more than half transparent.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def build_parser():
     p.add_argument("--scale", type=int, default=None, help="nearest-neighbour upscale (default: 2 below 64 px)")
     p.add_argument("--prime", type=str, default=None, help="an image whose visible codes are kept (completion)")
     p.add_argument("--keep_rows", type=int, default=None, help="with --prime: keep the top R pixel rows (whole codes)")
-    p.add_argument("--mask", type=str, default=None, help="with --prime: a mask image, white = keep")
+    p.add_argument("--mask", type=str, default=None,
+                   help="with --prime: a mask image, black (below mid-grey) or transparent = redraw, white = keep")
     p.add_argument("--steps", type=int, default=None,
                    help=f"maskgit priors only: decoding steps, one network pass each (default {DEFAULT_STEPS})")
     p.add_argument("--images", type=str, default=None,
@@ -176,7 +178,7 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str
 
 def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
     """(*grid_shape) bool: which codes of the primed image are kept. Both options are in pixels and map onto
-    every level: a code is redrawn when any pixel of its cell is below --keep_rows or not white in --mask."""
+    every level: a code is redrawn when any pixel of its cell is below --keep_rows or in --mask's hole."""
     size = vqvae.image_size
     if (a.keep_rows is None) == (a.mask is None):
         raise ValueError("--prime needs exactly one of --keep_rows R or --mask MASK.png")
