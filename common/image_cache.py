@@ -27,7 +27,9 @@ from common.images import read_images
 from common.io import OutputError, atomic_file, check_writable_dir
 from common.readers import DatasetError
 
-DECODE_VERSION = 1  # bump when common.images.read_image changes the pixels it makes: old caches are then not read
+# bump when common.images.read_image changes the pixels it makes: old caches are then not read (2: 16-bit and float
+# images scaled by their format's range, 2026-11-29)
+DECODE_VERSION = 2
 SPARE_BYTES = 64 << 20  # left free on the cache's disk beyond the file itself
 
 

@@ -106,18 +106,46 @@ def over_white(img: Image.Image) -> Image.Image:
     return img
 
 
+def white_level(img: Image.Image) -> float:
+    """The value that is white in `img`'s format, whatever it holds: 65535 for the 16-bit modes ("I;16",
+    "I;16B", ...); for "I", 2**bits - 1 as a TIFF's BitsPerSample and SampleFormat say (signed: 2**(bits-1) - 1),
+    else 65535 (16-bit PNGs and PGMs open as "I" in older Pillows); 1.0 for float ("F"); 255 for the rest."""
+    if img.mode == "F":
+        return 1.0
+    if not img.mode.startswith("I"):
+        return 255.0
+    tags = getattr(img, "tag_v2", None) if img.mode == "I" else None  # TIFF only
+    bits, fmt = (tags.get(258), tags.get(339)) if tags is not None else (None, None)
+    bits, fmt = (v[0] if isinstance(v, tuple) and v else v for v in (bits, fmt))
+    if not isinstance(bits, int) or not 8 <= bits <= 32:
+        return 65535.0
+    return 2.0 ** (bits - (fmt == 2)) - 1
+
+
+def to_8bit(img: Image.Image, white: float) -> Image.Image:
+    """A grey image of more than 8 bits as mode "L", scaled by its format's range (`white_level`), never by its
+    content: 16 bits divide by 257 (65535 -> 255), float takes [0, 1] as black to white (NaN: black); values
+    outside are clipped. Pillow's own convert clips integers at 255 and truncates floats, so a 16-bit image
+    read black and white (or, scaled only when its maximum was over 255, as if 8-bit) and a float TIFF in
+    [0, 1] read all black. Other modes are returned unchanged."""
+    if img.mode != "F" and not img.mode.startswith("I"):
+        return img
+    x = np.asarray(img)
+    if img.mode == "I" and white > 2**31:  # unsigned 32-bit: Pillow holds it in int32
+        x = x.view(np.uint32)
+    x = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=white, neginf=0.0) / (white / 255)  # 16 bits: / 257.0
+    return Image.fromarray(x.round().clip(0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One file -> uint8 (image_size, image_size, channels): transparency over white, shorter side resized,
-    then centre-cropped."""
+    """One file -> uint8 (image_size, image_size, channels): transparency over white, 16-bit and float images
+    scaled to 8 bits by their format's range (`to_8bit`), shorter side resized, then centre-cropped."""
     try:
         with Image.open(path) as img:
             if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale where that still covers the target:
                 img.draft(img.mode, (image_size, image_size))  # 12-MP photos 5.9x faster (benchmarks/read_images)
-            img = ImageOps.exif_transpose(img)  # phone JPEGs store rotation in EXIF
-            if img.mode.startswith("I") and np.asarray(img).max() > 255:  # 16-bit: PIL's convert would clip
-                img = Image.fromarray(
-                    (np.asarray(img, np.float64) / 257).round().clip(0, 255).astype(np.uint8)
-                )
+            white = white_level(img)  # before exif_transpose: its copy has no TIFF tags
+            img = to_8bit(ImageOps.exif_transpose(img), white)  # phone JPEGs store rotation in EXIF
             img = over_white(img).convert("L" if channels == 1 else "RGB")
             w, h = img.size
             s = image_size / min(w, h)
@@ -211,20 +239,39 @@ def load_image(path: str | Path, image_size: int, channels: int | None = None) -
     return from_uint8(torch.from_numpy(arr).permute(2, 0, 1).contiguous()[None])
 
 
-def image_files(paths: list[str | Path]) -> list[Path]:
-    """The given image files, with each directory replaced by its image files (IMAGE_SUFFIXES, sorted)."""
-    files: list[Path] = []
+def find_images(folder: Path) -> list[Path]:
+    """The image files (IMAGE_SUFFIXES) anywhere under `folder`, sorted. Hidden files and folders below it (a
+    name starting with ".": .ipynb_checkpoints, .thumbs, .git) are skipped with all they hold: they are tools'
+    leftovers, and a checkpoint copy of an image would be read twice. Symlinked folders are not followed."""
+    found = []
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruned: never walked
+        found += [Path(top, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(f for f in found if f.is_file())
+
+
+def named_image_files(paths: list[str | Path]) -> list[tuple[Path, str]]:
+    """(file, name) for the given image files, each directory replaced by the image files anywhere under it
+    (`find_images`: sorted, hidden paths skipped). The name is the path below the directory given, with "/"
+    (`cats/1f595.png`), or a file's own name for a file given itself: what `compress` stores and
+    `score_anomalies` prints."""
+    files: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+            found = find_images(p)
             if not found:
-                raise FileNotFoundError(f"{p}: directory holds no {SUFFIXES_TEXT} images")
-            files += found
+                raise FileNotFoundError(f"{p}: directory holds no {SUFFIXES_TEXT} images (sub-folders included)")
+            files += [(f, f.relative_to(p).as_posix()) for f in found]
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.name))
         else:
             raise FileNotFoundError(f"{p}: no such image file or directory")
     return files
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The given image files, with each directory replaced by the image files under it (`named_image_files`)."""
+    return [f for f, _ in named_image_files(paths)]
 
 
 def load_images(files: list[Path], image_size: int, channels: int) -> Tensor:

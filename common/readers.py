@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from common.images import IMAGE_SUFFIXES, SUFFIXES_TEXT, check_channels, infer_channels, read_images
+from common.images import IMAGE_SUFFIXES, SUFFIXES_TEXT, check_channels, find_images, infer_channels, read_images
 from common.io import atomic_file
 from common.memory import available_memory
 
@@ -245,23 +245,17 @@ def load_cifar10(root: str | None = None, split: str = "train") -> ImageArrays:
 
 
 # -------------------------------------------------------------------------------- image files
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
-
-
 def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """(files, labels, class_names): each sub-folder holding images is a class, else one class."""
+    """(files, labels, class_names): each sub-folder holding images is a class, else one class. Hidden files
+    and folders (`.ipynb_checkpoints/`, `a/.thumbs/`) are skipped: as a class they would shift every label."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"image folder {where(root)} does not exist; pass --data.root DIR holding {SUFFIXES_TEXT} "
             "images (optionally in one sub-folder per class)"
         )
-    classes = [(d.name, files) for d in sorted(root.iterdir()) if d.is_dir() and (files := _image_files(d))]
+    subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    classes = [(d.name, files) for d in subdirs if (files := find_images(d))]
     loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     if classes and loose:  # silently dropping the loose images would surprise; make the layout explicit
         raise DatasetError(
@@ -269,7 +263,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
             "move the loose images into a sub-folder"
         )
     if not classes:
-        classes = [(root.resolve().name, _image_files(root))]
+        classes = [(root.resolve().name, find_images(root))]
     if not classes[0][1]:
         raise DatasetNotFoundError(f"no {SUFFIXES_TEXT} images found under {root}")
     files = [f for _, fs in classes for f in fs]

@@ -145,7 +145,8 @@ def test_auroc_matches_pairwise_definition() -> None:
         auroc([1, 2], [1, 1])
 
 
-def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
+def save_checkpoints(trained, tmp_path: Path) -> None:
+    """tmp_path/s1.ckpt and tmp_path/p.ckpt, as the training commands save them."""
     prior, vqvae = trained
     save = {"pytorch-lightning_version": pl.__version__}
     torch.save(
@@ -155,6 +156,10 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
                                     image_size=SIZE, channels=1, stage1_ckpt=str(tmp_path / "s1.ckpt"),
                                     stage1_sha256=sha256_file(tmp_path / "s1.ckpt"))  # fmt: skip
     torch.save({"state_dict": prior.state_dict(), "hyper_parameters": dict(prior.hparams), **save}, tmp_path / "p.ckpt")
+
+
+def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
+    save_checkpoints(trained, tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     for i, x in enumerate(to_uint8(torch.cat([squares(6, seed=3), noise(2, seed=4)]))):
@@ -187,6 +192,29 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     with open(out) as f:
         rows = list(csv.reader(f))
     assert all(0 <= float(row[COLUMNS.index("transform_knn")]) <= 2 for row in rows[1:])
+
+
+def test_cli_scores_the_images_of_sub_folders(trained, tmp_path: Path, capsys) -> None:
+    """A folder of class sub-folders is scored image by image (it was "directory holds no images"), each row
+    named by its path, the same basename in two folders included; hidden files and folders are skipped."""
+    save_checkpoints(trained, tmp_path)
+    images = to_uint8(torch.cat([squares(2, seed=3), noise(2, seed=4)]))
+    layout = ["images/a/0.png", "images/a/1.png", "images/b/0.png", "images/b/c/0.png",
+              "images/.ipynb_checkpoints/0-checkpoint.png", "images/a/.thumbs/0.png", "images/b/.0.png"]  # fmt: skip
+    for i, rel in enumerate(layout):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i % 4, 0].numpy()).save(tmp_path / rel)
+    out = tmp_path / "scores.csv"
+    main([str(tmp_path / "images"), "--prior", str(tmp_path / "p.ckpt"), "--out", str(out), "--method", "recon_mse"])
+    said = capsys.readouterr().out
+    assert "scored 4 images" in said and "most anomalous by recon_mse: b/" in said  # noise: b/0.png, b/c/0.png
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert [Path(r[0]).relative_to(tmp_path).as_posix() for r in rows[1:]] == layout[:4]
+    one_by_one = tmp_path / "one.csv"
+    main([*(str(tmp_path / r) for r in layout[:4]), "--prior", str(tmp_path / "p.ckpt"), "--out", str(one_by_one)])
+    with open(one_by_one) as f:
+        assert [r[1:] for r in csv.reader(f)] == [r[1:] for r in rows]  # the same images, the same scores
 
 
 def test_orientation_score_is_the_ratio_to_the_likeliest_turned_copy(trained) -> None:

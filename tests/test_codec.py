@@ -149,8 +149,8 @@ def _with_crc(body: bytes) -> bytes:
 
 def test_wrong_version_is_rejected(small_file) -> None:
     data = bytearray(small_file[0][:-4])
-    data[4:6] = struct.pack("<H", 5)
-    with pytest.raises(ContainerError, match="unsupported .vqz format version 5; this code reads versions 1 to 4"):
+    data[4:6] = struct.pack("<H", 6)
+    with pytest.raises(ContainerError, match="unsupported .vqz format version 6; this code reads versions 1 to 5"):
         unpack(_with_crc(bytes(data)), "f.vqz")
 
 
@@ -210,27 +210,58 @@ def test_file_names_round_trip_beside_either_label_choice(labels: str) -> None:
     assert len(data) - len(plain) < 1 + 4 + sum(len(n.encode("utf-8", "surrogateescape")) for n in NAMES)
 
 
-@pytest.mark.parametrize("bad, problem", [("../up.png", "not a plain file name"), ("a/b.png", "not a plain"),
-                                          ("", "not a plain"), ("..", "not a plain"), ("nul\0.png", "not a plain"),
-                                          ("back\\slash.png", "not a plain"), ("x" * 256, "longer than 255 bytes"),
-                                          ("\ud800.png", "not encodable")])  # fmt: skip
+UNFIT = [("../up.png", "not a relative path"), ("a/../../b.png", "not a relative path"), ("/abs.png", "not a relative"),
+         ("/etc/x.png", "not a relative"), ("a//b.png", "not a relative"), ("a/./b.png", "not a relative"),
+         ("a/b.png/", "not a relative"), ("a\\..\\b.png", "not a plain"), ("..\\up.png", "not a plain"),
+         ("a/b\\c.png", "not a relative"), ("", "not a plain"), ("..", "not a plain"), ("nul\0.png", "not a plain"),
+         ("back\\slash.png", "not a plain"), ("x" * 256, "longer than 255 bytes"),
+         ("d/" + "x" * 256, "longer than 255"), ("/".join(["d" * 200] * 6), "longer than 1024 bytes"),
+         ("\ud800.png", "not encodable")]  # fmt: skip
+
+
+def forge_names(data: bytes, names: list[str], version: int | None = None) -> bytes:
+    """`data` (a .vqz with names) with its names block replaced by `names` (and its version by `version`), the
+    CRC fixed: what a hand-made file can hold."""
+    block = zlib.compress(b"\0".join(n.encode("utf-8", "surrogateescape") for n in names), 9)  # as pack does
+    start = HEADER.size + 2  # step version, flags
+    length = struct.unpack_from("<I", data, start)[0]
+    forged = data[:start] + struct.pack("<I", len(block)) + block + data[start + 4 + length : -4]
+    if version is not None:
+        forged = forged[:4] + struct.pack("<H", version) + forged[6:]
+    return _with_crc(forged)
+
+
+@pytest.mark.parametrize("bad, problem", UNFIT)
 def test_unfit_names_are_refused_when_packing_and_when_reading(bad: str, problem: str) -> None:
-    """A name that could write outside --out (or nowhere) is refused by pack, and a file that holds one
-    anyway (made by hand, CRC fixed) is a ContainerError naming it, before any model work."""
+    """A name that could write outside --out (or nowhere: absolute, "..", an empty part, a backslash) is refused
+    by pack, and a file that holds one anyway (made by hand, CRC fixed), of version 4 or 5, is a ContainerError
+    naming it, before any model work."""
     with pytest.raises(ValueError, match=problem):
         named_file(["a.png", bad, "c.png", "d.png", "e.png"])
     if problem == "not encodable":
         return  # cannot be written into a file at all
-    data, _, _ = named_file(NAMES)
-    c = unpack(data)
-    block = zlib.compress(b"\0".join(n.encode("utf-8", "surrogateescape") for n in ["a.png", bad, *NAMES[2:]]))
-    start = HEADER.size + 2  # step version, flags
-    length = struct.unpack_from("<I", data, start)[0]
-    forged = data[:start] + struct.pack("<I", len(block)) + block + data[start + 4 + length : -4]
+    data, _, _ = named_file(["sub/" + n for n in NAMES])
+    assert unpack(data).version == 5
     # a NUL inside a name splits it in two: one name too many
-    with pytest.raises(ContainerError, match="f.vqz: corrupt file names? .*" + ("6 for 5" if "\0" in bad else problem)):
-        unpack(_with_crc(forged), "f.vqz")
-    assert c.names == NAMES
+    match = "f.vqz: corrupt file names? .*" + ("6 for 5" if "\0" in bad else problem)
+    v4 = "not a plain file name|not one zlib block"  # version 4 takes no "/" at all, nor 1 kB a name
+    for version in (4, 5):
+        with pytest.raises(ContainerError, match=match if version == 5 or "/" not in bad else v4):
+            unpack(forge_names(data, ["a.png", bad, *NAMES[2:]], version), "f.vqz")
+
+
+def test_names_with_sub_folders_make_version_5_and_plain_ones_version_4() -> None:
+    """Names below sub-folders are stored as given (version 5); a version-4 file may hold none (a reader of
+    version 4 refuses them), so files with plain names are what they were, byte for byte."""
+    nested = ["cats/a.png", "dogs/a.png", "ünï/名字/x.jpg", "d/" + "x" * 251 + ".png", "no suffix"]
+    data, codes, models = named_file(nested)
+    c = unpack(data)
+    assert c.version == 5 and c.names == nested
+    np.testing.assert_array_equal(decompress_codes(models, data), codes)
+    flat, _, _ = named_file(NAMES)
+    assert unpack(flat).version == 4 and forge_names(data, NAMES, 4) == flat  # only the names block differs
+    with pytest.raises(ContainerError, match=r"f.vqz: corrupt file name 'cats/a.png' \(not a plain file name\)"):
+        unpack(forge_names(data, nested, 4), "f.vqz")
 
 
 def test_a_names_block_cannot_expand_without_bound() -> None:
@@ -364,11 +395,77 @@ def test_cli_keeps_file_names_unless_told_not_to(ckpts, tmp_path: Path, capsys) 
     assert "--names none" in err and not (tmp_path / "c.vqz").exists()
 
 
+def nested_folder(images: Path, root: Path) -> Path:
+    """photos/{cats/0.png, dogs/0.png, dogs/deep/1.jpg} from `images`, beside hidden files and folders that
+    are not images to compress (a notebook's checkpoints, thumbnails)."""
+    for rel, src in [("cats/0.png", "0.png"), ("dogs/0.png", "1.png"), ("dogs/deep/1.jpg", "2.png"),
+                     (".ipynb_checkpoints/0-checkpoint.png", "0.png"), ("cats/.thumbs/0.png", "1.png"),
+                     ("cats/.0.png", "2.png")]:  # fmt: skip
+        (root / "photos" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(images / src).save(root / "photos" / rel)
+    return root / "photos"
+
+
+def test_cli_round_trip_of_a_folder_of_sub_folders(ckpts, tmp_path: Path, capsys) -> None:
+    """A directory's images are found in its sub-folders (hidden ones skipped), stored under their paths below
+    it (version 5), and come back in those sub-folders of --out, the same basename in two folders included;
+    an --out whose folders exist already gets the images beside what they hold."""
+    photos, prior = nested_folder(ckpts["images"], tmp_path), str(ckpts["prior"])
+    vqz = tmp_path / "all.vqz"
+    main_compress([str(photos), "--prior", prior, "--out", str(vqz)])
+    assert "3 images" in capsys.readouterr().out
+    c = unpack(vqz.read_bytes())
+    assert c.version == 5 and c.names == ["cats/0.png", "dogs/0.png", "dogs/deep/1.jpg"]
+    main_compress([str(photos), "--prior", prior, "--out", str(tmp_path / "p.vqz"), "--names", "none"])
+    (tmp_path / "out" / "cats").mkdir(parents=True)
+    (tmp_path / "out" / "cats" / "keep.txt").write_text("mine")
+    for vqz_name, out in [("all.vqz", "out"), ("p.vqz", "numbered")]:
+        main_decompress([str(tmp_path / vqz_name), "--prior", prior, "--out", str(tmp_path / out)])
+    found = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert found == ["cats/0.png", "cats/keep.txt", "dogs/0.png", "dogs/deep/1.png"]
+    for i, name in enumerate(["cats/0.png", "dogs/0.png", "dogs/deep/1.png"]):
+        numbered = Image.open(tmp_path / "numbered" / f"{i:06d}.png").tobytes()
+        assert Image.open(tmp_path / "out" / name).tobytes() == numbered
+    err = user_error(main_decompress, [str(vqz), "--prior", prior, "--out", str(tmp_path / "out")], capsys)
+    assert "cats/0.png already exists" in err and "--overwrite" in err
+    main_decompress([str(vqz), "--prior", prior, "--out", str(tmp_path / "out"), "--overwrite"])
+    assert (tmp_path / "out" / "cats" / "keep.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temp folder left behind
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "cats").symlink_to(tmp_path / "elsewhere")  # would lead the images out of --out
+    err = user_error(main_decompress, [str(vqz), "--prior", prior, "--out", str(tmp_path / "linked")], capsys)
+    assert "linked/cats is a link" in err and not list((tmp_path / "elsewhere").iterdir())
+
+
+@pytest.mark.parametrize("bad", ["../x.png", "{tmp}/abs.png", "a/../../x.png", "a\\..\\x.png", "a//x.png"])
+def test_decompress_refuses_a_crafted_file_with_a_name_outside_out(ckpts, tmp_path: Path, capsys, bad: str) -> None:
+    """A hand-made .vqz whose names would write outside --out (or nowhere) is refused before anything is
+    written, whatever its version says."""
+    prior, bad = str(ckpts["prior"]), bad.format(tmp=tmp_path)  # an absolute path that the check below sees
+    vqz = tmp_path / "x.vqz"
+    main_compress([str(nested_folder(ckpts["images"], tmp_path)), "--prior", prior, "--out", str(vqz)])
+    for version in (4, 5):
+        (tmp_path / "forged.vqz").write_bytes(forge_names(vqz.read_bytes(), ["a.png", bad, "c.png"], version))
+        err = user_error(main_decompress, [str(tmp_path / "forged.vqz"), "--prior", prior, "--out",
+                                           str(tmp_path / "deep" / "out")], capsys)  # fmt: skip
+        assert f"forged.vqz: corrupt file name {bad!r}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forged.vqz", "photos", "x.vqz"]  # nothing written
+
+
 def test_decompressed_names_are_plain_pngs_of_at_most_255_bytes() -> None:
     assert png_names(["a.jpg", "b.tar.png", "no suffix", "x" * 251 + ".png"], "f", "") == [
         "a.png", "b.tar.png", "no suffix.png", "x" * 251 + ".png"]  # fmt: skip
     with pytest.raises(ContainerError, match=r"f.vqz: x+ would decompress to a name longer than 255 bytes; fix it"):
         png_names(["x" * 253], "f.vqz", "fix it", ContainerError)  # a fit name to store, but not with .png
+    assert png_names(["cats/a.jpg", "dogs/a.jpg", "a.b/c.tif", "a.jpg"], "f", "") == [
+        "cats/a.png", "dogs/a.png", "a.b/c.png", "a.png"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"f: d/x+ would decompress to a name longer than 255 bytes"):
+        png_names(["d/" + "x" * 253], "f", "")
+    for names, clash in [(["c/a.jpg", "c/a.png"], "c/a.jpg and c/a.png would both"),
+                         (["x/a.png", "x/a.png/b.png"], "x/a.png would decompress to x/a.png, the folder of x/a")]:
+        with pytest.raises(ValueError, match=clash.replace(".", r"\.")):
+            png_names(sorted(names), "f", "")
 
 
 def test_decompress_refuses_a_hand_made_file_whose_names_collide(ckpts, tmp_path: Path, capsys) -> None:

@@ -218,6 +218,93 @@ def test_image_folder_errors(tmp_path: Path, folder: Path) -> None:
         load_image_folder(folder, 16)
 
 
+def test_hidden_folders_are_neither_classes_nor_read(folder: Path) -> None:
+    """A hidden folder (a notebook's .ipynb_checkpoints/, a viewer's a/.thumbs/) is no class and none of its
+    images is read: as a class it shifted every label after it, inside a class its copies were read twice."""
+    before = load_image_folder(folder, 16)
+    for rel in [".ipynb_checkpoints/g0-checkpoint.png", "a/.thumbs/g0.png", "b/.cache/deep/c9.png", "a/.g9.png"]:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / rel)
+    files, labels, names = im.scan_image_folder(folder)
+    assert names == ["a", "b"] and labels.tolist() == [0] * 4 + [1] * 3
+    assert not [f for f in files if any(part.startswith(".") for part in f.relative_to(folder).parts)]
+    after = load_image_folder(folder, 16)
+    assert np.array_equal(after.images, before.images) and after.class_names == before.class_names
+    one = load_image_folder(folder / "a" / "sub", 16)  # no class folders: the hidden one is still skipped
+    (folder / "a" / "sub" / ".thumbs").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a" / "sub" / ".thumbs" / "g3.png")
+    assert np.array_equal(load_image_folder(folder / "a" / "sub", 16).images, one.images)
+    hidden_root = folder.parent / ".data"  # the root itself may be hidden: only what lies below it counts
+    folder.rename(hidden_root)
+    assert im.scan_image_folder(hidden_root)[2] == ["a", "b"]
+
+
+def test_image_files_of_a_directory_include_its_sub_folders(folder: Path) -> None:
+    """`compress DIR` and `score_anomalies DIR` find the images of a folder of class sub-folders (it was
+    "directory holds no images"), sorted, hidden paths skipped, each named by its path below DIR."""
+    from common.images import named_image_files
+
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / ".ipynb_checkpoints" / "x.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "b" / ".x.png")
+    named = named_image_files([folder, folder / "b" / "c0.png"])
+    assert [n for _, n in named] == ["a/g0.png", "a/g1.png", "a/g2.png", "a/sub/g3.png", "b/c0.png", "b/c1.JPG",
+                                     "b/c2.jpeg", "c0.png"]  # fmt: skip
+    assert [f for f, _ in named] == image_files([folder, folder / "b" / "c0.png"])
+    assert image_files([folder])[:5] == im.scan_image_folder(folder)[0][:5]  # the training reader's order
+    (folder / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="empty: directory holds no .*images"):
+        image_files([folder / "empty"])
+
+
+def write_deep(path: Path, values: np.ndarray, mode: str) -> None:
+    """A 16-bit ("I;16", "I;16B"), 32-bit integer ("I") or float ("F") grey image file of `values`."""
+    if mode == "I;16B":
+        Image.frombytes(mode, values.shape[::-1], values.astype(">u2").tobytes()).save(path)
+    else:
+        dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+        Image.fromarray(values.astype(dtype)).save(path)
+
+
+@pytest.mark.parametrize("mode, suffix, full", [("I;16", "png", 65535), ("I;16", "tif", 65535),
+                                                ("I;16B", "tif", 65535), ("I", "tif", 2**31 - 1),
+                                                ("F", "tif", 1.0)])  # fmt: skip
+def test_deep_images_are_scaled_by_their_format_not_their_content(tmp_path: Path, mode: str, suffix: str,
+                                                                  full: float) -> None:  # fmt: skip
+    """16-bit, 32-bit and float grey images read as their format's range, 0 to full (16 bits: 65535 -> 255, by
+    257; float: [0, 1], clipped), whatever their largest value: a 16-bit image whose maximum is <= 255 was read
+    as if 8-bit, and a float TIFF in [0, 1] read all black."""
+    levels = np.array([0, 0.25, 0.5, 1.0])
+    for top in (1.0, 0.003, 0.0002):  # a bright image, one whose 16-bit maximum is 196, a nearly black one
+        values = np.tile(levels * top * full, (4, 1))  # (4, 4): columns 0, 1/4, 1/2, 1 of `top`
+        if mode != "F":
+            values = values.round()
+        write_deep(tmp_path / f"deep.{suffix}", values, mode)
+        with Image.open(tmp_path / f"deep.{suffix}") as img:
+            assert img.mode == mode
+        out = read_image(tmp_path / f"deep.{suffix}", 4, 1)[..., 0]
+        expected = (values / full * 255).round()
+        assert np.abs(out.astype(int) - expected).max() <= (0 if mode.startswith("I;16") else 1), (top, out, expected)
+    assert to_uint8(load_image(tmp_path / f"deep.{suffix}", 4)).max() == 0  # 0.0002 of white: black, as 8 bits
+    if mode == "F":  # float outside [0, 1] is clipped, NaN is black
+        from common.images import to_8bit
+
+        odd = Image.fromarray(np.array([[-1, 0.5, 2, np.inf, np.nan]], np.float32))
+        assert np.asarray(to_8bit(odd, 1.0)).tolist() == [[0, 128, 255, 255, 0]]
+
+
+def test_a_16_bit_image_reads_as_its_8_bit_twin(tmp_path: Path) -> None:
+    """8-bit values v stored as 16 bits (v * 257, what a 16-bit export of an 8-bit image holds) read exactly as
+    the 8-bit file, in the folder reader too; RGB and RGBA are unaffected."""
+    v = np.random.default_rng(0).integers(0, 256, (12, 12), dtype=np.uint8)
+    Image.fromarray(v).save(tmp_path / "eight.png")
+    Image.fromarray(v.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray((v / 255).astype(np.float32)).save(tmp_path / "float.tif")
+    reads = [read_image(tmp_path / f, 12, 1) for f in ("eight.png", "sixteen.png", "float.tif")]
+    assert np.array_equal(reads[0], reads[1]) and np.array_equal(reads[0], reads[2])
+    assert np.array_equal(read_images([tmp_path / "sixteen.png"], 12, 3)[0], read_image(tmp_path / "eight.png", 12, 3))
+
+
 def test_a_folder_too_big_for_memory_is_refused_before_decoding(folder: Path, monkeypatch) -> None:
     exact = 1.1 * 7 * 16 * 16 * 3  # 7 RGB images at 16 px, held once, and a tenth to spare
     monkeypatch.setattr(im, "available_memory", lambda: exact - 1)

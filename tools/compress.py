@@ -7,10 +7,13 @@
 (:mod:`tools.codec`: range coding; :mod:`tools.container`: a versioned ``.vqz`` container with both
 checkpoints' SHA-256 and CRCs). `decompress` recovers the codes exactly and writes stage 1's decoding of
 them as PNGs, so the images come back as stage-1 reconstructions: lossless for the codes, lossy for the
-pixels. The file also keeps each image's file name (``--names none``: not, and `decompress` numbers them
-000000.png, ...), so `decompress` writes ``<name without its extension>.png`` for each; two files whose
-names would collide (``a/x.png`` and ``b/x.jpg``) are refused up front. The stage-1 checkpoint is the
-one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae`` is given.
+pixels. A directory's images are found in its sub-folders too (hidden ones skipped, sorted). The file also
+keeps each image's name (``--names none``: not, and `decompress` numbers them 000000.png, ...): a file's own
+name, or for a directory's images the path below it (``cats/1f595.png``), so `decompress` writes
+``<name without its extension>.png`` for each, in those sub-folders of ``--out``; two files whose names
+would collide (``x.png`` and ``x.jpg`` of one folder, or of two folders given) are refused up front. The
+stage-1 checkpoint is the one the prior's codes metadata names (checked by SHA-256) unless ``--vqvae`` is
+given.
 Both run on the CPU with one thread (exact decoding needs identical floats) and never replace an existing
 file without ``--overwrite``; `compress` writes a temp file renamed into place, `decompress` writes into
 a hidden temporary folder whose files are moved into ``--out`` only once all of them are written.
@@ -18,6 +21,8 @@ a hidden temporary folder whose files are moved into ``--out`` only once all of 
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -25,8 +30,8 @@ from typing import Literal
 from PIL import Image
 
 from common.cli import add_overwrite, make_parser, run_command
-from common.images import image_files, load_images, to_uint8
-from common.io import check_output, check_output_dir, staging_dir, write_atomic
+from common.images import load_images, named_image_files, to_uint8
+from common.io import OutputError, check_output, check_output_dir, staging_dir, write_atomic
 from stage2_prior.build import require_likelihood
 from tools.container import MAX_BATCH_SIZE, ContainerError, check_name, pack_names, unpack
 from tools.load import Models  # noqa: F401  (re-exported: tests build Models through this module)
@@ -64,14 +69,15 @@ def run_compress(args: list[str] | None) -> str:
     if not 1 <= a.batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"--batch_size must be in [1, {MAX_BATCH_SIZE}], got {a.batch_size}")
     out = check_output(a.out, a.overwrite)
-    files = image_files(a.images)
-    names = [f.name for f in files] if a.names == "keep" else None
+    named = named_image_files(a.images)
+    files = [f for f, _ in named]
+    names = [n for _, n in named] if a.names == "keep" else None
     if names is not None:  # names unfit to store, or two that would come back as one file: refused before any work
-        for f in files:
-            if problem := check_name(f.name):
+        for f, n in named:
+            if problem := check_name(n, folders=True):
                 raise ValueError(f"--names keep: {f}: {problem}; rename it or pass --names none")
-        png_names([str(f) for f in files], "--names keep", "rename one, compress them into separate files, or "
-                  "pass --names none to number the images instead")  # fmt: skip
+        png_names(names, "--names keep", "rename one, compress them into separate files, or pass --names none "
+                  "to number the images instead", shown=[str(f) for f in files])  # fmt: skip
     m = cpu_models(a.prior, a.vqvae)
     require_likelihood(m.prior, a.prior, "compress")  # the codec needs exact probabilities
     t0 = time.perf_counter()
@@ -80,8 +86,8 @@ def run_compress(args: list[str] | None) -> str:
     seconds = time.perf_counter() - t0
     write_atomic(out, data)
     pixels = len(files) * m.image_size**2
-    named = f" ({len(pack_names(names, len(names)))} of them file names)" if names is not None else ""
-    return (f"{len(files)} images -> {out}: {len(data)} bytes{named}, {8 * len(data) / pixels:.4f} bits per pixel "
+    kept = f" ({len(pack_names(names, len(names), folders=True))} of them file names)" if names is not None else ""
+    return (f"{len(files)} images -> {out}: {len(data)} bytes{kept}, {8 * len(data) / pixels:.4f} bits per pixel "
             f"(ideal {ideal / pixels:.4f}), {len(files) / seconds:.1f} images/s")  # fmt: skip
 
 
@@ -101,6 +107,7 @@ def run_decompress(args: list[str] | None) -> str:
     if c.names is not None:  # two stored names on one file: only a hand-made .vqz has that
         names = png_names(c.names, str(path), "`compress` never writes such a file", ContainerError)
     out = check_output_dir(a.out, names, a.overwrite)
+    check_folders(out, names)
     m = cpu_models(a.prior, a.vqvae)
     require_likelihood(m.prior, a.prior, "decompress")
     t0 = time.perf_counter()
@@ -108,10 +115,39 @@ def run_decompress(args: list[str] | None) -> str:
     seconds = time.perf_counter() - t0
     with staging_dir(out) as tmp:
         for name, image in zip(names, images.permute(0, 2, 3, 1).numpy()):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # names are checked: no "..", none absolute
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / name, format="PNG")
+        merge_folders(tmp, out)
     pixels = max(1, count * m.image_size**2)
     return (f"{path} -> {count} images in {out}/: {8 * len(data) / pixels:.4f} bits per pixel, "
             f"{count / max(seconds, 1e-9):.1f} images/s")  # fmt: skip
+
+
+def check_folders(out: Path, names: list[str]) -> None:
+    """Refuse, before any work, names whose sub-folders exist in `out` as a file or a link: a link could lead
+    the images outside `out` (the names themselves are checked when the file is read: no "..", none absolute)."""
+    for name in names:
+        folder = out
+        for part in name.split("/")[:-1]:
+            folder = folder / part
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                what = "a link" if folder.is_symlink() else "a file"
+                raise OutputError(f"{folder} is {what}, but {name} is written into a folder of that name; move it "
+                                  "or choose another --out")  # fmt: skip
+
+
+def merge_folders(tmp: Path, out: Path) -> None:
+    """Move the files of `tmp`'s sub-folders into those of `out` that exist already: `staging_dir` moves what is
+    left (new sub-folders whole, files), and a folder cannot replace one that holds files."""
+    if not out.is_dir():
+        return  # staging_dir renames `tmp` into place
+    for folder in sorted(d for d in tmp.iterdir() if d.is_dir() and (out / d.name).is_dir()):
+        for top, _, files in os.walk(folder):
+            for f in sorted(files):
+                target = out / Path(top, f).relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(Path(top, f), target)
+        shutil.rmtree(folder)  # emptied: only folders of our own temporary one
 
 
 def main_compress(args: list[str] | None = None) -> None:
