@@ -3,7 +3,9 @@
     score_anomalies images/ odd.png --prior prior.ckpt --out scores.csv
     score_anomalies images/ --prior prior.ckpt --out scores.csv --grid top.png --top 16
 
-CSV columns, one row per image; for every score, higher means more anomalous:
+A directory's images are found in its sub-folders too (hidden files and folders skipped, sorted). CSV
+columns, one row per image, its ``path`` as found (``images/cats/1f595.png``); for every score, higher
+means more anomalous:
 
 * ``nll_bits_per_dim``: -log2 p(codes) of the image's stage-1 codes under the prior (null label), divided
   by the image's dimensions (pixels x channels).
@@ -67,7 +69,7 @@ import torch
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.codes import check_matches, load_split, read_meta
-from common.images import GRID_FORMATS, image_files, load_images, save_grid
+from common.images import GRID_FORMATS, load_images, named_image_files, save_grid
 from common.io import check_output, write_atomic
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
@@ -159,7 +161,8 @@ def _run(args: list[str] | None) -> str:
     needs = OPTIONAL.get(a.method)
     if needs and getattr(a, needs[2:]) is None:
         raise UserError(f"--method {a.method} needs {needs}")
-    files = image_files(a.images)
+    named = named_image_files(a.images)
+    files = [f for f, _ in named]
     m = load_models(a.prior, a.vqvae, resolve_device(a.device))
     require_likelihood(m.prior, a.prior, "score_anomalies")  # every score but recon_mse is a likelihood
     background, train_nll = references(m, a.background, a.codes)
@@ -173,7 +176,7 @@ def _run(args: list[str] | None) -> str:
         top = order[: a.top].copy()
         tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top], m.vqvae.levels)
         save_grid(tiles, grid, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
-    head = ", ".join(f"{files[i].name} ({scores[method][i]:.4g})" for i in order[:3])
+    head = ", ".join(f"{named[i][1]} ({scores[method][i]:.4g})" for i in order[:3])  # cats/1.png, dogs/1.png
     return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {method}: {head}"
 
 
