@@ -46,20 +46,34 @@ RESOLVED_CACHE_DIR = "resolved_cache_dir"  # and --data.cache_dir, likewise
 
 
 class ImageSplits:
-    """Train/val/test splits of one image dataset, each one uint8 tensor, and loaders over them (images in
-    [-1, 1], labels). Plain Python and torch: the Lightning data module is :class:`common.datamodule.
-    ImageDataModule`, this class plus Lightning's hooks; commands that only read data use this one.
+    """Train/val/test splits of one image dataset, and loaders over them.
 
-    train/val are carved from the official train split (`val_size` images, default 5,000, permutation fixed
-    by `seed`); test is the official test split. An image_folder has no official split: val and test are
-    both carved from it, and a size of 0 or None there means 10%; emoji likewise, counted in base emoji.
-    `limit` truncates every split (quick runs, tests).
-    `image_size` None means the native size; 28-px data can be zero-padded to 32; image_folder defaults
-    to 64. `channels` None means native (inferred for a folder); 1 <-> 3 conversion is allowed.
-    `on_device`: the Lightning data module keeps each split on the training device and draws batches there
-    (GPU training is then never loader-bound); plain loaders ignore it.
-    `cache_dir` (image_folder only): decode the splits once into a file there and memory-map it in every run
-    (common.image_cache): later runs start at once, and a folder larger than memory is read from disk.
+    Each split is one uint8 tensor; loaders give images in [-1, 1] and labels. Plain Python and torch: the
+    Lightning data module is :class:`common.datamodule.ImageDataModule`, this class plus Lightning's hooks;
+    commands that only read data use this one.
+
+    Args:
+        dataset: fashion_mnist, mnist, cifar10, emoji or image_folder (your own images: PNG, JPEG, WebP, BMP,
+            TIFF; one sub-folder per class, or none for one class).
+        root: where the data is (image_folder: the folder; emoji: data/emoji; the others: their files, else
+            the system copy or a download).
+        image_size: pixels a side; None: the data's own (image_folder: 64; 28-px data may be padded to 32).
+        channels: 1 or 3; None: the data's own (inferred for a folder).
+        batch_size: images per training batch.
+        num_workers: loader worker processes (the splits are in memory: 0 is fastest).
+        val_size: validation images, carved from the training split (default 5,000; image_folder and emoji:
+            0 or None means 10 %, emoji counting base emoji).
+        test_size: image_folder and emoji: test images carved from the data (0 means 10 %); the others have an
+            official test split.
+        seed: the permutation that draws the splits.
+        download: fetch Fashion-MNIST/MNIST (MD5-checked) when not found locally.
+        limit: keep the first N images of each split (quick runs: a folder then decodes only those).
+        on_device: hold each split on the training device and draw batches there (GPU training is never
+            loader-bound); plain loaders ignore it.
+        cache_dir: image_folder only: decode the splits once into a file there and memory-map it in every run
+            (later runs start at once; a folder larger than memory is read from disk).
+        folder_key: set from a checkpoint: the file list its splits were drawn from (a folder that differs
+            is named in a warning); leave it unset.
     """
 
     def __init__(
