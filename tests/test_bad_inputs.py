@@ -254,6 +254,15 @@ ROWS = [
      r"prior.ckpt is not an anomaly-net file written by train_anomaly_net"),  # fmt: skip
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--anomaly_net", "{anet28_pt}"],
      r"anet28.pt was trained on 28x28 images with 1 channel\(s\), the models score 16x16"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--method", "mystery"],
+     r"--method 'mystery' is not a score; choose one of nll_bits_per_dim, "),  # fmt: skip
+    ("compress", ["{prime_png}", *P, "--out", "{prior}", "--overwrite"],
+     r"--out \S*prior.ckpt is also --prior: a command never writes over its own input"),  # replaced the prior
+    ("compress", ["{prime_png}", *P, "--out", "{prime_png}", "--overwrite"], r"prime.png is also an image to compress"),
+    ("score_anomalies", ["{prime_png}", *P, "--out", "{prime_png}", "--overwrite"],
+     r"--out \S*prime.png is also an image to score"),  # fmt: skip  (CSV text was written into the PNG)
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", "{prior}", "--overwrite"],
+     r"--grid \S*prior.ckpt is also --prior|--grid \S*prior.ckpt: name an image"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--method", "transform_knn"],
      r"--method transform_knn needs --anomaly_net"),  # fmt: skip
     ("train_anomaly_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--data.image_size", "16",

@@ -69,7 +69,7 @@ import torch
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.codes import check_matches, load_split, read_meta
-from common.images import GRID_FORMATS, load_images, named_image_files, save_grid
+from common.images import GRID_FORMATS, image_files, load_images, named_image_files, save_grid
 from common.io import check_output, write_atomic
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
@@ -135,9 +135,9 @@ def build_parser():
     p.add_argument("--out", type=str, required=True, help="CSV file to write")
     p.add_argument("--grid", type=str, default=None, help="also write a PNG grid of the most anomalous images")
     p.add_argument("--top", type=int, default=16, help="images in --grid")
-    p.add_argument("--method", "--rank_by", dest="method", type=str, default=None, choices=SCORES,
-                   help="the score that ranks the images (printed, orders --grid); default: the best measured, "
-                   f"transform_knn with --anomaly_net, else {DEFAULT_SCORE}")  # fmt: skip
+    p.add_argument("--method", "--rank_by", dest="method", type=str, default=None, metavar="SCORE",
+                   help=f"the score that ranks the images (printed, orders --grid): {', '.join(SCORES)}; default: "
+                   f"the best measured, transform_knn with --anomaly_net, else {DEFAULT_SCORE}")  # fmt: skip
     p.add_argument("--background", type=str, default=None,
                    help="a prior trained on perturbed codes (train_stage2 --data.perturb 0.2): likelihood_ratio")
     p.add_argument("--codes", type=str, default=None, help="the prior's codes directory: typicality")
@@ -152,12 +152,16 @@ def build_parser():
 def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
     at_least(1, top=a.top, batch_size=a.batch_size)
-    out = check_output(a.out, a.overwrite)
-    grid = check_output(a.grid, a.overwrite, "--grid") if a.grid else None
+    inputs = {"--prior": a.prior, "--vqvae": a.vqvae, "--background": a.background, "--anomaly_net": a.anomaly_net,
+              "an image to score": image_files(a.images)}  # fmt: skip
+    out = check_output(a.out, a.overwrite, inputs=inputs)
+    grid = check_output(a.grid, a.overwrite, "--grid", inputs=inputs) if a.grid else None
     if grid is not None and grid.suffix.lower() not in GRID_FORMATS:
         raise UserError(f"--grid {grid}: name an image file ({', '.join(GRID_FORMATS)})")
     if grid is not None and grid.resolve() == out.resolve():
         raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
+    if a.method is not None and a.method not in SCORES:
+        raise UserError(f"--method {a.method!r} is not a score; choose one of {', '.join(SCORES)}")
     needs = OPTIONAL.get(a.method)
     if needs and getattr(a, needs[2:]) is None:
         raise UserError(f"--method {a.method} needs {needs}")

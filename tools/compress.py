@@ -68,9 +68,10 @@ def run_compress(args: list[str] | None) -> str:
     a = p.parse_args(args)
     if not 1 <= a.batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"--batch_size must be in [1, {MAX_BATCH_SIZE}], got {a.batch_size}")
-    out = check_output(a.out, a.overwrite)
     named = named_image_files(a.images)
     files = [f for f, _ in named]
+    out = check_output(a.out, a.overwrite, inputs={"--prior": a.prior, "--vqvae": a.vqvae,
+                                                   "an image to compress": files})  # fmt: skip
     names = [n for _, n in named] if a.names == "keep" else None
     if names is not None:  # names unfit to store, or two that would come back as one file: refused before any work
         for f, n in named:
