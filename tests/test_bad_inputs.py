@@ -210,6 +210,8 @@ ROWS = [
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "{a_file}"], r"a_file is a file; give a directory"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", UNWRITABLE], r"cannot write into /proc"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{existing_csv}"], r"already exists"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{prior}", "--overwrite"],
+     r"--json \S*prior.ckpt is also --ckpt: a command never writes over its own input"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", "{existing_png}"],
      r"existing.png already exists"),  # fmt: skip
     # ------------------------------------------------------------------ a masked-token prior: no exact likelihood

@@ -275,7 +275,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
 def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
     at_least(1, batch_size=cfg.batch_size)
     if cfg.json:
-        check_output(cfg.json, cfg.overwrite, "--json")
+        check_output(cfg.json, cfg.overwrite, "--json", inputs={f"--{k}": getattr(cfg, k, None) for k in
+                                                                ("ckpt", "samples", "features")})  # fmt: skip
     device = resolve_device(cfg.device)
     if mode == "prior":
         prior, hparams = load_prior(cfg.ckpt, "--ckpt")
