@@ -137,6 +137,12 @@ def test_auto_features_of_an_image_folder_are_that_folders(tmp_path, monkeypatch
     assert default_path("image_folder", str(photos)) == Path("runs/feature_net/image_folder_photos.pt")
     assert default_path("image_folder", str(faces)).name == "image_folder_my_faces.pt"
     assert default_path("fashion_mnist", "/somewhere") == Path("runs/feature_net/fashion_mnist.pt")
+    # a net reads one size: another size than the data's default gets its own file (a 32-px run of a folder
+    # found the 64-px net and stopped with an error instead of going on without FID)
+    assert default_path("image_folder", str(photos), 64).name == "image_folder_photos.pt"
+    assert default_path("image_folder", str(photos), 32).name == "image_folder_photos_32px.pt"
+    assert default_path("emoji", None, 32).name == "emoji_32px.pt" and default_path("fashion_mnist", None, 28).name \
+        == "fashion_mnist.pt"  # fmt: skip
     net = FeatureNet(channels=3, num_classes=2, width=8, feature_dim=16)
     save_feature_net(net, default_path("image_folder", str(photos)), dataset="image_folder",
                      data={"root": str(photos)}, image_size=8, channels=3)  # fmt: skip

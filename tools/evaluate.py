@@ -291,7 +291,9 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
     if mode == "samples":  # a folder's images are read in the data's colour
         samples = load_samples(cfg.samples, ImageSplits(**data).channels if Path(cfg.samples).is_dir() else None)
     # stage1's PSNR, SSIM and usage need no features: without any (and none asked for), no reconstruction FID
-    features = load_features(cfg.features, data["dataset"], device, optional=mode == "stage1", root=data.get("root"))
+    size = model.image_size if mode == "stage1" else samples.shape[-1]  # a feature net reads one size: its file's
+    features = load_features(cfg.features, data["dataset"], device, optional=mode == "stage1", root=data.get("root"),
+                             image_size=size)  # fmt: skip
     if mode == "stage1":
         dm = ImageSplits(**data, image_size=model.image_size, channels=model.in_channels)
         result = {"mode": mode, "ckpt": cfg.ckpt, "dataset": data["dataset"],
@@ -299,7 +301,7 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
         print_table(f"stage 1 {cfg.ckpt} on {data['dataset']} ({cfg.split}, {result['images']} images)",
                     ("metric", "value"), stage1_rows(result, features.label if features else ""))  # fmt: skip
         if features is None:
-            print(f"no reconstruction FID: {missing_features_message(data['dataset'], data.get('root'))}")
+            print(f"no reconstruction FID: {missing_features_message(data['dataset'], data.get('root'), size)}")
             return result
     else:
         c, h, _ = samples.shape[1:]

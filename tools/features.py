@@ -26,7 +26,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.images import from_uint8
-from tools.net_files import dataset_key, fit_classifier, load_net_file, rebuilding, save_net_file
+from tools.net_files import DEFAULT_SIZES, dataset_key, fit_classifier, load_net_file, rebuilding, save_net_file
 
 FORMAT = "vqgen-feature-net"
 VERSION = 1
@@ -39,14 +39,17 @@ class FeaturesError(UserError, ValueError):
     """Features cannot be loaded or do not fit the images; the message says what to do."""
 
 
-def default_path(dataset: str, root: str | None = None) -> Path:
+def default_path(dataset: str, root: str | None = None, image_size: int | None = None) -> Path:
     """Where `train_feature_net` saves, and `evaluate` looks, by default: runs/feature_net/<dataset>.pt, and
-    for an image folder runs/feature_net/image_folder_<folder name>.pt (each folder is its own data set)."""
-    return DEFAULT_DIR / f"{dataset_key(dataset, root)}.pt"
+    for an image folder runs/feature_net/image_folder_<folder name>.pt (each folder is its own data set);
+    at another size than the data's default, <...>_<size>px.pt (a net reads one size)."""
+    return DEFAULT_DIR / f"{dataset_key(dataset, root, image_size)}.pt"
 
 
-def _train_command(dataset: str, root: str | None = None) -> str:
-    return f"train_feature_net --data.dataset {dataset} " + (f"--data.root {root}" if root else "[--data.root DIR]")
+def _train_command(dataset: str, root: str | None = None, image_size: int | None = None) -> str:
+    size = f" --data.image_size {image_size}" if image_size and image_size != DEFAULT_SIZES.get(dataset) else ""
+    return (f"train_feature_net --data.dataset {dataset} " + (f"--data.root {root}" if root else "[--data.root DIR]")
+            + size)
 
 
 # ------------------------------------------------------------------------------------------ network
@@ -217,25 +220,26 @@ def inception_features(device: torch.device) -> Features:
                     inception=True)  # fmt: skip
 
 
-def missing_features_message(dataset: str, root: str | None = None) -> str:
-    """What to run (or pass) when no features exist for `dataset` (at `root`)."""
-    path = default_path(dataset, root)
+def missing_features_message(dataset: str, root: str | None = None, image_size: int | None = None) -> str:
+    """What to run (or pass) when no features exist for `dataset` (at `root`, at `image_size`)."""
+    path = default_path(dataset, root, image_size)
     return (f"{path} does not exist and Inception-v3 needs torch-fidelity. Train the project's feature net first: "
-            f"`{_train_command(dataset, root)}` (about 2 minutes on a CPU; it saves to {path}), or pass "
+            f"`{_train_command(dataset, root, image_size)}` (about 2 minutes on a CPU; it saves to {path}), or pass "
             "--features FILE / --features inception")  # fmt: skip
 
 
 def load_features(spec: str | None, dataset: str, device: torch.device | str = "cpu",
-                  optional: bool = False, root: str | None = None) -> Features | None:  # fmt: skip
+                  optional: bool = False, root: str | None = None, image_size: int | None = None,
+                  ) -> Features | None:  # fmt: skip
     """`spec`: a feature-net file, "inception", or "auto"/None = :func:`default_path` of `dataset` (and, for an
-    image folder, its `root`) if it exists, else Inception if torch-fidelity is installed, else a FeaturesError
-    saying to run train_feature_net (None instead when `optional`: the caller goes on without FID)."""
+    image folder, its `root`; at `image_size`) if it exists, else Inception if torch-fidelity is installed, else a
+    FeaturesError saying to run train_feature_net (None instead when `optional`: the caller goes on without FID)."""
     device = torch.device(device)
     if spec == "inception":
         return inception_features(device)
     if spec not in (None, "", "auto"):
         return feature_net_features(spec, device)
-    path = default_path(dataset, root)
+    path = default_path(dataset, root, image_size)
     if path.is_file():
         return feature_net_features(path, device, root if dataset == "image_folder" and root else None)
     try:
@@ -243,6 +247,6 @@ def load_features(spec: str | None, dataset: str, device: torch.device | str = "
     except ImportError:
         if optional:
             return None
-        raise FeaturesError(f"no features for FID/KID: {missing_features_message(dataset, root)}") from None
+        raise FeaturesError(f"no features for FID/KID: {missing_features_message(dataset, root, image_size)}") from None
     print(f"no {path}: using Inception-v3 features (torch-fidelity)", file=sys.stderr)
     return inception_features(device)

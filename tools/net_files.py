@@ -48,17 +48,23 @@ def add_training_options(parser, lr: float, kind: str, overwrite: str) -> None:
     parser.add_class_arguments(ImageSplits, "data")
 
 
-def dataset_key(dataset: str, root: str | None) -> str:
+# The size a data set is read at without --data.image_size: a net for another size gets its own default file.
+DEFAULT_SIZES = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "emoji": 64, "image_folder": 64}
+
+
+def dataset_key(dataset: str, root: str | None, image_size: int | None = None) -> str:
     """`dataset`, or image_folder_<name of the folder> for an image folder (characters outside [A-Za-z0-9._-]
     become _), so folders of different names never share a default file (the feature net's `auto` also checks
-    that its file was trained on the very folder)."""
+    that its file was trained on the very folder); `_<size>px` after it for another size than the data's
+    default (a net reads one size: a 32-px and a 64-px run of one folder each need their own)."""
+    size = f"_{image_size}px" if image_size and image_size != DEFAULT_SIZES.get(dataset) else ""
     if dataset != "image_folder" or not root:
-        return dataset
+        return dataset + size
     name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "root"
-    return f"image_folder_{name}"
+    return f"image_folder_{name}{size}"
 
 
-def start_training(cfg, default_path: Callable[[str, str | None], Path]):
+def start_training(cfg, default_path: Callable[[str, str | None, int | None], Path]):
     """Check the shared options and the output (before any slow work), seed, read the data: (out, device,
     the ImageSplits)."""
     from common.splits import ImageSplits
@@ -66,7 +72,8 @@ def start_training(cfg, default_path: Callable[[str, str | None], Path]):
     at_least(1, steps=cfg.steps, width=cfg.width)
     at_least(0, log_every=cfg.log_every)
     data = cfg.data.as_dict()
-    out = check_output(cfg.out or default_path(data["dataset"], data.get("root")), cfg.overwrite)
+    out = check_output(cfg.out or default_path(data["dataset"], data.get("root"), data.get("image_size")),
+                       cfg.overwrite)  # fmt: skip
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     return out, device, ImageSplits(**data)

@@ -65,10 +65,10 @@ class AnomalyNetError(UserError, ValueError):
     """An anomaly-net file cannot be loaded or does not fit the images; the message says what to do."""
 
 
-def default_path(dataset: str, root: str | None = None) -> Path:
+def default_path(dataset: str, root: str | None = None, image_size: int | None = None) -> Path:
     """Where `train_anomaly_net` saves by default: runs/anomaly_net/<dataset>.pt (an image folder:
-    image_folder_<folder name>.pt, as the feature net's)."""
-    return DEFAULT_DIR / f"{dataset_key(dataset, root)}.pt"
+    image_folder_<folder name>.pt, another size than the data's <...>_<size>px.pt, as the feature net's)."""
+    return DEFAULT_DIR / f"{dataset_key(dataset, root, image_size)}.pt"
 
 
 # ------------------------------------------------------------------------------------------ transformations
