@@ -245,6 +245,8 @@ ROWS = [
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{images}"], r"images has no meta.json"),
     ("evaluate", ["samples", "--samples", "{missing}", "--ckpt", "{stage1}"], r"--samples \S*missing: no such file"),
     ("evaluate", ["samples", "--samples", "{text}", "--ckpt", "{stage1}"], r"--samples \S*text.ckpt"),
+    ("evaluate", ["samples", "--samples", "{images}"],
+     r"--samples \S*images names no stage 1 and so no data set to compare with: pass --data.dataset"),  # fmt: skip
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{missing}", "--out", "f.pt"],
      r"image folder \S*missing does not exist"),  # fmt: skip
     # ------------------------------------------------------------------ the anomaly net

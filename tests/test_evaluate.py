@@ -181,11 +181,12 @@ def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(art
     given = evaluate("samples", "--samples", str(artifacts["samples"]), "--ckpt", str(artifacts["stage1"]), *common,
                      out=tmp_path / "b.json")  # fmt: skip
     assert named["dataset"] == "image_folder" and named["fid"] == given["fid"] and named["test_images"] == 8
-    # Without the record (an older .npz, or the checkpoint moved away) the defaults apply, and say so.
+    # Without the record (an older .npz, or the checkpoint moved away) nothing names the data: refused with what
+    # to pass (before: Fashion-MNIST, the parser's default, was assumed).
     with np.load(artifacts["samples"], allow_pickle=False) as npz:
         np.savez(tmp_path / "old.npz", **{k: npz[k] for k in npz.files if k != "stage1_ckpt"})
     err = user_error(main, ["samples", "--samples", str(tmp_path / "old.npz"), *common, "--device", "cpu"], capsys)
-    assert "--data.dataset fashion_mnist cannot provide" in err
+    assert "old.npz names no stage 1 and so no data set to compare with: pass --data.dataset" in err, err
     # A record naming a file that is gone: a note, then the defaults.
     with np.load(artifacts["samples"], allow_pickle=False) as npz:
         np.savez(tmp_path / "gone.npz", **{**{k: npz[k] for k in npz.files}, "stage1_ckpt": str(tmp_path / "no.ckpt")})
@@ -194,7 +195,7 @@ def test_evaluate_samples_takes_the_data_options_of_the_stage1_the_npz_names(art
         main(["samples", "--samples", str(tmp_path / "gone.npz"), *common, "--device", "cpu"])
     note, error = capsys.readouterr().err.strip().splitlines()
     assert f"names the stage 1 {tmp_path / 'no.ckpt'}, which is gone" in note
-    assert "--data.dataset fashion_mnist cannot provide" in error
+    assert "gone.npz names no stage 1 and so no data set to compare with" in error, error
     # The project copied elsewhere (the absolute path gone): the stage 1 relative to the .npz is found.
     (tmp_path / "copy" / "runs").mkdir(parents=True)
     shutil.copy(artifacts["stage1"], tmp_path / "copy" / "runs" / "stage1.ckpt")
@@ -263,7 +264,7 @@ def test_samples_that_do_not_fit_the_data_or_the_features(artifacts, tmp_path, c
          "holds 8x8 images with 1 channel.*fashion_mnist cannot provide"),
         (["--samples", str(small), "--ckpt", str(artifacts["stage1"])],
          "the samples are 8x8 with 1 channel.*expect 16x16"),
-        (["--samples", str(tmp_path / "codes_only.npz")], "has no 'images' array"),
+        (["--samples", str(tmp_path / "codes_only.npz"), "--data.dataset", "fashion_mnist"], "has no 'images' array"),
         (["--samples", str(tmp_path / "missing.npz")], "no such file"),
     ]:  # fmt: skip
         assert re.search(message, user_error(main, [*base, *args], capsys)), message

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import Parser, add_device, at_least, make_parser, resolve_device, run_command
+from common.cli import Parser, UserError, add_device, at_least, make_parser, resolve_device, run_command
 from common.codes import CodesError, CodesMeta, check_matches, class_counts, load_split, read_meta
 from common.images import to_uint8
 from common.io import atomic_file, check_output
@@ -337,6 +337,11 @@ def _run(args: list[str] | None) -> str | None:
     if known.mode in ("stage1", "samples") and ckpt:  # its data options become the --data.* defaults
         model, saved = load_stage1(ckpt, what)
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
+    elif known.mode == "samples" and known.samples and Path(known.samples).exists() and \
+            not any(a.startswith("--data") for a in args):  # fmt: skip
+        # a folder of images names no stage 1, so no data set: Fashion-MNIST, the parser's default, is a guess
+        raise UserError(f"--samples {known.samples} names no stage 1 and so no data set to compare with: pass "
+                        "--data.dataset (and --data.root) of the real images, or --ckpt STAGE1.ckpt")  # fmt: skip
     cfg = build_parser(data_defaults).parse_args(args)
     result = run(cfg.mode, cfg[cfg.mode], model)
     if cfg[cfg.mode].json:
