@@ -18,17 +18,14 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
-import torch
 import torch.distributed as dist
-from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -54,106 +51,14 @@ from common.launch import (
     lightning_child,
     machine_error,
     on_rank_zero,
-    point_latest,
 )
 from common.loaders import WORKER_TIMEOUT_MESSAGE
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
+from common.run_callbacks import NewestCheckpoint, RngState, RunWatch
 
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
-
-
-class RunWatch(Callback):
-    """Bookkeeping inside the fit. `started`: training (or its sanity check) has begun, so an error from
-    now on is a bug with a traceback, not a setup problem. `<root>/latest` moves to the run once its
-    last.ckpt exists (Lightning runs checkpoint callbacks after this one, so that is seen one hook later,
-    at the latest in on_fit_end). Logs are flushed before each checkpoint is written, so the metrics of
-    the steps a checkpoint holds are on disk with it."""
-
-    def __init__(self, root: Path, run_dir: Path) -> None:
-        self.root, self.run_dir = root, run_dir
-        self.started, self._pointed, self._resumed = False, False, False
-
-    def _point(self, trainer: Trainer) -> None:
-        if not self._pointed and trainer.is_global_zero and (self.run_dir / "checkpoints" / "last.ckpt").is_file():
-            point_latest(self.root, self.run_dir)
-            self._pointed = True
-
-    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.started = True
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.started = True
-        self._resumed = bool(trainer.ckpt_path)
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._point(trainer)  # the first checkpoint may come from a validation after the last batch's end
-        if self._resumed and pl_module.automatic_optimization and len(trainer.optimizers) == 1:
-            # Lightning numbers the logged rows with this counter and, resuming from a checkpoint written at
-            # a validation, adds the step it is short of only when the resumed run validates at the same
-            # steps (its restart bookkeeping); otherwise the resumed rows would repeat step numbers. With
-            # one optimizer it equals the global step. Set here, after that bookkeeping, before any log.
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
-        self._resumed = False
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._point(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._point(trainer)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._point(trainer)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._point(trainer)
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        for logger in trainer.loggers:
-            logger.save()
-
-
-class RngState(Callback):
-    """The global RNG states (torch, this process's CUDA device, numpy, random) go into every checkpoint and
-    come back on resume, so a resumed run draws what the uninterrupted one would: a DataLoader seeds its
-    shuffling from torch's global RNG, and so do dead-code restarts and label dropout. Plain tensors and
-    tuples, so the checkpoint still loads weights-only. Rank 0's states are saved and restored on all ranks.
-
-    They are restored at the first epoch or batch start, not on load: resuming at an epoch's end,
-    Lightning creates a train iterator while it sets up (a draw the uninterrupted run never made) and then
-    the next epoch's iterator, which must draw from the saved state."""
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-        state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = state
-
-    def _restore(self) -> None:
-        state, self._pending = self._pending, None
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore()
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._restore()  # resumed mid-epoch: Lightning calls no on_train_epoch_start before the first batch
 
 
 class OneLineParser(LightningArgumentParser):
@@ -170,21 +75,6 @@ class OneLineParser(LightningArgumentParser):
                        f"a config file); to use your own, export {IMPORT_PATHS_ENV}=PACKAGE[,PACKAGE]")  # fmt: skip
         print(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
-
-
-class NewestCheckpoint(ModelCheckpoint):
-    """last.ckpt: the newest step, written at every validation, better or not, and when training ends after
-    its last validation (max_time, or no validation at all). Lightning 2.6's ``save_last=True`` writes it only
-    beside a new best checkpoint, so a run whose validation got worse kept a stale last.ckpt and
-    ``--ckpt_path last`` went back to the best step. Without a monitor, top-1 is simply the newest."""
-
-    def __init__(self, dirpath: Path) -> None:
-        super().__init__(dirpath=dirpath, filename="last", monitor=None, enable_version_counter=False)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if not self._should_skip_saving_checkpoint(trainer):  # fitting, and this step not saved yet
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class VQGenCLI(LightningCLI):
@@ -325,6 +215,31 @@ class VQGenCLI(LightningCLI):
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    # Model hyperparameters the data links in (stage 1: its image size and channels): the weights of a
+    # convolutional net load at any size, so a --ckpt_path of another size would resume or be scored silently.
+    data_linked: tuple[str, ...] = ()
+
+    def _check_checkpoint_fits(self) -> None:
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt or not Path(ckpt).is_file() or not self.data_linked:
+            return
+        saved = read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind).get("hyper_parameters", {})
+        differ = [f"{k} {saved[k]} (this config: {self.model.hparams[k]})" for k in self.data_linked
+                  if k in saved and k in self.model.hparams and saved[k] != self.model.hparams[k]]  # fmt: skip
+        if differ:
+            raise UserError(f"--ckpt_path {ckpt} was trained with {', '.join(differ)}: a resume or a test needs the "
+                            "data it was trained on; pass its run's config (config.yaml beside its checkpoints) or "
+                            "the same --data.image_size / channels")  # fmt: skip
+
+    def before_fit(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits()
 
     def after_fit(self) -> None:
         if self.run_dir is not None and self.trainer.is_global_zero:

@@ -112,6 +112,20 @@ def test_a_config_may_name_only_lightnings_and_our_classes(shapes_folder, tmp_pa
     assert (tmp_path / "ok/latest/checkpoints/last.ckpt").exists()
 
 
+def test_a_checkpoint_of_another_image_size_is_refused(shapes_folder, tmp_path, capsys):
+    """A convolutional stage 1's weights load at any size: resuming (or testing) a 16-px checkpoint with a 32-px
+    config trained or scored the wrong thing without a word. Refused in one line, no run folder left."""
+    train_stage1(fit_args(shapes_folder, tmp_path / "runs", 2))
+    ckpt = str(tmp_path / "runs/latest/checkpoints/last.ckpt")
+    for sub in ("fit", "test"):
+        args = [sub, *fit_args(shapes_folder, tmp_path / "other", 4, "--ckpt_path", ckpt)[1:]]
+        args[args.index("--data.image_size") + 1] = "32"
+        err = user_error(train_stage1, args, capsys)
+        assert f"--ckpt_path {ckpt} was trained with image_size 16 (this config: 32): a resume or a test needs" \
+            in err, err  # fmt: skip
+        assert not (tmp_path / "other").exists()
+
+
 def test_missing_jsonargparse_extras_are_one_line(shapes_folder, tmp_path, capsys, monkeypatch):
     """An environment without jsonargparse[signatures] (installed with --no-deps, say): Lightning raises its
     ModuleNotFoundError; the command says what is missing and how to install it, in one line, exit 2."""
