@@ -169,6 +169,8 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
 def read_meta(codes_dir: str | Path) -> CodesMeta:
     """meta.json of a complete codes directory, or CodesError saying what to re-run."""
     codes_dir = Path(codes_dir)
+    if codes_dir.is_file():
+        raise CodesError(f"codes directory {codes_dir} is a file; give the folder extract_codes --out wrote")
     if not codes_dir.is_dir():
         raise CodesError(
             f"codes directory {codes_dir} does not exist; run `extract_codes --ckpt STAGE1.ckpt --out {codes_dir}`"

@@ -233,6 +233,8 @@ def load_image(path: str | Path, image_size: int, channels: int | None = None) -
     """One user image -> (1, C, image_size, image_size) in [-1, 1], resized/cropped like the folder reader."""
     path = Path(path)
     check_channels(channels, "load_image")
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder; give one image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     arr = read_image(path, image_size, channels or infer_channels([path]))

@@ -106,7 +106,11 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
         step = read_checkpoint(last, "--ckpt_path last", want=kind).get("global_step", 0)
         return Run(folder.resolve(), str(last.resolve()), int(step))
     missing = [p.resolve() for p in [root, *root.parents] if not p.exists()]  # deepest first
-    folder, created = _claim_name(root, name) if name else (_claim_version(root), True)
+    try:
+        folder, created = _claim_name(root, name) if name else (_claim_version(root), True)
+    except OSError as e:  # a file where a folder goes, no permission, a read-only file system: name the flag
+        raise UserError(f"--trainer.default_root_dir {root}: cannot make a run folder there ({e.strerror or e}: "
+                        f"{e.filename or root}); choose a folder you can write") from None  # fmt: skip
     return Run(folder.resolve(), ckpt_path, created=created, parents_created=missing if created else [])
 
 

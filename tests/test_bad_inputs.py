@@ -230,6 +230,9 @@ ROWS = [
      r"argument --cfg_schedule: invalid choice: 'cosine' \(choose from '?constant'?, '?linear'?\)"),  # fmt: skip
     # ------------------------------------------------------------------ inputs
     ("sample", [*P, "--prime", "{missing_png}", "--keep_rows", "1"], r"missing.png: no such image file"),
+    ("sample", [*P, "--prime", "{images}", "--keep_rows", "1"], r"images is a folder; give one image file"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{prior}"],
+     r"codes directory \S*prior.ckpt is a file; give the folder extract_codes --out wrote"),  # fmt: skip
     ("sample", [*P, "--prime", "{corrupt_png}", "--keep_rows", "1"], r"broken.png: cannot read image"),
     ("sample", [*P, "--prime", "{corrupt_png}"], r"--prime needs exactly one of --keep_rows R or --mask"),
     ("compress", ["{bad_images}", *P, "--out", "new.vqz"], r"broken.png: cannot read image"),

@@ -126,6 +126,13 @@ def test_a_checkpoint_of_another_image_size_is_refused(shapes_folder, tmp_path, 
         assert not (tmp_path / "other").exists()
 
 
+def test_a_default_root_dir_that_cannot_hold_runs_is_named(shapes_folder, tmp_path, capsys):
+    (tmp_path / "keep.csv").write_text("a file\n")
+    err = user_error(train_stage1, fit_args(shapes_folder, tmp_path / "keep.csv", 2), capsys)
+    assert f"--trainer.default_root_dir {tmp_path / 'keep.csv'}: cannot make a run folder there" in err, err
+    assert (tmp_path / "keep.csv").read_text() == "a file\n"
+
+
 def test_missing_jsonargparse_extras_are_one_line(shapes_folder, tmp_path, capsys, monkeypatch):
     """An environment without jsonargparse[signatures] (installed with --no-deps, say): Lightning raises its
     ModuleNotFoundError; the command says what is missing and how to install it, in one line, exit 2."""
