@@ -249,6 +249,9 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     """(files, labels, class_names): each sub-folder holding images is a class, else one class. Hidden files
     and folders (`.ipynb_checkpoints/`, `a/.thumbs/`) are skipped: as a class they would shift every label."""
     root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"--data.root {root} is a file; pass the folder holding the images (one sub-folder "
+                           "per class, or none)")  # fmt: skip
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"image folder {where(root)} does not exist; pass --data.root DIR holding {SUFFIXES_TEXT} "

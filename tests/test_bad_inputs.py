@@ -244,6 +244,8 @@ ROWS = [
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.root", "{bad_folder}"],
      r"zz_broken.png: cannot read image"),  # fmt: skip
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.root", "{missing}"], r"does not exist"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.root", "{prime_png}"],
+     r"--data.root \S*prime.png is a file; pass the folder holding the images"),  # fmt: skip
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{missing}"], r"codes directory \S*missing does not"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{images}"], r"images has no meta.json"),
     ("evaluate", ["samples", "--samples", "{missing}", "--ckpt", "{stage1}"], r"--samples \S*missing: no such file"),
