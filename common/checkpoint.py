@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,11 @@ def read_checkpoint(path: str | Path, flag: str, want: str | None = None) -> dic
     if not path.is_file():
         raise CheckpointError(f"{flag} {path} is a directory; pass {names[want]} (.ckpt file)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a raw pickle (not torch's zip format) makes torch warn about its pickle protocol, in two lines, before
+            # the one-line error below that says what to pass: nothing torch warns of here is the user's to fix
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:  # torch's weights-only unpickler met an object it does not allow

@@ -207,19 +207,32 @@ LIGHTNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
 )
 
 
-def _no_advert(record: logging.LogRecord) -> bool:
-    """Lightning 2.6 prints tips to install its cloud logger and model registry on runs that do not use them."""
+# Lightning's info lines (logger name, phrases) that every run printed on stderr, before its own error too: a
+# user error came as three lines where one says it all.
+LIGHTNING_INFO_NOISE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # which accelerators exist: --trainer.accelerator says what is used (and a GPU left unused is still warned of);
+    # Lightning 2.6 also advertises its cloud logger and model registry on runs that use neither
+    ("pytorch_lightning.utilities.rank_zero",
+     ("GPU available:", "TPU available:", "HPU available:", "IPU available:", "litlogger", "litmodels")),
+    # "Seed set to 0": the seed is in the config (and the run folder's config.yaml)
+    ("lightning_fabric.utilities.seed", ("Seed set to",)),
+)  # fmt: skip
+
+
+def _no_noise(record: logging.LogRecord) -> bool:
+    """False for a record of LIGHTNING_INFO_NOISE: dropped."""
     message = record.getMessage()
-    return "litlogger" not in message and "litmodels" not in message
+    return not any(record.name == name and any(p in message for p in phrases) for name, phrases in LIGHTNING_INFO_NOISE)
 
 
 def quiet_lightning() -> None:
-    """Silence LIGHTNING_NOISE and Lightning's adverts for the rest of the process (training and extraction)."""
+    """Silence LIGHTNING_NOISE and LIGHTNING_INFO_NOISE for the rest of the process (training and extraction)."""
     for message, category in LIGHTNING_NOISE:
         warnings.filterwarnings("ignore", message, category)
-    lightning_info = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if _no_advert not in lightning_info.filters:
-        lightning_info.addFilter(_no_advert)
+    for name, _ in LIGHTNING_INFO_NOISE:
+        logger = logging.getLogger(name)  # a logger's own filters see only the records logged to it by name
+        if _no_noise not in logger.filters:
+            logger.addFilter(_no_noise)
 
 
 @contextlib.contextmanager

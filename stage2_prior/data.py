@@ -58,6 +58,12 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         self.save_hyperparameters()
         if not 0.0 <= perturb < 1.0:
             raise CodesError(f"--data.perturb must be in [0, 1), got {perturb}")
+        # here, not when the loader is made: the sampler's own ValueError came after the run folder was made
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise CodesError(f"--data.batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise CodesError(f"--data.num_workers must be an integer >= 0 (0: load in the main process), "
+                             f"got {num_workers!r}")  # fmt: skip
         self.meta = read_meta(codes_dir)
         # The checkpoint meta.json names, else the copy in the codes directory; CodesError if neither is as it was.
         self.stage1_ckpt = verify_stage1_ckpt(

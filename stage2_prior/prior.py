@@ -23,10 +23,38 @@ import torch.nn.functional as F
 
 from common.optim import adamw_warmup_cosine, time_budget_progress
 from common.precision import fp32_metrics
-from stage2_prior.build import OVERRIDES, build_network, check_levels
+from stage2_prior.build import MASKED_PRIORS, OVERRIDES, PRIORS, build_network, check_levels
 from stage2_prior.masked_sampling import sample_masked
 from stage2_prior.maskgit import MaskedPrior, masked_token_loss, random_mask
 from stage2_prior.sampling import sample_codes
+
+
+def check_arguments(kind: str, size: str, overrides: dict, label_dropout: float, lr: float, weight_decay: float,
+                    warmup_steps: int) -> None:  # fmt: skip
+    """ValueError naming the --model flag of the first value no prior can be built (or trained) with, before any
+    module is made. `overrides`: n_layer, n_head, n_embd, channels, dropout (None: the named size's)."""
+    for flag in ("n_layer", "n_head", "n_embd", "channels"):
+        value = overrides.get(flag)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"--model.{flag} must be an integer >= 1 (or null: size {size}'s), got {value!r}")
+    for flag, value in (("dropout", overrides.get("dropout") or 0.0), ("label_dropout", label_dropout)):
+        if not 0 <= value < 1:  # also NaN
+            raise ValueError(f"--model.{flag} must be in [0, 1), got {value}")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"--model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not lr > 0:
+        raise ValueError(f"--model.lr must be > 0, got {lr}")
+    if not weight_decay >= 0:
+        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+    cls = {**PRIORS, **MASKED_PRIORS}.get(kind)
+    if cls is None or size not in cls.sizes:
+        return  # build_network names the choices
+    # the attention heads split the embedding: what the size gives, with what is overridden
+    named = cls.sizes[size]
+    given = {**named, **{k: v for k, v in overrides.items() if v is not None}}
+    if "n_head" in named and given["n_embd"] % given["n_head"]:
+        raise ValueError(f"--model.n_embd {given['n_embd']} must be divisible by --model.n_head {given['n_head']} "
+                         f"(size {size} has n_embd {named['n_embd']}, n_head {named['n_head']})")  # fmt: skip
 
 
 class Prior(pl.LightningModule):
@@ -68,6 +96,7 @@ class Prior(pl.LightningModule):
         self.save_hyperparameters()
         check_levels(kind, (codes_meta or {}).get("levels") or [])
         overrides = {k: self.hparams[k] for k in OVERRIDES}  # the same names load_prior reads back
+        check_arguments(kind, size, overrides, label_dropout, lr, weight_decay, warmup_steps)
         self.net = build_network(kind, size, codebook_size, grid_shape, num_classes, overrides)
         self.codebook_size = codebook_size
         self.grid_shape = tuple(grid_shape)
