@@ -43,6 +43,9 @@ def read_checkpoint(path: str | Path, flag: str, want: str | None = None) -> dic
     path = Path(path)
     names = {"stage1": "a stage-1 (VQ-VAE) checkpoint", "prior": "a stage-2 prior checkpoint", None: "a checkpoint"}
     if not path.exists():
+        if path.name == "best.ckpt" and (path.parent / "last.ckpt").is_file():  # a run that never validated
+            raise CheckpointError(f"{flag} {path}: no such file: that run wrote no best.ckpt (no validation ran, "
+                                  f"e.g. it ended first); pass {path.parent / 'last.ckpt'}")  # fmt: skip
         raise CheckpointError(f"{flag} {path}: no such file; pass {names[want]} (.ckpt)")
     if not path.is_file():
         raise CheckpointError(f"{flag} {path} is a directory; pass {names[want]} (.ckpt file)")

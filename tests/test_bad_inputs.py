@@ -94,6 +94,8 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     (root / "existing.csv").write_text("keep me\n")
     (root / "a_file").write_text("a file, not a folder\n")
     shutil.copy(sorted((shapes_folder / "discs").iterdir())[0], root / "prime.png")
+    (root / "run").mkdir()  # a run folder with only a last.ckpt: no validation ran
+    shutil.copy(root / "prior.ckpt", root / "run" / "last.ckpt")
     (root / "stale_images").mkdir()  # an earlier run's 10 samples
     for i in range(10):
         shutil.copy(root / "prime.png", root / "stale_images" / f"{i:06d}.png")
@@ -111,6 +113,9 @@ ROWS = [
     ("sample", ["--prior", "{text}"], r"--prior \S*text.ckpt is not a PyTorch checkpoint"),
     ("sample", ["--prior", "{crafted}"], r"holds a Python object \(getattr\) beyond tensors .*it is not loaded"),
     ("sample", ["--prior", "{missing}"], r"--prior \S*missing: no such file"),
+    ("sample", ["--prior", "{root}/run/best.ckpt"],
+     r"best.ckpt: no such file: that run wrote no best.ckpt \(no validation ran, e.g. it ended first\); pass "
+     r"\S*run/last.ckpt"),  # fmt: skip
     ("sample", ["--prior", "{root}"], r"--prior \S* is a directory"),
     ("sample", ["--prior", "{stage1}"], r"is not a stage-2 prior checkpoint \(it is a stage-1 VQ-VAE checkpoint"),
     ("sample", [*P, "--vqvae", "{prior}"], r"--vqvae \S*prior.ckpt is not a stage-1 .*\(it is a stage-2 prior"),
