@@ -160,6 +160,12 @@ def at_least(minimum: float, **flags: Any) -> None:
             raise UserError(f"--{name} must be >= {minimum}, got {value}")
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """UserError unless torch can take `seed` (a 64-bit integer): 1e23 failed inside torch, naming no flag."""
+    if not -(2**63) <= seed < 2**64:
+        raise UserError(f"{flag} must be a 64-bit integer (-2**63 .. 2**64 - 1), got {seed}")
+
+
 def parse_classes(text: str, class_names: list[str], flag: str = "--classes") -> list[int]:
     """"0,3,7" or "Sneaker,Bag" (names as the data set spells them, any case; ids and names may mix) -> class
     ids, in the order given, repeats dropped. UserError naming the flag, the bad entry and the choices."""

@@ -148,6 +148,9 @@ ROWS = [
     ("sample", [*P, "--temperature_end", "-1"], r"--temperature_end must be >= 1e-06, got -1"),
     ("sample", [*P, "--temperature", "1e-300"], r"--temperature must be >= 1e-06, got 1e-300"),  # was a NaN trace
     ("sample", [*P, "--cfg_scale", "-5"], r"--cfg_scale must be >= 0 \(1 = off\), got -5"),
+    ("sample", [*P, "--seed", str(10**23)], r"--seed must be a 64-bit integer"),  # was torch's overflow message
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--seed", str(-(2**64)),
+                           "--out", "f.pt"], r"--seed must be a 64-bit integer"),  # fmt: skip
     ("sample", ["--prior", "{uncond}", "--cfg_scale", "3"],
      r"--cfg_scale guides towards a class; --prior \S*uncond.ckpt is unconditional: drop it"),  # was ignored
     ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--classes", "1"],

@@ -34,7 +34,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import Parser, UserError, add_device, at_least, make_parser, resolve_device, run_command
+from common.cli import (
+    Parser,
+    UserError,
+    add_device,
+    at_least,
+    check_seed,
+    make_parser,
+    resolve_device,
+    run_command,
+)  # fmt: skip
 from common.codes import CodesError, CodesMeta, check_matches, class_counts, load_split, read_meta
 from common.images import to_uint8
 from common.io import atomic_file, check_output
@@ -274,6 +283,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
 
 def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
     at_least(1, batch_size=cfg.batch_size)
+    if getattr(cfg, "seed", None) is not None:
+        check_seed(cfg.seed)
     if cfg.json:
         check_output(cfg.json, cfg.overwrite, "--json", inputs={f"--{k}": getattr(cfg, k, None) for k in
                                                                 ("ckpt", "samples", "features")})  # fmt: skip

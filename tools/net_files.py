@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import UserError, add_device, add_overwrite, at_least, resolve_device
+from common.cli import UserError, add_device, add_overwrite, at_least, check_seed, resolve_device
 from common.io import atomic_file, check_output
 from common.optim import adamw_warmup_cosine
 
@@ -70,6 +70,7 @@ def start_training(cfg, default_path: Callable[[str, str | None, int | None], Pa
     from common.splits import ImageSplits
 
     at_least(1, steps=cfg.steps, width=cfg.width)
+    check_seed(cfg.seed)
     at_least(0, log_every=cfg.log_every)
     data = cfg.data.as_dict()
     out = check_output(cfg.out or default_path(data["dataset"], data.get("root"), data.get("image_size")),

@@ -34,6 +34,7 @@ from common.cli import (
     add_device,
     add_overwrite,
     at_least,
+    check_seed,
     make_parser,
     parse_classes,
     resolve_device,
@@ -196,6 +197,7 @@ def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
 def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
     at_least(1, n=a.n, batch_size=a.batch_size, scale=a.scale, per_class=a.per_class, steps=a.steps)
+    check_seed(a.seed)
     for flag, value in (("temperature", a.temperature), ("temperature_end", a.temperature_end)):
         if value is not None and not value >= MIN_TEMPERATURE:  # below it the scaled logits overflow
             raise UserError(f"--{flag} must be >= {MIN_TEMPERATURE}, got {value} (--top_k 1 draws the most likely "
