@@ -142,5 +142,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main()
+    with torch.no_grad():  # not set_grad_enabled(False): run in-process (tests/test_benchmarks.py), that stayed off
+        main()

@@ -35,10 +35,10 @@ from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, sample_mask
 from stage2_prior.maskgit import masked_token_loss, random_mask
 from stage2_prior.sampling import CFG_SCHEDULES, sample_codes
 from tools.drawing import labels_in_proportion
-from tools.evaluate import class_agreement
 from tools.features import load_features
 from tools.fid import fid
 from tools.load import load_models
+from tools.sample_scores import class_agreement
 
 
 def training_maps_per_s(nets: dict, codes: torch.Tensor, labels: torch.Tensor, steps: int, rounds: int) -> dict:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
@@ -19,7 +20,11 @@ def run_script(name: str, args: list[str], monkeypatch) -> None:
     """Run benchmarks/NAME as `python benchmarks/NAME ARGS` would, in this process."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their helpers from `_common`
     monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / name), *args])
-    runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+    grad = torch.is_grad_enabled()
+    try:
+        runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+    finally:  # a script must leave the process as it found it: later tests train in it
+        assert torch.is_grad_enabled() == grad, f"{name} left autograd {'off' if grad else 'on'}"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
