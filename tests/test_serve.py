@@ -36,6 +36,7 @@ from tools.transform_net import AnomalyNet, TransformNet, reference_features
 from tools.uploads import encode_at_most, psnr, read_mask
 from tools.webapp import WEB, HttpError, ModelQueue, create_app
 
+LOCAL = "http://127.0.0.1:8000"  # the page as serve prints it: a loopback Host (others are refused)
 LIMIT = 300_000  # bytes per request in these tests
 
 
@@ -57,7 +58,7 @@ def png(array: np.ndarray, mode: str | None = None) -> bytes:
 def client(world):  # noqa: F811
     play = Playground(load_models(world["prior"], None, "cpu"))
     play.load_test_images()
-    with TestClient(create_app(play, max_upload_bytes=LIMIT)) as c:
+    with TestClient(create_app(play, max_upload_bytes=LIMIT), base_url=LOCAL) as c:
         yield c
 
 
@@ -213,7 +214,7 @@ def test_anomaly_net_adds_transform_knn_and_ranks_by_it(world, tmp_path):  # noq
     AnomalyNet([net], [reference_features(net, images[:2])], 1, 16).save(tmp_path / "net.pt")
     play = Playground(load_models(world["prior"], None, "cpu"), anomaly_net=AnomalyNet.load(tmp_path / "net.pt"))
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(Path(world["images"]).iterdir())]
-    with TestClient(create_app(play, max_upload_bytes=LIMIT)) as c:
+    with TestClient(create_app(play, max_upload_bytes=LIMIT), base_url=LOCAL) as c:
         data = c.post("/api/anomaly", files=files).json()
     assert data["ranked_by"] == "transform_knn" and data["scores"][-1] == "transform_knn"
     ranked = [r["scores"]["transform_knn"] for r in data["rows"]]
@@ -250,6 +251,11 @@ BAD = [  # (endpoint, form fields, files, status, message)
     ("sample", {"cfg_scale": 2, "cfg_schedule": "cosine"}, {}, 400,
      r"cfg_schedule must be one of \('constant', 'linear'\)"),  # fmt: skip
     ("anomaly", {}, {}, 400, r"no images given"),
+    ("sample", {"n": "9" * 400}, {}, 400, r"number of samples must be in \[1, 256\], got 99999999999999999999\.\.\."),
+    ("sample", {"seed": "9" * 400}, {}, 400, r"seed"),  # both were a 500 (int too large to convert to float)
+    # a PostScript upload: Pillow would run Ghostscript on it where one is installed; only the usual formats open
+    ("compress", {}, {"image": ("x.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n")}, 400,
+     r"x.eps: not an image this page can read"),  # fmt: skip
 ]
 
 
@@ -262,12 +268,61 @@ def test_bad_input_is_a_one_line_message_and_the_server_goes_on(client, endpoint
     assert client.post("/api/sample", data={"n": 2}).status_code == 200
 
 
+def test_another_sites_page_cannot_use_the_server(world):  # noqa: F811
+    """A page of another site the user opens must not make the server work (a cross-site POST: its Origin or
+    Sec-Fetch-Site says so), nor read its answers through DNS rebinding (a Host that is not a loopback name,
+    when serve listens on one). A non-loopback bind takes any Host but still refuses cross-site POSTs."""
+    play = Playground(load_models(world["prior"], None, "cpu"))
+    with TestClient(create_app(play), base_url=LOCAL) as c:
+        assert c.get("/api/info").status_code == 200
+        assert c.get("/api/info", headers={"Host": "localhost:8000"}).status_code == 200
+        r = c.get("/api/info", headers={"Host": "evil.example:8000"})
+        assert r.status_code == 403 and "is not this server's address" in r.json()["error"]
+        ok = c.post("/api/sample", data={"n": 1}, headers={"Origin": LOCAL})
+        assert ok.status_code == 200, ok.json()
+        for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            r = c.post("/api/sample", data={"n": 1}, headers=headers)
+            assert r.status_code == 403 and "another site's page" in r.json()["error"], headers
+        r = c.get("/api/test_image/abc")  # FastAPI's own 422 list, now the API's one-line shape
+        assert r.status_code == 400 and "index" in r.json()["error"], r.json()
+    with TestClient(create_app(play, loopback_only=False), base_url="http://mybox:8000") as c:
+        assert c.get("/api/info").status_code == 200
+        assert c.post("/api/sample", data={"n": 1}, headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+def test_a_stalled_request_body_is_cut_off(monkeypatch):
+    """A client that sends part of its body and then nothing held its connection for good (slowloris); it now
+    gets a 408 after webapp.BODY_TIMEOUT."""
+    import asyncio
+
+    from tools import webapp
+
+    monkeypatch.setattr(webapp, "BODY_TIMEOUT", 0.05)
+    sent = []
+
+    async def app(scope, receive, send):
+        try:
+            await receive()
+        except webapp.HttpError as e:
+            sent.append(e.status)
+
+    async def never():
+        await asyncio.sleep(10)
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"host", b"127.0.0.1:8000"), (b"content-length", b"9")]}
+    asyncio.run(webapp.Guard(app, max_bytes=100)(scope, never, send))
+    assert sent == [408]
+
+
 def test_an_unexpected_error_is_a_500_with_one_line_and_the_server_goes_on(client, monkeypatch):
     def broken(*args):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(client.app.state.play, "sample", broken)
-    r = TestClient(client.app, raise_server_exceptions=False).post("/api/sample", data={"n": 2})
+    r = TestClient(client.app, raise_server_exceptions=False, base_url=LOCAL).post("/api/sample", data={"n": 2})
     assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError: boom second line)")
     monkeypatch.undo()
     assert client.post("/api/sample", data={"n": 2}).status_code == 200
@@ -360,7 +415,7 @@ def test_painted_pixels_map_onto_each_level_of_a_multi_level_stage1():
 def test_a_masked_prior_samples_and_repairs_and_says_why_it_cannot_compress(world):  # noqa: F811
     play = Playground(load_models(world["maskgit"], None, "cpu"))
     play.load_test_images()
-    with TestClient(create_app(play)) as c:
+    with TestClient(create_app(play), base_url=LOCAL) as c:
         assert c.get("/api/info").json()["masked"] is True
         assert c.post("/api/sample", data={"n": 3, "steps": 2}).status_code == 200
         mask = np.zeros((16, 16, 4), np.uint8)

@@ -55,9 +55,11 @@ CFG_SCALE = (0.0, 20.0)  # the page's guidance scale: in [lo, hi]
 
 def checked(name: str, value: float, lo: float, hi: float, low_open: bool = False) -> float:
     """value, or a ValueError naming the field and the range it must lie in."""
-    if not (lo < value if low_open else lo <= value) or not value <= hi or math.isnan(value):
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{lo:g}, {hi:g}], got {value:g}")
-    return value
+    if isinstance(value, int) or not math.isnan(value):  # an int of 400 digits: no float, no NaN to test
+        if (lo < value if low_open else lo <= value) and value <= hi:
+            return value
+    shown = f"{value:g}" if isinstance(value, float) else str(value)[:20] + ("..." if len(str(value)) > 20 else "")
+    raise ValueError(f"{name} must be in {'(' if low_open else '['}{lo:g}, {hi:g}], got {shown}")
 
 
 class Playground:

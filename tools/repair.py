@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from common.images import load_image
+from common.images import PIL_FORMATS, load_image
 
 
 def hole_from_mask_image(path: str | Path, image_size: int) -> torch.Tensor:
@@ -29,7 +29,7 @@ def hole_from_mask_image(path: str | Path, image_size: int) -> torch.Tensor:
     look kept). ValueError if nothing is left to redraw: the repair would only return the image."""
     mask = load_image(path, image_size, channels=1)  # (1, 1, S, S) in [-1, 1], transparency over white
     hole = mask[0, 0] <= 0
-    with Image.open(path) as img:
+    with Image.open(path, formats=PIL_FORMATS) as img:
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
             alpha = ImageOps.fit(ImageOps.exif_transpose(img).convert("RGBA").getchannel("A"),
                                  (image_size, image_size), Image.Resampling.BILINEAR)  # fmt: skip

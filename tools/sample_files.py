@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.images import image_files, read_images
+from common.images import PIL_FORMATS, image_files, read_images
 
 # What np.load raises on a file that is not a whole .npz: a truncated or corrupt zip (BadZipFile; zlib.error in a
 # compressed member), an empty file (EOFError), text or another format (ValueError: "pickled data"), unreadable
@@ -30,7 +30,7 @@ def load_samples(path: str | Path, channels: int | None = None) -> torch.Tensor:
         files = image_files([path])
         if len(files) < 2:
             raise ValueError(f"--samples {path}: a folder of samples needs at least 2 images, it has {len(files)}")
-        with Image.open(files[0]) as first:
+        with Image.open(files[0], formats=PIL_FORMATS) as first:
             size = min(first.size)
         return torch.from_numpy(read_images(files, size, channels)).permute(0, 3, 1, 2).contiguous()
     if not path.is_file():

@@ -90,13 +90,17 @@ def build_server(args: list[str] | None) -> tuple[uvicorn.Server, socket.socket,
             defaults["temperature_end"] = a.temperature_end
         play = Playground(models, anomaly_net=anomaly_net, sample_defaults=defaults)
         play.sample(None, 1, 1.0, 1.0, 1.0, 0)  # warm-up: the first click then costs what every click costs
-        app = create_app(play, int(a.max_upload_mb * 1e6), a.queue)
+        loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback  # else any Host name may be this one
+        app = create_app(play, int(a.max_upload_mb * 1e6), a.queue, loopback_only=loopback)
         # The test images are read on the model thread, before any request that could need them.
         app.state.queue.pool.submit(play.load_test_images)
     except BaseException:
         sock.close()
         raise
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    # limit_concurrency: past it a connection gets a 503 at once, so idle clients cannot use up the process's
+    # files (1,100 of them made /api/health time out under a 1,024-file limit)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                            limit_concurrency=256)  # fmt: skip
     host, port = sock.getsockname()[:2]
     return uvicorn.Server(config), sock, f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.images import GRAY_MODES, ImageError, over_white, read_image
+from common.images import GRAY_MODES, PIL_FORMATS, ImageError, over_white, read_image
 
 MAX_PIXELS = 4096 * 4096  # decoded size of one upload: ~50 MB as RGB; Pillow alone would allow ~180 MP
 
@@ -30,7 +30,7 @@ def _open(data: bytes, name: str, max_pixels: int, what: str = "image") -> Image
     if not data:
         raise ImageError(f"{name}: the file is empty; upload a PNG, JPEG or WebP {what}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)  # no EPS (Ghostscript), no rare decoders
         w, h = img.size  # known from the header, before the pixels are decoded
         if w * h > max_pixels:
             raise ImageError(f"{name}: {w}x{h} pixels is too large; the limit is {max_pixels:,} pixels")

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from common.cli import UserError, one_line, out_of_memory
 from tools.playground import MAX_IMAGES, Playground
@@ -46,16 +48,39 @@ class HttpError(UserError):
         self.status = status
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+BODY_TIMEOUT = 30.0  # seconds a client may take to send the next part of its request body
+
+
 class Guard:
-    """ASGI middleware: security headers on every answer, and a request body over `max_bytes` refused with 413,
-    by its Content-Length before anything is read, or (chunked uploads) as soon as the bytes read pass it.
-    (Plain ASGI: Starlette's BaseHTTPMiddleware would turn an error raised while reading into a 500.)"""
+    """ASGI middleware: security headers on every answer; a request body over `max_bytes` refused with 413,
+    by its Content-Length before anything is read, or (chunked uploads) as soon as the bytes read pass it, and
+    one that stalls for BODY_TIMEOUT refused with 408 (a client that never finishes held its connection for
+    good). With `loopback_only` (the default bind) a Host header that names no loopback address is refused
+    (DNS rebinding: a web page whose name now points at 127.0.0.1 would otherwise read the answers), and
+    everywhere a POST sent by a page of another origin (its Origin, or Sec-Fetch-Site: cross-site): any web
+    page the user opens could otherwise make this server work. (Plain ASGI: Starlette's BaseHTTPMiddleware
+    would turn an error raised while reading into a 500.)"""
 
     HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
                (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]  # fmt: skip
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, loopback_only: bool = True) -> None:
+        self.app, self.max_bytes, self.loopback_only = app, max_bytes, loopback_only
+
+    def refusal(self, scope) -> str | None:
+        """Why this request is not served (a Host or an Origin of another site), or None."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # "[::1]:8000" -> "[::1]"
+        if self.loopback_only and name.lower() not in LOOPBACK_NAMES:
+            return f"Host {host[:80]!r} is not this server's address (open the page at the URL serve printed)"
+        if scope.get("method") == "POST":
+            origin = headers.get("origin")
+            if headers.get("sec-fetch-site") == "cross-site" or (
+                    origin is not None and origin.split("://", 1)[-1] != host):  # fmt: skip
+                return "requests from another site's page are refused; use the page serve printed"
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -66,6 +91,8 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), *self.HEADERS]
             await send(message)
 
+        if (why := self.refusal(scope)) is not None:
+            return await JSONResponse({"error": why}, status_code=403)(scope, receive, send_with_headers)
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
             answer = JSONResponse({"error": self.message(length.decode(errors="replace"))}, status_code=413)
@@ -74,7 +101,10 @@ class Guard:
 
         async def counted():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise HttpError(408, f"the request body stalled for {BODY_TIMEOUT:g} s; send it again") from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:  # raised inside the route's form parsing: the HttpError handler answers
                 raise HttpError(413, self.message(f"over {self.max_bytes}"))
@@ -133,7 +163,8 @@ async def upload(form, name: str) -> tuple[bytes, str]:
     return await f.read(), f.filename or name
 
 
-def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting: int = 64) -> FastAPI:
+def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting: int = 64,
+               loopback_only: bool = True) -> FastAPI:  # fmt: skip
     """The app; `play` is used from the queue's one worker thread only."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="vqgen")  # the docs pages load a CDN
     queue = ModelQueue(max_waiting)
@@ -147,6 +178,16 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
     @app.exception_handler(HTTPException)
     async def starlette_error(request: Request, e: HTTPException):  # e.g. too many files in one form
         return JSONResponse({"error": one_line(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):  # /api/test_image/abc: a 422 list
+        where = ".".join(str(p) for p in (e.errors()[0].get("loc") or [])[1:]) if e.errors() else "request"
+        return JSONResponse({"error": f"{where}: {e.errors()[0].get('msg') if e.errors() else 'invalid'}"},
+                            status_code=400)  # fmt: skip
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect):  # nobody to answer; no traceback in the log
+        return Response(status_code=400)
 
     @app.exception_handler(UserError)
     @app.exception_handler(ValueError)
@@ -248,5 +289,5 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         return {"rows": rows, "scores": out["scores"], "ranked_by": out["ranked_by"], "seconds": seconds}
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
-    app.add_middleware(Guard, max_bytes=max_upload_bytes)
+    app.add_middleware(Guard, max_bytes=max_upload_bytes, loopback_only=loopback_only)
     return app
