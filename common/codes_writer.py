@@ -164,6 +164,7 @@ class CodesWriter:
             raise CodesError(f"stage-1 checkpoint {ckpt} changed while its codes were extracted (is its run still "
                              "training?); extract again from a checkpoint that no run writes to, e.g. best.ckpt "
                              "of a finished run or a copy")  # fmt: skip
+        os.chmod(self.stage1_temp, 0o644)  # mkstemp makes 0600 files: the copy reads like the arrays beside it
         self.meta.stage1_copy = STAGE1_COPY
 
     def add_split(self, split: str, n: int) -> SplitWriter:

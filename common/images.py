@@ -20,7 +20,7 @@ from torch import Tensor
 from common.cli import UserError
 from common.io import atomic_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # The decoders a file (or an upload) may reach, whatever its name says: Pillow knows ~40 formats, some of which
 # run other programs (EPS: Ghostscript) or are rarely exercised. (JPEG's opener also returns cameras' MPO files.)
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")

@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import ProgressBar, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from common.cli import wandb_offline_unless_logged_in
+from common.cli import UserError, wandb_offline_unless_logged_in
 from common.io import write_atomic
 
 BACKENDS = ("wandb", "csv", "tensorboard", "none")
@@ -126,6 +126,11 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         return logger
     if cfg.backend == "tensorboard":
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):  # not a dependency
+            raise UserError("--log.backend tensorboard needs the tensorboard package, which this environment lacks: "
+                            "pip install tensorboard (or use --log.backend wandb, csv or none)")  # fmt: skip
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
     return csv_logger(save_dir=str(run_dir), name="", version="")
 

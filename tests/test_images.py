@@ -203,7 +203,7 @@ def test_image_folder(folder: Path) -> None:
 
 def test_image_folder_errors(tmp_path: Path, folder: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetNotFoundError, match="no .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff images found under"):
+    with pytest.raises(DatasetNotFoundError, match="no .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff/.gif images found under"):
         load_image_folder(tmp_path / "empty", 16)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_image_folder(tmp_path / "missing", 16)

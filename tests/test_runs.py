@@ -133,6 +133,18 @@ def test_a_default_root_dir_that_cannot_hold_runs_is_named(shapes_folder, tmp_pa
     assert (tmp_path / "keep.csv").read_text() == "a file\n"
 
 
+def test_tensorboard_backend_without_tensorboard_is_one_line(shapes_folder, tmp_path, capsys):
+    """--log.backend tensorboard without the package (not a dependency) was a ModuleNotFoundError traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    err = user_error(train_stage1, fit_args(shapes_folder, tmp_path / "runs", 2, "--log.backend", "tensorboard"),
+                     capsys)  # fmt: skip
+    assert "--log.backend tensorboard needs the tensorboard package" in err and "pip install tensorboard" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_jsonargparse_extras_are_one_line(shapes_folder, tmp_path, capsys, monkeypatch):
     """An environment without jsonargparse[signatures] (installed with --no-deps, say): Lightning raises its
     ModuleNotFoundError; the command says what is missing and how to install it, in one line, exit 2."""
