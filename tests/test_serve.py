@@ -381,6 +381,21 @@ def test_model_work_runs_one_at_a_time_and_a_full_queue_says_busy():
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and len({s[2] for s in spans}) == 1
 
 
+def test_a_request_whose_client_has_gone_is_skipped_at_its_turn():
+    queue, ran = ModelQueue(max_waiting=4), []
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def main():
+        return await asyncio.gather(queue.run(ran.append, 1), queue.run(ran.append, 2, request=Gone()),
+                                    return_exceptions=True)  # fmt: skip
+
+    first, second = asyncio.run(main())
+    assert ran == [1] and isinstance(second, HttpError) and "went away" in str(second)
+
+
 def test_same_size_codecs_and_masks():
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 32, 32), dtype=np.uint8))
     roomy, tight = encode_at_most(x, "JPEG", 5000), encode_at_most(x, "WEBP", 10)

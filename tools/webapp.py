@@ -117,20 +117,27 @@ class Guard:
 
 
 class ModelQueue:
-    """Runs model work on one thread, in arrival order; refuses work when `max_waiting` requests already wait."""
+    """Runs model work (and the decoding of uploads) on one thread, in arrival order; refuses work when
+    `max_waiting` requests already wait, and skips a request whose client has gone by its turn (30 abandoned
+    requests of 256 samples each made the next user wait 27 s)."""
 
     def __init__(self, max_waiting: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
         self.max_waiting, self.waiting = max_waiting, 0
+        self.turn: asyncio.Lock | None = None  # made in the event loop that uses it
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, request: Request | None = None):
         if self.waiting >= self.max_waiting:
             raise HttpError(503, f"the server is busy ({self.waiting} requests queued); try again in a moment")
         self.waiting += 1  # only the event loop's thread touches the counter
+        self.turn = self.turn or asyncio.Lock()  # FIFO: requests take their turns in arrival order
         try:
-            t0 = time.perf_counter()
-            result = await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-            return result, time.perf_counter() - t0
+            async with self.turn:
+                if request is not None and await request.is_disconnected():
+                    raise HttpError(400, "the client went away before its turn")  # nobody reads this answer
+                t0 = time.perf_counter()
+                result = await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+                return result, time.perf_counter() - t0
         finally:
             self.waiting -= 1
 
@@ -234,14 +241,14 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         args = (None if label < 0 else label, int(number(form, "n", int, 16)), number(form, "temperature", float, 1.0),
                 number(form, "top_p", float, 1.0), number(form, "cfg_scale", float, 1.0), number(form, "seed", int, 0),
                 number(form, "steps", int, 0), str(form.get("cfg_schedule") or "linear"), end)
-        out, seconds = await queue.run(play.sample, *args)
+        out, seconds = await queue.run(play.sample, *args, request=request)
         return {"grid": data_url(out["grid"]), "npz": data_url(out["npz"], "application/octet-stream"),
                 "n": out["n"], "model_seconds": out["seconds"], "seconds": seconds}  # fmt: skip
 
     async def image_for_repair(form) -> torch.Tensor:
         if form.get("image") is not None and not isinstance(form.get("image"), str):
             data, name = await upload(form, "image")
-            return await asyncio.to_thread(read_upload_image, data, name, size, channels)
+            return (await queue.run(read_upload_image, data, name, size, channels))[0]  # decoded in turn
         return play.test_image(int(number(form, "test_index", int)))
 
     @app.post("/api/repair")
@@ -249,10 +256,10 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         form = await form_of(request)
         image = await image_for_repair(form)
         mask, _ = await upload(form, "mask")
-        painted = await asyncio.to_thread(read_mask, mask, size)
+        painted, _ = await queue.run(read_mask, mask, size)
         args = (image, painted, int(number(form, "n", int, 4)), number(form, "temperature", float, 1.0),
                 number(form, "top_p", float, 1.0), number(form, "seed", int, 0), number(form, "steps", int, 0))
-        out, seconds = await queue.run(play.repair, *args)
+        out, seconds = await queue.run(play.repair, *args, request=request)
         return {"original": data_url(out["original"]), "painted": data_url(out["painted"]),
                 "repairs": [data_url(r) for r in out["repairs"]], "codes_redrawn": out["codes_redrawn"],
                 "codes": out["codes"], "seconds": seconds}  # fmt: skip
@@ -260,8 +267,8 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
     @app.post("/api/compress")
     async def compress(request: Request):
         data, name = await upload(await form_of(request), "image")
-        image = await asyncio.to_thread(read_upload_image, data, name, size, channels)
-        out, seconds = await queue.run(play.compress, image, name)
+        image, _ = await queue.run(read_upload_image, data, name, size, channels, request=request)
+        out, seconds = await queue.run(play.compress, image, name, request=request)
         answer = {"original": data_url(out["original"]), "seconds": seconds, "name": Path(name).stem + ".vqz",
                   "vqz": data_url(out["vqz"], "application/octet-stream"),
                   "vq": {**out["vq"], "png": data_url(out["vq"]["png"])}}  # fmt: skip
@@ -272,7 +279,7 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
     @app.post("/api/decompress")
     async def decompress(request: Request):
         data, name = await upload(await form_of(request), "file")
-        out, seconds = await queue.run(play.decompress, data, name)
+        out, seconds = await queue.run(play.decompress, data, name, request=request)
         return {"count": out["count"], "bpp": out["bpp"], "images": [data_url(x) for x in out["images"]],
                 "names": out["names"], "seconds": seconds}  # fmt: skip
 
@@ -282,9 +289,12 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         files = [f for f in form.getlist("images") if not isinstance(f, str)]
         if not files:
             raise HttpError(400, "no images given; choose one or more image files")
-        images = [await asyncio.to_thread(read_upload_image, await f.read(), f.filename or "image", size, channels)
-                  for f in files]  # decoded off the event loop: a large upload does not stall other requests
-        out, seconds = await queue.run(play.anomaly, torch.stack(images), [f.filename or "image" for f in files])
+        uploads = [(await f.read(), f.filename or "image") for f in files]
+        # decoded on the queue's thread, off the event loop: counted and in turn like model work (64 large images
+        # decoded beside it took minutes of CPU and a GB), and a large upload does not stall other requests
+        images, _ = await queue.run(lambda: torch.stack([read_upload_image(d, n, size, channels) for d, n in uploads]),
+                                    request=request)  # fmt: skip
+        out, seconds = await queue.run(play.anomaly, images, [n for _, n in uploads], request=request)
         rows = [{**r, "heat": data_url(r["heat"])} for r in out["rows"]]
         return {"rows": rows, "scores": out["scores"], "ranked_by": out["ranked_by"], "seconds": seconds}
 
