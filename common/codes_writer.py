@@ -6,8 +6,8 @@ and writes meta.json last, so a directory with a meta.json is complete. numpy an
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from common.codes import (
     CodesError,
     CodesMeta,
     read_meta,
+    sha256_file,
     split_levels,
 )  # fmt: skip
 from common.io import OutputError, check_writable_dir, write_atomic
@@ -155,12 +156,8 @@ class CodesWriter:
         against the hash the meta recorded: one that changed during extraction (a run still writing its
         last.ckpt) is refused rather than paired with codes another model made."""
         self.stage1_temp = _temp_path(self.out_dir / STAGE1_COPY)
-        digest = hashlib.sha256()
-        with open(ckpt, "rb") as src, open(self.stage1_temp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-        if digest.hexdigest() != self.meta.stage1_sha256:
+        shutil.copyfile(ckpt, self.stage1_temp)
+        if sha256_file(self.stage1_temp) != self.meta.stage1_sha256:  # the copy's bytes, not the file's now
             raise CodesError(f"stage-1 checkpoint {ckpt} changed while its codes were extracted (is its run still "
                              "training?); extract again from a checkpoint that no run writes to, e.g. best.ckpt "
                              "of a finished run or a copy")  # fmt: skip

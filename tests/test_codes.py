@@ -229,6 +229,26 @@ def test_check_matches(ckpt: Path) -> None:
         check_matches({**prior, "num_classes": 7, "stage1_sha256": "0" * 64}, meta, "codes", "fix")
 
 
+def test_the_stage1_copy_is_the_checkpoint_the_codes_came_from(tmp_path: Path, ckpt: Path) -> None:
+    """The writer keeps a byte copy of the stage-1 checkpoint (0644, like the arrays); one that changed while the
+    codes were extracted (a run still writing its last.ckpt) is refused and nothing is left behind."""
+    out = tmp_path / "codes"
+    with CodesWriter(out, make_meta(ckpt)) as w:
+        w.add_split("test", 0)
+        w.copy_stage1(ckpt)
+        meta = w.commit()
+    assert meta.stage1_copy == "stage1.ckpt" and read_meta(out).stage1_copy == "stage1.ckpt"
+    copy = out / "stage1.ckpt"
+    assert copy.read_bytes() == ckpt.read_bytes() and copy.stat().st_mode & 0o777 == 0o644
+    meta = make_meta(ckpt)
+    ckpt.write_bytes(b"rewritten by a run still training")
+    with pytest.raises(CodesError, match="changed while its codes were extracted"):
+        with CodesWriter(tmp_path / "other", meta) as w:
+            w.add_split("test", 0)
+            w.copy_stage1(ckpt)
+    assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]  # no copy, no temporary file
+
+
 def test_writer_never_deletes_outside_its_own_splits(tmp_path: Path, ckpt: Path) -> None:
     """A crafted old meta.json naming "../victim" as a split must not make --overwrite delete outside --out."""
     out, victim = tmp_path / "codes", tmp_path / "victim"
