@@ -125,9 +125,9 @@ def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
     if not a.images:
         return None
     names = sample_names(n)
-    folder = check_output_dir(a.images, names, a.overwrite, "--images")
+    folder, ours = check_output_dir(a.images, names, a.overwrite, "--images"), set(names)
     stale = sorted(p.name for p in folder.glob("[0-9]*.png") if re.fullmatch(r"\d{6}\.png", p.name)
-                   and p.name not in set(names)) if folder.is_dir() else []  # fmt: skip
+                   and p.name not in ours) if folder.is_dir() else []  # fmt: skip
     if stale:
         raise UserError(f"--images {folder} holds {len(stale)} sample file(s) beyond the {n} this run writes "
                         f"({stale[0]} ...) that --overwrite would leave among them; empty it or choose another "
