@@ -65,13 +65,15 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
         say_once(self, self.describe())  # is this the data meant?
 
     def train_dataloader(self) -> DataLoader:
-        n, b = len(self.split_arrays("train")[1]), self.options.batch_size
-        if n < b:
+        n, b, shard = len(self.split_arrays("train")[1]), self.options.batch_size, shard_of(self.trainer)
+        ranks = (shard or {}).get("num_replicas", 1)  # each rank trains on its 1/ranks of the split
+        if n // ranks < b:
+            per = f"{n // ranks} images on each of {ranks} processes" if ranks > 1 else f"{n} images"
             raise DatasetError(
-                f"data: the train split has {n} images, fewer than batch_size={b}, so "
-                "drop_last would leave no batches; lower --data.batch_size"
+                f"data: the train split has {per}, fewer than batch_size={b}, so drop_last would leave no "
+                f"batches (the run would end at step 0); lower --data.batch_size{' or --trainer.devices' * (ranks > 1)}"
             )
-        return self.dataloader("train", resumable=True, shard=shard_of(self.trainer))
+        return self.dataloader("train", resumable=True, shard=shard)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

@@ -47,6 +47,7 @@ from common.launch import (
     Run,
     choose_run,
     evaluation_checkpoint,
+    external_launcher,
     join_run,
     lightning_child,
     machine_error,
@@ -160,6 +161,7 @@ class VQGenCLI(LightningCLI):
             cfg["ckpt_path"] = evaluation_checkpoint(self.subcommand, ckpt, root, name, self.checkpoint_kind)
             return
         self._rank0 = not lightning_child()
+        check_launcher_devices(cfg["trainer"])
         if not self._rank0:  # started by Lightning's launcher: join the folder rank 0 chose
             run = join_run(ckpt)
         elif (shared := on_rank_zero(lambda: choose_run(root, name, ckpt, self.checkpoint_kind))) is not None:
@@ -244,6 +246,22 @@ class VQGenCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.run_dir is not None and self.trainer.is_global_zero:
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
+
+
+def check_launcher_devices(trainer: dict[str, Any]) -> None:
+    """Under torchrun, srun, ... the launcher's world size must be what --trainer.devices x num_nodes says: with
+    the configs' devices: 1 each process trained alone on all the data, into the same run folder, and exited 0."""
+    env = external_launcher()
+    if env is None or os.environ.get(RUN_ENV):
+        return
+    try:
+        devices, nodes = int(trainer.get("devices")), int(trainer.get("num_nodes") or 1)
+    except (TypeError, ValueError):  # "auto", a list of device ids: Lightning's own checks apply
+        return
+    if devices * nodes != env.world_size():
+        raise UserError(f"{type(env).__name__.removesuffix('Environment')} started {env.world_size()} processes, but "
+                        f"--trainer.devices {devices} x --trainer.num_nodes {nodes} is {devices * nodes}: each would "
+                        f"train alone into one run folder; pass --trainer.devices {env.world_size() // nodes}")
 
 
 def worker_timeout_hint(e: Exception) -> str:

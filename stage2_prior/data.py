@@ -127,14 +127,15 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         return f"codes: {self.hparams.codes_dir}: {sizes} code maps of {grid}, codebook {m.codebook_size}, {classes}"
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        ds = self.split(name)
-        if shuffle and len(ds) < self.hparams.batch_size:
+        ds, shard = self.split(name), shard_of(self.trainer)
+        ranks = (shard or {}).get("num_replicas", 1)  # under DDP each rank trains on its 1/ranks of the split
+        if shuffle and len(ds) // ranks < self.hparams.batch_size:
+            each = f" ({len(ds) // ranks} on each of {ranks} processes: or lower --trainer.devices)" * (ranks > 1)
             raise ValueError(
-                f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids"
+                f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids{each}"
             )
         workers = self.hparams.num_workers
         # persistent workers for the training loader only: see common.splits.ImageSplits.dataloader
-        shard = shard_of(self.trainer)
         options = loader_options(workers, persistent=shuffle, shard=shard)
         if shuffle:  # __getitems__ returns whole batches (collate_fn)
             return resumable_loader(ds, self.hparams.batch_size, shard, **options)

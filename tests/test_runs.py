@@ -357,6 +357,27 @@ def test_torchrun_ranks_share_one_run_folder(shapes_folder, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file() and (root / "latest").resolve() == run
 
 
+def test_torchrun_with_one_device_in_the_config_is_refused(shapes_folder, tmp_path):
+    """torchrun's 2 processes with --trainer.devices 1 (the configs' value) each trained alone on all the data
+    into one run folder and exited 0: now one line naming --trainer.devices, and no run folder."""
+    root = tmp_path / "runs"
+    args = fit_args(shapes_folder, root, 2, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    code, out = fit_in_subprocess(args, tmp_path, torchrun)
+    assert code != 0 and "started 2 processes, but --trainer.devices 1 x --trainer.num_nodes 1 is 1" in out, out[-3000:]
+    assert "pass --trainer.devices 2" in out and not root.exists()
+
+
+def test_a_ddp_shard_smaller_than_the_batch_is_refused(shapes_folder, tmp_path):
+    """48 training images over 2 processes are 24 a rank: a batch of 32 gave every rank no batches, and the run
+    ended at step 0 with exit 0 (one process trains). Refused naming the batch and the devices."""
+    args = fit_args(shapes_folder, tmp_path / "runs", 4, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp", "--data.batch_size", "32")  # fmt: skip
+    code, out = fit_in_subprocess(args, tmp_path)
+    assert code == 2 and "24 images on each of 2 processes, fewer than batch_size=32" in out, out[-3000:]
+    assert "lower --data.batch_size or --trainer.devices" in out
+
+
 @pytest.mark.slow
 def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_path):
     """Two DDP ranks, 6 batches of 4 per rank and epoch: 12 steps straight vs crashed at step 4 and resumed
