@@ -28,8 +28,8 @@ from common.io import OutputError, atomic_file, check_writable_dir
 from common.readers import DatasetError
 
 # bump when common.images.read_image changes the pixels it makes: old caches are then not read (2: 16-bit and float
-# images scaled by their format's range, 2026-11-29)
-DECODE_VERSION = 2
+# images scaled by their format's range, 2026-11-29; 3: float images past 1 read as [0, 255], the same day)
+DECODE_VERSION = 3
 SPARE_BYTES = 64 << 20  # left free on the cache's disk beyond the file itself
 
 

@@ -127,7 +127,8 @@ def white_level(img: Image.Image) -> float:
 
 def to_8bit(img: Image.Image, white: float) -> Image.Image:
     """A grey image of more than 8 bits as mode "L", scaled by its format's range (`white_level`), never by its
-    content: 16 bits divide by 257 (65535 -> 255), float takes [0, 1] as black to white (NaN: black); values
+    content: 16 bits divide by 257 (65535 -> 255), float takes [0, 1] as black to white (NaN: black; one whose
+    finite values pass 1 is read as [0, 255], or [0, 65535] past 255: it has no range of its own); values
     outside are clipped. Pillow's own convert clips integers at 255 and truncates floats, so a 16-bit image
     read black and white (or, scaled only when its maximum was over 255, as if 8-bit) and a float TIFF in
     [0, 1] read all black. Other modes are returned unchanged."""
@@ -136,6 +137,9 @@ def to_8bit(img: Image.Image, white: float) -> Image.Image:
     x = np.asarray(img)
     if img.mode == "I" and white > 2**31:  # unsigned 32-bit: Pillow holds it in int32
         x = x.view(np.uint32)
+    if img.mode == "F":  # a float image has no range of its own: [0, 1], or as ImageJ writes 8- and 16-bit data
+        top = float(np.max(x[np.isfinite(x)], initial=0.0))  # (Pillow's own convert read those) [0, 255] or 65535
+        white = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
     x = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=white, neginf=0.0) / (white / 255)  # 16 bits: / 257.0
     return Image.fromarray(x.round().clip(0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 

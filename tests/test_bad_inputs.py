@@ -147,7 +147,13 @@ ROWS = [
     ("sample", [*P, "--temperature", "0"], r"--temperature must be >= 1e-06, got 0.0 \(--top_k 1 draws the most"),
     ("sample", [*P, "--temperature_end", "-1"], r"--temperature_end must be >= 1e-06, got -1"),
     ("sample", [*P, "--temperature", "1e-300"], r"--temperature must be >= 1e-06, got 1e-300"),  # was a NaN trace
-    ("sample", [*P, "--cfg_scale", "-5"], r"--cfg_scale must be >= 0 \(1 = off\), got -5"),
+    ("sample", [*P, "--cfg_scale", "-5"], r"--cfg_scale must be in \[0, 1000\] \(1 = off\), got -5"),
+    ("sample", [*P, "--cfg_scale", "1e308"], r"--cfg_scale must be in \[0, 1000\]"),  # was a NaN traceback
+    ("sample", [*P, "--prime", "{stale_images}/000000.png", "--keep_rows", "4", "--n", "10", "--images",
+                "{stale_images}", "--overwrite", "--out", "new.png"],
+     r"--images \S*000000.png is also --prime: a command never writes over its own input"),  # fmt: skip
+    ("sample", [*P, "--n", "2", "--images", "{images}/fresh", "--out", "{images}/fresh/000000.png"],
+     r"--out \S*fresh/000000.png is one of the sample files --images \S*fresh gets"),
     ("sample", [*P, "--seed", str(10**23)], r"--seed must be a 64-bit integer"),  # was torch's overflow message
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--seed", str(-(2**64)),
                            "--out", "f.pt"], r"--seed must be a 64-bit integer"),  # fmt: skip

@@ -286,11 +286,13 @@ def test_deep_images_are_scaled_by_their_format_not_their_content(tmp_path: Path
         expected = (values / full * 255).round()
         assert np.abs(out.astype(int) - expected).max() <= (0 if mode.startswith("I;16") else 1), (top, out, expected)
     assert to_uint8(load_image(tmp_path / f"deep.{suffix}", 4)).max() == 0  # 0.0002 of white: black, as 8 bits
-    if mode == "F":  # float outside [0, 1] is clipped, NaN is black
+    if mode == "F":  # float below 0 is clipped, NaN is black; one whose values pass 1 is [0, 255] (ImageJ's)
         from common.images import to_8bit
 
-        odd = Image.fromarray(np.array([[-1, 0.5, 2, np.inf, np.nan]], np.float32))
+        odd = Image.fromarray(np.array([[-1, 0.5, 1, np.inf, np.nan]], np.float32))
         assert np.asarray(to_8bit(odd, 1.0)).tolist() == [[0, 128, 255, 255, 0]]
+        bytes_as_float = Image.fromarray(np.array([[0, 64, 127.5, 255, 300]], np.float32)[:, :4])
+        assert np.asarray(to_8bit(bytes_as_float, 1.0)).tolist() == [[0, 64, 128, 255]]
 
 
 def test_a_16_bit_image_reads_as_its_8_bit_twin(tmp_path: Path) -> None:

@@ -461,6 +461,12 @@ def test_a_mask_hole_is_dark_or_transparent_and_an_empty_mask_is_refused(tmp_pat
     want = np.zeros((16, 16), bool)
     want[8:16, 0:4] = True
     assert (hole == want).all()
+    strokes = np.zeros((16, 16, 4), np.uint8)  # black strokes on a transparent layer: only the strokes
+    strokes[2:6, 2:6, 3] = 255
+    Image.fromarray(strokes, "RGBA").save(tmp_path / "strokes.png")
+    want = np.zeros((16, 16), bool)
+    want[2:6, 2:6] = True
+    assert (hole_from_mask_image(tmp_path / "strokes.png", 16).numpy() == want).all()
     Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / "white.png")
     with pytest.raises(ValueError, match=r"white.png marks no pixel to redraw: paint the hole black"):
         hole_from_mask_image(tmp_path / "white.png", 16)

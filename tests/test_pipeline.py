@@ -225,6 +225,10 @@ def test_codes_keep_their_stage1_through_a_resume_or_a_moved_project(pipeline, t
     monkeypatch.chdir(tmp_path / "moved")
     sample_main(["--prior", prior, "--n", "2", "--out", "moved.npz"])
     assert np.array_equal(np.load("moved.npz")["images"], resumed["images"])
+    monkeypatch.chdir(tmp_path)  # and from outside it: the codes are found beside a folder above the prior
+    sample_main(["--prior", f"moved/{prior}", "--n", "2", "--out", "outside.npz"])
+    assert np.array_equal(np.load("outside.npz")["images"], resumed["images"])
+    monkeypatch.chdir(tmp_path / "moved")
     train_stage2(["fit", "--config", str(CONFIGS / "stage2/tiny.yaml"), "--data.codes_dir", "codes",
                   "--trainer.default_root_dir", "s2", "--trainer.max_steps", "1", "--data.batch_size", "8",
                   "--sample_every_n_epochs", "0"])  # fmt: skip

@@ -275,7 +275,10 @@ def test_another_sites_page_cannot_use_the_server(world):  # noqa: F811
     play = Playground(load_models(world["prior"], None, "cpu"))
     with TestClient(create_app(play), base_url=LOCAL) as c:
         assert c.get("/api/info").status_code == 200
-        assert c.get("/api/info", headers={"Host": "localhost:8000"}).status_code == 200
+        for host in ("localhost:8000", "127.0.0.2:8000", "[::1]:8000", "LOCALHOST:8000"):  # any loopback address
+            assert c.get("/api/info", headers={"Host": host}).status_code == 200, host
+        r = c.post("/api/sample", data={"n": 1}, headers={"Host": "LOCALHOST:8000", "Origin": "http://localhost:8000"})
+        assert r.status_code == 200, r.json()
         r = c.get("/api/info", headers={"Host": "evil.example:8000"})
         assert r.status_code == 403 and "is not this server's address" in r.json()["error"]
         ok = c.post("/api/sample", data={"n": 1}, headers={"Origin": LOCAL})

@@ -97,8 +97,11 @@ def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
             f"--prior {prior_path}: its codes metadata is incomplete ({e}); pass --vqvae PATH"
         ) from None
     # the checkpoint the codes name, else their directory's copy of it: where training ran, or as typed there
-    # (a moved project, run from its top); CodesError if none is as it was
-    dirs = [meta.get("codes_dir_resolved"), meta.get("codes_dir")]
+    # from the current directory or any folder above the prior (a moved project, run from anywhere); CodesError
+    # if none is as it was
+    dirs, typed = [meta.get("codes_dir_resolved"), meta.get("codes_dir")], meta.get("codes_dir")
+    if typed and not Path(typed).is_absolute():
+        dirs += [parent / typed for parent in Path(prior_path).resolve().parents]
     return Path(check_stage1(codes_meta, codes_dirs=[d for d in dirs if d]))
 
 

@@ -24,16 +24,19 @@ from common.images import PIL_FORMATS, load_image
 
 def hole_from_mask_image(path: str | Path, image_size: int) -> torch.Tensor:
     """A mask image (any size; resized like the images) -> (S, S) bool hole: True where it is darker than
-    mid-grey (black paints the hole; white and light grey keep, which resizing and JPEG noise leave alone) or
-    more than half transparent (a hole erased in a paint program: over white, as images are read, it would
-    look kept). ValueError if nothing is left to redraw: the repair would only return the image."""
+    mid-grey (black paints the hole; white and light grey keep, which resizing and JPEG noise leave alone).
+    A mask with no such pixel but transparent ones is a hole erased in a paint program: its more than half
+    transparent pixels are the hole (read over white, as images are, they looked kept and nothing was redrawn).
+    Strokes on a transparent layer keep the first rule: only the strokes are the hole. ValueError if nothing is
+    left to redraw: the repair would only return the image."""
     mask = load_image(path, image_size, channels=1)  # (1, 1, S, S) in [-1, 1], transparency over white
     hole = mask[0, 0] <= 0
-    with Image.open(path, formats=PIL_FORMATS) as img:
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            alpha = ImageOps.fit(ImageOps.exif_transpose(img).convert("RGBA").getchannel("A"),
-                                 (image_size, image_size), Image.Resampling.BILINEAR)  # fmt: skip
-            hole |= torch.from_numpy(np.asarray(alpha) < 128)
+    if not hole.any():
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                alpha = ImageOps.fit(ImageOps.exif_transpose(img).convert("RGBA").getchannel("A"),
+                                     (image_size, image_size), Image.Resampling.BILINEAR)  # fmt: skip
+                hole = torch.from_numpy(np.asarray(alpha) < 128)
     if not hole.any():
         raise ValueError(f"--mask {path} marks no pixel to redraw: paint the hole black (darker than mid-grey) or "
                          "erase it to transparency; white and light grey keep")  # fmt: skip

@@ -109,9 +109,13 @@ def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
     suffix = out.suffix.lower()
     if suffix != ".npz" and suffix not in GRID_FORMATS:
         raise UserError(f"--out {out}: use a .png, .jpg, .webp (grid + .npz) or .npz (codes and images) name")
-    inputs = {"--prior": a.prior, "--vqvae": a.vqvae, "--prime": a.prime, "--mask": a.mask}
-    grid = None if suffix == ".npz" else check_output(out, a.overwrite, inputs=inputs)
-    return grid, check_output(out.with_suffix(".npz"), a.overwrite, inputs=inputs)
+    grid = None if suffix == ".npz" else check_output(out, a.overwrite, inputs=input_files(a))
+    return grid, check_output(out.with_suffix(".npz"), a.overwrite, inputs=input_files(a))
+
+
+def input_files(a: argparse.Namespace) -> dict[str, str | None]:
+    """The files `sample` reads, which no output may replace."""
+    return {"--prior": a.prior, "--vqvae": a.vqvae, "--prime": a.prime, "--mask": a.mask}
 
 
 def sample_names(n: int) -> list[str]:
@@ -126,6 +130,10 @@ def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
         return None
     names = sample_names(n)
     folder, ours = check_output_dir(a.images, names, a.overwrite, "--images"), set(names)
+    for name in names:  # neither an input (a --prime kept there) nor another output (--out DIR/000000.png)
+        check_output(folder / name, a.overwrite, "--images", inputs=input_files(a))
+        if Path(a.out).resolve() in ((folder / name).resolve(), (folder / name).with_suffix(".npz").resolve()):
+            raise UserError(f"--out {a.out} is one of the sample files --images {folder} gets; choose another --out")
     stale = sorted(p.name for p in folder.glob("[0-9]*.png") if re.fullmatch(r"\d{6}\.png", p.name)
                    and p.name not in ours) if folder.is_dir() else []  # fmt: skip
     if stale:
@@ -135,6 +143,7 @@ def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
     return folder
 
 
+MAX_CFG_SCALE = 1000.0  # far past any useful guidance (the page allows 20)
 MAX_GRID_BYTES = 2**31  # 2 GiB of pixels: far beyond any screen; a larger --scale is a typo, not a wish
 
 
@@ -202,8 +211,8 @@ def _run(args: list[str] | None) -> str:
         if value is not None and not value >= MIN_TEMPERATURE:  # below it the scaled logits overflow
             raise UserError(f"--{flag} must be >= {MIN_TEMPERATURE}, got {value} (--top_k 1 draws the most likely "
                             "code at every step)")  # fmt: skip
-    if not a.cfg_scale >= 0:
-        raise UserError(f"--cfg_scale must be >= 0 (1 = off), got {a.cfg_scale}")
+    if not 0 <= a.cfg_scale <= MAX_CFG_SCALE:  # 1e308 overflowed the guided logits into NaNs
+        raise UserError(f"--cfg_scale must be in [0, {MAX_CFG_SCALE:g}] (1 = off), got {a.cfg_scale}")
     if a.prime and (a.class_mix != "turn" or a.classes or a.per_class or a.cfg_scale != 1):
         raise UserError("--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions "
                         "(--prime) are unconditional: drop them")  # fmt: skip

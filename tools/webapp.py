@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,14 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 BODY_TIMEOUT = 30.0  # seconds a client may take to send the next part of its request body
 
 
+def is_loopback_ip(name: str) -> bool:
+    """127.0.0.2, [::1], ...: serve --host may bind any loopback address, and its URL names it."""
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Guard:
     """ASGI middleware: security headers on every answer; a request body over `max_bytes` refused with 413,
     by its Content-Length before anything is read, or (chunked uploads) as soon as the bytes read pass it, and
@@ -71,14 +80,14 @@ class Guard:
     def refusal(self, scope) -> str | None:
         """Why this request is not served (a Host or an Origin of another site), or None."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
-        host = headers.get("host", "")
+        host = headers.get("host", "").lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # "[::1]:8000" -> "[::1]"
-        if self.loopback_only and name.lower() not in LOOPBACK_NAMES:
+        if self.loopback_only and name not in LOOPBACK_NAMES and not is_loopback_ip(name):
             return f"Host {host[:80]!r} is not this server's address (open the page at the URL serve printed)"
         if scope.get("method") == "POST":
             origin = headers.get("origin")
             if headers.get("sec-fetch-site") == "cross-site" or (
-                    origin is not None and origin.split("://", 1)[-1] != host):  # fmt: skip
+                    origin is not None and origin.lower().split("://", 1)[-1] != host):  # fmt: skip
                 return "requests from another site's page are refused; use the page serve printed"
         return None
 
