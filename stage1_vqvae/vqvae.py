@@ -183,9 +183,12 @@ class VQVAE(VQModel, pl.LightningModule):
                 histograms[self._per_level("val/code_histogram", level)] = stats["counts"].cpu().numpy()  # all ranks
             usage.reset()
             usages.append(stats["usage"])
-            self.log(self._per_level(f"{split}/perplexity", level), stats["perplexity"])
-            self.log(self._per_level(f"{split}/usage", level), stats["usage"], prog_bar=len(self.levels) == 1)
-            self.log(self._per_level(f"{split}/dead_codes", level), float(dead))
+            # the same on every rank already (torchmetrics' synced counts, the all-reduced codebook): sync_dist
+            # averages equal values and stops Lightning's per-metric warning under DDP
+            self.log(self._per_level(f"{split}/perplexity", level), stats["perplexity"], sync_dist=True)
+            self.log(self._per_level(f"{split}/usage", level), stats["usage"], prog_bar=len(self.levels) == 1,
+                     sync_dist=True)  # fmt: skip
+            self.log(self._per_level(f"{split}/dead_codes", level), float(dead), sync_dist=True)
         if len(self.levels) > 1:  # the least-used level: what a "codes used" target is about
             self.log(f"{split}/usage", torch.stack(usages).min(), prog_bar=True)
         if split == "val" and self.trainer.is_global_zero and not self.trainer.sanity_checking:

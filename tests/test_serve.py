@@ -318,6 +318,22 @@ def test_a_stalled_request_body_is_cut_off(monkeypatch):
     scope = {"type": "http", "method": "POST", "headers": [(b"host", b"127.0.0.1:8000"), (b"content-length", b"9")]}
     asyncio.run(webapp.Guard(app, max_bytes=100)(scope, never, send))
     assert sent == [408]
+    monkeypatch.setattr(webapp, "BODY_TIMEOUT", 10.0)  # a byte now and then, but the whole body takes too long
+    monkeypatch.setattr(webapp, "BODY_TOTAL", 0.1)
+
+    async def drip():
+        await asyncio.sleep(0.03)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def reads_all(scope, receive, send):
+        try:
+            while True:
+                await receive()
+        except webapp.HttpError as e:
+            sent.append(e.status)
+
+    asyncio.run(webapp.Guard(reads_all, max_bytes=100)(scope, drip, send))
+    assert sent == [408, 408]
 
 
 def test_an_unexpected_error_is_a_500_with_one_line_and_the_server_goes_on(client, monkeypatch):

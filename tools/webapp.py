@@ -51,6 +51,7 @@ class HttpError(UserError):
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 BODY_TIMEOUT = 30.0  # seconds a client may take to send the next part of its request body
+BODY_TOTAL = 300.0  # and to send all of it (one byte every 29 s would otherwise hold the connection for good)
 
 
 def is_loopback_ip(name: str) -> bool:
@@ -106,14 +107,16 @@ class Guard:
         if not length.isdigit() or int(length) > self.max_bytes:
             answer = JSONResponse({"error": self.message(length.decode(errors="replace"))}, status_code=413)
             return await answer(scope, receive, send_with_headers)
-        seen = 0
+        seen, start = 0, time.monotonic()
 
         async def counted():
             nonlocal seen
+            left = BODY_TOTAL - (time.monotonic() - start)
             try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+                message = await asyncio.wait_for(receive(), max(0.0, min(BODY_TIMEOUT, left)))
             except asyncio.TimeoutError:
-                raise HttpError(408, f"the request body stalled for {BODY_TIMEOUT:g} s; send it again") from None
+                why = f"stalled for {BODY_TIMEOUT:g} s" if left > BODY_TIMEOUT else f"took over {BODY_TOTAL:g} s"
+                raise HttpError(408, f"the request body {why}; send it again") from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:  # raised inside the route's form parsing: the HttpError handler answers
                 raise HttpError(413, self.message(f"over {self.max_bytes}"))
