@@ -49,13 +49,12 @@ class HttpError(UserError):
         self.status = status
 
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 BODY_TIMEOUT = 30.0  # seconds a client may take to send the next part of its request body
 BODY_TOTAL = 300.0  # and to send all of it (one byte every 29 s would otherwise hold the connection for good)
 
 
 def is_loopback_ip(name: str) -> bool:
-    """127.0.0.2, [::1], ...: serve --host may bind any loopback address, and its URL names it."""
+    """127.0.0.1, 127.0.0.2, [::1], ...: serve --host may bind any loopback address, and its URL names it."""
     try:
         return ipaddress.ip_address(name.strip("[]")).is_loopback
     except ValueError:
@@ -65,9 +64,10 @@ def is_loopback_ip(name: str) -> bool:
 class Guard:
     """ASGI middleware: security headers on every answer; a request body over `max_bytes` refused with 413,
     by its Content-Length before anything is read, or (chunked uploads) as soon as the bytes read pass it, and
-    one that stalls for BODY_TIMEOUT refused with 408 (a client that never finishes held its connection for
-    good). With `loopback_only` (the default bind) a Host header that names no loopback address is refused
-    (DNS rebinding: a web page whose name now points at 127.0.0.1 would otherwise read the answers), and
+    one that stalls for BODY_TIMEOUT or takes over BODY_TOTAL refused with 408 (a client that never finishes
+    held its connection for good). With `loopback_only` (the default bind) a Host header that names no
+    loopback address is refused (DNS rebinding: a web page whose name now points at 127.0.0.1 would otherwise
+    read the answers), and
     everywhere a POST sent by a page of another origin (its Origin, or Sec-Fetch-Site: cross-site): any web
     page the user opens could otherwise make this server work. (Plain ASGI: Starlette's BaseHTTPMiddleware
     would turn an error raised while reading into a 500.)"""
@@ -83,7 +83,7 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         host = headers.get("host", "").lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # "[::1]:8000" -> "[::1]"
-        if self.loopback_only and name not in LOOPBACK_NAMES and not is_loopback_ip(name):
+        if self.loopback_only and name != "localhost" and not is_loopback_ip(name):
             return f"Host {host[:80]!r} is not this server's address (open the page at the URL serve printed)"
         if scope.get("method") == "POST":
             origin = headers.get("origin")
