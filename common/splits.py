@@ -54,7 +54,7 @@ class ImageSplits:
 
     Args:
         dataset: fashion_mnist, mnist, cifar10, emoji or image_folder (your own images: PNG, JPEG, WebP, BMP,
-            TIFF; one sub-folder per class, or none for one class).
+            TIFF, GIF; one sub-folder per class, or none for one class).
         root: where the data is (image_folder: the folder; emoji: data/emoji; the others: their files, else
             the system copy or a download).
         image_size: pixels a side; None: the data's own (image_folder: 64; 28-px data may be padded to 32).
