@@ -12,6 +12,7 @@ import csv
 import functools
 import io
 import logging
+import os
 import sys
 import time
 import warnings
@@ -135,13 +136,20 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
     return csv_logger(save_dir=str(run_dir), name="", version="")
 
 
-def finish_logger(logger: Logger | None, failed: bool = False) -> None:
-    """End the W&B run a command started: otherwise the next fit in the same process logs into it."""
+def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = False) -> None:
+    """End the W&B run a command started: otherwise the next fit in the same process logs into it. `quiet`: a
+    run that failed before training, whose folder goes: W&B's lines about syncing it would come before the
+    one-line error and name files that are about to be deleted."""
     if isinstance(logger, WandbLogger) and "wandb" in sys.modules and sys.modules["wandb"] is not None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish(exit_code=1 if failed else 0)
+            with contextlib.ExitStack() as silenced:
+                if quiet:
+                    devnull = silenced.enter_context(open(os.devnull, "w"))
+                    silenced.enter_context(contextlib.redirect_stdout(devnull))
+                    silenced.enter_context(contextlib.redirect_stderr(devnull))
+                wandb.finish(exit_code=1 if failed else 0)
 
 
 def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, caption: str = "") -> None:

@@ -112,7 +112,8 @@ class VQGenCLI(LightningCLI):
         finally:  # after every after_<subcommand> hook, also of subclasses
             failed = sys.exc_info()[0] is not None
             trainer = getattr(self, "trainer", None)
-            finish_logger(getattr(trainer, "logger", None), failed=failed)
+            unstarted = failed and not (self._watch is not None and self._watch.started)
+            finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted)
             if failed:
                 self._discard_unstarted_run()
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder

@@ -133,6 +133,17 @@ def test_a_default_root_dir_that_cannot_hold_runs_is_named(shapes_folder, tmp_pa
     assert (tmp_path / "keep.csv").read_text() == "a file\n"
 
 
+def test_a_wandb_run_that_fails_before_training_says_nothing_of_its_deleted_files(shapes_folder, tmp_path, capfd):
+    """W&B's closing lines ("You can sync this run ... wandb sync runs/version_0/wandb/...", "Find logs at ...")
+    came before the one-line error and named the run folder that is then deleted."""
+    args = fit_args(shapes_folder, tmp_path / "runs", 2, "--log.backend", "wandb", "--data.val_size", "60")
+    with pytest.raises(SystemExit):
+        train_stage1(args)
+    err = capfd.readouterr().err
+    assert "leave none to train on" in err and "Find logs at" not in err and "wandb sync" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_tensorboard_backend_without_tensorboard_is_one_line(shapes_folder, tmp_path, capsys):
     """--log.backend tensorboard without the package (not a dependency) was a ModuleNotFoundError traceback."""
     import importlib.util
