@@ -237,6 +237,9 @@ class VQGenCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint_fits()
+        if self.trainer.world_size == 1:  # read the data now: Lightning starts the logger (W&B's lines, its
+            self.datamodule.prepare_data()  # files in the run folder) before it sets the data up, so an unreadable
+            self.datamodule.setup("fit")  # folder came after them (once per process: the splits are kept)
 
     def before_test(self) -> None:
         self._check_checkpoint_fits()
