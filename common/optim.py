@@ -9,6 +9,17 @@ import torch
 from torch import nn
 
 
+def check_optimiser(lr: float, weight_decay: float, warmup_steps: int) -> None:
+    """ValueError naming the --model flag of an optimiser setting adamw_warmup_cosine cannot train with (checked
+    when a model is made, before its run folder)."""
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"--model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not lr > 0:  # `not >`: NaN too
+        raise ValueError(f"--model.lr must be > 0, got {lr}")
+    if not weight_decay >= 0:
+        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+
+
 def adamw_warmup_cosine(
     module: nn.Module,
     lr: float,

@@ -18,7 +18,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from common.images import make_grid
 from common.logging import log_histogram, log_image
-from common.optim import adamw_warmup_cosine, time_budget_progress
+from common.optim import adamw_warmup_cosine, check_optimiser, time_budget_progress
 from common.precision import fp32_metrics
 from stage1_vqvae.model import VQModel
 
@@ -101,13 +101,7 @@ class VQVAE(VQModel, pl.LightningModule):
         cosine: bool = True,
         channels_last: bool = False,
     ) -> None:
-        # the network's arguments are checked by VQModel (stage1_vqvae.model.check_arguments), these here
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"--model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not lr > 0:  # `not >`: NaN too
-            raise ValueError(f"--model.lr must be > 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+        check_optimiser(lr, weight_decay, warmup_steps)  # the network's: VQModel's check_arguments
         super().__init__(
             in_channels, image_size, width, res_blocks, res_width, downsample, code_dim, quantizer, codebook_size,
             beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, rotation_trick, fsq_levels,

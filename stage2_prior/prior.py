@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from common.optim import adamw_warmup_cosine, time_budget_progress
+from common.optim import adamw_warmup_cosine, check_optimiser, time_budget_progress
 from common.precision import fp32_metrics
 from stage2_prior.build import MASKED_PRIORS, OVERRIDES, PRIORS, build_network, check_levels
 from stage2_prior.masked_sampling import sample_masked
@@ -40,12 +40,7 @@ def check_arguments(kind: str, size: str, overrides: dict, label_dropout: float,
     for flag, value in (("dropout", overrides.get("dropout") or 0.0), ("label_dropout", label_dropout)):
         if not 0 <= value < 1:  # also NaN
             raise ValueError(f"--model.{flag} must be in [0, 1), got {value}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"--model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if not lr > 0:
-        raise ValueError(f"--model.lr must be > 0, got {lr}")
-    if not weight_decay >= 0:
-        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+    check_optimiser(lr, weight_decay, warmup_steps)
     cls = {**PRIORS, **MASKED_PRIORS}.get(kind)
     if cls is None or size not in cls.sizes:
         return  # build_network names the choices
