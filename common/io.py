@@ -78,15 +78,23 @@ def check_output(path: str | Path, overwrite: bool, flag: str = "--out",
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a directory; give a file name")
-    for name, given in (inputs or {}).items():
-        for p in given if isinstance(given, list) else [given]:
-            if p is not None and path.exists() and Path(p).is_file() and os.path.samefile(path, p):
-                raise OutputError(f"{flag} {path} is also {name}: a command never writes over its own input "
-                                  f"(not even with --overwrite); choose another {flag}")  # fmt: skip
+    check_not_an_input(path, inputs or {}, flag)
     _check_parent(path, flag)
     if path.exists() and not overwrite:
         raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another {flag}")
     return path
+
+
+def check_not_an_input(path: Path, inputs: dict[str, str | Path | list | None], flag: str = "--out") -> None:
+    """OutputError if the existing file `path` is one of the command's `inputs` ({flag: path or paths}): it
+    would replace what it reads, so even --overwrite does not allow it."""
+    if not path.exists():
+        return
+    for name, given in inputs.items():
+        for p in given if isinstance(given, list) else [given]:
+            if p is not None and Path(p).is_file() and os.path.samefile(path, p):
+                raise OutputError(f"{flag} {path} is also {name}: a command never writes over its own input "
+                                  f"(not even with --overwrite); choose another {flag}")  # fmt: skip
 
 
 def check_output_dir(path: str | Path, names: list[str], overwrite: bool, flag: str = "--out") -> Path:

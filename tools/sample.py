@@ -42,7 +42,7 @@ from common.cli import (
     wandb_offline_unless_logged_in,
 )  # fmt: skip
 from common.images import GRID_FORMATS, load_image, make_grid, to_uint8
-from common.io import atomic_file, check_output, check_output_dir, staging_dir
+from common.io import atomic_file, check_not_an_input, check_output, check_output_dir, staging_dir
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_STEPS
@@ -130,10 +130,14 @@ def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
         return None
     names = sample_names(n)
     folder, ours = check_output_dir(a.images, names, a.overwrite, "--images"), set(names)
-    for name in names:  # neither an input (a --prime kept there) nor another output (--out DIR/000000.png)
-        check_output(folder / name, a.overwrite, "--images", inputs=input_files(a))
-        if Path(a.out).resolve() in ((folder / name).resolve(), (folder / name).with_suffix(".npz").resolve()):
-            raise UserError(f"--out {a.out} is one of the sample files --images {folder} gets; choose another --out")
+    # neither an input (a --prime kept there) nor another output (--out DIR/000000.png) among the sample files
+    out = Path(a.out).resolve()
+    if out.parent == folder.resolve() and (out.name in ours or out.suffix == ".npz" and out.with_suffix(".png").name
+                                           in ours):  # fmt: skip  (the grid or the .npz on a sample's name)
+        raise UserError(f"--out {a.out} is one of the sample files --images {folder} gets; choose another --out")
+    inputs = input_files(a)
+    for name in names:
+        check_not_an_input(folder / name, inputs, "--images")
     stale = sorted(p.name for p in folder.glob("[0-9]*.png") if re.fullmatch(r"\d{6}\.png", p.name)
                    and p.name not in ours) if folder.is_dir() else []  # fmt: skip
     if stale:
