@@ -114,8 +114,9 @@ def check_output_dir(path: str | Path, names: list[str], overwrite: bool, flag: 
 @contextmanager
 def staging_dir(dest: str | Path) -> Iterator[Path]:
     """A hidden temporary folder beside `dest` to write into. On success its files move into `dest` (created
-    if missing: then the whole folder is renamed into place); on failure it is removed. A kill leaves only
-    the hidden ``.<name>.*.tmp`` folder, never a `dest` that looks complete."""
+    if missing: then the whole folder is renamed into place), sub-folders too: one `dest` lacks moves whole,
+    one it has gets the files merged in (a folder cannot replace one that holds files); on failure it is
+    removed. A kill leaves only the hidden ``.<name>.*.tmp`` folder, never a `dest` that looks complete."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
@@ -125,8 +126,17 @@ def staging_dir(dest: str | Path) -> Iterator[Path]:
         if not dest.exists():
             os.replace(tmp, dest)
         else:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, dest / f.name)
+            _move_into(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)  # only the folder this function created
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    """Move everything in `src` into the existing folder `dest`: files and new sub-folders by rename, the files of
+    sub-folders `dest` already has merged into them."""
+    for f in sorted(src.iterdir()):
+        if f.is_dir() and (dest / f.name).is_dir():
+            _move_into(f, dest / f.name)
+        else:
+            os.replace(f, dest / f.name)

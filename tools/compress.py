@@ -21,8 +21,6 @@ a hidden temporary folder whose files are moved into ``--out`` only once all of 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -118,7 +116,6 @@ def run_decompress(args: list[str] | None) -> str:
         for name, image in zip(names, images.permute(0, 2, 3, 1).numpy()):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # names are checked: no "..", none absolute
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / name, format="PNG")
-        merge_folders(tmp, out)
     pixels = max(1, count * m.image_size**2)
     return (f"{path} -> {count} images in {out}/: {8 * len(data) / pixels:.4f} bits per pixel, "
             f"{count / max(seconds, 1e-9):.1f} images/s")  # fmt: skip
@@ -135,20 +132,6 @@ def check_folders(out: Path, names: list[str]) -> None:
                 what = "a link" if folder.is_symlink() else "a file"
                 raise OutputError(f"{folder} is {what}, but {name} is written into a folder of that name; move it "
                                   "or choose another --out")  # fmt: skip
-
-
-def merge_folders(tmp: Path, out: Path) -> None:
-    """Move the files of `tmp`'s sub-folders into those of `out` that exist already: `staging_dir` moves what is
-    left (new sub-folders whole, files), and a folder cannot replace one that holds files."""
-    if not out.is_dir():
-        return  # staging_dir renames `tmp` into place
-    for folder in sorted(d for d in tmp.iterdir() if d.is_dir() and (out / d.name).is_dir()):
-        for top, _, files in os.walk(folder):
-            for f in sorted(files):
-                target = out / Path(top, f).relative_to(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(Path(top, f), target)
-        shutil.rmtree(folder)  # emptied: only folders of our own temporary one
 
 
 def main_compress(args: list[str] | None = None) -> None:
