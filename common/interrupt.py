@@ -1,64 +1,114 @@
-"""Ctrl-C during `fit`: finish the training step under way (an epoch's last: the next one) and the validation
-due after it, save it as ``last.ckpt`` and stop, so that ``--ckpt_path last`` goes on from the step the user
-stopped at (Lightning's own handling keeps only the last validation's checkpoint: up to 1,000 steps of the
-default configs lost). A second Ctrl-C stops at once, the Lightning way. The saved run resumes
-bit-identically to one never stopped (tests/test_runs.py). Loader workers ignore Ctrl-C
-(common.loaders.worker_ignores_ctrl_c), so a terminal's, which reaches them too, does not break the fetches.
+"""Stopping a fit on a signal without losing its steps: finish the training step under way (an epoch's last: the
+next one) and the validation due after it, save it as ``last.ckpt`` and stop, so that the run goes on from the
+step it stopped at (Lightning's own handling keeps only the last validation's checkpoint: up to 1,000 steps of
+the default configs lost). The signals:
 
-One process only: under DDP every rank gets the Ctrl-C at a different step, and saving would need them to
-agree on one, so several processes keep Lightning's handling.
+* SIGINT, a Ctrl-C: ``--ckpt_path last`` goes on. A second Ctrl-C stops at once, the Lightning way;
+* SIGTERM, a scheduler's stop (SLURM at a job's time limit or on preemption, Kubernetes, ``kill``), likewise;
+* inside a SLURM batch job, SLURM's warning signal SIGUSR1 (``#SBATCH --signal=USR1@120``): after the save
+  rank 0 requeues the job (``scontrol requeue``), and the job, started again with the same command, continues
+  the same run folder (common.launch.slurm_restarted_run). Lightning's own handler of that signal saved at
+  whatever point of a step the signal came, into a folder the requeued job never looked in.
+
+Several processes (DDP, torchrun, srun) each get the signal at a different step, or one of them gets it:
+after every step the ranks' requests are reduced (one integer, next to Lightning's own broadcast of SIGTERM),
+so every rank saves the same step. The saved run resumes bit-identically to one never stopped
+(tests/test_runs.py, tests/test_preemption.py). Loader workers ignore Ctrl-C
+(common.loaders.worker_ignores_ctrl_c), so a terminal's, which reaches them too, does not break the fetches.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from common.cli import ctrl_c_reaches_us
+from common.cli import EXIT_INTERRUPTED
+from common.launch import requeue_slurm_job, slurm_job
+
+REQUEUE_SIGNAL = signal.SIGUSR1  # SLURM's --signal default in Lightning's docs and ours (README, Preemption)
+
+
+def signal_words(signum: int) -> str:
+    if signum == signal.SIGINT:
+        return "Ctrl-C"
+    if signum == REQUEUE_SIGNAL:
+        return f"SLURM's warning signal ({signal.Signals(signum).name})"
+    return signal.Signals(signum).name
 
 
 class Interrupted(Exception):
     """Raised out of the fit once the step is saved, so no test or grid follows (Lightning's should_stop would
-    also run a validation the uninterrupted run never made: an RNG draw more)."""
+    also run a validation the uninterrupted run never made: an RNG draw more). `rank0`: the process that
+    reports it (the others exit with the same code, quietly)."""
 
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by Ctrl-C at step {step}, saved as {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Path, signum: int, rank0: bool, requeue: str | None) -> None:
+        super().__init__(f"stopped by {signal_words(signum)} at step {step}, saved as {checkpoint}")
+        self.step, self.checkpoint, self.rank0 = step, checkpoint, rank0
+        # as a shell reports a command a signal stopped (128 + its number): `make` and `set -e` scripts stop too
+        self.exit_code = EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum
+        job = slurm_job()
+        if requeue is None:
+            self.next_step = "to go on from there, run the same command with --ckpt_path last"
+        elif requeue == "":
+            self.next_step = f"SLURM job {job} is requeued: started again, the same command goes on from there"
+        else:
+            self.next_step = (f"requeuing SLURM job {job} failed ({requeue}); to go on from there, run the same "
+                              "command with --ckpt_path last")  # fmt: skip
 
 
 class StopOnInterrupt(Callback):
-    """Installs a SIGINT handler for the training loop of a one-process fit; raises Interrupted when saved."""
+    """Installs the handlers for the training loop; raises Interrupted on every rank once the step is saved."""
 
     def __init__(self, prog: str, checkpoint: Path) -> None:
         self.prog, self.checkpoint = prog, checkpoint
-        self.requested = False
-        self._saved: int | None = None  # the step saved as last.ckpt
-        self._previous: Any = None
-        self._installed = False
+        self.requested = 0  # the signal received and not yet acted on (0: none)
+        self._saved: tuple[int, int] | None = None  # (step saved as last.ckpt, the signal)
+        self._requeue: str | None = None  # after a requeue signal: "" requeued, else why not
+        self._previous: dict[int, Any] = {}
+        self._rank0 = True
+
+    def _signals(self) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            return []
+        # a job that a shell started in the background ignores SIGINT (no Ctrl-C reaches it; leave it so)
+        wanted = [signal.SIGINT, signal.SIGTERM] + ([REQUEUE_SIGNAL] if slurm_job() else [])
+        return [s for s in wanted if signal.getsignal(s) is not signal.SIG_IGN]
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self._restore()  # a second Ctrl-C raises KeyboardInterrupt inside the step
-        print(f"\n{self.prog}: Ctrl-C: stopping after this training step (the next, if this one ends an epoch) "
-              f"and saving it to {self.checkpoint} "
-              "(Ctrl-C again to stop at once, keeping only the last validation's checkpoint)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        self.requested = signum
+        self._restore()  # a second signal acts at once (Ctrl-C: KeyboardInterrupt inside the step)
+        if self._rank0:
+            print(f"\n{self.prog}: {signal_words(signum)}: stopping after this training step (the next, if this one "
+                  f"ends an epoch) and saving it to {self.checkpoint} (the same signal again stops at once, keeping "
+                  "only the last validation's checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
 
     def _restore(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.world_size == 1 and ctrl_c_reaches_us():
-            previous = signal.getsignal(signal.SIGINT)
-            self._previous = previous if previous is not None else signal.default_int_handler
-            signal.signal(signal.SIGINT, self._request)
-            self._installed = True
+        self._rank0 = trainer.is_global_zero
+        for signum in self._signals():  # after Lightning's own handlers (set when the fit began), which they replace
+            previous = signal.getsignal(signum)
+            self._previous[signum] = previous if previous is not None else signal.SIG_DFL
+            signal.signal(signum, self._request)
+
+    def _agreed(self, trainer: Trainer) -> int:
+        """The signal every rank acts on now: any rank's (the highest number if several differ; each rank calls
+        this once a step, in step)."""
+        if trainer.world_size == 1 or not dist.is_available() or not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([self.requested], dtype=torch.int32, device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
@@ -68,20 +118,24 @@ class StopOnInterrupt(Callback):
         saved states were restored). An epoch's last step is not saved: the next epoch's first is (a run resumed
         from a checkpoint written at an epoch's end, without a validation there, shuffled the next epoch
         differently)."""
-        if self.requested and self._saved is None:
+        signum = self._agreed(trainer)
+        if signum and self._saved is None:
             if batch_idx + 1 < trainer.num_training_batches or trainer.num_training_batches == 1:
-                self.requested = False
+                self.requested = 0
                 # the full checkpoint (optimizer, loops, callbacks), as ModelCheckpoint writes it; Lightning's
                 # second argument says what is saved, not how a file is loaded (every load here is weights-only)
-                trainer.save_checkpoint(self.checkpoint, False)
-                self._saved = trainer.global_step
+                trainer.save_checkpoint(self.checkpoint, False)  # every rank: Lightning's barrier is inside
+                self._saved = (trainer.global_step, signum)
+                if signum == REQUEUE_SIGNAL and (job := slurm_job()) is not None:
+                    self._requeue = requeue_slurm_job(job) if trainer.is_global_zero else ""
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if self._saved is not None:
-            raise Interrupted(self._saved, self.checkpoint)
+            step, signum = self._saved
+            raise Interrupted(step, self.checkpoint, signum, trainer.is_global_zero, self._requeue)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore()  # the step pressed on was the last one (max_steps): the run ends as usual
+        self._restore()  # the step signalled in was the last one (max_steps): the run ends as usual
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()

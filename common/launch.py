@@ -16,8 +16,10 @@ strategy then finds the group initialised and uses it (``_init_dist_connection``
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +37,10 @@ from lightning_fabric.plugins.environments import (
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
-from common.cli import UserError
+from common.cli import UserError, one_line
 
 RUN_ENV = "VQGEN_RUN_DIR"  # set by rank 0; inherited by the processes Lightning's launcher starts
+SLURM_RECORD = "slurm_job.json"  # in a run folder made inside a SLURM batch job: its job and config
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Run:
     resume_step: int | None = None  # global_step of last.ckpt when continuing `dir` in place
     created: bool = False  # claimed by this call: removed again if the fit fails before training starts
     parents_created: list[Path] = field(default_factory=list)  # folders above `dir` made for it, deepest first
+    note: str | None = None  # what rank 0 says of the choice (a restarted SLURM job continuing its run)
 
 
 def next_version(root: Path) -> str:
@@ -92,9 +96,23 @@ def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
     return folder, created
 
 
-def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | None) -> Run:
-    """Rank 0's choice (``kind``: "stage1" or "prior", what last.ckpt must hold); UserError for a fix. A
-    --ckpt_path file (a new run starting from it) was checked when the arguments were parsed."""
+def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | None, config: str = "") -> Run:
+    """Rank 0's choice (``kind``: "stage1" or "prior", what last.ckpt must hold; ``config``: a fingerprint of the
+    command's settings, see slurm_restarted_run); UserError for a fix. A --ckpt_path file (a new run starting
+    from it) was checked when the arguments were parsed."""
+    run = _choose_run(root, name, ckpt_path, kind, config)
+    if (job := slurm_job()) is not None:  # the run the job would continue if SLURM starts it again
+        (run.dir / SLURM_RECORD).write_text(json.dumps({"job": job, "config": config}) + "\n")
+    return run
+
+
+def _choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | None, config: str) -> Run:
+    if (folder := slurm_restarted_run(root, name, config)) is not None:
+        last = folder / "checkpoints" / "last.ckpt"
+        step = int(read_checkpoint(last, str(last), want=kind).get("global_step", 0))
+        note = (f"SLURM job {slurm_job()} started again (restart {os.environ['SLURM_RESTART_COUNT']}): continuing "
+                f"{folder} from its last.ckpt (step {step})")  # fmt: skip
+        return Run(folder.resolve(), str(last.resolve()), step, note=note)
     if ckpt_path == "last":
         folder = root / name if name else root / "latest"
         last = folder / "checkpoints" / "last.ckpt"
@@ -112,6 +130,46 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
         raise UserError(f"--trainer.default_root_dir {root}: cannot make a run folder there ({e.strerror or e}: "
                         f"{e.filename or root}); choose a folder you can write") from None  # fmt: skip
     return Run(folder.resolve(), ckpt_path, created=created, parents_created=missing if created else [])
+
+
+# --------------------------------------------------------------------------------- SLURM: requeue and restart
+def slurm_job() -> str | None:
+    """The SLURM batch job this process runs in ("1234", an array's task "1234_5"); None outside one and in an
+    interactive allocation (job name bash or interactive, as Lightning's SLURMEnvironment reads it)."""
+    if not os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    if (array := os.environ.get("SLURM_ARRAY_JOB_ID")) and (task := os.environ.get("SLURM_ARRAY_TASK_ID")):
+        return f"{array}_{task}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeue_slurm_job(job: str) -> str:
+    """``scontrol requeue JOB``: "" when done, else why not (one line)."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return one_line(e)
+    return "" if done.returncode == 0 else one_line(done.stderr.strip() or f"scontrol exited with {done.returncode}")
+
+
+def slurm_restarted_run(root: Path, name: str | None, config: str) -> Path | None:
+    """In a SLURM job started again (requeued after its warning signal, preemption or a node failure: the batch
+    script runs again from its top), the run folder this same command made in the job's earlier start, if it
+    has a checkpoint to continue from: its record names this job and the same settings (a job's script may run
+    several fits, e.g. a sweep, into the same root). The newest, should the command have run twice."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1 or (job := slurm_job()) is None or not root.is_dir():
+        return None
+    folders = [root / name] if name else [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+    found = []
+    for folder in folders:
+        try:
+            record = json.loads((folder / SLURM_RECORD).read_text())
+        except (OSError, ValueError):
+            continue
+        last = folder / "checkpoints" / "last.ckpt"
+        if isinstance(record, dict) and record.get("job") == job and record.get("config") == config and last.is_file():
+            found.append((last.stat().st_mtime, folder))
+    return max(found)[1] if found else None
 
 
 def evaluation_checkpoint(subcommand: str, ckpt: str | None, root: Path, name: str | None, kind: str | None) -> str:

@@ -17,6 +17,8 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -32,7 +34,6 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import (
-    EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
     IMPORT_PATHS_ENV,
     UserError,
@@ -163,12 +164,19 @@ class VQGenCLI(LightningCLI):
             return
         self._rank0 = not lightning_child()
         check_launcher_devices(cfg["trainer"])
+        settings = config_fingerprint(cfg)
+
+        def choose() -> Run:
+            return choose_run(root, name, ckpt, self.checkpoint_kind, settings)
+
         if not self._rank0:  # started by Lightning's launcher: join the folder rank 0 chose
             run = join_run(ckpt)
-        elif (shared := on_rank_zero(lambda: choose_run(root, name, ckpt, self.checkpoint_kind))) is not None:
+        elif (shared := on_rank_zero(choose)) is not None:
             run, self._rank0 = shared  # torchrun, srun, ...: rank 0 chose for all
         else:
-            run = choose_run(root, name, ckpt, self.checkpoint_kind)
+            run = choose()
+        if run.note and self._rank0:
+            print(f"{self._prog}: {run.note}", file=sys.stderr, flush=True)
         cfg["ckpt_path"] = run.ckpt_path
         os.environ[RUN_ENV] = str(run.dir)
         if (precision := resolve_cpu_bf16(cfg.get("cpu_bf16", False), cfg["trainer"])) is not None:
@@ -252,6 +260,13 @@ class VQGenCLI(LightningCLI):
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
 
 
+def config_fingerprint(cfg: Any) -> str:
+    """The command's settings as one string (SHA-256 of their JSON), --ckpt_path left out: the same command run
+    again (a SLURM job started again) gives the same; another fit's settings another (common.launch)."""
+    settings = {k: v for k, v in cfg.clone().as_dict().items() if k != "ckpt_path"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def check_launcher_devices(trainer: dict[str, Any]) -> None:
     """Under torchrun, srun, ... the launcher's world size must be what --trainer.devices x num_nodes says: with
     the configs' devices: 1 each process trained alone on all the data, into the same run folder, and exited 0."""
@@ -286,9 +301,10 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
     except UserError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-    except Interrupted as e:
-        print(f"{prog}: {e}; to go on from there, run the same command with --ckpt_path last", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Interrupted as e:  # every rank, once the step is saved: the first says so
+        if e.rank0:
+            print(f"{prog}: {e}; {e.next_step}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
     except ModuleNotFoundError as e:  # an environment without LightningCLI's extras (e.g. installed --no-deps)
         if "jsonargparse" not in str(e) and e.name not in ("jsonargparse", "docstring_parser", "typeshed_client"):
             raise

@@ -2,7 +2,8 @@
 a run: it saves each rank's quantizer state at the start and end of training as
 ``<out>/{start,end}_rank{r}.pt`` (with the rank's run folder), and at the end also the trained model's codes
 for the first test images. `FailAt` makes a run fail in training before it writes any checkpoint;
-`InterruptAt` presses Ctrl-C."""
+`InterruptAt` presses Ctrl-C
+(or sends another signal)."""
 
 from __future__ import annotations
 
@@ -59,12 +60,20 @@ class FailAt(pl.Callback):
 
 
 class InterruptAt(pl.Callback):
-    """Sends this process a SIGINT (a Ctrl-C) at the start of the batch that makes step `step` + 1, once."""
+    """Sends this process a signal (SIGINT: a Ctrl-C) at the start of the batch that makes step `step` + 1,
+    once; with `rank`, only that rank's process; with `once_file`, only if that file does not exist yet (it is
+    made then): the same command run again (a SLURM job started again) trains on."""
 
-    def __init__(self, step: int = 0) -> None:
-        self.step, self.sent = step, False
+    def __init__(self, step: int = 0, signal_name: str = "SIGINT", rank: int | None = None,
+                 once_file: str | None = None) -> None:  # fmt: skip
+        self.step, self.signum, self.rank, self.sent = step, signal.Signals[signal_name], rank, False
+        self.once_file = Path(once_file) if once_file else None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step and not self.sent:
+        if trainer.global_step >= self.step and not self.sent and self.rank in (None, trainer.global_rank):
             self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
+            if self.once_file is not None:
+                if self.once_file.exists():
+                    return
+                self.once_file.touch()
+            os.kill(os.getpid(), self.signum)
