@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -320,3 +321,26 @@ def test_class_mix_data_draws_classes_in_the_training_proportions(pipeline, tmp_
                                    str(tmp_path / "o.npz")], capsys)  # fmt: skip
     assert "does not record its training codes' class counts" in err and "--class_mix turn" in err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_the_readmes_python_block_runs(pipeline, shapes_folder, tmp_path):
+    """README *From Python*: its block, with the test's prior, an image of the shapes and their class names, runs
+    as written: a reconstruction, a bit cost and 16 drawn images of the right shapes and types, without
+    importing Lightning (checked in a fresh interpreter)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    image = next((shapes_folder / "squares").iterdir())
+    for old, new in [('"runs/stage2_transformer/latest/checkpoints/best.ckpt"', repr(str(pipeline["prior"]))),
+                     ('"shirt.png"', repr(str(image))), ('"Shirt"', '"squares"')]:  # fmt: skip
+        assert block.count(old) == 1, old
+        block = block.replace(old, new)
+    check = "\n".join([
+        "import sys", "assert 'pytorch_lightning' not in sys.modules",
+        "assert codes.shape == (1, 4, 4) and recon.shape == (1, 1, 16, 16) and recon.abs().max() <= 1",
+        "assert pixels.shape == (16, 1, 16, 16) and pixels.dtype == torch.uint8 and 0 < bits < 16 * 16", "",
+    ])  # fmt: skip
+    (tmp_path / "block.py").write_text(block + check)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(tmp_path / "block.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
