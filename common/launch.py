@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,19 +101,18 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
     """Rank 0's choice (``kind``: "stage1" or "prior", what last.ckpt must hold; ``config``: a fingerprint of the
     command's settings, see slurm_restarted_run); UserError for a fix. A --ckpt_path file (a new run starting
     from it) was checked when the arguments were parsed."""
-    run = _choose_run(root, name, ckpt_path, kind, config)
-    if (job := slurm_job()) is not None:  # the run the job would continue if SLURM starts it again
-        (run.dir / SLURM_RECORD).write_text(json.dumps({"job": job, "config": config}) + "\n")
-    return run
-
-
-def _choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | None, config: str) -> Run:
     if (folder := slurm_restarted_run(root, name, config)) is not None:
-        last = folder / "checkpoints" / "last.ckpt"
-        step = int(read_checkpoint(last, str(last), want=kind).get("global_step", 0))
-        note = (f"SLURM job {slurm_job()} started again (restart {os.environ['SLURM_RESTART_COUNT']}): continuing "
-                f"{folder} from its last.ckpt (step {step})")  # fmt: skip
-        return Run(folder.resolve(), str(last.resolve()), step, note=note)
+        last, job = folder / "checkpoints" / "last.ckpt", slurm_job()
+        said = f"SLURM job {job} started again (restart {os.environ['SLURM_RESTART_COUNT']})"
+        if last.is_file():
+            step = int(read_checkpoint(last, str(last), want=kind).get("global_step", 0))
+            return Run(folder.resolve(), str(last.resolve()), step,
+                       note=f"{said}: continuing {folder.resolve()} from its last.ckpt (step {step})")  # fmt: skip
+        # stopped before its first checkpoint: what its first start left there (logs of steps that are gone) is
+        # this command's own, made in this job; it starts over in the same folder (a --log.name stays usable)
+        for entry in folder.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return Run(folder.resolve(), ckpt_path, note=f"{said}: {folder} has no checkpoint; starting it over there")
     if ckpt_path == "last":
         folder = root / name if name else root / "latest"
         last = folder / "checkpoints" / "last.ckpt"
@@ -152,11 +152,18 @@ def requeue_slurm_job(job: str) -> str:
     return "" if done.returncode == 0 else one_line(done.stderr.strip() or f"scontrol exited with {done.returncode}")
 
 
+def write_slurm_record(run_dir: Path, config: str) -> None:
+    """Inside a SLURM batch job, note in the run folder the job and the command's settings (once it trains: a run
+    that fails before that leaves no folder), for the job's next start (slurm_restarted_run)."""
+    if (job := slurm_job()) is not None:
+        (run_dir / SLURM_RECORD).write_text(json.dumps({"job": job, "config": config}) + "\n")
+
+
 def slurm_restarted_run(root: Path, name: str | None, config: str) -> Path | None:
     """In a SLURM job started again (requeued after its warning signal, preemption or a node failure: the batch
-    script runs again from its top), the run folder this same command made in the job's earlier start, if it
-    has a checkpoint to continue from: its record names this job and the same settings (a job's script may run
-    several fits, e.g. a sweep, into the same root). The newest, should the command have run twice."""
+    script runs again from its top), the run folder this same command trained in at the job's earlier start:
+    its record names this job and the same settings (a job's script may run several fits, e.g. a sweep, into
+    the same root). The newest, should the command have run twice."""
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1 or (job := slurm_job()) is None or not root.is_dir():
         return None
     folders = [root / name] if name else [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
@@ -166,9 +173,8 @@ def slurm_restarted_run(root: Path, name: str | None, config: str) -> Path | Non
             record = json.loads((folder / SLURM_RECORD).read_text())
         except (OSError, ValueError):
             continue
-        last = folder / "checkpoints" / "last.ckpt"
-        if isinstance(record, dict) and record.get("job") == job and record.get("config") == config and last.is_file():
-            found.append((last.stat().st_mtime, folder))
+        if isinstance(record, dict) and record.get("job") == job and record.get("config") == config:
+            found.append(((folder / SLURM_RECORD).stat().st_mtime, folder))
     return max(found)[1] if found else None
 
 
@@ -213,6 +219,13 @@ def external_launcher() -> ClusterEnvironment | None:
             env = env_type()
             return env if env.world_size() > 1 else None
     return None
+
+
+def rank_zero_by_environment() -> bool:
+    """Whether this process is global rank 0 as its launcher's environment says (before Lightning knows)."""
+    if lightning_child():
+        return False
+    return (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
 
 
 def lightning_child() -> bool:

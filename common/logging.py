@@ -229,6 +229,8 @@ LIGHTNING_INFO_NOISE: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("GPU available:", "TPU available:", "HPU available:", "IPU available:", "litlogger", "litmodels")),
     # "Seed set to 0": the seed is in the config (and the run folder's config.yaml)
     ("lightning_fabric.utilities.seed", ("Seed set to",)),
+    # its SIGTERM handler's note, before vqgen's own line on the signal (common.interrupt)
+    ("pytorch_lightning.trainer.connectors.signal_connector", ("Received SIGTERM",)),
 )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ each checkpoint, and a last.ckpt that is always the newest step.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,14 @@ class RunWatch(Callback):
     at the latest in on_fit_end). Logs are flushed before each checkpoint is written, so the metrics of
     the steps a checkpoint holds are on disk with it."""
 
-    def __init__(self, root: Path, run_dir: Path) -> None:
-        self.root, self.run_dir = root, run_dir
+    def __init__(self, root: Path, run_dir: Path, on_start: Callable[[], None] | None = None) -> None:
+        self.root, self.run_dir, self.on_start = root, run_dir, on_start  # on_start: rank 0, once, as training starts
         self.started, self._pointed, self._resumed = False, False, False
+
+    def _start(self, trainer: Trainer) -> None:
+        if not self.started and self.on_start is not None and trainer.is_global_zero:
+            self.on_start()
+        self.started = True
 
     def _point(self, trainer: Trainer) -> None:
         if not self._pointed and trainer.is_global_zero and (self.run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -33,10 +39,10 @@ class RunWatch(Callback):
             self._pointed = True
 
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.started = True
+        self._start(trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.started = True
+        self._start(trainer)
         self._resumed = bool(trainer.ckpt_path)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:

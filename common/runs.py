@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch.distributed as dist
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -42,7 +43,7 @@ from common.cli import (
     out_of_memory,
     restrict_import_paths,
 )  # fmt: skip
-from common.interrupt import Interrupted, StopOnInterrupt
+from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
 from common.launch import (
     RUN_ENV,
     Run,
@@ -53,6 +54,8 @@ from common.launch import (
     lightning_child,
     machine_error,
     on_rank_zero,
+    rank_zero_by_environment,
+    write_slurm_record,
 )
 from common.loaders import WORKER_TIMEOUT_MESSAGE
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
@@ -92,8 +95,11 @@ class VQGenCLI(LightningCLI):
         self._watch: RunWatch | None = None
         self._prog = kwargs.get("parser_kwargs", {}).get("prog", "train")
         self._rank0 = True
+        self._settings = ""  # the fit's config fingerprint (config_fingerprint)
+        self._guard = SignalGuard()  # until the training loop takes the signals over (common.interrupt)
         try:
-            super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
+            with self._guard:
+                super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
         except (ValueError, OSError, MisconfigurationException) as e:
             # Before training these come from the config, the data, the machine or the file system (a
             # constructor's argument check, a GPU config on a CPU machine, an unreadable file); after it starts
@@ -164,7 +170,7 @@ class VQGenCLI(LightningCLI):
             return
         self._rank0 = not lightning_child()
         check_launcher_devices(cfg["trainer"])
-        settings = config_fingerprint(cfg)
+        self._settings = settings = config_fingerprint(cfg)
 
         def choose() -> Run:
             return choose_run(root, name, ckpt, self.checkpoint_kind, settings)
@@ -211,9 +217,10 @@ class VQGenCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_cfg.get("callbacks") or [])
         monitor, mode = getattr(model, "monitor", ("val/loss", "min"))
-        self._watch = RunWatch(self._root, self.run_dir)
+        run_dir, settings = self.run_dir, self._settings
+        self._watch = RunWatch(self._root, run_dir, on_start=lambda: write_slurm_record(run_dir, settings))
         ckpts = self.run_dir / "checkpoints"
-        callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, ckpts / "last.ckpt")]
+        callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, ckpts / "last.ckpt", self._guard)]
         callbacks += [  # the first ModelCheckpoint is trainer.checkpoint_callback (best_model_path)
             ModelCheckpoint(dirpath=ckpts, filename="best", monitor=monitor, mode=mode, enable_version_counter=False),
             NewestCheckpoint(ckpts),
@@ -225,6 +232,10 @@ class VQGenCLI(LightningCLI):
         kwargs.setdefault("logger", logger)
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
+        if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect() and not trainer_cfg.get("plugins"):
+            # the environment Lightning would choose, without its handler of the warning signal (ours saves the
+            # step and requeues; Lightning's saved mid-step into a folder no restart read) nor its SIGTERM bypass
+            kwargs.setdefault("plugins", [SLURMEnvironment(auto_requeue=False)])
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     # Model hyperparameters the data links in (stage 1: its image size and channels): the weights of a
@@ -304,6 +315,10 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
     except Interrupted as e:  # every rank, once the step is saved: the first says so
         if e.rank0:
             print(f"{prog}: {e}; {e.next_step}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    except Stopped as e:  # a signal outside the training loop, or a second Ctrl-C: nothing more to save
+        if rank_zero_by_environment():
+            print(f"{prog}: {e}{requeue_words(requeue_note(e.signum, True))}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
     except ModuleNotFoundError as e:  # an environment without LightningCLI's extras (e.g. installed --no-deps)
         if "jsonargparse" not in str(e) and e.name not in ("jsonargparse", "docstring_parser", "typeshed_client"):

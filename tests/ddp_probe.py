@@ -60,20 +60,31 @@ class FailAt(pl.Callback):
 
 
 class InterruptAt(pl.Callback):
-    """Sends this process a signal (SIGINT: a Ctrl-C) at the start of the batch that makes step `step` + 1,
-    once; with `rank`, only that rank's process; with `once_file`, only if that file does not exist yet (it is
-    made then): the same command run again (a SLURM job started again) trains on."""
+    """Sends this process a signal (SIGINT: a Ctrl-C) `times` times at the start of the batch that makes step
+    `step` + 1 (when="sanity": in the sanity check's first batch), once; with `rank`, only that rank's process; with
+    `once_file`, only if that file does not exist yet (it is made then): the same command run again (a SLURM job
+    started again) trains on."""
 
     def __init__(self, step: int = 0, signal_name: str = "SIGINT", rank: int | None = None,
-                 once_file: str | None = None) -> None:  # fmt: skip
+                 once_file: str | None = None, times: int = 1, when: str = "batch") -> None:  # fmt: skip
         self.step, self.signum, self.rank, self.sent = step, signal.Signals[signal_name], rank, False
-        self.once_file = Path(once_file) if once_file else None
+        self.once_file, self.times, self.when = Path(once_file) if once_file else None, times, when
+
+    def _send(self, trainer: pl.Trainer) -> None:
+        if self.sent or self.rank not in (None, trainer.global_rank):
+            return
+        self.sent = True
+        if self.once_file is not None:
+            if self.once_file.exists():
+                return
+            self.once_file.touch()
+        for _ in range(self.times):
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if self.when == "sanity" and trainer.sanity_checking:
+            self._send(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step and not self.sent and self.rank in (None, trainer.global_rank):
-            self.sent = True
-            if self.once_file is not None:
-                if self.once_file.exists():
-                    return
-                self.once_file.touch()
-            os.kill(os.getpid(), self.signum)
+        if self.when == "batch" and trainer.global_step >= self.step:
+            self._send(trainer)

@@ -109,6 +109,83 @@ def test_a_slurm_job_requeued_by_its_warning_signal_continues_its_own_run(shapes
     assert sorted(p.name for p in root.iterdir()) == ["latest", "version_0", "version_1"]
 
 
+@pytest.mark.parametrize("signal_name,times,when,code,said", [
+    ("SIGTERM", 2, "batch", 143, "stopped by SIGTERM at step 5, saved as"),  # torchrun and SLURM send another
+    ("SIGINT", 2, "batch", 130, "stopped by Ctrl-C at once (the step under way is lost; last.ckpt holds the last"),
+    ("SIGTERM", 1, "sanity", 143, "stopped by SIGTERM at step 1, saved as"),
+])  # fmt: skip
+def test_a_second_signal_and_one_in_the_sanity_check(shapes_folder, tmp_path, capsys, signal_name, times, when, code,
+                                                      said):  # fmt: skip
+    """A second SIGTERM changes nothing (Lightning's handler came back after the first and ended the run with
+    exit code 0, or under DDP in a gloo abort); a second Ctrl-C stops at once with one line (last.ckpt stays the
+    step-3 validation's); a SIGTERM in the sanity check saves the first step (it exited 0 with nothing saved)."""
+    with pytest.raises(SystemExit) as stop:
+        train_stage1(fit_args(shapes_folder, tmp_path, 12, *EVERY3, *interrupt(4, signal_name),
+                              f"--trainer.callbacks.times={times}", f"--trainer.callbacks.when={when}"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert stop.value.code == code and f"train_stage1: {said}" in err and "Traceback" not in err, err
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == {"SIGINT": 3, "SIGTERM": 5 if when == "batch" else 1}[
+        signal_name]
+
+
+@pytest.mark.parametrize("signal_name,slurm", [("SIGTERM", False), ("SIGINT", False), ("SIGUSR1", True)])
+def test_a_signal_while_the_data_loads_is_one_line_and_leaves_nothing(shapes_folder, tmp_path, capsys, monkeypatch,
+                                                                       signal_name, slurm):  # fmt: skip
+    """Before training (the data being read): SIGTERM killed the process without a word and left an empty run
+    folder, Ctrl-C printed a traceback, SLURM's warning signal killed it without the requeue it asks for. Now
+    one line, 128 + the signal's number, no run folder; the warning signal requeues the job."""
+    from common.datamodule import ImageDataModule
+
+    if slurm:
+        for var, value in SLURM_ENV.items():
+            monkeypatch.setenv(var, value)
+    calls = fake_scontrol(tmp_path / "bin", monkeypatch, "exit 0")
+    setup = ImageDataModule.setup
+
+    def signalled_setup(self, stage=None):
+        os.kill(os.getpid(), signal.Signals[signal_name])
+        return setup(self, stage)
+
+    monkeypatch.setattr(ImageDataModule, "setup", signalled_setup)
+    with pytest.raises(SystemExit) as stop:
+        train_stage1(fit_args(shapes_folder, tmp_path / "runs", 12))
+    err = capsys.readouterr().err.strip()
+    words = {"SIGTERM": "SIGTERM", "SIGINT": "Ctrl-C", "SIGUSR1": "SLURM's warning signal (SIGUSR1)"}[signal_name]
+    requeued = "; SLURM job 4242 is requeued" if slurm else ""
+    assert err == f"train_stage1: stopped by {words} before training began{requeued}", err
+    assert stop.value.code == 128 + signal.Signals[signal_name] and not (tmp_path / "runs").exists()
+    assert calls.exists() == slurm
+
+
+def test_a_restarted_slurm_job_whose_run_saved_nothing_starts_it_over_in_its_folder(shapes_folder, tmp_path,
+                                                                                     capsys, monkeypatch):  # fmt: skip
+    """`--log.name cifar`, stopped at once (a second Ctrl-C; SIGKILL alike) before its first checkpoint: the
+    folder holds the job's record and logs, no last.ckpt. The job started again was refused ("cifar already
+    holds a run"); now it empties the folder it made, trains there from step 0 and ends as a run never
+    stopped."""
+    for var, value in SLURM_ENV.items():
+        monkeypatch.setenv(var, value)
+    train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *EVERY3))
+    root = tmp_path / "resumed"
+    once = f"--trainer.callbacks.once_file={tmp_path / 'signalled'}"
+    command = fit_args(shapes_folder, root, 12, *EVERY3, "--log.name", "cifar", *interrupt(1, "SIGINT"),
+                       "--trainer.callbacks.times=2", once)  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        train_stage1(command)
+    run = root / "cifar"
+    assert stop.value.code == 130 and (run / SLURM_RECORD).is_file() and not (run / "checkpoints").exists()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    capsys.readouterr()
+    train_stage1(command)
+    err = capsys.readouterr().err
+    assert f"SLURM job 4242 started again (restart 1): {run} has no checkpoint; starting it over there" in err, err
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
+            for d in (tmp_path / "straight" / "version_0", run))  # fmt: skip
+    assert a["global_step"] == b["global_step"] == 12
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+
 def test_requeue_failures_and_which_jobs_count(tmp_path, monkeypatch):
     """scontrol refusing or missing is a reason in one line (the run then says to pass --ckpt_path last); an
     array task is JOB_TASK; an interactive allocation (job name bash) is no batch job to requeue."""
