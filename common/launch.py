@@ -16,6 +16,7 @@ strategy then finds the group initialised and uses it (``_init_dist_connection``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -211,6 +212,29 @@ def join_run(ckpt_path: str | None) -> Run:
 
 
 # --------------------------------------------------------------------------------- external launchers
+def config_fingerprint(cfg: Any) -> str:
+    """The command's settings as one string (SHA-256 of their JSON), --ckpt_path left out: the same command run
+    again (a SLURM job started again) gives the same; another fit's settings another (common.launch)."""
+    settings = {k: v for k, v in cfg.clone().as_dict().items() if k != "ckpt_path"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_launcher_devices(trainer: dict[str, Any]) -> None:
+    """Under torchrun, srun, ... the launcher's world size must be what --trainer.devices x num_nodes says: with
+    the configs' devices: 1 each process trained alone on all the data, into the same run folder, and exited 0."""
+    env = external_launcher()
+    if env is None or os.environ.get(RUN_ENV):
+        return
+    try:
+        devices, nodes = int(trainer.get("devices")), int(trainer.get("num_nodes") or 1)
+    except (TypeError, ValueError):  # "auto", a list of device ids: Lightning's own checks apply
+        return
+    if devices * nodes != env.world_size():
+        raise UserError(f"{type(env).__name__.removesuffix('Environment')} started {env.world_size()} processes, but "
+                        f"--trainer.devices {devices} x --trainer.num_nodes {nodes} is {devices * nodes}: each would "
+                        f"train alone into one run folder; pass --trainer.devices {env.world_size() // nodes}")
+
+
 def external_launcher() -> ClusterEnvironment | None:
     """The cluster environment that started several ranks at once, or None (one process, or Lightning's
     own launcher). Same order of detection as Lightning's accelerator connector."""

@@ -17,8 +17,6 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -47,9 +45,10 @@ from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped,
 from common.launch import (
     RUN_ENV,
     Run,
+    check_launcher_devices,
     choose_run,
+    config_fingerprint,
     evaluation_checkpoint,
-    external_launcher,
     join_run,
     lightning_child,
     machine_error,
@@ -269,29 +268,6 @@ class VQGenCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.run_dir is not None and self.trainer.is_global_zero:
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
-
-
-def config_fingerprint(cfg: Any) -> str:
-    """The command's settings as one string (SHA-256 of their JSON), --ckpt_path left out: the same command run
-    again (a SLURM job started again) gives the same; another fit's settings another (common.launch)."""
-    settings = {k: v for k, v in cfg.clone().as_dict().items() if k != "ckpt_path"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def check_launcher_devices(trainer: dict[str, Any]) -> None:
-    """Under torchrun, srun, ... the launcher's world size must be what --trainer.devices x num_nodes says: with
-    the configs' devices: 1 each process trained alone on all the data, into the same run folder, and exited 0."""
-    env = external_launcher()
-    if env is None or os.environ.get(RUN_ENV):
-        return
-    try:
-        devices, nodes = int(trainer.get("devices")), int(trainer.get("num_nodes") or 1)
-    except (TypeError, ValueError):  # "auto", a list of device ids: Lightning's own checks apply
-        return
-    if devices * nodes != env.world_size():
-        raise UserError(f"{type(env).__name__.removesuffix('Environment')} started {env.world_size()} processes, but "
-                        f"--trainer.devices {devices} x --trainer.num_nodes {nodes} is {devices * nodes}: each would "
-                        f"train alone into one run folder; pass --trainer.devices {env.world_size() // nodes}")
 
 
 def worker_timeout_hint(e: Exception) -> str:
