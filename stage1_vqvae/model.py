@@ -8,8 +8,6 @@ VQVAE checkpoint, read weights-only, without importing Lightning (the model comm
 
 from __future__ import annotations
 
-import math
-import numbers
 from pathlib import Path
 from typing import Any
 
@@ -17,107 +15,17 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError, constructor_args, read_checkpoint
-from common.codes import MAX_CODEBOOK_SIZE, sequence_shape, split_levels
+from common.codes import sequence_shape, split_levels
+from stage1_vqvae.arguments import check_arguments, level_specs
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 
-DEFAULT_LEVEL = "codes"  # the name of the only level of a one-level model (and of version-1 codes)
 # Pixels one pass of `encode_to_codes` / `decode_codes` takes at most (benchmarks/coding_passes.py, 2-core CPU,
 # 512 images): on a CPU passes of 256k pixels (334 images at 28 px, 64 at 64 px, 4 at 256 px) keep the
 # activations in cache and under glibc's mmap threshold: encoding 1.27x / 1.51x / 2.3x as fast as one pass
 # at 64 / 128 / 256 px (28 px unchanged), and at 256 px 1.1 GB instead of 6.5. On a GPU the bound only keeps
 # memory in reach (2 GB an activation at width 128) and leaves every measured batch (8,192 at 28 px) whole.
 PIXELS_PER_PASS = {"cpu": 1 << 18, "cuda": 1 << 24}
-DOWNSAMPLES = (2, 4, 8, 16)  # what networks.Encoder halves by (stride-2 steps)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
-
-
-def check_codebook_size(flag: str, size: Any) -> None:
-    """ValueError unless `size` codes fit the codes format (uint16): checked here, not when extract_codes
-    writes the codes after a whole training run."""
-    if not _is_int(size) or not 1 <= size <= MAX_CODEBOOK_SIZE:
-        raise ValueError(f"{flag} must be an integer in 1..{MAX_CODEBOOK_SIZE} (codes are stored as uint16), "
-                         f"got {size!r}")  # fmt: skip
-
-
-def check_fsq_levels(flag: str, levels: Any) -> None:
-    """ValueError unless `levels` (None: FSQ's default) are integers >= 2 whose product fits the codes format."""
-    if levels is None:
-        return
-    if not isinstance(levels, (list, tuple)) or not levels or not all(_is_int(v) and v >= 2 for v in levels):
-        raise ValueError(f"{flag} must be a list of integers >= 2 (e.g. [8, 5, 5, 5]), got {levels!r}")
-    if (k := math.prod(levels)) > MAX_CODEBOOK_SIZE:
-        raise ValueError(f"{flag} {list(levels)} make {k} codes, more than the {MAX_CODEBOOK_SIZE} the codes format "
-                         "(uint16) holds; use fewer or smaller levels")  # fmt: skip
-
-
-def check_arguments(width: int, res_blocks: int, res_width: int, downsample: int, code_dim: int, quantizer: str,
-                    codebook_size: int, beta: float, decay: float, restart_threshold: float, lookup_dim: int | None,
-                    fsq_levels: list[int] | None, levels: list[dict] | None) -> None:  # fmt: skip
-    """ValueError naming the --model flag of the first value no network can be built (or trained) with. Before
-    any module is made: a zero width or codebook otherwise fails inside training, a code_dim of 0 in the
-    codebook's init, a codebook_size over 65,536 only when extract_codes writes the codes."""
-    for flag, value, least in [("width", width, 1), ("res_blocks", res_blocks, 0), ("res_width", res_width, 1),
-                               ("code_dim", code_dim, 1)]:  # fmt: skip
-        if not _is_int(value) or value < least:
-            raise ValueError(f"--model.{flag} must be an integer >= {least}, got {value!r}")
-    if not levels and downsample not in DOWNSAMPLES:  # with levels, level_specs checks theirs
-        raise ValueError(f"--model.downsample must be 2, 4, 8 or 16, got {downsample!r}")
-    if quantizer not in ("vq", "fsq"):
-        raise ValueError(f"--model.quantizer must be 'vq' or 'fsq', got {quantizer!r}")
-    check_codebook_size("--model.codebook_size", codebook_size)
-    check_fsq_levels("--model.fsq_levels", fsq_levels)
-    if lookup_dim is not None and (not _is_int(lookup_dim) or lookup_dim < 1):
-        raise ValueError(f"--model.lookup_dim must be an integer >= 1 (or null: no projection), got {lookup_dim!r}")
-    if not beta >= 0:  # `not >=`: NaN too
-        raise ValueError(f"--model.beta must be >= 0, got {beta}")
-    if not 0 <= decay < 1:
-        raise ValueError(f"--model.decay must be in [0, 1), got {decay}")
-    if not restart_threshold >= 0:
-        raise ValueError(f"--model.restart_threshold must be >= 0 (0: no restarts), got {restart_threshold}")
-
-
-def level_specs(levels: list[dict] | None, downsample: int, codebook_size: int,
-                fsq_levels: list[int] | None) -> list[dict]:  # fmt: skip
-    """The levels, bottom (finest) first, each {name, downsample, codebook_size, fsq_levels}, checked.
-
-    ``levels=None`` is one level from the flat arguments (every one-level config and checkpoint)."""
-    if not levels:
-        return [{"name": DEFAULT_LEVEL, "downsample": downsample, "codebook_size": codebook_size,
-                 "fsq_levels": fsq_levels}]  # fmt: skip
-    specs, known = [], {"name", "downsample", "codebook_size", "fsq_levels"}
-    for i, raw in enumerate(levels):
-        if not isinstance(raw, dict) or "downsample" not in raw or set(raw) - known:
-            raise ValueError(f"--model.levels[{i}] must be a mapping with downsample (and name, codebook_size, "
-                             f"fsq_levels), got {raw!r}")  # fmt: skip
-        if "codebook_size" in raw:
-            check_codebook_size(f"--model.levels[{i}].codebook_size", raw["codebook_size"])
-        check_fsq_levels(f"--model.levels[{i}].fsq_levels", raw.get("fsq_levels"))
-        spec = {"name": str(raw.get("name", f"level{i}")), "downsample": int(raw["downsample"]),
-                "codebook_size": int(raw.get("codebook_size", codebook_size)),
-                "fsq_levels": raw.get("fsq_levels", fsq_levels)}  # fmt: skip
-        if not spec["name"].isidentifier():
-            raise ValueError(f"--model.levels[{i}].name must be a plain identifier, got {spec['name']!r}")
-        specs.append(spec)
-    specs.sort(key=lambda s: s["downsample"])
-    names = [s["name"] for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--model.levels: names must differ, got {names}")
-    for below, above in zip(specs, specs[1:]):
-        ratio = above["downsample"] // below["downsample"]
-        if above["downsample"] != ratio * below["downsample"] or ratio not in DOWNSAMPLES:
-            raise ValueError(f"--model.levels: each level's downsample must be 2, 4, 8 or 16 times the one below, "
-                             f"got {below['downsample']} then {above['downsample']}")  # fmt: skip
-    for spec in specs:  # every level's downsample is one networks can build (2-16), the top's too
-        if spec["downsample"] not in DOWNSAMPLES:
-            raise ValueError(f"--model.levels: level {spec['name']}'s downsample must be 2, 4, 8 or 16, "
-                             f"got {spec['downsample']}")  # fmt: skip
-    return specs
-
-
 class VQModel(nn.Module):
     """VQ-VAE network with a VQ (EMA or loss-learned codebook) or FSQ bottleneck, on one level or on a
     hierarchy of levels (VQ-VAE-2); arguments as :class:`stage1_vqvae.vqvae.VQVAE` documents them.
@@ -220,6 +128,11 @@ class VQModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Quantized]]:
         """images -> (reconstructions (B, C, H, W), one Quantized per level, top first)."""
+        qs = self.quantize(images)
+        return self._decode([q.quantized for q in qs]), qs[::-1]  # (B, C, H, W), top first
+
+    def quantize(self, images: torch.Tensor) -> list[Quantized]:
+        """images -> one Quantized per level, bottom first: the encoders and quantizers of `forward`."""
         zs = [self.encoder(images)]  # (B, code_dim, h0, w0)
         for enc in self.level_encoders:
             zs.append(enc(zs[-1]))  # (B, code_dim, h_i, w_i), coarser each time
@@ -232,8 +145,7 @@ class VQModel(nn.Module):
                 cond = self.level_conditioners[i]
                 joined = cond["join"](torch.cat([zs[i], cond["up"](qs[0].quantized)], 1))  # (B, code_dim, h_i, w_i)
                 qs.insert(0, quantizers[i](joined))
-        recon = self._decode([q.quantized for q in qs])  # (B, C, H, W)
-        return recon, qs[::-1]
+        return qs
 
     def _decode(self, quantized: list[torch.Tensor]) -> torch.Tensor:
         """Quantized features bottom first -> images; upper levels are upsampled to the bottom grid."""
@@ -247,17 +159,34 @@ class VQModel(nn.Module):
         budget = self.pixels_per_pass or PIXELS_PER_PASS.get(self.device.type, PIXELS_PER_PASS["cuda"])
         return max(1, budget // self.image_size**2)
 
+    def _model_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images as this model takes them, on its device and in its dtype; ValueError saying what differs."""
+        c, s = self.in_channels, self.image_size
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a float tensor (B, {c}, {s}, {s}) in [-1, 1], got {got} (uint8 "
+                             "pixels: common.images.from_uint8; a file: common.images.load_image)")  # fmt: skip
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s):
+            raise ValueError(f"images must have shape (B, {c}, {s}, {s}) for this model, got {tuple(images.shape)}")
+        if images.numel() and not (images.abs().amax() <= 1.01):  # NaN fails too; 1.01: rounding of a rescale
+            raise ValueError(f"images must lie in [-1, 1], got [{images.min()}, {images.max()}] (from [0, 1]: "
+                             "images * 2 - 1; uint8 pixels: common.images.from_uint8)")  # fmt: skip
+        return images.to(self.device, next(self.parameters()).dtype)
+
     @torch.no_grad()
     def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) in [-1, 1] -> codes (B, *grid_shape) long. Deterministic (eval mode).
+        """images (B, C, H, W) in [-1, 1] (floats; [0, 1] would be encoded as dark images) -> codes
+        (B, *grid_shape) long on the model's device. Deterministic (eval mode); no gradient.
 
-        Any B (0 too): the batch is encoded in passes of `images_per_pass` images."""
+        Any B (0 too): the batch is encoded in passes of `images_per_pass` images, without the decoder."""
+        images = self._model_images(images)
         if not len(images):
             return torch.zeros(0, *self.grid_shape, dtype=torch.long, device=images.device)
         was_training = self.training
         self.eval()
         try:
-            parts = [self.join_codes([q.codes for q in self(x)[1]]) for x in images.split(self.images_per_pass())]
+            parts = [self.join_codes([q.codes for q in self.quantize(x)[::-1]])
+                     for x in images.split(self.images_per_pass())]  # fmt: skip
         finally:
             self.train(was_training)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -272,7 +201,13 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, *grid_shape) -> images (B, C, H, W) in [-1, 1], decoded in passes of `images_per_pass`."""
+        """codes (B, *grid_shape), integers of any dtype (the uint16 arrays of common.codes too) -> images
+        (B, C, H, W) in [-1, 1] on the model's device, decoded in passes of `images_per_pass`; no gradient
+        (for one: ``self._decode([q.lookup(c) for ...])``, as below)."""
+        codes = torch.as_tensor(codes)
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got {codes.dtype}")
+        codes = codes.to(self.device, torch.long)
         if codes.shape[1:] != self.grid_shape:
             raise ValueError(f"codes must have shape (B, *{self.grid_shape}), got {tuple(codes.shape)}")
         for level, c in zip(self.levels, self.split_codes(codes)):

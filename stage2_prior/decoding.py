@@ -112,7 +112,17 @@ def pass_slices(count: int, grid_shape: tuple[int, ...]) -> list[slice]:
 def code_bits(prior: nn.Module, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """codes (B, H, W), labels (B,) or None (the null class) -> -log2 p(c_t | c_<t, label) (B, H, W): what
     each code costs under teacher-forced forwards (`pass_slices`) of an autoregressive prior (a CodePrior or
-    the LightningModule around one); the codec's label choice and the anomaly scores."""
+    the LightningModule around one); the codec's label choice and the anomaly scores. Codes of any integer dtype
+    (the uint16 arrays of common.codes too) and labels as a list or tensor are taken to the prior's device."""
+    if not getattr(getattr(prior, "net", prior), "is_autoregressive", True):
+        raise ValueError(f"code_bits needs an autoregressive prior (transformer or pixelcnn): a "
+                         f"{type(getattr(prior, 'net', prior)).__name__} has no exact likelihood")  # fmt: skip
+    device = next(prior.parameters()).device
+    codes = torch.as_tensor(codes)
+    if codes.is_floating_point() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    codes = codes.to(device, torch.long)
+    labels = None if labels is None else torch.as_tensor(labels, device=device).long()
     bits = []
     for rows in pass_slices(len(codes), codes.shape[1:]):
         logits = prior(codes[rows], None if labels is None else labels[rows]).float()  # (b, K, H, W)

@@ -344,3 +344,38 @@ def test_the_readmes_python_block_runs(pipeline, shapes_folder, tmp_path):
     done = subprocess.run([sys.executable, str(tmp_path / "block.py")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_python_functions_check_and_convert_their_inputs(pipeline, shapes_folder):
+    """From Python: encode_to_codes refuses what it would encode wrongly or fail on with a raw torch error
+    (uint8, numpy, another shape, values outside [-1, 1], NaN) and never runs the decoder (it did, for every
+    batch); decode_codes and code_bits take the uint16 codes load_split gives and list labels; code_bits refuses
+    a masked prior; load_models takes device="auto"."""
+    from stage2_prior.build import build_network
+    from stage2_prior.decoding import code_bits
+
+    models = load_models(pipeline["prior"], device="auto")
+    vqvae, prior = models.vqvae, models.prior
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    for bad, message in [((images * 127.5 + 127.5).to(torch.uint8), "must be a float tensor (B, 1, 16, 16)"),
+                         (images.numpy(), "got ndarray"), (images[:, :, :8], "must have shape (B, 1, 16, 16)"),
+                         (images * 127.5 + 127.5, "must lie in [-1, 1]"), (images.clone().fill_(float("nan")),
+                                                                            "must lie in [-1, 1]")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            vqvae.encode_to_codes(bad)
+    calls = []
+    hook = vqvae.decoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        codes = vqvae.encode_to_codes(images.double())  # float64 is taken in the model's dtype
+    finally:
+        hook.remove()
+    assert not calls and torch.equal(codes, vqvae(images)[1][0].codes)  # one level: the codes forward gives
+    stored = codes.numpy().astype(np.uint16)  # as load_split gives them
+    assert torch.equal(vqvae.decode_codes(stored), vqvae.decode_codes(codes))
+    with torch.no_grad():
+        assert torch.equal(code_bits(prior, stored, [0, 1, 0]), code_bits(prior, codes, torch.tensor([0, 1, 0])))
+    with pytest.raises(ValueError, match="codes must be integers, got torch.float32"):
+        vqvae.decode_codes(codes.float())
+    masked = build_network("maskgit", "tiny", prior.codebook_size, prior.grid_shape, prior.num_classes, {})
+    with pytest.raises(ValueError, match="code_bits needs an autoregressive prior .* a MaskedPrior has no exact"):
+        code_bits(masked, codes)

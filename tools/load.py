@@ -1,6 +1,6 @@
 """The one loader of trained models for every tool: checkpoints read weights-only, checked against each other.
 
-    models = load_models("prior.ckpt", vqvae_path=None, device=resolve_device("auto"))
+    models = load_models("prior.ckpt", vqvae_path=None, device="auto")  # a GPU if there is one
     models.prior, models.vqvae                  # the plain networks (CodePrior, VQModel), eval mode, on the device
     models.codes_meta                           # the codes the prior was trained on
     models.prior_sha256, models.stage1_sha256   # what a .vqz records
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import CheckpointError
+from common.cli import resolve_device
 from common.codes import CodesMeta, check_matches, check_stage1, sha256_file
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.build import load_prior
@@ -107,12 +108,14 @@ def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
 
 def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
                 device: torch.device | str = "cpu") -> Models:  # fmt: skip
-    """The prior and the stage 1 that decodes its codes, checked to fit each other, on `device`."""
+    """The prior and the stage 1 that decodes its codes, checked to fit each other, on `device` ("auto": a GPU if
+    there is one)."""
+    device = resolve_device(device, "device") if isinstance(device, str) else torch.device(device)
     prior, hparams = load_prior(prior_path)
     meta = hparams.get("codes_meta") or {}
     path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path)
     vqvae, stage1_data = load_stage1(path, "--vqvae")
-    models = Models(prior, vqvae, Path(prior_path), path, torch.device(device), meta, stage1_data)
+    models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data)
     if not vqvae_path:  # stage1_path_of has just checked it against the hash the codes recorded
         models.stage1_sha256 = meta["stage1_sha256"]
     facts = prior_facts(prior, meta)
