@@ -100,9 +100,12 @@ def check_decoding_fits(prior: CodePrior | MaskedPrior, n: int, sequences_per_gr
                          + remedy.replace("{fits}", str(max(fits, 1))))  # fmt: skip (names may hold braces)
 
 
-def draw_codes(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None, opts: dict) -> torch.Tensor:
+def draw_codes(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | None = None,
+               opts: dict | None = None) -> torch.Tensor:  # fmt: skip
     """n new code grids (n, *grid_shape); opts are the samplers' keywords (temperature, top_k, top_p,
-    cfg_scale, generator; steps for a masked prior). Refused first when the caches cannot fit."""
+    cfg_scale with cfg_schedule "linear" by default, rising from 1, or "constant", generator; steps and
+    choice_temperature for a masked prior, ignored by the others). Refused first when the caches cannot fit."""
+    opts = opts or {}
     guided = labels is not None and opts.get("cfg_scale", 1.0) != 1.0  # as sample_codes decides
     check_decoding_fits(prior, n, 2 if guided else 1)
     sampler, kwargs = _sampler(prior, opts)
