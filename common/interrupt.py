@@ -88,8 +88,8 @@ class Interrupted(Exception):
         if requeue == "":
             self.next_step = f"SLURM job {slurm_job()} is requeued: started again, the same command goes on from there"
         else:
-            self.next_step = requeue_words(requeue).removeprefix("; ") + (", so " if requeue else "")
-            self.next_step += "to go on from there, run the same command with --ckpt_path last"
+            failed = f"requeuing SLURM job {slurm_job()} failed ({requeue}), so " if requeue else ""
+            self.next_step = failed + "to go on from there, run the same command with --ckpt_path last"
 
 
 class Stopped(BaseException):

@@ -98,6 +98,13 @@ def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
     return folder, created
 
 
+def config_fingerprint(cfg: Any) -> str:
+    """The command's settings as one string (SHA-256 of their JSON), --ckpt_path left out: the same command run
+    again (a SLURM job started again) gives the same; another fit's settings another (common.launch)."""
+    settings = {k: v for k, v in cfg.clone().as_dict().items() if k != "ckpt_path"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | None, config: str = "") -> Run:
     """Rank 0's choice (``kind``: "stage1" or "prior", what last.ckpt must hold; ``config``: a fingerprint of the
     command's settings, see slurm_restarted_run); UserError for a fix. A --ckpt_path file (a new run starting
@@ -212,13 +219,6 @@ def join_run(ckpt_path: str | None) -> Run:
 
 
 # --------------------------------------------------------------------------------- external launchers
-def config_fingerprint(cfg: Any) -> str:
-    """The command's settings as one string (SHA-256 of their JSON), --ckpt_path left out: the same command run
-    again (a SLURM job started again) gives the same; another fit's settings another (common.launch)."""
-    settings = {k: v for k, v in cfg.clone().as_dict().items() if k != "ckpt_path"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def check_launcher_devices(trainer: dict[str, Any]) -> None:
     """Under torchrun, srun, ... the launcher's world size must be what --trainer.devices x num_nodes says: with
     the configs' devices: 1 each process trained alone on all the data, into the same run folder, and exited 0."""
