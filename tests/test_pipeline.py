@@ -325,8 +325,8 @@ def test_class_mix_data_draws_classes_in_the_training_proportions(pipeline, tmp_
 
 def test_the_readmes_python_block_runs(pipeline, shapes_folder, tmp_path):
     """README *From Python*: its block, with the test's prior, an image of the shapes and their class names, runs
-    as written: a reconstruction, a bit cost and 16 drawn images of the right shapes and types, without
-    importing Lightning (checked in a fresh interpreter)."""
+    as written: a reconstruction, a bit cost, 16 drawn images of the right shapes and types and 4 repairs that
+    keep every unpainted pixel, without importing Lightning (checked in a fresh interpreter)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     image = next((shapes_folder / "squares").iterdir())
@@ -337,7 +337,10 @@ def test_the_readmes_python_block_runs(pipeline, shapes_folder, tmp_path):
     check = "\n".join([
         "import sys", "assert 'pytorch_lightning' not in sys.modules",
         "assert codes.shape == (1, 4, 4) and recon.shape == (1, 1, 16, 16) and recon.abs().max() <= 1",
-        "assert pixels.shape == (16, 1, 16, 16) and pixels.dtype == torch.uint8 and 0 < bits < 16 * 16", "",
+        "assert pixels.shape == (16, 1, 16, 16) and pixels.dtype == torch.uint8 and 0 < bits < 16 * 16",
+        "assert repairs.shape == (4, 1, 16, 16)",
+        "assert (repairs[:, :, ~painted] == to_uint8(images)[0][:, ~painted]).all()",
+        "assert not keep.all() and keep.any()", "",
     ])  # fmt: skip
     (tmp_path / "block.py").write_text(block + check)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

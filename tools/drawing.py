@@ -4,6 +4,7 @@
     codes = draw_codes(prior, n, labels, opts)                           # opts: sample_codes' keywords
     keep = keep_from_painted(vqvae, painted)                             # pixels painted -> codes kept
     codes = complete_codes(prior, prime, keep, opts)                     # the painted codes re-drawn
+    repairs, keep = repair_images(vqvae, prior, image, painted, n, opts)  # all that, to uint8 pixels
 
 `draw_codes` and `complete_codes` are the one place each where the page (`serve`) meets a sampler: the
 raster-order sampler for autoregressive priors, the parallel one (``opts["steps"]`` passes) for masked priors.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from common.images import from_uint8, to_uint8
 from common.memory import available_memory
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
@@ -130,6 +132,21 @@ def keep_from_painted(vqvae: VQModel, painted: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the painted mask must be {vqvae.image_size}x{vqvae.image_size}, got {tuple(painted.shape)}")
     redraw = [codes_to_redraw(painted, level["grid_shape"])[None] for level in vqvae.levels]  # (1, h, w) each
     return ~vqvae.join_codes(redraw)[0]
+
+
+def repair_images(vqvae: VQModel, prior: CodePrior | MaskedPrior, image: torch.Tensor, painted: torch.Tensor, n: int,
+                  opts: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """image uint8 (C, S, S) and the painted pixels (S, S) bool -> (n repairs uint8 (n, C, S, S) on the CPU, the
+    codes kept (*grid_shape)): the codes of every cell with a painted pixel redrawn (`complete_codes`), the
+    others kept exactly, decoded, and the original pixels put back outside the painted ones, so they stay the
+    same (a decoded cell also moves its neighbours by a grey level or two). The page's repair."""
+    if not painted.any():
+        raise ValueError("nothing is painted: paint the region to repair on the image first")
+    device = vqvae.device
+    keep = keep_from_painted(vqvae, painted.cpu()).to(device)
+    prime = vqvae.encode_to_codes(from_uint8(image[None].cpu())).expand(n, *vqvae.grid_shape)
+    decoded = to_uint8(vqvae.decode_codes(complete_codes(prior, prime, keep, opts or {}))).cpu()  # (n, C, S, S)
+    return torch.where(painted.cpu()[None, None], decoded, image.cpu()[None]), keep
 
 
 def redrawn_pixels(vqvae: VQModel, keep: torch.Tensor) -> torch.Tensor:

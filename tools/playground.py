@@ -27,7 +27,7 @@ from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
 from tools.anomaly_scores import SCORES, default_score, heat_map_grid, score_images
 from tools.container import ContainerError, check_name, unpack
-from tools.drawing import class_labels, complete_codes, draw_codes, keep_from_painted, rows_by_label
+from tools.drawing import class_labels, draw_codes, repair_images, rows_by_label
 from tools.load import Models, load_models
 from tools.transform_net import AnomalyNet
 from tools.uploads import encode_at_most, png_bytes, psnr
@@ -167,16 +167,9 @@ class Playground:
         cell with a painted pixel re-drawn, the others kept, decoded, and the original pixels put back
         outside the painted region, so kept pixels stay exactly the same."""
         checked("number of repairs", n, 1, MAX_REPAIRS)
-        if not painted.any():
-            raise ValueError("nothing is painted: paint the region to repair on the image first")
         opts = self._opts(temperature, top_p, seed, steps=steps)
         t0 = time.perf_counter()
-        vqvae, device = self.m.vqvae, self.m.device
-        keep = keep_from_painted(vqvae, painted.cpu()).to(device)
-        prime = vqvae.encode_to_codes(from_uint8(image[None]).to(device)).expand(n, *vqvae.grid_shape)
-        codes = complete_codes(self.m.prior, prime, keep, opts)
-        decoded = to_uint8(vqvae.decode_codes(codes)).cpu()  # (n, C, S, S)
-        repairs = torch.where(painted[None, None], decoded, image[None])
+        repairs, keep = repair_images(self.m.vqvae, self.m.prior, image, painted, n, opts)
         return {"original": png_bytes(image), "painted": png_bytes(painted[None].to(torch.uint8) * 255),
                 "repairs": [png_bytes(r) for r in repairs], "codes_redrawn": int((~keep).sum()),
                 "codes": int(keep.numel()), "seconds": time.perf_counter() - t0}  # fmt: skip
