@@ -139,7 +139,7 @@ def repair_images(vqvae: VQModel, prior: CodePrior | MaskedPrior, image: torch.T
     """image uint8 (C, S, S) and the painted pixels (S, S) bool -> (n repairs uint8 (n, C, S, S) on the CPU, the
     codes kept (*grid_shape)): the codes of every cell with a painted pixel redrawn (`complete_codes`), the
     others kept exactly, decoded, and the original pixels put back outside the painted ones, so they stay the
-    same (a decoded cell also moves its neighbours by a grey level or two). The page's repair."""
+    same (decoding also changes the pixels next to the redrawn cells). The page's repair."""
     if not painted.any():
         raise ValueError("nothing is painted: paint the region to repair on the image first")
     device = vqvae.device
