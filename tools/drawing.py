@@ -140,13 +140,13 @@ def repair_images(vqvae: VQModel, prior: CodePrior | MaskedPrior, image: torch.T
     codes kept (*grid_shape)): the codes of every cell with a painted pixel redrawn (`complete_codes`), the
     others kept exactly, decoded, and the original pixels put back outside the painted ones, so they stay the
     same (decoding also changes the pixels next to the redrawn cells). The page's repair."""
+    painted, image = painted.cpu(), image.cpu()
     if not painted.any():
         raise ValueError("nothing is painted: paint the region to repair on the image first")
-    device = vqvae.device
-    keep = keep_from_painted(vqvae, painted.cpu()).to(device)
-    prime = vqvae.encode_to_codes(from_uint8(image[None].cpu())).expand(n, *vqvae.grid_shape)
+    keep = keep_from_painted(vqvae, painted).to(vqvae.device)
+    prime = vqvae.encode_to_codes(from_uint8(image[None])).expand(n, *vqvae.grid_shape)  # moved to its device
     decoded = to_uint8(vqvae.decode_codes(complete_codes(prior, prime, keep, opts or {}))).cpu()  # (n, C, S, S)
-    return torch.where(painted.cpu()[None, None], decoded, image.cpu()[None]), keep
+    return torch.where(painted[None, None], decoded, image[None]), keep
 
 
 def redrawn_pixels(vqvae: VQModel, keep: torch.Tensor) -> torch.Tensor:
