@@ -7,7 +7,8 @@ straight-through quantized features (same shape), the quantizer's loss term and 
 Training health is built in rather than bolted on: k-means initialisation from the first batch,
 dead-code restarts from recent encoder outputs, and every statistic that shapes the codebook is
 all-reduced (sums) or broadcast (random choices) so that all DDP ranks hold the same codebook.
-Distances and EMA updates always run in fp32, also under bf16 autocast.
+Distances and EMA updates always run in fp32, also under bf16 autocast. A model cast as a whole
+(``.to(torch.bfloat16)``, inference) keeps its codebook in that dtype; its distances are still taken in fp32.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> Quantized:
         b, _, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zl = self.in_proj(z.float())  # (B, dim, H, W)
+            zl = self.in_proj(z.to(self.embed.dtype))  # (B, dim, H, W); fp32 unless the model was cast
             flat = self._flat(zl)  # (B*H*W, dim)
             if self.training and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
@@ -245,14 +246,14 @@ class VectorQuantizer(nn.Module):
                 q = e
             # contiguous, as in lookup(): the same memory layout makes out_proj give bit-identical outputs
             q = q.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, dim, H, W)
-            quantized = self.out_proj(q)
+            quantized = self.out_proj(q.to(self.embed.dtype))
         return Quantized(quantized, loss, codes.view(b, h, w), commitment.detach())
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, H, W) -> features (B, code_dim, H, W), exactly what forward outputs in eval."""
         e = self.codebook()[codes]  # (B, H, W, dim)
         with torch.autocast(device_type=codes.device.type, enabled=False):
-            return self.out_proj(e.permute(0, 3, 1, 2).contiguous())
+            return self.out_proj(e.permute(0, 3, 1, 2).contiguous().to(self.embed.dtype))
 
 
 class FSQ(nn.Module):
@@ -291,14 +292,15 @@ class FSQ(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Quantized:
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zl = self.in_proj(z.float()).permute(0, 2, 3, 1)  # (B, H, W, L)
+            dtype = self.in_proj.weight.dtype  # fp32 unless the model was cast
+            zl = self.in_proj(z.to(dtype)).permute(0, 2, 3, 1).float()  # (B, H, W, L)
             bounded = self._bound(zl)
             rounded = bounded + (bounded.round() - bounded).detach()  # straight-through rounding
             half_width = (self.levels // 2).float()
             digits = (rounded.detach() + half_width).round().long()  # (B, H, W, L) in [0, level)
             codes = (digits * self.basis).sum(-1)  # (B, H, W)
             values = rounded / half_width
-            quantized = self.out_proj(values.permute(0, 3, 1, 2).contiguous())  # same layout as lookup()
+            quantized = self.out_proj(values.permute(0, 3, 1, 2).contiguous().to(dtype))  # same layout as lookup()
         zero = torch.zeros((), device=z.device)
         return Quantized(quantized, zero, codes, zero)
 
@@ -308,4 +310,4 @@ class FSQ(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         values = self._digits_to_values(self.codes_to_digits(codes))  # (B, H, W, L)
         with torch.autocast(device_type=codes.device.type, enabled=False):
-            return self.out_proj(values.permute(0, 3, 1, 2).contiguous())
+            return self.out_proj(values.permute(0, 3, 1, 2).contiguous().to(self.in_proj.weight.dtype))

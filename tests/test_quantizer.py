@@ -368,3 +368,30 @@ def test_rotation_trick_changes_the_encoder_gradient_not_the_output():
     assert not torch.allclose(grads[0], grads[1], atol=1e-3)
     ratio = grads[1].norm(dim=1) / grads[0].norm(dim=1)  # per position, a rotation keeps the norm
     assert torch.allclose(ratio, outs[0].norm(dim=1) / z.norm(dim=1), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- a model cast as a whole
+CAST_VARIANTS = [dict(quantizer="vq"), dict(quantizer="vq", lookup_dim=4), dict(quantizer="fsq", fsq_levels=[5, 5, 4])]
+
+
+@pytest.mark.parametrize("kwargs", CAST_VARIANTS, ids=["vq", "vq-lookup4", "fsq"])
+def test_a_model_cast_to_bf16_encodes_and_decodes_like_fp32(kwargs):
+    """`vqvae.to(torch.bfloat16)` (inference in half the memory) failed in the quantizer's fp32 conv; now the
+    quantizer follows the model's dtype in and out and still compares distances in fp32."""
+    from stage1_vqvae.model import VQModel
+
+    torch.manual_seed(0)
+    net = VQModel(in_channels=3, image_size=16, width=16, res_blocks=1, res_width=8, downsample=4, code_dim=8,
+                  codebook_size=32, kmeans_init=False, **kwargs).eval()  # fmt: skip
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    codes32 = net.encode_to_codes(images)
+    recon32 = net.decode_codes(codes32)
+    net.to(torch.bfloat16)
+    codes16 = net.encode_to_codes(images)  # fp32 images are cast to the model's dtype
+    assert codes16.shape == codes32.shape and codes16.dtype == torch.long
+    assert (codes16 == codes32).float().mean() >= 0.8  # the encoder in bf16 moves a few near-ties
+    recon16 = net.decode_codes(codes32)  # the same codes: only bf16 rounding differs
+    assert recon16.dtype == torch.bfloat16 and recon16.shape == recon32.shape
+    assert float((recon16.float() - recon32).abs().max()) < 0.1
+    net.float()  # and back: the fp32 model gives its fp32 results again
+    assert torch.equal(net.encode_to_codes(images), codes32)
