@@ -43,6 +43,7 @@ from common.cli import UserError, one_line
 
 RUN_ENV = "VQGEN_RUN_DIR"  # set by rank 0; inherited by the processes Lightning's launcher starts
 SLURM_RECORD = "slurm_job.json"  # in a run folder made inside a SLURM batch job: its job and config
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Run:
     resume_step: int | None = None  # global_step of last.ckpt when continuing `dir` in place
     created: bool = False  # claimed by this call: removed again if the fit fails before training starts
     parents_created: list[Path] = field(default_factory=list)  # folders above `dir` made for it, deepest first
-    note: str | None = None  # what rank 0 says of the choice (a restarted SLURM job continuing its run)
+    note: str | None = None  # what rank 0 says of the choice (a restarted SLURM job's run, a run from a file)
 
 
 def next_version(root: Path) -> str:
@@ -137,7 +138,11 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
     except OSError as e:  # a file where a folder goes, no permission, a read-only file system: name the flag
         raise UserError(f"--trainer.default_root_dir {root}: cannot make a run folder there ({e.strerror or e}: "
                         f"{e.filename or root}); choose a folder you can write") from None  # fmt: skip
-    return Run(folder.resolve(), ckpt_path, created=created, parents_created=missing if created else [])
+    note = None
+    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:  # a file: its run's folder is left as it is
+        note = (f"a new run in {folder.resolve()}, starting from the weights and step of --ckpt_path {ckpt_path} "
+                "(--ckpt_path last goes on in the run's own folder instead)")  # fmt: skip
+    return Run(folder.resolve(), ckpt_path, created=created, parents_created=missing if created else [], note=note)
 
 
 # --------------------------------------------------------------------------------- SLURM: requeue and restart

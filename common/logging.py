@@ -215,6 +215,8 @@ LIGHTNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
     (r"The '\w+_dataloader' does not have many workers", Warning),
     # logging counts global steps across epochs, so short epochs (data held on a GPU, small folders) still log
     (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning),
+    # a fit from a --ckpt_path file is a new run folder with its own best.ckpt (common.launch.choose_run says so)
+    (r"The dirpath has changed from .* therefore `best_model_score`", Warning),
     # only the summary's size estimate; bf16 training itself is fine
     (r"Precision [\w-]+ is not supported by the model summary", Warning),
 )

@@ -43,6 +43,7 @@ from common.cli import (
 )  # fmt: skip
 from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
 from common.launch import (
+    LIGHTNING_CKPT_NAMES,
     RUN_ENV,
     Run,
     check_launcher_devices,
@@ -61,8 +62,6 @@ from common.logging import LineProgressBar, LogConfig, finish_logger, make_logge
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
 from common.run_callbacks import NewestCheckpoint, RngState, RunWatch
-
-LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 
 
 class OneLineParser(LightningArgumentParser):

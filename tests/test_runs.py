@@ -439,8 +439,15 @@ def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsy
     old = {k: v for k, v in last.items() if k != "callbacks"}  # as the single-ModelCheckpoint runs wrote it
     old["callbacks"] = {k: v for k, v in last["callbacks"].items() if "'monitor': None" not in k}
     torch.save(old, tmp_path / "old.ckpt")
-    ckpts = fit(tmp_path / "resumed", 14, "--ckpt_path", str(tmp_path / "old.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpts = fit(tmp_path / "resumed", 14, "--ckpt_path", str(tmp_path / "old.ckpt"))
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 14  # saved at the end, too
+    # a new folder from a file: one line of ours, not Lightning's "The dirpath has changed ... won't be reloaded"
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    new_run = (tmp_path / "resumed" / "latest").resolve()
+    assert f"a new run in {new_run}, starting from the weights and step of --ckpt_path {tmp_path / 'old.ckpt'} " \
+           "(--ckpt_path last goes on in the run's own folder instead)" in capsys.readouterr().err
     restored = [r.getMessage() for r in caplog.records if "Restor" in r.getMessage()]
     assert restored and all("old.ckpt" in m for m in restored)  # a resume still says where it started
 
