@@ -226,6 +226,14 @@ ROWS = [
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{existing_csv}"], r"already exists"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{prior}", "--overwrite"],
      r"--json \S*prior.ckpt is also --ckpt: a command never writes over its own input"),  # fmt: skip
+    # a file inside an input folder: the codes' meta.json and stage-1 copy, a scored image (all were replaced)
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{codes}/meta.json", "--overwrite"],
+     r"--json \S*codes/meta.json is a file in --codes \S*codes: a command never writes over its own input"),
+    ("score_anomalies", ["{images}", *P, "--codes", "{codes}", "--out", "{codes}/stage1.ckpt", "--overwrite"],
+     r"--out \S*codes/stage1.ckpt is a file in --codes \S*codes: a command never writes over its own input"),
+    ("evaluate", ["samples", "--samples", "{stale_images}", "--ckpt", "{stage1}", "--json",
+                  "{stale_images}/000000.png", "--overwrite"],
+     r"--json \S*stale_images/000000.png is a file in --samples \S*stale_images: a command never writes over"),
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", "{existing_png}"],
      r"existing.png already exists"),  # fmt: skip
     # ------------------------------------------------------------------ a masked-token prior: no exact likelihood

@@ -153,7 +153,7 @@ def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
     at_least(1, top=a.top, batch_size=a.batch_size)
     inputs = {"--prior": a.prior, "--vqvae": a.vqvae, "--background": a.background, "--anomaly_net": a.anomaly_net,
-              "an image to score": image_files(a.images)}  # fmt: skip
+              "--codes": a.codes, "an image to score": image_files(a.images)}  # fmt: skip
     out = check_output(a.out, a.overwrite, inputs=inputs)
     grid = check_output(a.grid, a.overwrite, "--grid", inputs=inputs) if a.grid else None
     if grid is not None and grid.suffix.lower() not in GRID_FORMATS:

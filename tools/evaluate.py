@@ -218,7 +218,7 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
         check_seed(cfg.seed)
     if cfg.json:
         check_output(cfg.json, cfg.overwrite, "--json", inputs={f"--{k}": getattr(cfg, k, None) for k in
-                                                                ("ckpt", "samples", "features")})  # fmt: skip
+                                                                ("ckpt", "samples", "features", "codes")})  # fmt: skip
     device = resolve_device(cfg.device)
     if mode == "prior":
         prior, hparams = load_prior(cfg.ckpt, "--ckpt")
