@@ -141,6 +141,9 @@ ROWS = [
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--device", "cuda:7"], r"--device cuda:7"),
     ("sample", [*P, "--batch_size", "0"], r"--batch_size must be >= 1, got 0"),
     ("sample", [*P, "--n", "0"], r"--n must be >= 1, got 0"),
+    ("sample", [*P, "--n", "99999999999999999999"],  # np.sqrt raised a TypeError; 10**9 was killed for memory
+     r"--n 99999999999999999999: 99,999,999,999,999,999,999 samples of 16x16 px would hold about [\d,.]+ GiB in "
+     r"memory, and [\d,.]+ GiB are free; draw fewer"),  # fmt: skip
     ("sample", [*P, "--scale", "-2"], r"--scale must be >= 1, got -2"),
     ("sample", [*P, "--top_k", "100000"], r"--top_k must be in \[1, 16\] \(the codebook size\), got 100000"),
     ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),

@@ -43,6 +43,7 @@ from common.cli import (
 )  # fmt: skip
 from common.images import GRID_FORMATS, load_image, make_grid, to_uint8
 from common.io import atomic_file, check_not_an_input, check_output, check_output_dir, staging_dir
+from common.memory import available_memory
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_STEPS
@@ -160,6 +161,21 @@ def check_grid_size(n: int, size: int, channels: int, scale: int) -> None:
                         f"{need / 2**30:,.1f} GiB; lower --scale")  # fmt: skip
 
 
+# Bytes a sample holds at once (float images on the device and on the host, uint8 copies for the .npz and the
+# grid) per pixel value, and per code (int64 codes, their uint16 copy): what `sample` keeps until it writes.
+BYTES_PER_VALUE, BYTES_PER_CODE = 10, 10
+
+
+def check_sample_memory(n: int, size: int, channels: int, codes_per_sample: int, available: int | None) -> None:
+    """Refuse an --n whose samples would not fit in memory (`available` bytes; None: unknown, not checked),
+    before anything is drawn: 10**9 samples were drawn until the kernel killed the process without a word."""
+    need = n * (size * size * channels * BYTES_PER_VALUE + codes_per_sample * BYTES_PER_CODE)
+    if available is not None and need > available:
+        raise UserError(f"--n {n}: {n:,} samples of {size}x{size} px would hold about {need / 2**30:,.1f} GiB in "
+                        f"memory, and {available / 2**30:,.1f} GiB are free; draw fewer (several runs with "
+                        "different --seed values add up)")  # fmt: skip
+
+
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
                   class_counts: list[int] | None = None) -> tuple[torch.Tensor | None, int]:  # fmt: skip
     """Labels (n,) and the grid's row length: one row per class for a conditional prior; `--classes` takes ids
@@ -240,6 +256,8 @@ def _run(args: list[str] | None) -> str:
     if isinstance(prior, MaskedPrior):
         opts["steps"] = a.steps or DEFAULT_STEPS
     scale = a.scale or (2 if m.image_size < 64 else 1)
+    codes_per_sample = int(np.prod(vqvae.grid_shape))
+    check_sample_memory(a.n, m.image_size, m.channels, codes_per_sample, available_memory())
     if a.prime:
         keep = completion_keep(a, vqvae).to(device)  # the options before the image
         images_dir = check_images_dir(a, a.n)
