@@ -211,8 +211,10 @@ MACHINE_WORDS = re.compile(r"accelerator|gpu|cuda|devices|strategy|precision|bac
 
 def machine_error(e: Exception, flags: str, note: str = "") -> UserError | None:
     """A Lightning MisconfigurationException about what this machine cannot run (a GPU setting without a GPU,
-    more devices than it has) as a one-line UserError naming `flags`; None for any other exception."""
-    if not isinstance(e, MisconfigurationException) or not MACHINE_WORDS.search(str(e)):
+    more devices than it has), or its TypeError for a device count it cannot parse (`--devices -1` on a CPU), as a
+    one-line UserError naming `flags`; None for any other exception."""
+    device_count = isinstance(e, TypeError) and "`devices`" in str(e)
+    if not device_count and (not isinstance(e, MisconfigurationException) or not MACHINE_WORDS.search(str(e))):
         return None
     return UserError(f"{e} (check {flags}: this machine has {torch.cuda.device_count()} CUDA GPU(s){note})")
 

@@ -209,14 +209,14 @@ LIGHTNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     # validate/test from a training checkpoint: its callbacks' states (RngState, ModelCheckpoint) are not needed
     (r"Be aware that when using `ckpt_path`, callbacks used to create", Warning),
+    # a fit from a --ckpt_path file is a new run folder with its own best.ckpt (common.launch.choose_run says so)
+    (r"The dirpath has changed from .* therefore `best_model_score`", Warning),
     # every vqgen loader gathers whole batches from arrays in memory (0.09 ms a batch of 32 Fashion-MNIST
     # images on the 2-core CPU, 1.8 ms for 2,048, which --data.on_device avoids): workers would take cores
     # from training for nothing; Lightning suggests them on any machine with more than 2 cores
     (r"The '\w+_dataloader' does not have many workers", Warning),
     # logging counts global steps across epochs, so short epochs (data held on a GPU, small folders) still log
     (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning),
-    # a fit from a --ckpt_path file is a new run folder with its own best.ckpt (common.launch.choose_run says so)
-    (r"The dirpath has changed from .* therefore `best_model_score`", Warning),
     # only the summary's size estimate; bf16 training itself is fine
     (r"Precision [\w-]+ is not supported by the model summary", Warning),
 )

@@ -98,15 +98,17 @@ class VQGenCLI(LightningCLI):
         try:
             with self._guard:
                 super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
-        except (ValueError, OSError, MisconfigurationException) as e:
+        except (ValueError, OSError, MisconfigurationException, TypeError) as e:
             # Before training these come from the config, the data, the machine or the file system (a
             # constructor's argument check, a GPU config on a CPU machine, an unreadable file); after it starts
-            # they are bugs and keep their traceback.
+            # they are bugs and keep their traceback. A TypeError is ours only for Lightning's device count.
             if isinstance(e, UserError) or (self._watch is not None and self._watch.started):
                 raise
             flags, note = "--trainer.accelerator, devices, strategy and precision", "; the *_gpu.yaml configs need one"
             if (machine := machine_error(e, flags, note)) is not None:
                 raise machine from e
+            if isinstance(e, TypeError):
+                raise
             raise UserError(str(e)) from e
         except RuntimeError as e:
             if (what := out_of_memory(e)) is not None:  # a batch too large for the machine: one line, exit 2

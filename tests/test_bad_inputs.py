@@ -225,6 +225,8 @@ ROWS = [
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", "{existing_png}"], r"existing.png already"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "{codes}"], r"already holds extracted codes; pass --overwrite"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "{a_file}"], r"a_file is a file; give a directory"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--accelerator", "cpu", "--devices", "-1"],
+     r"`devices` selected with `CPUAccelerator` should be an int > 0. \(check --accelerator, --devices and"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", UNWRITABLE], r"cannot write into /proc"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{existing_csv}"], r"already exists"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{prior}", "--overwrite"],

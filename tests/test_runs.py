@@ -532,7 +532,7 @@ def test_lightning_advice_that_does_not_apply_is_not_printed(shapes_folder, tmp_
     """Lightning's worker advice (any machine with more than 2 cores, though vqgen's loaders only index arrays
     in memory), its log-interval warning (epochs shorter than --log.every_n_steps: logging counts global steps)
     and its bf16 model-summary note were printed by every such run. The same run without quiet_lightning shows
-    all three, so the test sees them fire."""
+    all three, so the test sees them fire (the last three of LIGHTNING_NOISE)."""
     from pytorch_lightning.trainer.connectors import data_connector
 
     monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 7)  # an 8-core machine
@@ -542,11 +542,11 @@ def test_lightning_advice_that_does_not_apply_is_not_printed(shapes_folder, tmp_
     def noise(root: Path) -> set[str]:
         recwarn.clear()
         train_stage1(fit_args(shapes_folder, root, 2, *extra))
-        return {p for p, _ in LIGHTNING_NOISE[2:] if any(re.search(p, str(w.message)) for w in recwarn.list)}
+        return {p for p, _ in LIGHTNING_NOISE[-3:] if any(re.search(p, str(w.message)) for w in recwarn.list)}
 
     with monkeypatch.context() as m:
         m.setattr("common.runs.quiet_lightning", lambda: None)
-        assert noise(tmp_path / "loud") == {p for p, _ in LIGHTNING_NOISE[2:]}
+        assert noise(tmp_path / "loud") == {p for p, _ in LIGHTNING_NOISE[-3:]}
     assert noise(tmp_path / "quiet") == set()
 
 def test_trainer_settings_the_machine_cannot_run_are_one_line(shapes_folder, tmp_path, capsys):
@@ -554,6 +554,12 @@ def test_trainer_settings_the_machine_cannot_run_are_one_line(shapes_folder, tmp
     root = tmp_path / "runs"
     err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--trainer.accelerator", "mps"), capsys)
     assert err.startswith("train_stage1: error: ") and "MPSAccelerator" in err and "--trainer.accelerator" in err
+    assert len(err.strip().splitlines()) == 1 and not root.exists()
+    # Lightning's TypeError for a device count a CPU cannot take ("all devices" is a GPU idiom) was a traceback
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--trainer.accelerator", "cpu",
+                                            "--trainer.devices", "-1"), capsys)  # fmt: skip
+    assert err.startswith("train_stage1: error: `devices` selected with `CPUAccelerator` should be an int > 0. "
+                          "(check --trainer.accelerator, devices, strategy and precision"), err
     assert len(err.strip().splitlines()) == 1 and not root.exists()
 
 
