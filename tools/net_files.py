@@ -3,7 +3,7 @@ training loop and their file, one plain ``torch.save`` dict, loadable with ``wei
 atomically.
 
     add_training_options(parser, lr=3e-3, kind="feature_net", overwrite="an existing --out file")  # the CLI
-    out, device, dm = start_training(cfg, default_path)
+    out, device, dm = start_training(cfg, default_path, smallest_image_size(FeatureNet()))
     losses = fit_classifier(net, next_batch, steps, batch_size, lr)   # next_batch() -> (images, targets)
     save_net_file(path, "vqgen-feature-net", 1, arch, net, dataset=..., ...)
     record = load_net_file(path, "vqgen-feature-net", 1, "feature-net", "train_feature_net ...", FeaturesError)
@@ -14,6 +14,7 @@ the caller adds (data options, image size, channels, reference features...).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -64,27 +65,40 @@ def dataset_key(dataset: str, root: str | None, image_size: int | None = None) -
     return f"image_folder_{name}{size}"
 
 
-def start_training(cfg, default_path: Callable[[str, str | None, int | None], Path]):
-    """Check the shared options and the output (before any slow work), seed, read the data: (out, device,
-    the ImageSplits)."""
+def smallest_image_size(net: nn.Module) -> int:
+    """The smallest side `net` takes: each max-pooling divides the side by its stride, rounding down, and one
+    that leaves 0 pixels fails (two 2x poolings: 4 -> 2 -> 1 works, 3 -> 1 -> 0 does not)."""
+    return math.prod(m.stride for m in net.modules() if isinstance(m, nn.MaxPool2d))
+
+
+def start_training(cfg, default_path: Callable[[str, str | None, int | None], Path], min_image_size: int):
+    """Check the shared options (and that the net takes --data.image_size: at least `min_image_size`) and the
+    output (before any slow work), seed, read the data: (out, device, the ImageSplits)."""
     from common.splits import ImageSplits
 
     at_least(1, steps=cfg.steps, width=cfg.width)
     check_seed(cfg.seed)
     at_least(0, log_every=cfg.log_every)
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {cfg.lr}")
     data = cfg.data.as_dict()
     out = check_output(cfg.out or default_path(data["dataset"], data.get("root"), data.get("image_size")),
                        cfg.overwrite)  # fmt: skip
     device = resolve_device(cfg.device)
+    dm = ImageSplits(**data)  # checks the data options; reads nothing yet
+    if dm.image_size < min_image_size:
+        raise UserError(f"--data.image_size must be >= {min_image_size} for this net (its max-poolings divide the "
+                        f"side by {min_image_size}), got {dm.image_size}")  # fmt: skip
     torch.manual_seed(cfg.seed)
-    return out, device, ImageSplits(**data)
+    return out, device, dm
 
 
 def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int,
                    batch_size: int, lr: float, log_every: int = 0) -> list[float]:  # fmt: skip
     """Train `net` for `steps` steps of cross-entropy on what `next_batch()` draws (images (B, C, S, S) in
     [-1, 1] and targets (B,), on the net's device): AdamW, warm-up + cosine, channels_last (about 1.6x
-    faster convolutions on CPU). Prints a progress line every `log_every` steps; returns every step's loss."""
+    faster convolutions on CPU). Prints a progress line every `log_every` steps; returns every step's loss. A loss
+    or weights that stop being finite end it with a UserError: training diverged at step N, lower --lr."""
     net.to(memory_format=torch.channels_last)
     sched = adamw_warmup_cosine(net, lr, 5e-4, min(100, steps // 10), steps)["lr_scheduler"]["scheduler"]
     opt = sched.optimizer
@@ -93,15 +107,29 @@ def fit_classifier(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, 
     for step in range(steps):
         x, target = next_batch()
         loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), target)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise _diverged(step, steps, lr, f"loss {losses[-1]}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as e:  # AdamW's decay factor 1 - lr * weight_decay beyond float32 (lr 1e308)
+            if "overflow" not in str(e):
+                raise
+            raise _diverged(step, steps, lr, "the update overflowed") from None
         sched.step()
-        losses.append(float(loss.detach()))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             rate = (step + 1) * batch_size / max(time.perf_counter() - t0, 1e-9)
             print(f"step {step + 1}/{steps} loss={np.mean(losses[-log_every:]):.4f} {rate:.0f} img/s", flush=True)
+    if not all(v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()):
+        raise _diverged(steps - 1, steps, lr, "the weights are not finite")  # the last update, which no loss saw
     return losses
+
+
+def _diverged(step: int, steps: int, lr: float, why: str) -> UserError:
+    """The error for a run whose loss or weights stopped being finite at (0-based) `step`."""
+    return UserError(f"training diverged at step {step + 1} of {steps} ({why}); lower --lr (now {lr:g})")
 
 
 def state_dict_cpu(net: nn.Module) -> dict[str, torch.Tensor]:

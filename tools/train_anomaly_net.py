@@ -23,8 +23,8 @@ import torch
 
 from common.cli import UserError, at_least, make_parser, parse_classes, run_command
 from common.splits import ImageSplits
-from tools.net_files import add_training_options, start_training
-from tools.transform_net import MEMBERS, AnomalyNet, K, default_path
+from tools.net_files import add_training_options, smallest_image_size, start_training
+from tools.transform_net import MEMBERS, AnomalyNet, K, TransformNet, default_path
 
 
 def build_parser():
@@ -50,7 +50,7 @@ def normal_images(dm: ImageSplits, classes: str | None) -> tuple[torch.Tensor, l
 
 def run(cfg) -> str:
     at_least(1, k=cfg.k, members=cfg.members)
-    out, device, dm = start_training(cfg, default_path)
+    out, device, dm = start_training(cfg, default_path, smallest_image_size(TransformNet()))
     images, classes = normal_images(dm, cfg.classes)
     if len(images) < 2:
         raise UserError(f"--classes {cfg.classes}: only {len(images)} training image(s); the net needs at least 2")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common.cli import make_parser, run_command
 from tools.features import FeatureNet, accuracy, default_path, fit_feature_net, save_feature_net
-from tools.net_files import add_training_options, start_training
+from tools.net_files import add_training_options, smallest_image_size, start_training
 
 
 def build_parser():
@@ -30,7 +30,7 @@ def build_parser():
 
 
 def run(cfg) -> tuple[Path, float]:
-    out, device, dm = start_training(cfg, default_path)
+    out, device, dm = start_training(cfg, default_path, smallest_image_size(FeatureNet()))
     train_images, train_labels = dm.split_arrays("train")
     test_images, test_labels = dm.split_arrays("test")
     net = FeatureNet(dm.channels, dm.num_classes, width=cfg.width).to(device)
