@@ -181,8 +181,6 @@ class VQGenCLI(LightningCLI):
             run, self._rank0 = shared  # torchrun, srun, ...: rank 0 chose for all
         else:
             run = choose()
-        if run.note and self._rank0:
-            print(f"{self._prog}: {run.note}", file=sys.stderr, flush=True)
         cfg["ckpt_path"] = run.ckpt_path
         os.environ[RUN_ENV] = str(run.dir)
         if (precision := resolve_cpu_bf16(cfg.get("cpu_bf16", False), cfg["trainer"])) is not None:
@@ -241,24 +239,31 @@ class VQGenCLI(LightningCLI):
     # Model hyperparameters the data links in (stage 1: its image size and channels): the weights of a
     # convolutional net load at any size, so a --ckpt_path of another size would resume or be scored silently.
     data_linked: tuple[str, ...] = ()
+    data_advice = "pass its run's config (config.yaml beside its checkpoints) or the same --data options"
+
+    def linked_values(self, hparams: dict) -> dict[str, Any]:
+        """What the data links into a model's hyperparameters, comparable (lists as tuples)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items() if k in self.data_linked}
 
     def _check_checkpoint_fits(self) -> None:
         ckpt = self.config[self.subcommand].get("ckpt_path")
         if not ckpt or not Path(ckpt).is_file() or not self.data_linked:
             return
-        saved = read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind).get("hyper_parameters", {})
-        differ = [f"{k} {saved[k]} (this config: {self.model.hparams[k]})" for k in self.data_linked
-                  if k in saved and k in self.model.hparams and saved[k] != self.model.hparams[k]]  # fmt: skip
+        saved = self.linked_values(read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)
+                                   .get("hyper_parameters", {}))  # fmt: skip
+        now = self.linked_values(dict(self.model.hparams))
+        differ = [f"{k} {saved[k]} (this config: {now[k]})" for k in saved if k in now and saved[k] != now[k]]
         if differ:
             raise UserError(f"--ckpt_path {ckpt} was trained with {', '.join(differ)}: a resume or a test needs the "
-                            "data it was trained on; pass its run's config (config.yaml beside its checkpoints) or "
-                            "the same --data.image_size / channels")  # fmt: skip
+                            f"data it was trained on; {self.data_advice}")  # fmt: skip
 
     def before_fit(self) -> None:
         self._check_checkpoint_fits()
         if self.trainer.world_size == 1:  # read the data now: Lightning starts the logger (W&B's lines, its
             self.datamodule.prepare_data()  # files in the run folder) before it sets the data up, so an unreadable
             self.datamodule.setup("fit")  # folder came after them (once per process: the splits are kept)
+        if self.run is not None and self.run.note and self._rank0:  # after the checks: a refused run is one line
+            print(f"{self._prog}: {self.run.note}", file=sys.stderr, flush=True)
 
     def before_test(self) -> None:
         self._check_checkpoint_fits()

@@ -20,6 +20,7 @@ from stage1_vqvae.vqvae import VQVAE
 class Stage1CLI(VQGenCLI):
     checkpoint_kind = "stage1"
     data_linked = ("image_size", "in_channels")
+    data_advice = "pass its run's config (config.yaml beside its checkpoints) or the same --data.image_size / channels"
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)

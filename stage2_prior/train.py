@@ -59,6 +59,17 @@ class SampleGrid(Callback):
 
 class Stage2CLI(VQGenCLI):
     checkpoint_kind = "prior"
+    # the codes it was trained on: another grid failed in load_state_dict (a traceback), and codes of another
+    # stage 1 of the same grid were taken silently, though each code means something else there
+    data_linked = ("codebook_size", "grid_shape", "num_classes", "stage 1")
+    data_advice = ("pass the codes it was trained on (--data.codes_dir; its run's config.yaml names them), or train "
+                   "a new prior on these codes without --ckpt_path")  # fmt: skip
+
+    def linked_values(self, hparams: dict) -> dict:
+        values = super().linked_values(hparams)
+        if sha := (hparams.get("codes_meta") or {}).get("stage1_sha256"):
+            values["stage 1"] = f"SHA-256 {sha[:12]}"
+        return values
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)

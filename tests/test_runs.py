@@ -23,7 +23,7 @@ import torch
 from conftest import assert_same_last_checkpoint, user_error, write_trainable_codes
 from test_stage1 import ROOT, fit_args, fit_in_subprocess, train_losses
 
-from common.codes import CodesMeta, sha256_file
+from common.codes import CodesMeta, read_meta, sha256_file
 from common.codes_writer import CodesWriter
 from common.logging import LIGHTNING_NOISE
 from stage1_vqvae.train import main as train_stage1
@@ -450,6 +450,31 @@ def test_last_ckpt_is_the_newest_step_when_validation_gets_worse(tmp_path, capsy
            "(--ckpt_path last goes on in the run's own folder instead)" in capsys.readouterr().err
     restored = [r.getMessage() for r in caplog.records if "Restor" in r.getMessage()]
     assert restored and all("old.ckpt" in m for m in restored)  # a resume still says where it started
+
+
+def test_a_prior_does_not_go_on_from_codes_of_another_stage1(tmp_path, capsys):
+    """A prior's --ckpt_path on codes another stage 1 made (the same grid and codebook: nothing failed) was taken
+    silently, and the new last.ckpt was labelled with the new stage 1 though its weights had learnt the old
+    codes; fit, test and validate now refuse it in one line, with no run folder left."""
+    (tmp_path / "ours").mkdir(), (tmp_path / "theirs").mkdir()
+    ours, theirs = write_trainable_codes(tmp_path / "ours"), write_trainable_codes(tmp_path / "theirs")
+    sha = {name: read_meta(codes).stage1_sha256 for name, codes in (("ours", ours), ("theirs", theirs))}
+    assert sha["ours"] != sha["theirs"]  # two tiny VQVAEs of other random weights
+
+    def args(sub: str, codes: Path, root: Path, *extra: str) -> list[str]:
+        return [sub, "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir", str(codes),
+                "--data.batch_size", "8", "--trainer.max_steps", "3", "--sample_every_n_epochs", "0",
+                "--log.backend", "none", "--trainer.default_root_dir", str(root), *extra]  # fmt: skip
+
+    train_stage2(args("fit", ours, tmp_path / "runs"))
+    ckpt = tmp_path / "runs" / "latest" / "checkpoints" / "last.ckpt"
+    for sub in ("fit", "test"):
+        err = user_error(train_stage2, args(sub, theirs, tmp_path / "other", "--ckpt_path", str(ckpt)), capsys)
+        assert err == (f"train_stage2: error: --ckpt_path {ckpt} was trained with stage 1 SHA-256 {sha['ours'][:12]} "
+                       f"(this config: SHA-256 {sha['theirs'][:12]}): a resume or a test needs the data it was "
+                       "trained on; pass the codes it was trained on (--data.codes_dir; its run's config.yaml names "
+                       "them), or train a new prior on these codes without --ckpt_path"), err
+        assert not (tmp_path / "other").exists()
 
 
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
