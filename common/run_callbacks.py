@@ -1,10 +1,11 @@
 """The callbacks every training run gets (common.runs adds them): run bookkeeping, the global RNG states in
-each checkpoint, and a last.ckpt that is always the newest step.
+each checkpoint, a last.ckpt that is always the newest step, and a note when a resume changes the schedule.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,30 @@ class NewestCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if not self._should_skip_saving_checkpoint(trainer):  # fitting, and this step not saved yet
             self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ScheduleCheck(Callback):
+    """On a resume, one line when this command's learning-rate schedule is not the run's at the step it goes on
+    from: the warm-up and cosine span --trainer.max_steps (or max_time), so extending a finished run with a larger
+    max_steps took its learning rate from 1 % of the peak back to the peak at once, without a word (found by a
+    reproducibility audit). Going on that way is allowed (training longer is a choice); it is said."""
+
+    def __init__(self, prog: str, tolerance: float = 0.02) -> None:
+        self.prog, self.tolerance = prog, tolerance  # tolerance: of the peak rate (a time budget moves a little)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.ckpt_path or not trainer.is_global_zero:
+            return
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            lambdas, saved = getattr(sched, "lr_lambdas", None), getattr(sched, "_last_lr", None)  # LambdaLR's
+            if not lambdas or not saved:
+                continue
+            now = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, lambdas)]  # restored step count
+            if max(abs(a - b) for a, b in zip(now, saved)) > self.tolerance * max(sched.base_lrs):
+                print(f"{self.prog}: the learning rate at step {trainer.global_step} is {now[0]:.3g} under this "
+                      f"command's schedule and was {saved[0]:.3g} under the run's: the warm-up and cosine span "
+                      "--trainer.max_steps (or max_time), which differ from the run's, so the rate follows the new "
+                      "length from here; to finish the run as it was planned, resume with its own settings (the "
+                      "config.yaml in its folder)", file=sys.stderr, flush=True)  # fmt: skip
+                return

@@ -477,6 +477,30 @@ def test_a_prior_does_not_go_on_from_codes_of_another_stage1(tmp_path, capsys):
         assert not (tmp_path / "other").exists()
 
 
+def test_a_resume_that_changes_the_schedule_says_so(tmp_path, capsys):
+    """Extending a finished run with a larger --trainer.max_steps restarts its cosine from the new length (the
+    rate went from its floor back to near the peak without a word); one line says so. A resume with the run's
+    own settings (a crash at step 4 of 12) says nothing."""
+    codes = write_trainable_codes(tmp_path)
+
+    def fit(root: Path, steps: int, *extra: str) -> str:
+        train_stage2(["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir",
+                      str(codes), "--data.batch_size", "8", "--trainer.max_steps", str(steps),
+                      "--trainer.val_check_interval", "3", "--sample_every_n_epochs", "0", "--log.backend", "none",
+                      "--trainer.default_root_dir", str(root), *extra])  # fmt: skip
+        return capsys.readouterr().err
+
+    fit(tmp_path / "runs", 6)
+    err = fit(tmp_path / "runs", 12, "--ckpt_path", "last")
+    assert re.search(r"train_stage2: the learning rate at step 6 is \S+ under this command's schedule and was \S+ "
+                     r"under the run's: the warm-up and cosine span --trainer.max_steps \(or max_time\), which differ "
+                     r"from the run's", err), err
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        fit(tmp_path / "crashed", 12, "--trainer.callbacks+=tests.ddp_probe.FailAt", "--trainer.callbacks.step=4")
+    err = fit(tmp_path / "crashed", 12, "--ckpt_path", "last")
+    assert "the learning rate at step" not in err, err
+
+
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
     """Labels -1 ("unlabelled") train the null class; a run that ends before its first validation (so with
     no best.ckpt) is tested with its final weights and still writes its sample grid."""

@@ -85,8 +85,10 @@ def build_parser():
     p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, default="linear",
                    help="guidance over the grid: linear grows from 1 to --cfg_scale as codes are fixed (lower FID "
                         "here), constant applies it to every draw")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="same seed and device => identical output")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the same seed, --n, --batch_size and device draw identical samples (one generator runs "
+                        "through each batch: another --n or --batch_size draws others)")  # fmt: skip
+    p.add_argument("--batch_size", type=int, default=256, help="grids drawn at once (part of what --seed draws)")
     add_device(p)
     p.add_argument("--scale", type=int, default=None, help="nearest-neighbour upscale (default: 2 below 64 px)")
     p.add_argument("--prime", type=str, default=None, help="an image whose visible codes are kept (completion)")
