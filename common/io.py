@@ -44,8 +44,16 @@ def write_atomic(dest: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def check_named(path: str | Path, flag: str = "--out", what: str = "file name") -> None:
+    """OutputError for an empty or blank `path` (a str: Path("") is "."): it would write into the working folder
+    (`--out ""` filled it with a codes directory or decoded images). Call it with what the user typed."""
+    if isinstance(path, str) and not path.strip():
+        raise OutputError(f"{flag} {path!r}: give a {what}")
+
+
 def check_writable_dir(path: str | Path, flag: str = "--out") -> None:
     """`path` is, or can be created as, a directory we can write into (checked before any long work)."""
+    check_named(path, flag, "directory")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file; give a directory")
@@ -75,6 +83,7 @@ def check_output(path: str | Path, overwrite: bool, flag: str = "--out",
     """A file the command will write: refuse a directory, an unwritable place, one of the command's `inputs`
     ({flag: path or paths}; even with --overwrite: the command would replace what it reads), or an existing
     file without --overwrite. Returns the path."""
+    check_named(path, flag, "file name")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a directory; give a file name")
@@ -104,6 +113,7 @@ def check_not_an_input(path: Path, inputs: dict[str, str | Path | list | None], 
 def check_output_dir(path: str | Path, names: list[str], overwrite: bool, flag: str = "--out") -> Path:
     """A directory the command will fill with `names`: refuse a file, an unwritable place, or (without
     --overwrite) a directory that already holds one of `names`."""
+    check_named(path, flag, "directory")
     path = Path(path)
     check_writable_dir(path, flag)
     if path.is_dir() and not overwrite:

@@ -44,6 +44,7 @@ from common.codes import CodesMeta, sha256_file
 from common.codes_writer import CodesWriter
 from common.datamodule import ImageDataModule
 from common.images import from_uint8
+from common.io import check_named
 from common.launch import machine_error
 from common.logging import quiet_lightning
 from common.readers import SPLITS
@@ -295,6 +296,7 @@ def _run(args: list[str] | None) -> str | None:
         model, saved = load_stage1(ckpt, "--ckpt")
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
     cfg = build_parser(data_defaults).parse_args(args)
+    check_named(cfg.out, "--out", "directory")  # "" is "." once a Path: the codes would fill the working folder
     splits = parse_splits(cfg.splits)
     at_least(1, batch_size=cfg.batch_size)
     datamodule = make_datamodule(model, **cfg.data.as_dict())

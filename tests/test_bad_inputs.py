@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import struct
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,6 +56,17 @@ def save_ckpt(model: pl.LightningModule, path: Path, **extra) -> Path:
     return path
 
 
+def zero_image_vqz(vqz: bytes) -> bytes:
+    """A hand-made .vqz of the same models holding no images (count 0, no batches; a valid CRC), in format
+    version 3, which `pack` writes as: header, step version, batch table, streams, CRC32."""
+    from tools.container import HEADER, MAGIC, STEP
+
+    fields = list(HEADER.unpack_from(vqz))
+    fields[0], fields[1], fields[9] = MAGIC, 3, 0  # magic, version, image count
+    body = HEADER.pack(*fields) + vqz[HEADER.size : HEADER.size + STEP.size]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     """Trained-shaped files of both stages and the inputs the rows refer to, in one folder."""
@@ -70,6 +83,9 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
               root / "maskgit.ckpt")  # fmt: skip
     save_ckpt(Prior(meta.codebook_size, meta.grid_shape, 0, "transformer", "tiny", asdict(meta)),
               root / "uncond.ckpt")  # fmt: skip  (an unconditional prior)
+    other = (meta.grid_shape[0] + 1, meta.grid_shape[1] + 1)  # a prior of other codes: another grid, a class more
+    save_ckpt(Prior(meta.codebook_size, other, meta.num_classes + 1, "transformer", "tiny", asdict(meta)),
+              root / "other_grid.ckpt")  # fmt: skip
     images = root / "images"
     images.mkdir()
     for f in sorted((shapes_folder / "discs").iterdir())[:3]:
@@ -84,6 +100,7 @@ def world(tmp_path_factory, shapes_folder) -> dict[str, str]:
     decompress([str(root / "images.vqz"), "--prior", str(root / "prior.ckpt"), "--out", str(root / "decoded")])
     vqz = (root / "images.vqz").read_bytes()
     (root / "corrupt.vqz").write_bytes(vqz[:40] + bytes([vqz[40] ^ 1]) + vqz[41:])
+    (root / "zero.vqz").write_bytes(zero_image_vqz(vqz))
     data = (root / "prior.ckpt").read_bytes()
     (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (root / "text.ckpt").write_text("this is a text file, not a checkpoint\n")
@@ -178,6 +195,12 @@ ROWS = [
     ("sample", [*P, "--bogus"], r"unrecognized arguments: --bogus"),
     ("sample", [], r"the following arguments are required: prior"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--batch_size", "0"], r"--batch_size must be"),
+    ("evaluate", ["samples", "--samples", "{images}", "--ckpt", "{stage1}", "--kid_subsets", "0"],
+     r"--kid_subsets must be in \[1, 1000\], got 0 \(the default, 100, is what torch-fidelity"),  # KID -55 ± 0
+    ("evaluate", ["samples", "--samples", "{images}", "--ckpt", "{stage1}", "--kid_subsets", "-1"],
+     r"--kid_subsets must be in \[1, 1000\], got -1"),  # fmt: skip
+    ("evaluate", ["samples", "--samples", "{images}", "--ckpt", "{stage1}", "--kid_subsets", "1000000000"],
+     r"--kid_subsets must be in \[1, 1000\], got 1000000000"),  # fmt: skip  (ran for minutes without a word)
     ("compress", ["{images}", *P, "--out", "new.vqz", "--batch_size", "0"], r"--batch_size must be in \[1, 4096\]"),
     ("compress", ["{images}", *P, "--out", "new.vqz", "--labels", "some"], r"labels.*Literal\['best', 'null'\]"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--top", "0"], r"--top must be >= 1"),
@@ -228,6 +251,19 @@ ROWS = [
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--accelerator", "cpu", "--devices", "-1"],
      r"`devices` selected with `CPUAccelerator` should be an int > 0. \(check --accelerator, --devices and"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", UNWRITABLE], r"cannot write into /proc"),
+    # an empty --out is "." once a Path: extract_codes and decompress filled the working folder, the others said
+    # "--out . is a directory"; --grid "" and --json "" were ignored
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", ""], r"--out '': give a directory$"),
+    ("extract_codes", ["--ckpt", "{stage1}", "--out", "  "], r"--out ' ': give a directory$"),
+    ("decompress", ["{images_vqz}", *P, "--out", ""], r"--out '': give a directory$"),
+    ("compress", ["{images}", *P, "--out", ""], r"--out '': give a file name$"),
+    ("score_anomalies", ["{images}", *P, "--out", ""], r"--out '': give a file name$"),
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", ""], r"--grid '': give a file name$"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", ""], r"--json '': give a file name$"),
+    ("sample", [*P, "--out", ""], r"--out '': give a file name$"),  # it said "--out . is a directory"
+    ("sample", [*P, "--out", "s.png", "--images", ""], r"--images '': give a directory$"),  # it was ignored
+    ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", ""],
+     r"--out '': give a file name$"),  # fmt: skip  (it wrote the default path instead)
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{existing_csv}"], r"already exists"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{prior}", "--overwrite"],
      r"--json \S*prior.ckpt is also --ckpt: a command never writes over its own input"),  # fmt: skip
@@ -251,6 +287,9 @@ ROWS = [
      r"is a maskgit prior, which has no exact likelihood; score_anomalies takes transformer or pixelcnn"),  # fmt: skip
     ("score_anomalies", ["{images}", *P, "--background", "{maskgit}", "--out", "s.csv"],
      r"--background \S*maskgit.ckpt is a maskgit prior, which has no exact likelihood"),  # fmt: skip
+    ("score_anomalies", ["{images}", *P, "--background", "{other_grid}", "--out", "s.csv"],
+     r"--background \S*other_grid.ckpt does not fit the prior: grid_shape \(5, 5\) \(the prior's: \(4, 4\)\); "
+     r"num_classes 3 \(the prior's: 2\); train it on the same codes"),  # fmt: skip  (the sides were swapped)
     ("sample", [*P, "--steps", "4"], r"--steps is for maskgit priors; --prior \S*prior.ckpt is autoregressive"),
     ("sample", ["--prior", "{maskgit}", "--steps", "0"], r"--steps must be >= 1, got 0"),
     ("sample", [*P, "--cfg_scale", "3", "--cfg_schedule", "cosine"],
@@ -267,6 +306,14 @@ ROWS = [
     ("decompress", ["{corrupt_vqz}", *P, "--out", "new_dir"], r"corrupt.vqz: file is corrupt or truncated"),
     ("decompress", ["{stage1}", *P, "--out", "new_dir"], r"stage1.ckpt: not a .vqz file"),
     ("decompress", ["{missing}", *P, "--out", "new_dir"], r"missing: no such file"),
+    ("decompress", ["{root}", *P, "--out", "new_dir"], r"bad_inputs\d* is a directory; pass a .vqz file"),
+    ("decompress", ["{zero_vqz}", *P, "--out", "new_dir"],
+     r"zero.vqz holds no images \(its image count is 0\), and `compress` never writes such a file"),  # exit 0
+    ("evaluate", ["samples", "--samples", "{images}", "--ckpt", "{stage1}", "--features", "{run}"],
+     r"--features \S*run is a directory; pass a feature-net file \(.pt\)"),  # was "does not exist; train one"
+    ("evaluate", ["stage1", "--ckpt", "{stage1}", "--features", "{run}"], r"--features \S*run is a directory"),
+    ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--anomaly_net", "{run}"],
+     r"--anomaly_net \S*run is a directory; pass an anomaly-net file \(.pt\)"),  # fmt: skip
     ("score_anomalies", ["{bad_images}", *P, "--out", "s.csv"], r"broken.png: cannot read image"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.root", "{bad_folder}"],
      r"zz_broken.png: cannot read image"),  # fmt: skip

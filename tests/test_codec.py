@@ -31,7 +31,7 @@ from tools.compress import (
     main_compress,
     main_decompress,
 )
-from tools.container import HEADER, Container, ContainerError, pack, unpack
+from tools.container import HEADER, STEP, Container, ContainerError, pack, unpack
 from tools.vqz import png_names
 
 K, GRID, SIZE = 32, (4, 4), 16
@@ -163,6 +163,20 @@ def test_hostile_but_crc_valid_header_is_rejected(small_file) -> None:
         bad[index] = value
         with pytest.raises(ContainerError, match=match):
             unpack(_with_crc(HEADER.pack(*bad) + bytes(data[HEADER.size :])), "f.vqz")
+
+
+def test_a_file_of_no_images_is_refused_and_never_written(small_file) -> None:
+    """A hand-made file whose count is 0 (CRC valid, no batches): `decompress` made an empty --out of it and
+    exited 0. Reading refuses it, and `pack` never writes one."""
+    data = small_file[0]
+    fields = list(HEADER.unpack_from(data))
+    fields[1], fields[9] = 3, 0  # version 3 (no names block), image count
+    with pytest.raises(ContainerError, match=r"f.vqz holds no images \(its image count is 0\)"):
+        unpack(_with_crc(HEADER.pack(*fields) + data[HEADER.size : HEADER.size + STEP.size]), "f.vqz")
+    c = unpack(data)
+    c.count, c.streams, c.codes_crc, c.names = 0, [], [], None if c.names is None else []
+    with pytest.raises(ValueError, match="a .vqz file holds at least one image, got 0"):
+        pack(c)
 
 
 def test_other_checkpoints_are_rejected(small_file) -> None:

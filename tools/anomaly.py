@@ -63,6 +63,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,8 +98,12 @@ def references(m: Models, background_path: str | None, codes_dir: str | None) ->
         background, hparams = load_prior(background_path, "--background")
         require_likelihood(background, background_path, "score_anomalies", "--background")
         background.to(m.device)
-        check_matches(prior_facts(background, hparams.get("codes_meta")), prior_facts(m.prior, m.codes_meta),
-                      f"--background {background_path}", "train it on the same codes (train_stage2 ... --data.perturb)")
+        # the prior's facts first, as for --codes: the message reads "<the background's> (the prior's: ...)" (it had
+        # them the wrong way round); both are scored under the null class, so an unconditional one fits either way
+        theirs = prior_facts(background, hparams.get("codes_meta"))
+        theirs["num_classes"] = theirs["num_classes"] or None  # 0: unconditional, fits a conditional prior
+        check_matches(prior_facts(m.prior, m.codes_meta), theirs, f"--background {background_path}",
+                      "train it on the same codes (train_stage2 ... --data.perturb)")  # fmt: skip
     if codes_dir:
         check_matches(prior_facts(m.prior, m.codes_meta), asdict(read_meta(codes_dir)), f"--codes {codes_dir}",
                       "pass the codes directory the prior was trained on")  # fmt: skip
@@ -155,13 +160,15 @@ def _run(args: list[str] | None) -> str:
     inputs = {"--prior": a.prior, "--vqvae": a.vqvae, "--background": a.background, "--anomaly_net": a.anomaly_net,
               "--codes": a.codes, "an image to score": image_files(a.images)}  # fmt: skip
     out = check_output(a.out, a.overwrite, inputs=inputs)
-    grid = check_output(a.grid, a.overwrite, "--grid", inputs=inputs) if a.grid else None
+    grid = check_output(a.grid, a.overwrite, "--grid", inputs=inputs) if a.grid is not None else None
     if grid is not None and grid.suffix.lower() not in GRID_FORMATS:
         raise UserError(f"--grid {grid}: name an image file ({', '.join(GRID_FORMATS)})")
     if grid is not None and grid.resolve() == out.resolve():
         raise ValueError(f"--grid {grid} and --out {out} are the same file; give two names")
     if a.method is not None and a.method not in SCORES:
         raise UserError(f"--method {a.method!r} is not a score; choose one of {', '.join(SCORES)}")
+    if a.anomaly_net is not None and Path(a.anomaly_net).is_dir():  # was "does not exist; train one with ..."
+        raise UserError(f"--anomaly_net {a.anomaly_net} is a directory; pass an anomaly-net file (.pt)")
     needs = OPTIONAL.get(a.method)
     if needs and getattr(a, needs[2:]) is None:
         raise UserError(f"--method {a.method} needs {needs}")

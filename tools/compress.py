@@ -97,6 +97,8 @@ def run_decompress(args: list[str] | None) -> str:
                    help="directory for the decoded images (<name>.png for each stored file name, else 000000.png, ...)")
     a = p.parse_args(args)
     path = Path(a.file)
+    if path.is_dir():  # was "no such file"
+        raise IsADirectoryError(f"{path} is a directory; pass a .vqz file (one `compress` wrote)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     data = path.read_bytes()

@@ -94,6 +94,8 @@ class Container:
 # ------------------------------------------------------------------------------------------ container
 def pack(c: Container) -> bytes:
     """Serialize a container (see the module docstring for the layout)."""
+    if c.count < 1:
+        raise ValueError(f"a .vqz file holds at least one image, got {c.count}")  # unpack refuses one with none
     if len(c.streams) != c.num_batches or len(c.codes_crc) != c.num_batches:
         raise ValueError(f"{c.num_batches} batches expected, got {len(c.streams)} streams")
     if c.version not in (2, 3, NAMES_VERSION, FORMAT_VERSION):
@@ -135,6 +137,9 @@ def unpack(data: bytes, name: str = "<bytes>", max_count: int | None = None) -> 
     ] if not ok]  # fmt: skip
     if problems:
         raise ContainerError(f"{name}: corrupt header ({', '.join(problems)})")
+    if count == 0:  # decompress made an empty --out of it and exited 0
+        raise ContainerError(f"{name} holds no images (its image count is 0), and `compress` never writes such a "
+                             "file; re-create it with `compress`")  # fmt: skip
     if max_count is not None and count > max_count:
         raise ContainerError(f"{name} holds {count} images; at most {max_count} are read here: use the "
                              "`decompress` command")  # fmt: skip

@@ -238,6 +238,8 @@ def load_features(spec: str | None, dataset: str, device: torch.device | str = "
     if spec == "inception":
         return inception_features(device)
     if spec not in (None, "", "auto"):
+        if Path(spec).is_dir():  # was "does not exist; train one with ... --out DIR", which would fail too
+            raise FeaturesError(f"--features {spec} is a directory; pass a feature-net file (.pt), inception or auto")
         return feature_net_features(spec, device)
     path = default_path(dataset, root, image_size)
     if path.is_file():

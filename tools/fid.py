@@ -78,8 +78,10 @@ def kid(
     a, b = _as_features(features_a, "kid: first set"), _as_features(features_b, "kid: second set")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"kid: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
+    if subsets < 1 or subset_size < 2:  # one subset's MMD^2 reported with a spread of 0; 1 row divides by 0
+        raise ValueError(f"kid: subsets must be >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
     m = min(subset_size, len(a), len(b))
     rng = np.random.default_rng(seed)
     values = [_mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
-              for _ in range(max(1, subsets))]  # fmt: skip
+              for _ in range(subsets)]  # fmt: skip
     return float(np.mean(values)), float(np.std(values))

@@ -82,8 +82,8 @@ def start_training(cfg, default_path: Callable[[str, str | None, int | None], Pa
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {cfg.lr}")
     data = cfg.data.as_dict()
-    out = check_output(cfg.out or default_path(data["dataset"], data.get("root"), data.get("image_size")),
-                       cfg.overwrite)  # fmt: skip
+    default = default_path(data["dataset"], data.get("root"), data.get("image_size"))
+    out = check_output(cfg.out if cfg.out is not None else default, cfg.overwrite)  # --out "" is refused
     device = resolve_device(cfg.device)
     dm = ImageSplits(**data)  # checks the data options; reads nothing yet
     if dm.image_size < min_image_size:

@@ -42,7 +42,7 @@ from common.cli import (
     wandb_offline_unless_logged_in,
 )  # fmt: skip
 from common.images import GRID_FORMATS, load_image, make_grid, to_uint8
-from common.io import atomic_file, check_not_an_input, check_output, check_output_dir, staging_dir
+from common.io import atomic_file, check_named, check_not_an_input, check_output, check_output_dir, staging_dir
 from common.memory import available_memory
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
@@ -106,6 +106,7 @@ def build_parser():
 
 def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
     """(grid path or None, npz path), both checked before any work; neither may be one of the inputs."""
+    check_named(a.out)  # as typed: Path("") is "." ("--out . is a directory")
     out = Path(a.out)
     if out.is_dir():
         check_output(out, a.overwrite)  # says it is a directory
@@ -239,7 +240,8 @@ def _run(args: list[str] | None) -> str:
         raise UserError("--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions "
                         "(--prime) are unconditional: drop them")  # fmt: skip
     grid_path, npz_path = outputs(a)
-    if a.images:  # the folder itself now; the files once their count is known, still before any drawing
+    if a.images is not None:  # the folder itself now ("" is refused); its files once their count is known, still
+        # before any drawing
         check_output_dir(a.images, [], a.overwrite, "--images")
     device = resolve_device(a.device)
     m = load_models(a.prior, a.vqvae, device)
