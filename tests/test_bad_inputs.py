@@ -202,6 +202,10 @@ ROWS = [
     ("evaluate", ["samples", "--samples", "{images}", "--ckpt", "{stage1}", "--kid_subsets", "1000000000"],
      r"--kid_subsets must be in \[1, 1000\], got 1000000000"),  # fmt: skip  (ran for minutes without a word)
     ("compress", ["{images}", *P, "--out", "new.vqz", "--batch_size", "0"], r"--batch_size must be in \[1, 4096\]"),
+    ("compress", ["{images}", *P, "--out", "new.png"],  # a bitstream was written under an image's name
+     r"--out new.png: name a .vqz file \(compress writes a bitstream for `decompress`, not an image\)$"),
+    ("compress", ["{prime_png}", "{prime_png}", *P, "--out", "new.vqz"],  # "would both decompress to prime.png"
+     r"prime.png is given twice \(also as \S*prime.png\); give each image once$"),
     ("compress", ["{images}", *P, "--out", "new.vqz", "--labels", "some"], r"labels.*Literal\['best', 'null'\]"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--top", "0"], r"--top must be >= 1"),
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--batch_size", "0"], r"--batch_size must be"),
@@ -261,6 +265,11 @@ ROWS = [
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", ""], r"--grid '': give a file name$"),
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", ""], r"--json '': give a file name$"),
     ("sample", [*P, "--out", ""], r"--out '': give a file name$"),  # it said "--out . is a directory"
+    ("sample", [*P, "--classes", ""], r"--classes '': no class given; give ids or names"),  # it drew every class
+    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "16"],  # keeps every row: drew copies and exited 0
+     r"--keep_rows must be in \[0, 15\] \(pixel rows of the 16x16 image to keep; the rows below are redrawn\)"),
+    ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--split", "trian"],
+     r"--split must be one of train, val, test, got 'trian'$"),  # fmt: skip
     ("sample", [*P, "--out", "s.png", "--images", ""], r"--images '': give a directory$"),  # it was ignored
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", ""],
      r"--out '': give a file name$"),  # fmt: skip  (it wrote the default path instead)

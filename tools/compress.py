@@ -68,8 +68,15 @@ def run_compress(args: list[str] | None) -> str:
         raise ValueError(f"--batch_size must be in [1, {MAX_BATCH_SIZE}], got {a.batch_size}")
     named = named_image_files(a.images)
     files = [f for f, _ in named]
+    seen: dict[Path, Path] = {}
+    for f in files:  # the same file twice (a folder and a file in it) said the two "would both decompress to" one
+        if (real := f.resolve()) in seen:
+            raise ValueError(f"{f} is given twice (also as {seen[real]}); give each image once")
+        seen[real] = f
     out = check_output(a.out, a.overwrite, inputs={"--prior": a.prior, "--vqvae": a.vqvae,
                                                    "an image to compress": files})  # fmt: skip
+    if out.suffix.lower() != ".vqz":  # x.png got a bitstream under an image's name
+        raise ValueError(f"--out {out}: name a .vqz file (compress writes a bitstream for `decompress`, not an image)")
     names = [n for _, n in named] if a.names == "keep" else None
     if names is not None:  # names unfit to store, or two that would come back as one file: refused before any work
         for f, n in named:

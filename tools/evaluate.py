@@ -37,6 +37,7 @@ from common.cli import Parser, UserError, add_device, at_least, check_seed, make
 from common.codes import CodesError, CodesMeta, check_matches, load_split, read_meta
 from common.images import to_uint8
 from common.io import atomic_file, check_output
+from common.readers import SPLITS
 from common.splits import ImageSplits, data_options
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior, pass_slices
@@ -222,6 +223,8 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
     at_least(1, batch_size=cfg.batch_size)
     if getattr(cfg, "seed", None) is not None:
         check_seed(cfg.seed)
+    if getattr(cfg, "split", None) is not None and cfg.split not in SPLITS:  # an error from the data named no flag
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     if mode == "samples" and not 1 <= cfg.kid_subsets <= MAX_KID_SUBSETS:  # 0 and -1 printed one subset's KID
         raise UserError(f"--kid_subsets must be in [1, {MAX_KID_SUBSETS}], got {cfg.kid_subsets} (the default, "
                         "100, is what torch-fidelity and torchmetrics use)")  # fmt: skip

@@ -187,18 +187,18 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str
     k = prior.num_classes
     square = max(1, int(np.ceil(np.sqrt(a.n))))
     if k == 0:
-        if a.classes or a.per_class or a.class_mix == "data":
+        if a.classes is not None or a.per_class or a.class_mix == "data":
             raise ValueError("--classes/--per_class/--class_mix data given, but this prior is unconditional")
         return None, square
     if a.class_mix == "data":
-        if a.classes or a.per_class:
+        if a.classes is not None or a.per_class:
             raise ValueError("--class_mix data draws every class in the data's proportions: drop --classes/--per_class")
         if not class_counts:
             raise ValueError(f"--class_mix data: --prior {a.prior} does not record its training codes' class counts "
                              "(trained before 2026-11-29); retrain it with train_stage2, or use --class_mix turn")
         return labels_in_proportion(class_counts, a.n, a.seed), square
     classes = list(range(k))
-    if a.classes:
+    if a.classes is not None:  # "" too: parse_classes refuses it (it drew every class)
         classes = parse_classes(a.classes, class_names)
     if a.per_class is not None:
         if a.per_class <= 0:
@@ -216,9 +216,9 @@ def completion_keep(a: argparse.Namespace, vqvae: VQModel) -> torch.Tensor:
     if (a.keep_rows is None) == (a.mask is None):
         raise ValueError("--prime needs exactly one of --keep_rows R or --mask MASK.png")
     if a.keep_rows is not None:
-        if not 0 <= a.keep_rows <= size:
-            raise ValueError(f"--keep_rows must be in [0, {size}] (pixel rows of the {size}x{size} image), "
-                             f"got {a.keep_rows}")  # fmt: skip
+        if not 0 <= a.keep_rows < size:  # all {size} rows kept: nothing to redraw (it drew copies, exit 0)
+            raise ValueError(f"--keep_rows must be in [0, {size - 1}] (pixel rows of the {size}x{size} image to keep; "
+                             f"the rows below are redrawn), got {a.keep_rows}")  # fmt: skip
         hole = torch.zeros(size, size, dtype=torch.bool)
         hole[a.keep_rows :] = True
     else:
@@ -236,7 +236,7 @@ def _run(args: list[str] | None) -> str:
                             "code at every step)")  # fmt: skip
     if not 0 <= a.cfg_scale <= MAX_CFG_SCALE:  # 1e308 overflowed the guided logits into NaNs
         raise UserError(f"--cfg_scale must be in [0, {MAX_CFG_SCALE:g}] (1 = off), got {a.cfg_scale}")
-    if a.prime and (a.class_mix != "turn" or a.classes or a.per_class or a.cfg_scale != 1):
+    if a.prime and (a.class_mix != "turn" or a.classes is not None or a.per_class or a.cfg_scale != 1):
         raise UserError("--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions "
                         "(--prime) are unconditional: drop them")  # fmt: skip
     grid_path, npz_path = outputs(a)
