@@ -57,13 +57,13 @@ def check_writable_dir(path: str | Path, flag: str = "--out") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file; give a directory")
-    _check_parent(path / "x", flag)
+    _check_parent(path / "x", flag, shown=path)  # a file inside it; the messages name the folder as typed
 
 
-def _check_parent(path: Path, flag: str) -> None:
+def _check_parent(path: Path, flag: str, shown: Path | None = None) -> None:
     """The nearest existing ancestor of `path` must be a directory we can create a file in (tried for real:
-    permission bits say nothing for root or a read-only file system)."""
-    parent = path.parent
+    permission bits say nothing for root or a read-only file system). `shown`: the path the messages name."""
+    parent, path = path.parent, shown or path
     while not parent.exists():
         if parent.is_symlink():  # a dangling link: mkdir would fail later
             raise OutputError(f"{flag} {path}: {parent} is a broken symbolic link; choose another {flag}")

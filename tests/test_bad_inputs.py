@@ -246,7 +246,8 @@ ROWS = [
     ("compress", ["{images}", "{first_disc}", *P, "--out", "two.vqz"],
      r"--names keep: \S+ and \S+ would both decompress to \S+\.png; rename one.* or pass --names none"),
     ("decompress", ["{images_vqz}", *P, "--out", "{a_file}"], r"--out \S*a_file is a file; give a directory"),
-    ("decompress", ["{images_vqz}", *P, "--out", UNWRITABLE], r"cannot write into /proc"),
+    ("decompress", ["{images_vqz}", *P, "--out", UNWRITABLE],  # it named UNWRITABLE/x, a file nobody typed
+     rf"--out {UNWRITABLE}: cannot write into /proc"),
     ("score_anomalies", ["{images}", *P, "--out", "{existing_csv}"], r"existing.csv already exists"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", "g.csv"], r"--grid g.csv: name an image"),
     ("score_anomalies", ["{images}", *P, "--out", "s.csv", "--grid", "{existing_png}"], r"existing.png already"),
