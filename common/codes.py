@@ -166,6 +166,16 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
 
 
 # ------------------------------------------------------------------------------------------ reading
+def codes_files(codes_dir: str | Path) -> list[Path]:
+    """The files of a codes directory that the pipeline reads (meta.json, the stage-1 copy, every split's
+    arrays): what no output may replace. Other files there (an earlier `evaluate --json`) are not listed."""
+    d = Path(codes_dir)
+    if not d.is_dir():
+        return []
+    top = [d / name for name in (META_FILE, STAGE1_COPY) if (d / name).is_file()]
+    return top + sorted(f for sub in d.iterdir() if sub.is_dir() for f in sub.rglob("*") if f.is_file())
+
+
 def read_meta(codes_dir: str | Path) -> CodesMeta:
     """meta.json of a complete codes directory, or CodesError saying what to re-run."""
     codes_dir = Path(codes_dir)

@@ -95,9 +95,9 @@ def check_output(path: str | Path, overwrite: bool, flag: str = "--out",
 
 
 def check_not_an_input(path: Path, inputs: dict[str, str | Path | list | None], flag: str = "--out") -> None:
-    """OutputError if the existing file `path` is one of the command's `inputs` ({flag: path or paths}) or lies
-    in an input folder (a codes directory, a folder of images: its meta.json, its stage-1 copy, an image): it
-    would replace what it or the pipeline reads, so even --overwrite does not allow it. New files may go there."""
+    """OutputError if the existing file `path` is one of the command's `inputs` ({what: path or paths}; a folder's
+    files as a list: `common.codes.codes_files`, the images of a folder): it would replace what the command or
+    the pipeline reads, so even --overwrite does not allow it."""
     if not path.exists():
         return
     for name, given in inputs.items():
@@ -105,9 +105,6 @@ def check_not_an_input(path: Path, inputs: dict[str, str | Path | list | None], 
             if p is not None and Path(p).is_file() and os.path.samefile(path, p):
                 raise OutputError(f"{flag} {path} is also {name}: a command never writes over its own input "
                                   f"(not even with --overwrite); choose another {flag}")  # fmt: skip
-            if p is not None and Path(p).is_dir() and Path(path).resolve().is_relative_to(Path(p).resolve()):
-                raise OutputError(f"{flag} {path} is a file in {name} {p}: a command never writes over its own "
-                                  f"input (not even with --overwrite); choose another {flag}")  # fmt: skip
 
 
 def check_output_dir(path: str | Path, names: list[str], overwrite: bool, flag: str = "--out") -> Path:

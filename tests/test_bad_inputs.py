@@ -279,12 +279,12 @@ ROWS = [
      r"--json \S*prior.ckpt is also --ckpt: a command never writes over its own input"),  # fmt: skip
     # a file inside an input folder: the codes' meta.json and stage-1 copy, a scored image (all were replaced)
     ("evaluate", ["prior", "--ckpt", "{prior}", "--codes", "{codes}", "--json", "{codes}/meta.json", "--overwrite"],
-     r"--json \S*codes/meta.json is a file in --codes \S*codes: a command never writes over its own input"),
+     r"--json \S*codes/meta.json is also a file of --codes \S*codes: a command never writes over its own input"),
     ("score_anomalies", ["{images}", *P, "--codes", "{codes}", "--out", "{codes}/stage1.ckpt", "--overwrite"],
-     r"--out \S*codes/stage1.ckpt is a file in --codes \S*codes: a command never writes over its own input"),
+     r"--out \S*codes/stage1.ckpt is also a file of --codes \S*codes: a command never writes over its own input"),
     ("evaluate", ["samples", "--samples", "{stale_images}", "--ckpt", "{stage1}", "--json",
                   "{stale_images}/000000.png", "--overwrite"],
-     r"--json \S*stale_images/000000.png is a file in --samples \S*stale_images: a command never writes over"),
+     r"--json \S*stale_images/000000.png is also an image of --samples \S*stale_images: a command never writes"),
     ("train_feature_net", ["--data.dataset", "image_folder", "--data.root", "{shapes}", "--out", "{existing_png}"],
      r"existing.png already exists"),  # fmt: skip
     # ------------------------------------------------------------------ a masked-token prior: no exact likelihood
@@ -388,6 +388,17 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every file and folder under root -> a hash of its bytes ("dir" for folders)."""
     return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+def test_an_output_may_replace_a_file_of_its_own_in_an_input_folder(world, tmp_path, capsys):
+    """Only the files a command or the pipeline reads are protected: an earlier `evaluate --json` kept in the
+    codes directory is replaced with --overwrite, as anywhere else."""
+    codes = tmp_path / "codes"
+    shutil.copytree(world["codes"], codes)
+    (codes / "eval.json").write_text("{}\n")
+    evaluate(["prior", "--ckpt", world["prior"], "--codes", str(codes), "--json", str(codes / "eval.json"),
+              "--overwrite", "--device", "cpu"])  # fmt: skip
+    assert "bits_per_code" in (codes / "eval.json").read_text()
 
 
 @pytest.mark.parametrize("command,args,message", ROWS, ids=[f"{i:02d}-{r[0]}" for i, r in enumerate(ROWS)])

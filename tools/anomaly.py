@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
-from common.codes import check_matches, load_split, read_meta
+from common.codes import check_matches, codes_files, load_split, read_meta
 from common.images import GRID_FORMATS, image_files, load_images, named_image_files, save_grid
 from common.io import check_output, write_atomic
 from stage2_prior.build import require_likelihood
@@ -158,7 +158,8 @@ def _run(args: list[str] | None) -> str:
     a = build_parser().parse_args(args)
     at_least(1, top=a.top, batch_size=a.batch_size)
     inputs = {"--prior": a.prior, "--vqvae": a.vqvae, "--background": a.background, "--anomaly_net": a.anomaly_net,
-              "--codes": a.codes, "an image to score": image_files(a.images)}  # fmt: skip
+              f"a file of --codes {a.codes}": codes_files(a.codes) if a.codes else None,
+              "an image to score": image_files(a.images)}  # fmt: skip
     out = check_output(a.out, a.overwrite, inputs=inputs)
     grid = check_output(a.grid, a.overwrite, "--grid", inputs=inputs) if a.grid is not None else None
     if grid is not None and grid.suffix.lower() not in GRID_FORMATS:

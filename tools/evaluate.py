@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import Parser, UserError, add_device, at_least, check_seed, make_parser, resolve_device, run_command
-from common.codes import CodesError, CodesMeta, check_matches, load_split, read_meta
-from common.images import to_uint8
+from common.codes import CodesError, CodesMeta, check_matches, codes_files, load_split, read_meta
+from common.images import image_files, to_uint8
 from common.io import atomic_file, check_output
 from common.readers import SPLITS
 from common.splits import ImageSplits, data_options
@@ -229,8 +229,12 @@ def run(mode: str, cfg, model: VQModel | None) -> dict[str, Any]:
         raise UserError(f"--kid_subsets must be in [1, {MAX_KID_SUBSETS}], got {cfg.kid_subsets} (the default, "
                         "100, is what torch-fidelity and torchmetrics use)")  # fmt: skip
     if cfg.json is not None:  # --json "" too: check_output refuses it
-        check_output(cfg.json, cfg.overwrite, "--json", inputs={f"--{k}": getattr(cfg, k, None) for k in
-                                                                ("ckpt", "samples", "features", "codes")})  # fmt: skip
+        inputs = {f"--{k}": getattr(cfg, k, None) for k in ("ckpt", "samples", "features")}
+        if getattr(cfg, "codes", None):  # the files of folders: --json codes/meta.json replaced the codes' own
+            inputs[f"a file of --codes {cfg.codes}"] = codes_files(cfg.codes)
+        if getattr(cfg, "samples", None) and Path(cfg.samples).is_dir():
+            inputs[f"an image of --samples {cfg.samples}"] = image_files([cfg.samples])
+        check_output(cfg.json, cfg.overwrite, "--json", inputs=inputs)
     device = resolve_device(cfg.device)
     if mode == "prior":
         prior, hparams = load_prior(cfg.ckpt, "--ckpt")
