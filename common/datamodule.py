@@ -62,18 +62,23 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._load()
+        if stage == "fit":  # one process here (runs.py): before the run starts, not after its model summary
+            self._check_train_batch(1)
         say_once(self, self.describe())  # is this the data meant?
 
     def train_dataloader(self) -> DataLoader:
-        n, b, shard = len(self.split_arrays("train")[1]), self.options.batch_size, shard_of(self.trainer)
-        ranks = (shard or {}).get("num_replicas", 1)  # each rank trains on its 1/ranks of the split
+        shard = shard_of(self.trainer)
+        self._check_train_batch((shard or {}).get("num_replicas", 1))  # each rank trains on its 1/ranks
+        return self.dataloader("train", resumable=True, shard=shard)
+
+    def _check_train_batch(self, ranks: int) -> None:
+        n, b = len(self.split_arrays("train")[1]), self.options.batch_size
         if n // ranks < b:
             per = f"{n // ranks} images on each of {ranks} processes" if ranks > 1 else f"{n} images"
             raise DatasetError(
                 f"data: the train split has {per}, fewer than batch_size={b}, so drop_last would leave no "
                 f"batches (the run would end at step 0); lower --data.batch_size{' or --trainer.devices' * (ranks > 1)}"
             )
-        return self.dataloader("train", resumable=True, shard=shard)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

@@ -14,10 +14,10 @@ def check_optimiser(lr: float, weight_decay: float, warmup_steps: int) -> None:
     when a model is made, before its run folder)."""
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"--model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if not lr > 0:  # `not >`: NaN too
-        raise ValueError(f"--model.lr must be > 0, got {lr}")
-    if not weight_decay >= 0:
-        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+    if not 0 < lr < math.inf:  # NaN and YAML's .inf too: both trained NaN weights and exited 0
+        raise ValueError(f"--model.lr must be a finite number > 0, got {lr}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"--model.weight_decay must be a finite number >= 0, got {weight_decay}")
 
 
 def adamw_warmup_cosine(

@@ -1,5 +1,6 @@
 """The callbacks every training run gets (common.runs adds them): run bookkeeping, the global RNG states in
-each checkpoint, a last.ckpt that is always the newest step, and a note when a resume changes the schedule.
+each checkpoint, a last.ckpt that is always the newest step, a note when a resume changes the schedule, and
+one line when training diverges.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from common.cli import UserError
 from common.launch import point_latest
 
 
@@ -155,3 +157,46 @@ class ScheduleCheck(Callback):
                       "length from here; to finish the run as it was planned, resume with its own settings (the "
                       "config.yaml in its folder)", file=sys.stderr, flush=True)  # fmt: skip
                 return
+
+
+class StopOnDivergence(Callback):
+    """A training loss that stops being finite (NaN or inf: a learning rate far too high, data gone wrong) ends the
+    run with one line before its weights are saved: such runs trained NaN weights to the end, wrote their grids and
+    exited 0 (a helper's audit, `--model.lr 1e30`). On the CPU every step's loss is checked before its backward
+    pass, so no non-finite update is applied. On a GPU a check every step would make the host wait for the device
+    each step, so the steps' flags are gathered on the device and read every `every` steps and before each
+    validation and the end (whose checkpoints would hold the weights): up to `every` bad steps may be trained there,
+    none saved. The earlier checkpoints of the run stay."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+        self._bad: torch.Tensor | None = None  # on the device: any non-finite loss since the last read
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if loss.device.type == "cpu":
+            if bool(bad):
+                self._raise(trainer, pl_module, trainer.global_step, float(loss.detach()))
+            return
+        self._bad = bad if self._bad is None else self._bad | bad
+        if (trainer.global_step + 1) % self.every == 0:
+            self._read(trainer, pl_module)
+
+    def _read(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._bad is not None and bool(self._bad):
+            self._raise(trainer, pl_module, None, float("nan"))
+        self._bad = None
+
+    def _raise(self, trainer: Trainer, pl_module: LightningModule, step: int | None, loss: float) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        when = f"at step {step + 1} (loss {loss})" if step is not None else f"by step {trainer.global_step + 1}"
+        saved = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or ".") / "last.ckpt"
+        kept = f"; the run's last checkpoint before it: {saved}" if saved.is_file() else "; nothing was saved"
+        raise UserError(f"training diverged {when}: lower --model.lr (the rate was {lr:.3g} there) or check the "
+                        f"data{kept}")  # fmt: skip
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._read(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._read(trainer, pl_module)

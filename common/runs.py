@@ -61,7 +61,7 @@ from common.loaders import WORKER_TIMEOUT_MESSAGE
 from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
-from common.run_callbacks import NewestCheckpoint, RngState, RunWatch, ScheduleCheck
+from common.run_callbacks import NewestCheckpoint, RngState, RunWatch, ScheduleCheck, StopOnDivergence
 
 
 class OneLineParser(LightningArgumentParser):
@@ -219,7 +219,7 @@ class VQGenCLI(LightningCLI):
         self._watch = RunWatch(self._root, run_dir, on_start=lambda: write_slurm_record(run_dir, settings))
         ckpts = self.run_dir / "checkpoints"
         callbacks += [self._watch, RngState(), StopOnInterrupt(self._prog, ckpts / "last.ckpt", self._guard),
-                      ScheduleCheck(self._prog)]
+                      ScheduleCheck(self._prog), StopOnDivergence()]
         callbacks += [  # the first ModelCheckpoint is trainer.checkpoint_callback (best_model_path)
             ModelCheckpoint(dirpath=ckpts, filename="best", monitor=monitor, mode=mode, enable_version_counter=False),
             NewestCheckpoint(ckpts),

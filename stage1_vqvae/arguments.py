@@ -56,12 +56,13 @@ def check_arguments(width: int, res_blocks: int, res_width: int, downsample: int
     check_fsq_levels("--model.fsq_levels", fsq_levels)
     if lookup_dim is not None and (not _is_int(lookup_dim) or lookup_dim < 1):
         raise ValueError(f"--model.lookup_dim must be an integer >= 1 (or null: no projection), got {lookup_dim!r}")
-    if not beta >= 0:  # `not >=`: NaN too
-        raise ValueError(f"--model.beta must be >= 0, got {beta}")
+    if not 0 <= beta < math.inf:  # NaN and .inf (YAML's) too
+        raise ValueError(f"--model.beta must be a finite number >= 0, got {beta}")
     if not 0 <= decay < 1:
         raise ValueError(f"--model.decay must be in [0, 1), got {decay}")
-    if not restart_threshold >= 0:
-        raise ValueError(f"--model.restart_threshold must be >= 0 (0: no restarts), got {restart_threshold}")
+    if not 0 <= restart_threshold < math.inf:
+        raise ValueError(f"--model.restart_threshold must be a finite number >= 0 (0: no restarts), got "
+                         f"{restart_threshold}")  # fmt: skip
 
 
 def level_specs(levels: list[dict] | None, downsample: int, codebook_size: int,
@@ -90,13 +91,14 @@ def level_specs(levels: list[dict] | None, downsample: int, codebook_size: int,
     names = [s["name"] for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"--model.levels: names must differ, got {names}")
+    # every level's downsample is one the networks can build (2-16), checked first: a 0 divided below
+    for spec in specs:
+        if spec["downsample"] not in DOWNSAMPLES:
+            raise ValueError(f"--model.levels: level {spec['name']}'s downsample must be 2, 4, 8 or 16, "
+                             f"got {spec['downsample']}")  # fmt: skip
     for below, above in zip(specs, specs[1:]):
         ratio = above["downsample"] // below["downsample"]
         if above["downsample"] != ratio * below["downsample"] or ratio not in DOWNSAMPLES:
             raise ValueError(f"--model.levels: each level's downsample must be 2, 4, 8 or 16 times the one below, "
                              f"got {below['downsample']} then {above['downsample']}")  # fmt: skip
-    for spec in specs:  # every level's downsample is one networks can build (2-16), the top's too
-        if spec["downsample"] not in DOWNSAMPLES:
-            raise ValueError(f"--model.levels: level {spec['name']}'s downsample must be 2, 4, 8 or 16, "
-                             f"got {spec['downsample']}")  # fmt: skip
     return specs

@@ -114,7 +114,18 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         for name in ("train", "val", "test"):
             if name in self.meta.counts:
                 self.split(name)
+        if stage == "fit" and "train" in self.meta.counts:  # one process here (runs.py): before the run starts
+            self._check_batch("train", 1)
         say_once(self, self.describe())
+
+    def _check_batch(self, name: str, ranks: int) -> None:
+        """ValueError when a shuffled split has fewer grids per process than a batch (drop_last: no steps)."""
+        ds = self.split(name)
+        if len(ds) // ranks < self.hparams.batch_size:
+            each = f" ({len(ds) // ranks} on each of {ranks} processes: or lower --trainer.devices)" * (ranks > 1)
+            raise ValueError(
+                f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids{each}"
+            )
 
     def describe(self) -> str:
         """One line: the splits' sizes, the grid (or levels), the codebook and the classes."""
@@ -128,12 +139,8 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds, shard = self.split(name), shard_of(self.trainer)
-        ranks = (shard or {}).get("num_replicas", 1)  # under DDP each rank trains on its 1/ranks of the split
-        if shuffle and len(ds) // ranks < self.hparams.batch_size:
-            each = f" ({len(ds) // ranks} on each of {ranks} processes: or lower --trainer.devices)" * (ranks > 1)
-            raise ValueError(
-                f"--data.batch_size {self.hparams.batch_size} is larger than the {len(ds)} {name} code grids{each}"
-            )
+        if shuffle:  # under DDP each rank trains on its 1/ranks of the split
+            self._check_batch(name, (shard or {}).get("num_replicas", 1))
         workers = self.hparams.num_workers
         # persistent workers for the training loader only: see common.splits.ImageSplits.dataloader
         options = loader_options(workers, persistent=shuffle, shard=shard)

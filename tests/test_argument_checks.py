@@ -51,7 +51,16 @@ STAGE1_ROWS = [  # (extra flags, what the one line says)
     (["--model.levels", "[{name: bottom, downsample: 2}, {name: top, downsample: 32}]"],
      "--model.levels: level top's downsample must be 2, 4, 8 or 16, got 32"),
     (["--model.decay", "1.0"], "--model.decay must be in [0, 1), got 1.0"),
-    (["--model.beta", "-1"], "--model.beta must be >= 0"),
+    (["--model.beta", "-1"], "--model.beta must be a finite number >= 0, got -1"),
+    # YAML's .inf passed `not x > 0`-style checks: each trained NaN weights and exited 0 (a helper's audit)
+    (["--model.beta", ".inf"], "--model.beta must be a finite number >= 0, got inf"),
+    (["--model.lr", ".inf"], "--model.lr must be a finite number > 0, got inf"),
+    (["--model.weight_decay", ".inf"], "--model.weight_decay must be a finite number >= 0, got inf"),
+    (["--model.restart_threshold", ".inf"], "--model.restart_threshold must be a finite number >= 0"),
+    (["--model.levels", "[{name: b, downsample: 0}, {name: t, downsample: 4}]"],  # a ZeroDivisionError traceback
+     "--model.levels: level b's downsample must be 2, 4, 8 or 16, got 0"),
+    # after the model summary, leaving the run's config.yaml (the check ran in the training loader)
+    (["--data.batch_size", "100000"], "data: the train split has 48 images, fewer than batch_size=100000"),
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
 ]  # fmt: skip
 
@@ -66,6 +75,8 @@ STAGE2_ROWS = [
     (["--model.dropout", "1.0"], "--model.dropout must be in [0, 1), got 1.0"),
     (["--model.label_dropout", "1.5"], "--model.label_dropout must be in [0, 1), got 1.5"),
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
+    (["--model.lr", ".inf"], "--model.lr must be a finite number > 0, got inf"),
+    (["--data.batch_size", "100000"], "--data.batch_size 100000 is larger than the 32 train code grids"),  # traceback
 ]
 
 

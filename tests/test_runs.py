@@ -501,6 +501,27 @@ def test_a_resume_that_changes_the_schedule_says_so(tmp_path, capsys):
     assert "the learning rate at step" not in err, err
 
 
+def test_a_run_that_diverges_ends_in_one_line_before_saving_nan_weights(shapes_folder, tmp_path, capsys):
+    """--model.lr 1e30 trained NaN weights to the end, wrote its grid and exited 0 (stage 2 then crashed drawing
+    from NaN probabilities); now the first non-finite loss ends it before its update, exit 2, and the checkpoint
+    written before it is named and still finite."""
+    codes = write_trainable_codes(tmp_path)
+    root = tmp_path / "runs2"
+    args = ["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir", str(codes),
+            "--data.batch_size", "8", "--trainer.max_steps", "40", "--trainer.val_check_interval", "1",
+            "--sample_every_n_epochs", "0", "--log.backend", "none", "--trainer.default_root_dir", str(root),
+            "--model.lr", "1e30", "--model.warmup_steps", "0"]  # fmt: skip
+    err = user_error(train_stage2, args, capsys)
+    last = root / "version_0" / "checkpoints" / "last.ckpt"
+    said = (r"train_stage2: error: training diverged at step (\d+) \(loss nan\): lower --model.lr \(the rate was \S+ "
+            rf"there\) or check the data; the run's last checkpoint before it: {last}")
+    assert re.fullmatch(said, err), err
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())
+    err = user_error(train_stage1, fit_args(shapes_folder, tmp_path / "runs1", 20, "--model.lr", "1e30"), capsys)
+    assert re.fullmatch(r"train_stage1: error: training diverged at step \d+ \(loss nan\): lower --model.lr .*", err)
+
+
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
     """Labels -1 ("unlabelled") train the null class; a run that ends before its first validation (so with
     no best.ckpt) is tested with its final weights and still writes its sample grid."""

@@ -276,7 +276,8 @@ def test_missing_wandb_falls_back_to_csv(shapes_folder, tmp_path, monkeypatch, c
     [
         ("--model.quantizer", "bogus", "model.quantizer must be 'vq' or 'fsq'"),
         ("--model.downsample", "3", "downsample must be 2, 4, 8 or 16"),
-        ("--model.levels", "[{downsample: 4}, {downsample: 6}]", "2, 4, 8 or 16 times the one below, got 4 then 6"),
+        ("--model.levels", "[{downsample: 4}, {downsample: 4}]", "2, 4, 8 or 16 times the one below, got 4 then 4"),
+        ("--model.levels", "[{downsample: 4}, {downsample: 6}]", "downsample must be 2, 4, 8 or 16, got 6"),
         ("--model.levels", "[{name: a, downsample: 2}, {name: a, downsample: 4}]", "names must differ"),
         ("--log.backend", "bogus", "--log.backend must be one of wandb, csv, tensorboard, none"),
     ],
