@@ -168,13 +168,13 @@ class StopOnDivergence(Callback):
     validation and the end (whose checkpoints would hold the weights): up to `every` bad steps may be trained there,
     none saved. The earlier checkpoints of the run stay."""
 
-    def __init__(self, every: int = 50) -> None:
-        self.every = every
+    def __init__(self, every: int = 50, each_step: bool | None = None) -> None:
+        self.every, self.each_step = every, each_step  # each_step None: on the CPU only (tests force either way)
         self._bad: torch.Tensor | None = None  # on the device: any non-finite loss since the last read
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach())
-        if loss.device.type == "cpu":
+        if self.each_step if self.each_step is not None else loss.device.type == "cpu":
             if bool(bad):
                 self._raise(trainer, pl_module, trainer.global_step, float(loss.detach()))
             return

@@ -522,6 +522,33 @@ def test_a_run_that_diverges_ends_in_one_line_before_saving_nan_weights(shapes_f
     assert re.fullmatch(r"train_stage1: error: training diverged at step \d+ \(loss nan\): lower --model.lr .*", err)
 
 
+def test_divergence_is_caught_on_a_gpu_by_reading_a_flag_every_n_steps_and_before_checkpoints(tmp_path):
+    """The device path of StopOnDivergence (no GPU here: forced with each_step=False on CPU tensors): a NaN loss
+    at step 3 is not read at once (no host wait each step) but at the next multiple of `every`, or before a
+    validation (whose checkpoint would hold the weights) or the end; finite losses never raise."""
+    from types import SimpleNamespace
+
+    from common.cli import UserError
+    from common.run_callbacks import StopOnDivergence
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    trainer = SimpleNamespace(global_step=0, optimizers=[opt], checkpoint_callback=SimpleNamespace(dirpath=tmp_path))
+    for read in ("every", "validation", "end"):
+        cb = StopOnDivergence(every=10, each_step=False)
+        with pytest.raises(UserError, match=r"training diverged by step (10|5|6): lower --model.lr \(the rate was "
+                                            r"0.5 there\) or check the data; nothing was saved"):  # fmt: skip
+            for step in range(10 if read == "every" else 5):
+                trainer.global_step = step
+                cb.on_before_backward(trainer, None, torch.tensor(float("nan") if step == 3 else 1.0))
+            assert read != "every", "read only at step 10"
+            (cb.on_validation_start if read == "validation" else cb.on_train_end)(trainer, None)
+    cb = StopOnDivergence(every=2, each_step=False)
+    for step in range(6):
+        trainer.global_step = step
+        cb.on_before_backward(trainer, None, torch.tensor(1.0))
+    cb.on_validation_start(trainer, None), cb.on_train_end(trainer, None)
+
+
 def test_stage2_on_unlabelled_codes_ending_before_any_validation(tmp_path, capsys):
     """Labels -1 ("unlabelled") train the null class; a run that ends before its first validation (so with
     no best.ckpt) is tested with its final weights and still writes its sample grid."""
