@@ -40,6 +40,9 @@ class UInt8ImageDataset(Dataset):
         return from_uint8(self.images[index]), self.labels[index]
 
 
+MAX_WORKERS = 64  # --data.num_workers: far beyond what in-memory data can use (100,000 hung starting them)
+
+
 def already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch  # module-level so worker processes can pickle it
 

@@ -24,7 +24,7 @@ from common.emoji import DEFAULT_ROOT as EMOJI_ROOT
 from common.emoji import emoji_class_names, group_split, load_emoji
 from common.image_cache import cached_images
 from common.images import check_channels, infer_channels
-from common.loaders import SplitIndices, UInt8ImageDataset, loader_options
+from common.loaders import MAX_WORKERS, SplitIndices, UInt8ImageDataset, loader_options
 from common.readers import (
     _MNIST_LIKE,
     _NATIVE,
@@ -120,8 +120,11 @@ class ImageSplits:
             "val_size": (val_size, 0),
             "test_size": (test_size, 0),
             "num_workers": (num_workers, 0),
+            "seed": (seed, 0),  # numpy's own error for -1 named no flag
         }
         bad = [f"{k}={v} (must be >= {m})" for k, (v, m) in at_least.items() if v is not None and v < m]
+        if num_workers is not None and num_workers > MAX_WORKERS:  # 100,000 hung starting them
+            bad.append(f"num_workers={num_workers} (must be <= {MAX_WORKERS}; the splits are in memory: 0 is fastest)")
         if bad:
             raise DatasetError(f"data: {', '.join(bad)}")
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.

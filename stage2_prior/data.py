@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.codes import CodesError, class_counts, load_split, read_meta
 from common.codes import check_stage1 as verify_stage1_ckpt
-from common.loaders import loader_options
+from common.loaders import MAX_WORKERS, loader_options
 from common.logging import say_once
 from common.shuffle import ResumableTraining, resumable_loader, shard_of
 
@@ -61,9 +61,9 @@ class CodesDataModule(ResumableTraining, pl.LightningDataModule):
         # here, not when the loader is made: the sampler's own ValueError came after the run folder was made
         if not isinstance(batch_size, int) or batch_size < 1:
             raise CodesError(f"--data.batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise CodesError(f"--data.num_workers must be an integer >= 0 (0: load in the main process), "
-                             f"got {num_workers!r}")  # fmt: skip
+        if not isinstance(num_workers, int) or not 0 <= num_workers <= MAX_WORKERS:
+            raise CodesError(f"--data.num_workers must be an integer in 0..{MAX_WORKERS} (0: load in the main "
+                             f"process), got {num_workers!r}")  # fmt: skip
         self.meta = read_meta(codes_dir)
         # The checkpoint meta.json names, else the copy in the codes directory; CodesError if neither is as it was.
         self.stage1_ckpt = verify_stage1_ckpt(

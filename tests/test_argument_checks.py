@@ -61,12 +61,15 @@ STAGE1_ROWS = [  # (extra flags, what the one line says)
      "--model.levels: level b's downsample must be 2, 4, 8 or 16, got 0"),
     # after the model summary, leaving the run's config.yaml (the check ran in the training loader)
     (["--data.batch_size", "100000"], "data: the train split has 48 images, fewer than batch_size=100000"),
+    (["--data.num_workers", "100000"], "data: num_workers=100000 (must be <= 64"),  # hung starting them
+    (["--data.seed", "-1"], "data: seed=-1 (must be >= 0)"),  # numpy's "expected non-negative integer"
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
 ]  # fmt: skip
 
 STAGE2_ROWS = [
     (["--data.batch_size", "0"], "--data.batch_size must be an integer >= 1, got 0"),
-    (["--data.num_workers", "-1"], "--data.num_workers must be an integer >= 0"),
+    (["--data.num_workers", "-1"], "--data.num_workers must be an integer in 0..64"),
+    (["--data.num_workers", "100000"], "--data.num_workers must be an integer in 0..64"),
     (["--model.n_layer", "0"], "--model.n_layer must be an integer >= 1"),
     (["--model.n_head", "0"], "--model.n_head must be an integer >= 1"),
     (["--model.n_embd", "0"], "--model.n_embd must be an integer >= 1"),
