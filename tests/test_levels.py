@@ -141,7 +141,9 @@ def test_one_level_keeps_the_old_state_dict_and_shape() -> None:
 @pytest.mark.parametrize(
     "levels, match",
     [
-        ([{"downsample": 4}, {"downsample": 6}], "2, 4, 8 or 16 times"),
+        ([{"downsample": 4}, {"downsample": 4}], "2, 4, 8 or 16 times the one below, got 4 then 4"),
+        ([{"downsample": 4}, {"downsample": 6}], "downsample must be 2, 4, 8 or 16, got 6"),
+        ([{"downsample": 0}, {"downsample": 4}], "downsample must be 2, 4, 8 or 16, got 0"),  # ZeroDivisionError
         ([{"name": "a", "downsample": 2}, {"name": "a", "downsample": 4}], "names must differ"),
         ([{"downsample": 4, "size": 3}], "must be a mapping with downsample"),
         ([{"name": "not ok", "downsample": 4}], "plain identifier"),
