@@ -202,8 +202,7 @@ def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int
 
 
 # -------------------------------------------------------------------------------- progress
-# Lightning's warnings that say nothing a vqgen user can act on, printed by every run they match (message
-# pattern, category); see quiet_lightning.
+# Lightning's warnings that say nothing a vqgen user can act on (message pattern, category); see quiet_lightning.
 LIGHTNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
     # its own use of a class torch 2.13 deprecates
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
