@@ -174,20 +174,21 @@ class StopOnDivergence(Callback):
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach())
-        if self.each_step if self.each_step is not None else loss.device.type == "cpu":
+        each_step = self.each_step if self.each_step is not None else loss.device.type == "cpu"
+        if each_step:
             if bool(bad):
-                self._raise(trainer, pl_module, trainer.global_step, float(loss.detach()))
+                self._raise(trainer, trainer.global_step, float(loss.detach()))
             return
         self._bad = bad if self._bad is None else self._bad | bad
         if (trainer.global_step + 1) % self.every == 0:
-            self._read(trainer, pl_module)
+            self._read(trainer)
 
-    def _read(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _read(self, trainer: Trainer) -> None:
         if self._bad is not None and bool(self._bad):
-            self._raise(trainer, pl_module, None, float("nan"))
+            self._raise(trainer, None, float("nan"))
         self._bad = None
 
-    def _raise(self, trainer: Trainer, pl_module: LightningModule, step: int | None, loss: float) -> None:
+    def _raise(self, trainer: Trainer, step: int | None, loss: float) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         when = f"at step {step + 1} (loss {loss})" if step is not None else f"by step {trainer.global_step + 1}"
         saved = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or ".") / "last.ckpt"
@@ -196,7 +197,7 @@ class StopOnDivergence(Callback):
                         f"data{kept}")  # fmt: skip
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._read(trainer, pl_module)
+        self._read(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._read(trainer, pl_module)
+        self._read(trainer)
