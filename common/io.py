@@ -110,9 +110,8 @@ def check_not_an_input(path: Path, inputs: dict[str, str | Path | list | None], 
 def check_output_dir(path: str | Path, names: list[str], overwrite: bool, flag: str = "--out") -> Path:
     """A directory the command will fill with `names`: refuse a file, an unwritable place, or (without
     --overwrite) a directory that already holds one of `names`."""
-    check_named(path, flag, "directory")
+    check_writable_dir(path, flag)  # as typed: it refuses "" (which Path() would make ".")
     path = Path(path)
-    check_writable_dir(path, flag)
     if path.is_dir() and not overwrite:
         existing = [n for n in names if (path / n).exists()]
         if existing:
