@@ -20,14 +20,10 @@ of its cell is darker than mid-grey or more than half transparent.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from common.cli import (
     UserError,
@@ -41,8 +37,8 @@ from common.cli import (
     run_command,
     wandb_offline_unless_logged_in,
 )  # fmt: skip
-from common.images import GRID_FORMATS, load_image, make_grid, to_uint8
-from common.io import atomic_file, check_named, check_not_an_input, check_output, check_output_dir, staging_dir
+from common.images import load_image, make_grid
+from common.io import check_output_dir
 from common.memory import available_memory
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
@@ -60,6 +56,7 @@ from tools.drawing import (
 )  # fmt: skip
 from tools.load import load_models
 from tools.repair import hole_from_mask_image
+from tools.sample_outputs import check_grid_size, check_images_dir, check_sample_memory, outputs, write_outputs
 
 
 def build_parser():
@@ -104,79 +101,7 @@ def build_parser():
     return p
 
 
-def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
-    """(grid path or None, npz path), both checked before any work; neither may be one of the inputs."""
-    check_named(a.out)  # as typed: Path("") is "." ("--out . is a directory")
-    out = Path(a.out)
-    if out.is_dir():
-        check_output(out, a.overwrite)  # says it is a directory
-    suffix = out.suffix.lower()
-    if suffix != ".npz" and suffix not in GRID_FORMATS:
-        raise UserError(f"--out {out}: use a .png, .jpg, .webp (grid + .npz) or .npz (codes and images) name")
-    grid = None if suffix == ".npz" else check_output(out, a.overwrite, inputs=input_files(a))
-    return grid, check_output(out.with_suffix(".npz"), a.overwrite, inputs=input_files(a))
-
-
-def input_files(a: argparse.Namespace) -> dict[str, str | None]:
-    """The files `sample` reads, which no output may replace."""
-    return {"--prior": a.prior, "--vqvae": a.vqvae, "--prime": a.prime, "--mask": a.mask}
-
-
-def sample_names(n: int) -> list[str]:
-    return [f"{i:06d}.png" for i in range(n)]
-
-
-def check_images_dir(a: argparse.Namespace, n: int) -> Path | None:
-    """--images DIR for `n` samples: refused if it would replace a file (without --overwrite), or, with it, if DIR
-    holds sample files this run would not replace (an earlier, larger run's: a folder scored as one set would
-    mix the two, and they are not ours to delete); None if not asked."""
-    if not a.images:
-        return None
-    names = sample_names(n)
-    folder, ours = check_output_dir(a.images, names, a.overwrite, "--images"), set(names)
-    # neither an input (a --prime kept there) nor another output (--out DIR/000000.png) among the sample files
-    out = Path(a.out).resolve()
-    if out.parent == folder.resolve() and (out.name in ours or out.suffix == ".npz" and out.with_suffix(".png").name
-                                           in ours):  # fmt: skip  (the grid or the .npz on a sample's name)
-        raise UserError(f"--out {a.out} is one of the sample files --images {folder} gets; choose another --out")
-    inputs = input_files(a)
-    for name in names:
-        check_not_an_input(folder / name, inputs, "--images")
-    stale = sorted(p.name for p in folder.glob("[0-9]*.png") if re.fullmatch(r"\d{6}\.png", p.name)
-                   and p.name not in ours) if folder.is_dir() else []  # fmt: skip
-    if stale:
-        raise UserError(f"--images {folder} holds {len(stale)} sample file(s) beyond the {n} this run writes "
-                        f"({stale[0]} ...) that --overwrite would leave among them; empty it or choose another "
-                        "--images")  # fmt: skip
-    return folder
-
-
 MAX_CFG_SCALE = 1000.0  # far past any useful guidance (the page allows 20)
-MAX_GRID_BYTES = 2**31  # 2 GiB of pixels: far beyond any screen; a larger --scale is a typo, not a wish
-
-
-def check_grid_size(n: int, size: int, channels: int, scale: int) -> None:
-    """Refuse a --scale whose grid of n tiles would not fit in memory, before anything is drawn."""
-    side = size * scale + 2  # a tile and its padding
-    need = n * side * side * channels
-    if need > MAX_GRID_BYTES:
-        raise UserError(f"--scale {scale}: a grid of {n} tiles of {size * scale}x{size * scale} px would take "
-                        f"{need / 2**30:,.1f} GiB; lower --scale")  # fmt: skip
-
-
-# Bytes a sample holds at once (float images on the device and on the host, uint8 copies for the .npz and the
-# grid) per pixel value, and per code (int64 codes, their uint16 copy): what `sample` keeps until it writes.
-BYTES_PER_VALUE, BYTES_PER_CODE = 10, 10
-
-
-def check_sample_memory(n: int, size: int, channels: int, codes_per_sample: int, available: int | None) -> None:
-    """Refuse an --n whose samples would not fit in memory (`available` bytes; None: unknown, not checked),
-    before anything is drawn: 10**9 samples were drawn until the kernel killed the process without a word."""
-    need = n * (size * size * channels * BYTES_PER_VALUE + codes_per_sample * BYTES_PER_CODE)
-    if available is not None and need > available:
-        raise UserError(f"--n {n}: {n:,} samples of {size}x{size} px would hold about {need / 2**30:,.1f} GiB in "
-                        f"memory, and {available / 2**30:,.1f} GiB are free; draw fewer (several runs with "
-                        "different --seed values add up)")  # fmt: skip
 
 
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
@@ -290,24 +215,7 @@ def _run(args: list[str] | None) -> str:
         # in turn: one row per class; in the data's mix the classes follow each other in square rows
         grid_images = rows_by_label(images.cpu(), labels, per_row) if a.class_mix == "turn" else images.cpu()
     grid = make_grid(grid_images, nrow=per_row, scale=scale) if grid_path or a.wandb else None
-    # stage1_ckpt: where `evaluate samples` finds the data options; also relative to the .npz's folder, so a
-    # copy of the project (runs/ beside it) on another machine still finds it
-    stage1 = m.vqvae_path.resolve()
-    # Every output goes to a temporary name first; they are renamed into place together when all are written
-    # (the ExitStack's exits), so a failure or Ctrl-C never leaves a new grid beside an old .npz.
-    with contextlib.ExitStack() as outputs_written:
-        if grid_path:
-            Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(
-                outputs_written.enter_context(atomic_file(grid_path)), format=GRID_FORMATS[grid_path.suffix.lower()])
-        np.savez(outputs_written.enter_context(atomic_file(npz_path)), codes=codes.cpu().numpy().astype(np.uint16),
-                 images=to_uint8(images).cpu().numpy(),
-                 labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
-                 stage1_ckpt=np.array(str(stage1)),
-                 stage1_ckpt_relative=np.array(os.path.relpath(stage1, npz_path.resolve().parent)))  # fmt: skip
-        if images_dir is not None:
-            tmp = outputs_written.enter_context(staging_dir(images_dir))
-            for name, x in zip(sample_names(len(images)), to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()):
-                Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(tmp / name, format="PNG")
+    write_outputs(grid_path, grid, npz_path, codes, images, labels, m.vqvae_path, images_dir)
     if a.wandb:
         _log_wandb(grid, a, npz_path.parent)
     done = [grid_path, npz_path] + ([f"{len(images)} PNGs in {images_dir}/"] if images_dir is not None else [])
