@@ -1,4 +1,4 @@
-"""Logger factory, logger-agnostic image/histogram logging, and the progress line printed off a terminal.
+"""Logger factory and logger-agnostic image/histogram logging (the progress line: common/progress.py).
 
 W&B is the default dashboard. Without credentials it runs offline (and says how to `wandb sync`), so a
 laptop or CI never needs the network; `csv`, `tensorboard` and `none` are the alternatives, and a
@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from typing import Any
 
 import numpy as np
 from lightning_fabric.loggers.logger import rank_zero_experiment
-from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import ProgressBar, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -50,6 +47,10 @@ class LogConfig:
     project: str = "vqgen"
     name: str | None = None
     every_n_steps: int = 50
+
+    def __post_init__(self) -> None:  # 0 logged nothing at all (no metrics.csv, no progress lines)
+        if isinstance(self.every_n_steps, bool) or not self.every_n_steps >= 1:
+            raise ValueError(f"--log.every_n_steps must be an integer >= 1, got {self.every_n_steps}")
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -267,73 +268,6 @@ def lightning_info_hidden(*phrases: str) -> Iterator[None]:
         lightning_info.removeFilter(keep)
 
 
-class LineProgressBar(ProgressBar):
-    """Off a terminal (CI, nohup, Slurm logs) a bar is noise: print one line every N steps instead, with the
-    time since this process started training and an estimate of the time left (by steps, or by --trainer.max_time
-    when that ends the run first: then the step total shown is the estimate, "~N")."""
-
-    def __init__(self, every_n_steps: int = 50) -> None:
-        super().__init__()
-        self.every_n_steps = max(1, every_n_steps)
-        self._enabled = True
-        self._t0 = time.perf_counter()
-        self._seen = 0
-        self._step0 = 0
-
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._t0, self._seen, self._step0 = time.perf_counter(), 0, trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._seen += len(batch[0]) * trainer.world_size
-        step = trainer.global_step
-        if not (self._enabled and trainer.is_global_zero and step % self.every_n_steps == 0):
-            return
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()) if k.startswith("train"))
-        unit = getattr(pl_module, "throughput_unit", "img")  # the prior counts code maps
-        total, left = run_length(trainer, step, elapsed / max(step - self._step0, 1))
-        when = f" {_clock(elapsed)} elapsed" + (f", ~{_clock(left)} left" if left is not None else "")
-        print(f"epoch {trainer.current_epoch} step {step}/{total} {self._seen / elapsed:.0f} {unit}/s{when} {parts}",
-              flush=True)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (self._enabled and trainer.is_global_zero) or trainer.sanity_checking:
-            return
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-        parts = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
-        print(f"epoch {trainer.current_epoch} step {trainer.global_step} {parts}", flush=True)
-
-
-def run_length(trainer: Trainer, step: int, seconds_per_step: float) -> tuple[str, float | None]:
-    """The run's step total as printed and the seconds left: by the steps still to go (max_steps, or the epochs'
-    batches), or by the time budget (a Timer callback: --trainer.max_time) when that ends the run first."""
-    try:
-        steps = float(trainer.estimated_stepping_batches)  # max_steps, else max_epochs x batches; inf if neither
-    except Exception:  # noqa: BLE001 - no estimate (e.g. an iterable data set without a length): none shown
-        steps = float("inf")
-    left = (steps - step) * seconds_per_step if steps != float("inf") else None
-    total = f"{int(steps)}" if steps != float("inf") else "?"
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    budget = timer.time_remaining() if timer is not None else None
-    if budget is not None and (left is None or budget < left):
-        left = max(budget, 0.0)
-        total = f"~{step + int(left / seconds_per_step)}"
-    return total, left
-
-
-def _clock(seconds: float) -> str:
-    """1:02:03, 2:03 or 0:07."""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def say_once(owner: Any, line: str) -> None:
     """Print `line` the first time `owner` (a data module) asks, on the global-zero rank only: what a run read,
     before its first step."""
@@ -341,10 +275,3 @@ def say_once(owner: Any, line: str) -> None:
     if not getattr(owner, "_said", False) and (trainer is None or trainer.is_global_zero):
         print(line, flush=True)
         owner._said = True
-
-
-def _fmt(v: Any) -> str:
-    try:
-        return f"{float(v):.4g}"
-    except (TypeError, ValueError):
-        return str(v)

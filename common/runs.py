@@ -58,9 +58,10 @@ from common.launch import (
     write_slurm_record,
 )
 from common.loaders import WORKER_TIMEOUT_MESSAGE
-from common.logging import LineProgressBar, LogConfig, finish_logger, make_logger, quiet_lightning
+from common.logging import LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
+from common.progress import LineProgressBar
 from common.run_callbacks import NewestCheckpoint, RngState, RunWatch, ScheduleCheck, StopOnDivergence
 
 
@@ -79,6 +80,8 @@ class OneLineParser(LightningArgumentParser):
         print(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
 
+
+MAX_SEED = 2**32 - 1  # what seed_everything takes (numpy's seeds)
 
 class VQGenCLI(LightningCLI):
     """LightningCLI with vqgen's run-folder, logger, checkpoint, resume and progress conventions."""
@@ -156,6 +159,11 @@ class VQGenCLI(LightningCLI):
         # fit resumes from it: check it first, so that a missing file, the other stage's checkpoint or a
         # pickle that is more than tensors (it could run code) is a one-line error. "last" is ours (below).
         sub = self.config.get("subcommand")
+        seed = self.config[sub].get("seed_everything") if sub else None
+        if not isinstance(seed, bool) and seed is not None and not 0 <= seed <= MAX_SEED:  # numpy's "-1 is not in
+            # bounds, numpy accepts from 0 to 4294967295" named no flag
+            raise UserError(f"--seed_everything must be an integer in 0..{MAX_SEED} (or true for a random seed), "
+                            f"got {seed}")  # fmt: skip
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES:
             read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning import Callback
 
+from common.cli import UserError
 from common.images import make_grid, save_grid
 from common.logging import lightning_info_hidden, log_image
 from common.runs import VQGenCLI, train_main
@@ -82,6 +83,8 @@ class Stage2CLI(VQGenCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         every = self._get(self.config, "sample_every_n_epochs", default=1)
+        if isinstance(every, bool) or not every >= 0:  # -1 was taken (a grid at every validation)
+            raise UserError(f"--sample_every_n_epochs must be an integer >= 0 (0: never), got {every}")
         if self.run_dir is not None and every:
             trainer.callbacks.append(SampleGrid(self.datamodule.stage1_ckpt, every))
         return trainer

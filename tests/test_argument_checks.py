@@ -64,6 +64,8 @@ STAGE1_ROWS = [  # (extra flags, what the one line says)
     (["--data.num_workers", "100000"], "data: num_workers=100000 (must be <= 64"),  # hung starting them
     (["--data.seed", "-1"], "data: seed=-1 (must be >= 0)"),  # numpy's "expected non-negative integer"
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
+    (["--log.every_n_steps", "0"], "--log.every_n_steps must be an integer >= 1, got 0"),  # logged nothing, exit 0
+    (["--seed_everything", "-1"], "--seed_everything must be an integer in 0..4294967295"),  # named no flag
 ]  # fmt: skip
 
 STAGE2_ROWS = [
@@ -80,6 +82,8 @@ STAGE2_ROWS = [
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
     (["--model.lr", ".inf"], "--model.lr must be a finite number > 0, got inf"),
     (["--data.batch_size", "100000"], "--data.batch_size 100000 is larger than the 32 train code grids"),  # traceback
+    (["--sample_every_n_epochs", "-1"], "--sample_every_n_epochs must be an integer >= 0 (0: never), got -1"),
+    (["--log.every_n_steps", "-5"], "--log.every_n_steps must be an integer >= 1, got -5"),
 ]
 
 

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import Timer
 
 from common.datamodule import ImageDataModule
 from common.images import from_uint8, make_grid
-from common.logging import _clock, run_length
+from common.progress import _clock, run_length
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.train import main
 from stage1_vqvae.vqvae import VQVAE
