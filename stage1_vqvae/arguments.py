@@ -81,6 +81,8 @@ def level_specs(levels: list[dict] | None, downsample: int, codebook_size: int,
         if "codebook_size" in raw:
             check_codebook_size(f"--model.levels[{i}].codebook_size", raw["codebook_size"])
         check_fsq_levels(f"--model.levels[{i}].fsq_levels", raw.get("fsq_levels"))
+        if not _is_int(raw["downsample"]):  # int() made 2.9 a 2, and "x" a message that named no flag
+            raise ValueError(f"--model.levels[{i}].downsample must be 2, 4, 8 or 16, got {raw['downsample']!r}")
         spec = {"name": str(raw.get("name", f"level{i}")), "downsample": int(raw["downsample"]),
                 "codebook_size": int(raw.get("codebook_size", codebook_size)),
                 "fsq_levels": raw.get("fsq_levels", fsq_levels)}  # fmt: skip

@@ -102,6 +102,9 @@ class VQVAE(VQModel, pl.LightningModule):
         channels_last: bool = False,
     ) -> None:
         check_optimiser(lr, weight_decay, warmup_steps)  # the network's: VQModel's check_arguments
+        if condition_levels and not (levels and len(levels) > 1):  # it did nothing, without a word
+            raise ValueError("--model.condition_levels conditions each level on the one above: it needs two or more "
+                             "--model.levels; drop it or add levels")  # fmt: skip
         super().__init__(
             in_channels, image_size, width, res_blocks, res_width, downsample, code_dim, quantizer, codebook_size,
             beta, ema, decay, kmeans_init, restart_threshold, lookup_dim, l2_normalize, rotation_trick, fsq_levels,

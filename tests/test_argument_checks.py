@@ -65,6 +65,10 @@ STAGE1_ROWS = [  # (extra flags, what the one line says)
     (["--data.seed", "-1"], "data: seed=-1 (must be >= 0)"),  # numpy's "expected non-negative integer"
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
     (["--log.every_n_steps", "0"], "--log.every_n_steps must be an integer >= 1, got 0"),  # logged nothing, exit 0
+    (["--model.levels", "[{name: b, downsample: 2.9}, {name: t, downsample: 4}]"],  # trained as 2
+     "--model.levels[0].downsample must be 2, 4, 8 or 16, got 2.9"),
+    (["--model.condition_levels", "true"], "--model.condition_levels conditions each level on the one above: it "
+     "needs two or more --model.levels"),  # ignored without a word
     (["--seed_everything", "-1"], "--seed_everything must be an integer in 0..4294967295"),  # named no flag
 ]  # fmt: skip
 
