@@ -3,14 +3,21 @@
 A checkpoint is a dict of tensors and plain values; torch's weights-only unpickler refuses any other
 object, so a crafted file cannot run code. Whatever the problem (missing, truncated, text, a pickle of
 arbitrary objects, the wrong stage), the `CheckpointError` names the flag and the file and says what to pass.
+The file is read once and loaded from those bytes: `checkpoint_bytes` keeps them with their SHA-256, so what a
+`.vqz` or a codes directory records is the hash of the weights that were used, even if a run still training
+rewrites the file meanwhile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
+import os
 import pickle
 import re
 import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,47 +42,80 @@ def kind_of(ckpt: dict) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | Path, flag: str, want: str | None = None) -> dict[str, Any]:
-    """The checkpoint at `path` (given as `flag`) as a dict, loaded weights-only on the CPU.
+NAMES = {"stage1": "a stage-1 (VQ-VAE) checkpoint", "prior": "a stage-2 prior checkpoint", None: "a checkpoint"}
 
-    `want` ("stage1" or "prior") also checks which stage wrote it, and says so when it is the other one.
-    """
+
+class CheckpointBytes(os.PathLike):
+    """A checkpoint file read once: its path, its bytes and their SHA-256. It goes wherever a checkpoint's path
+    goes (`read_checkpoint`, so `load_stage1` and `load_prior` too; printed, it is the path), and the weights are
+    then loaded from these very bytes: hashing the file again later could name a checkpoint that a run still
+    training wrote after the weights were loaded."""
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path, self.data = path, data
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()  # hex, as common.codes.sha256_file gives for the file
+
+
+def checkpoint_bytes(path: str | Path, flag: str, want: str | None = None) -> CheckpointBytes:
+    """The file at `path` (given as `flag`), read once; `want` ("stage1", "prior") only names it in errors."""
     path = Path(path)
-    names = {"stage1": "a stage-1 (VQ-VAE) checkpoint", "prior": "a stage-2 prior checkpoint", None: "a checkpoint"}
     if not path.exists():
         if path.name == "best.ckpt" and (path.parent / "last.ckpt").is_file():  # a run that never validated
             raise CheckpointError(f"{flag} {path}: no such file: that run wrote no best.ckpt (no validation ran, "
                                   f"e.g. it ended first); pass {path.parent / 'last.ckpt'}")  # fmt: skip
-        raise CheckpointError(f"{flag} {path}: no such file; pass {names[want]} (.ckpt)")
+        raise CheckpointError(f"{flag} {path}: no such file; pass {NAMES[want]} (.ckpt)")
     if not path.is_file():
-        raise CheckpointError(f"{flag} {path} is a directory; pass {names[want]} (.ckpt file)")
+        raise CheckpointError(f"{flag} {path} is a directory; pass {NAMES[want]} (.ckpt file)")
+    try:
+        return CheckpointBytes(path, path.read_bytes())
+    except OSError as e:  # unreadable, or gone since the check above
+        raise CheckpointError(f"{flag} {path}: cannot read it ({e.strerror or e}); pass {NAMES[want]}") from None
+
+
+def read_checkpoint(path: str | Path | CheckpointBytes, flag: str, want: str | None = None) -> dict[str, Any]:
+    """The checkpoint at `path` (given as `flag`) as a dict, loaded weights-only on the CPU (from the bytes of a
+    `CheckpointBytes`, else from the file, read once).
+
+    `want` ("stage1" or "prior") also checks which stage wrote it, and says so when it is the other one.
+    """
+    source = path if isinstance(path, CheckpointBytes) else checkpoint_bytes(path, flag, want)
+    path = source.path
     try:
         with warnings.catch_warnings():
             # a raw pickle (not torch's zip format) makes torch warn about its pickle protocol, in two lines, before
             # the one-line error below that says what to pass: nothing torch warns of here is the user's to fix
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(io.BytesIO(source.data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:  # torch's weights-only unpickler met an object it does not allow
             raise CheckpointError(
                 f"{flag} {path} holds a Python object ({found.group(1)}) beyond tensors and plain values; it is not "
-                f"loaded (it could run code). Pass {names[want]} written by vqgen"
+                f"loaded (it could run code). Pass {NAMES[want]} written by vqgen"
             ) from None
         raise CheckpointError(
-            f"{flag} {path} is not a PyTorch checkpoint (unreadable pickle); pass {names[want]}"
+            f"{flag} {path} is not a PyTorch checkpoint (unreadable pickle); pass {NAMES[want]}"
         ) from None
     except Exception as e:  # torch raises many types for a file that is not a checkpoint (truncated, text, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{flag} {path} is not a PyTorch checkpoint ({type(e).__name__}: {first}); "
-                              f"pass {names[want]}") from None  # fmt: skip
+                              f"pass {NAMES[want]}") from None  # fmt: skip
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{flag} {path} is not a Lightning checkpoint (no state_dict); pass {names[want]}")
+        raise CheckpointError(f"{flag} {path} is not a Lightning checkpoint (no state_dict); pass {NAMES[want]}")
     kind = kind_of(ckpt)
     if want is not None and kind != want:
         hint = {"stage1": " (it is a stage-1 VQ-VAE checkpoint: pass it as --vqvae or --ckpt of extract_codes)",
                 "prior": " (it is a stage-2 prior checkpoint: pass it as --prior)"}.get(kind, "")  # fmt: skip
-        raise CheckpointError(f"{flag} {path} is not {names[want]}{hint}")
+        raise CheckpointError(f"{flag} {path} is not {NAMES[want]}{hint}")
     return ckpt
 
 

@@ -31,6 +31,7 @@ import torch
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset
 
+from common.checkpoint import checkpoint_bytes
 from common.cli import (
     Parser,
     UserError,
@@ -202,8 +203,12 @@ def extract_codes(
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
+    stage1_sha256: str | None = None,
 ) -> CodesMeta | None:
-    """Encode `splits` of `datamodule` into the codes directory `out`; returns its meta on rank 0 (else None)."""
+    """Encode `splits` of `datamodule` into the codes directory `out`; returns its meta on rank 0 (else None).
+    `stage1_sha256`: the hash of the bytes `model`'s weights came from (default: the file's now).
+    The codes record it, and the copy of `stage1_ckpt` kept beside them must have it: a file rewritten since the
+    weights were loaded (a run still training) is refused, not paired with codes another model made."""
     ckpt = str(Path(stage1_ckpt).resolve())
     meta = CodesMeta(
         codebook_size=model.codebook_size,
@@ -214,7 +219,7 @@ def extract_codes(
         image_size=model.image_size,
         channels=model.in_channels,
         stage1_ckpt=ckpt,
-        stage1_sha256=sha256_file(ckpt),
+        stage1_sha256=stage1_sha256 or sha256_file(ckpt),
         dataset=datamodule.options.dataset,
     )
     writer = CodesWriter(out, meta, overwrite=overwrite)  # checks `out` now, before the long part
@@ -291,9 +296,12 @@ def _run(args: list[str] | None) -> str | None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--ckpt")
     ckpt = pre.parse_known_args(args)[0].ckpt
-    model, data_defaults = None, {}
+    model, data_defaults, sha = None, {}, None
     if ckpt:  # the checkpoint's data options become the --data.* defaults
-        model, saved = load_stage1(ckpt, "--ckpt")
+        # read once: the codes record the hash of the bytes these weights came from, not of the file later
+        source = checkpoint_bytes(ckpt, "--ckpt", "stage1")
+        (model, saved), sha = load_stage1(source, "--ckpt"), source.sha256
+        del source  # as large as the checkpoint, and not needed while encoding
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
     cfg = build_parser(data_defaults).parse_args(args)
     check_named(cfg.out, "--out", "directory")  # "" is "." once a Path: the codes would fill the working folder
@@ -302,7 +310,7 @@ def _run(args: list[str] | None) -> str | None:
     datamodule = make_datamodule(model, **cfg.data.as_dict())
     meta = extract_codes(
         model, datamodule, cfg.out, cfg.ckpt, splits, cfg.batch_size, cfg.overwrite,
-        cfg.accelerator, cfg.devices, cfg.strategy,
+        cfg.accelerator, cfg.devices, cfg.strategy, sha,
     )  # fmt: skip
     if meta is None:  # not rank 0
         return None

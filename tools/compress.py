@@ -21,6 +21,8 @@ a hidden temporary folder whose files are moved into ``--out`` only once all of 
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -91,10 +93,24 @@ def run_compress(args: list[str] | None) -> str:
     data, ideal = compress_codes(m, codes, a.batch_size, a.labels, names)
     seconds = time.perf_counter() - t0
     write_atomic(out, data)
+    if note := run_checkpoint_note(a.prior, out):  # after the work: a user error stays the one line on stderr
+        print(f"compress: note: {note}", file=sys.stderr)
     pixels = len(files) * m.image_size**2
     kept = f" ({len(pack_names(names, len(names), folders=True))} of them file names)" if names is not None else ""
     return (f"{len(files)} images -> {out}: {len(data)} bytes{kept}, {8 * len(data) / pixels:.4f} bits per pixel "
             f"(ideal {ideal / pixels:.4f}), {len(files) / seconds:.1f} images/s")  # fmt: skip
+
+
+def run_checkpoint_note(prior: str, out: Path) -> str | None:
+    """What to do when `prior` is a training run's last.ckpt or best.ckpt (the path given or the file it links to):
+    resuming the run, or a later validation, rewrites it, and `out` decodes with no other prior than this one."""
+    run_file = next((p for p in (Path(prior), Path(prior).resolve())
+                     if p.name in ("last.ckpt", "best.ckpt") and p.parent.name == "checkpoints"), None)  # fmt: skip
+    if run_file is None:
+        return None
+    return (f"--prior {prior} is a training run's {run_file.name}, which resuming the run (or a later validation) "
+            f"rewrites, and {out} decodes only with the exact prior it was made with: to decompress it later, keep "
+            f"a copy (cp {shlex.quote(prior)} prior_for_vqz.ckpt) and compress with that copy")  # fmt: skip
 
 
 def run_decompress(args: list[str] | None) -> str:

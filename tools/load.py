@@ -3,7 +3,7 @@
     models = load_models("prior.ckpt", vqvae_path=None, device="auto")  # a GPU if there is one
     models.prior, models.vqvae                  # the plain networks (CodePrior, VQModel), eval mode, on the device
     models.codes_meta                           # the codes the prior was trained on
-    models.prior_sha256, models.stage1_sha256   # what a .vqz records
+    models.prior_sha256, models.stage1_sha256   # what a .vqz records: the hashes of the bytes the weights came from
 
 The stage-1 checkpoint is the one the prior's codes metadata names (it must still have the SHA-256 it had
 at extraction) unless ``--vqvae`` is given; either way it must be the checkpoint the prior's codes came
@@ -15,14 +15,13 @@ samples or compresses starts in about the time torch takes to import.
 from __future__ import annotations
 
 from dataclasses import fields
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import CheckpointError
+from common.checkpoint import CheckpointError, checkpoint_bytes
 from common.cli import resolve_device
-from common.codes import CodesMeta, check_matches, check_stage1, sha256_file
+from common.codes import CodesMeta, check_matches, check_stage1
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.build import load_prior
 from stage2_prior.decoding import CodePrior
@@ -39,22 +38,19 @@ def prior_facts(prior: CodePrior, codes_meta: dict | None) -> dict:
 
 
 class Models:
-    """A prior network and its stage 1, on one device, with their checkpoints' paths and the prior's codes."""
+    """A prior network and its stage 1, on one device, with their checkpoints' paths, the SHA-256 of the bytes
+    their weights were loaded from, and the prior's codes."""
 
     def __init__(self, prior: CodePrior, vqvae: VQModel, prior_path: Path, vqvae_path: Path, device: torch.device,
-                 codes_meta: dict | None = None, stage1_data: dict | None = None) -> None:  # fmt: skip
+                 codes_meta: dict | None = None, stage1_data: dict | None = None, prior_sha256: str = "",
+                 stage1_sha256: str = "") -> None:  # fmt: skip
         self.prior, self.vqvae = prior.to(device).eval(), vqvae.to(device).eval()
         self.prior_path, self.vqvae_path, self.device = prior_path, vqvae_path, device
+        # Taken from the bytes loaded, never from the file later: a prior still training rewrites its last.ckpt,
+        # and a .vqz that named the file's later hash could be decoded by no checkpoint at all.
+        self.prior_sha256, self.stage1_sha256 = prior_sha256, stage1_sha256
         self.codes_meta = codes_meta or {}
         self.stage1_data = stage1_data or {}  # the data options stage 1 was trained with (its checkpoint's)
-
-    @cached_property
-    def prior_sha256(self) -> str:
-        return sha256_file(self.prior_path)
-
-    @cached_property
-    def stage1_sha256(self) -> str:
-        return sha256_file(self.vqvae_path)
 
     @property
     def image_size(self) -> int:
@@ -111,13 +107,16 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     """The prior and the stage 1 that decodes its codes, checked to fit each other, on `device` ("auto": a GPU if
     there is one)."""
     device = resolve_device(device, "device") if isinstance(device, str) else torch.device(device)
-    prior, hparams = load_prior(prior_path)
+    prior_file = checkpoint_bytes(prior_path, "--prior", "prior")  # read once: weights and hash of the same bytes
+    prior, hparams = load_prior(prior_file)
     meta = hparams.get("codes_meta") or {}
     path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path)
-    vqvae, stage1_data = load_stage1(path, "--vqvae")
-    models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data)
-    if not vqvae_path:  # stage1_path_of has just checked it against the hash the codes recorded
-        models.stage1_sha256 = meta["stage1_sha256"]
+    # stage1_path_of hashed the file, which may since have been rewritten: check_matches below compares the
+    # hash of the bytes loaded here with the one the codes recorded
+    stage1_file = checkpoint_bytes(path, "--vqvae", "stage1")
+    vqvae, stage1_data = load_stage1(stage1_file, "--vqvae")
+    models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data,
+                    prior_file.sha256, stage1_file.sha256)  # fmt: skip
     facts = prior_facts(prior, meta)
     target = {"codebook_size": vqvae.codebook_size, "grid_shape": vqvae.grid_shape,
               "stage1_sha256": models.stage1_sha256 if facts["stage1_sha256"] else None}  # fmt: skip

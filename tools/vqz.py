@@ -104,9 +104,11 @@ def decompress_codes(m: Models, data: bytes, name: str = "<bytes>") -> np.ndarra
     for what, flag, ours, theirs in [("prior", "--prior", m.prior_sha256, c.prior_sha256),
                                      ("stage-1 checkpoint", "--vqvae", m.stage1_sha256, c.stage1_sha256)]:  # fmt: skip
         if ours != theirs:
+            # the usual way to lose the prior a file needs: its training run went on (resumed, or validated again)
+            why = "; a resumed or continued training run rewrites its last.ckpt/best.ckpt" if what == "prior" else ""
             raise ContainerError(f"{name} was made with a different {what}: checkpoint SHA-256 differs (file: "
                                  f"{theirs[:12]}..., given: {ours[:12]}...); pass the {what} it was made with "
-                                 f"({flag})")  # fmt: skip
+                                 f"({flag}){why}")  # fmt: skip
     if (c.image_size, c.channels) != (m.image_size, m.channels):
         raise ContainerError(f"{name}: holds {c.channels}-channel {c.image_size}px images, but stage 1 makes "
                              f"{m.channels}-channel {m.image_size}px ones; pass the checkpoints it was "
