@@ -32,9 +32,37 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C: `make` stops too
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a command `kill` or `timeout` stopped
+
+
 class CommandInterrupted(Exception):
-    """Ctrl-C inside `ctrl_c_raises_interrupted`: not a KeyboardInterrupt, which Lightning's loops catch
-    themselves (they print their own line and exit with 1); run_command reports both alike."""
+    """Ctrl-C inside `ctrl_c_raises_interrupted` (or SIGTERM inside run_command: `signum`): not a KeyboardInterrupt,
+    which Lightning's loops catch themselves (they print their own line and exit with 1); run_command reports
+    them alike."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def sigterm_raises_interrupted() -> Iterator[None]:
+    """Inside the block, SIGTERM (kill, timeout, a scheduler's limit, docker stop) raises CommandInterrupted, so
+    the commands' `finally` blocks remove their temporary files as after Ctrl-C; its default action ended the
+    process at once, leaving hidden temporary files as large as the outputs (an image cache: the data set).
+    Only from the main thread, and only where SIGTERM has its default action (a caller's handler is kept)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stopped(signum: int, frame: Any) -> None:
+        raise CommandInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ctrl_c_reaches_us() -> bool:
@@ -210,7 +238,8 @@ def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: l
     Running out of memory is one too, naming `memory_flag` (the option that sets how much is held at once)."""
     keep_freed_memory()
     try:
-        message = fn(args)
+        with sigterm_raises_interrupted():
+            message = fn(args)
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
@@ -220,7 +249,10 @@ def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: l
         remedy = f"pass a smaller {memory_flag}" if memory_flag else "free some memory, or use a larger machine"
         print(f"{prog}: error: {what}; {remedy}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-    except (KeyboardInterrupt, CommandInterrupted):  # Ctrl-C: outputs are written under temporary names
+    except (KeyboardInterrupt, CommandInterrupted) as e:  # outputs are written under temporary names: none is left
+        if getattr(e, "signum", signal.SIGINT) == signal.SIGTERM:
+            print(f"{prog}: stopped by SIGTERM", file=sys.stderr)
+            raise SystemExit(EXIT_TERMINATED) from None
         print(f"\n{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     if message:

@@ -5,6 +5,8 @@ A codes directory holds::
     meta.json              CodesMeta: format version, levels, codebook size, grid shape, classes, stage-1 ckpt + hash
     stage1.ckpt            a byte copy of that stage-1 checkpoint (since 2026-11-29): the codes decode even
                            after its run is resumed (which rewrites last.ckpt), moved or deleted
+    stage1-<sha12>.ckpt    an earlier stage1.ckpt that `extract_codes --overwrite` with another stage 1 kept
+                           (named by its SHA-256): the priors trained on the earlier codes decode with it
     <split>/codes.npy      uint16 (N, H, W), read with memory mapping  (one level)
     <split>/codes_<level>.npy   uint16 (N, h, w) per level            (several levels: VQ-VAE-2)
     <split>/labels.npy     int64 (N,), -1 where unlabelled
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +41,7 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 STAGE1_COPY = "stage1.ckpt"  # the copy of the stage-1 checkpoint in a codes directory
+KEPT_COPY = re.compile(r"stage1-[0-9a-f]{12}(?:[0-9a-f]{52})?\.ckpt")  # earlier copies: `kept_copy_names`
 CODES_FILE = "codes.npy"
 LABELS_FILE = "labels.npy"
 SPLIT_NAMES = ("train", "val", "test")  # the only splits a writer creates, and the only ones it ever deletes
@@ -165,14 +169,22 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def kept_copy_names(sha256: str) -> list[str]:
+    """Where a codes directory keeps an earlier stage-1 copy with this hash: stage1-<first 12 hex>.ckpt, or with
+    all 64 if that name holds another file. The stage 1 of priors trained on codes the directory held before."""
+    return [f"stage1-{sha256[:12]}.ckpt", f"stage1-{sha256}.ckpt"]
+
+
 # ------------------------------------------------------------------------------------------ reading
 def codes_files(codes_dir: str | Path) -> list[Path]:
-    """The files of a codes directory that the pipeline reads (meta.json, the stage-1 copy, every split's
-    arrays): what no output may replace. Other files there (an earlier `evaluate --json`) are not listed."""
+    """The files of a codes directory that the pipeline reads (meta.json, the stage-1 copy and the earlier ones
+    kept, every split's arrays): what no output may replace. Other files there (an earlier `evaluate --json`)
+    are not listed."""
     d = Path(codes_dir)
     if not d.is_dir():
         return []
     top = [d / name for name in (META_FILE, STAGE1_COPY) if (d / name).is_file()]
+    top += sorted(f for f in d.iterdir() if KEPT_COPY.fullmatch(f.name) and f.is_file())
     return top + sorted(f for sub in d.iterdir() if sub.is_dir() for f in sub.rglob("*") if f.is_file())
 
 
@@ -252,14 +264,16 @@ def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
 
 
 def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None, codes_dirs: Sequence[str | Path] = (),
-                 remedy: str = "pass --vqvae PATH (the checkpoint the codes came from) or re-run extract_codes",
+                 remedy: str = "pass --vqvae PATH (the checkpoint the codes came from); if no copy of it is left, "
+                               "retrain the prior on codes extracted with the stage 1 you have",
                  ) -> str:  # fmt: skip
     """The stage-1 checkpoint to decode with (`ckpt_path`, else the one the codes came from), verified by hash.
 
     Without `ckpt_path`: the checkpoint meta.json names if it is unchanged, else the copy extract_codes kept in
-    the codes directory (the first of `codes_dirs`, where the caller may find it, that holds it unchanged), so a
-    resumed, moved or deleted training run does not strand its codes, priors and .vqz files. `remedy` ends
-    the message when neither is there."""
+    the codes directory (the first of `codes_dirs`, where the caller may find it, that holds it unchanged, as
+    stage1.ckpt or, once codes of another stage 1 replaced those, as stage1-<sha12>.ckpt), so a resumed, moved
+    or deleted training run does not strand its codes, priors and .vqz files. `remedy` ends the message when
+    none is there (the default: a prior's, for which extracting again cannot help)."""
     path = str(ckpt_path or meta.stage1_ckpt)
     if ckpt_path and not os.path.isfile(path):
         raise CodesError(f"stage-1 checkpoint {path} does not exist; pass the checkpoint the codes came from")
@@ -272,7 +286,8 @@ def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None, codes_dir
             )
         return path
     copies = [Path(d) / meta.stage1_copy for d in codes_dirs if d] if meta.stage1_copy else []
-    for copy in copies:
+    earlier = [Path(d) / name for d in codes_dirs if d for name in kept_copy_names(meta.stage1_sha256)]
+    for copy in copies + earlier:
         if copy.is_file() and sha256_file(copy) == meta.stage1_sha256:
             return str(copy)
     kept = f" and its copy {copies[0]} is {'changed' if copies[0].is_file() else 'missing'}" if copies else ""

@@ -1,14 +1,19 @@
 """Writing a codes directory (the format is :mod:`common.codes`): complete, or visibly not.
 
 Every array goes to a temporary file beside its final name; `CodesWriter.commit()` moves them into place
-and writes meta.json last, so a directory with a meta.json is complete. numpy and the standard library.
+and writes meta.json last, so a directory with a meta.json is complete. Commits into one directory take
+turns (an flock on it), so of two extractions into the same new --out the second finds the first's codes
+and stops instead of replacing them. The memory-mapped arrays get their disk blocks before they are filled
+(`common.io.reserve_space`), so a full disk is one CodesError, not a SIGBUS. numpy and the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +30,13 @@ from common.codes import (
     STAGE1_COPY,
     CodesError,
     CodesMeta,
+    kept_copy_names,
     read_meta,
     sha256_file,
     split_levels,
 )  # fmt: skip
-from common.io import OutputError, check_writable_dir, write_atomic
+from common.image_cache import size_text
+from common.io import OutputError, check_writable_dir, folder_turn, no_space, reserve_space, write_atomic
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -44,6 +51,13 @@ def _temp_path(final: Path) -> Path:
     return Path(tmp)
 
 
+def _split_bytes(n: int, meta: CodesMeta) -> int:
+    """The most disk a split of `n` images takes while it is written (with several levels the flat array and its
+    level files exist together)."""
+    codes = n * int(np.prod(meta.grid_shape)) * CODES_DTYPE.itemsize
+    return 128 + codes * (2 if len(meta.levels) > 1 else 1) + 128 + n * LABELS_DTYPE.itemsize
+
+
 class SplitWriter:
     """Fills one split's arrays (temporary memory-mapped files) batch by batch; see `CodesWriter`.
 
@@ -54,17 +68,27 @@ class SplitWriter:
         self.split, self.n, self.meta = split, n, meta
         folder.mkdir(parents=True, exist_ok=True)
         self.final = {name: folder / name for name in [*meta.level_files, LABELS_FILE]}
-        self.temp = {name: _temp_path(path) for name, path in self.final.items()}
-        if len(meta.levels) > 1:  # the flat sequences, cut into the level files by _finish
-            self.temp[CODES_FILE] = _temp_path(folder / CODES_FILE)
-        if n > 0:
-            shape = (n, *meta.grid_shape)
-            self.codes = np.lib.format.open_memmap(self.temp[CODES_FILE], "w+", CODES_DTYPE, shape)
-            self.labels = np.lib.format.open_memmap(self.temp[LABELS_FILE], "w+", LABELS_DTYPE, (n,))
-            self.labels[:] = -1
-        else:  # numpy cannot memory-map an empty file; an empty split is saved as plain .npy files
-            self.codes = np.zeros((0, *meta.grid_shape), CODES_DTYPE)
-            self.labels = np.zeros((0,), LABELS_DTYPE)
+        self.temp: dict[str, Path] = {}
+        try:  # a failure (a full disk) removes what this made: no CodesWriter lists it yet
+            for name, path in self.final.items():
+                self.temp[name] = _temp_path(path)
+            if len(meta.levels) > 1:  # the flat sequences, cut into the level files by _finish
+                self.temp[CODES_FILE] = _temp_path(folder / CODES_FILE)
+            if n > 0:
+                shape = (n, *meta.grid_shape)
+                self.codes = np.lib.format.open_memmap(self.temp[CODES_FILE], "w+", CODES_DTYPE, shape)
+                self.labels = np.lib.format.open_memmap(self.temp[LABELS_FILE], "w+", LABELS_DTYPE, (n,))
+                reserve_space(self.temp[CODES_FILE])  # before any page is written: a full disk is ENOSPC, not SIGBUS
+                reserve_space(self.temp[LABELS_FILE])
+                self.labels[:] = -1
+            else:  # numpy cannot memory-map an empty file; an empty split is saved as plain .npy files
+                self.codes = np.zeros((0, *meta.grid_shape), CODES_DTYPE)
+                self.labels = np.zeros((0,), LABELS_DTYPE)
+        except BaseException:
+            self.__dict__.pop("codes", None)
+            self.__dict__.pop("labels", None)
+            self._remove_temp()
+            raise
         self._written = np.zeros(n, dtype=bool)
 
     def write(self, start: int, codes: Any, labels: Any = None) -> None:
@@ -125,7 +149,9 @@ class CodesWriter:
     ``overwrite=True``; then the old directory stays valid until commit, which first removes the old
     meta.json, so a crash during commit leaves an incomplete directory, never a mixed one. Used as a
     context manager, an exception before commit removes the temporary files (a SIGKILL can leave hidden
-    ``.*.tmp`` files behind: harmless, delete them at will).
+    ``.*.tmp`` files behind: harmless, delete them at will). Commits into one directory take turns (flock),
+    and one without ``overwrite`` that finds a meta.json written meanwhile (another extraction into the
+    same --out) is refused, replacing nothing. An earlier stage1.ckpt of another stage 1 is kept (`_keep_copy`).
     """
 
     def __init__(self, out_dir: str | Path, meta: CodesMeta, overwrite: bool = False) -> None:
@@ -146,9 +172,10 @@ class CodesWriter:
                 f"{self.out_dir} already holds extracted codes; pass --overwrite to replace them "
                 "or choose another --out"
             )
-        self.meta = meta
+        self.meta, self.overwrite = meta, overwrite
         self.splits: dict[str, SplitWriter] = {}
         self.stage1_temp: Path | None = None  # the stage-1 copy until commit
+        self.kept_copy: Path | None = None  # where commit kept an earlier stage-1 copy of another stage 1
         self.committed = False
 
     def copy_stage1(self, ckpt: str | Path) -> None:
@@ -156,7 +183,8 @@ class CodesWriter:
         against the hash the meta recorded: one that changed during extraction (a run still writing its
         last.ckpt) is refused rather than paired with codes another model made."""
         self.stage1_temp = _temp_path(self.out_dir / STAGE1_COPY)
-        shutil.copyfile(ckpt, self.stage1_temp)
+        with self._full_disk():
+            shutil.copyfile(ckpt, self.stage1_temp)
         if sha256_file(self.stage1_temp) != self.meta.stage1_sha256:  # the copy's bytes, not the file's now
             raise CodesError(f"stage-1 checkpoint {ckpt} changed while its codes were extracted (is its run still "
                              "training?); extract again from a checkpoint that no run writes to, e.g. best.ckpt "
@@ -171,15 +199,49 @@ class CodesWriter:
             raise CodesError(f"{self.out_dir}: {split!r} is not a split name ({', '.join(SPLIT_NAMES)})")
         if n < 0:
             raise CodesError(f"{self.out_dir}: split {split!r} cannot have {n} images")
-        self.splits[split] = SplitWriter(self.out_dir / split, split, n, self.meta)
+        with self._full_disk(_split_bytes(n, self.meta)):  # the split's own temp files are gone by then
+            self.splits[split] = SplitWriter(self.out_dir / split, split, n, self.meta)
         return self.splits[split]
+
+    @contextlib.contextmanager
+    def _full_disk(self, more: int = 0) -> Iterator[None]:
+        """A full disk (or quota) inside becomes one CodesError naming --out: what this writer's files take in all
+        (its splits, `more`, the stage-1 copy) against what would be free without them."""
+        try:
+            yield
+        except OSError as e:
+            if not no_space(e):
+                raise
+            ours = [p for w in self.splits.values() for p in w.temp.values()] + [self.stage1_temp or Path()]
+            need = more + sum(_split_bytes(w.n, self.meta) for w in self.splits.values())
+            copy = os.path.getsize(self.meta.stage1_ckpt) if os.path.isfile(self.meta.stage1_ckpt) else 0
+            need, copy = (need + copy, 0) if self.stage1_temp else (need, copy)  # copy_stage1 comes last
+            free = shutil.disk_usage(self.out_dir).free + sum(os.stat(p).st_blocks * 512 for p in ours if p.is_file())
+            raise CodesError(
+                f"--out {self.out_dir}: no space left on device: the new codes need {size_text(need)} there"
+                + f" (and {size_text(copy)} more for the copy of the stage-1 checkpoint)" * bool(copy)
+                + f" but {size_text(free)} is free"
+                + " (the codes there now stay until the new ones are complete)" * (self.out_dir / META_FILE).exists()
+                + "; free some space or choose another --out"
+            ) from e
 
     def commit(self) -> CodesMeta:
         """Move every array into place, then write meta.json (with `counts` filled in). Returns the meta."""
         if self.committed:
             raise CodesError(f"{self.out_dir}: already committed")
-        for writer in self.splits.values():
-            writer._finish()
+        with folder_turn(self.out_dir):
+            if (self.out_dir / META_FILE).exists() and not self.overwrite:
+                raise CodesError(f"--out {self.out_dir}: codes were written there while this ran (another "
+                                 "process?); nothing was replaced; pass --overwrite to replace them, or choose "
+                                 "another --out")  # fmt: skip
+            return self._commit()
+
+    def _commit(self) -> CodesMeta:
+        if self.stage1_temp is not None:
+            self._keep_copy()  # first: its refusal leaves the directory as it was
+        with self._full_disk():  # several levels: np.save of the level files, plain writes
+            for writer in self.splits.values():
+                writer._finish()
         meta_path = self.out_dir / META_FILE
         old_counts: dict[str, int] = {}
         old_files: list[str] = [CODES_FILE]
@@ -206,6 +268,33 @@ class CodesWriter:
         write_atomic(meta_path, self.meta.to_json().encode())
         self.committed = True
         return self.meta
+
+    def _keep_copy(self) -> None:
+        """Before the new STAGE1_COPY replaces one of another stage 1, keep that under its hash's name (a link):
+        it may be the last copy of the stage 1 that the priors trained on the earlier codes, and their .vqz
+        files, decode with (its run resumed since), and `common.codes.check_stage1` finds it there."""
+        old = self.out_dir / STAGE1_COPY
+        if old.is_symlink() or not old.is_file():  # a link: replacing it leaves the file it points to
+            return
+        digest = sha256_file(old)
+        if digest == self.meta.stage1_sha256:
+            return
+        for name in kept_copy_names(digest):
+            kept = self.out_dir / name
+            if kept.is_file() and not kept.is_symlink() and sha256_file(kept) == digest:
+                return  # kept already (the directory held these codes before)
+            if not os.path.lexists(kept):
+                break
+        else:
+            raise CodesError(f"{old} is of another stage 1, and the names it would be kept under are taken by other "
+                             f"files ({kept}); move them away and extract again")  # fmt: skip
+        try:
+            os.link(old, kept)  # stage1.ckpt stays in place until the new one replaces it
+        except OSError:  # no hard links here (some FUSE and SMB mounts); we hold the commit turn
+            os.rename(old, kept)
+        self.kept_copy = kept
+        print(f"kept the earlier {old} (another stage 1, sha256 {digest[:12]}...) as {kept}: priors trained on the "
+              "codes it replaces, and their .vqz files, still decode with it", flush=True)  # fmt: skip
 
     def abort(self) -> None:
         """Remove the temporary files; the directory is left as it was before this writer."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.images import read_images
-from common.io import OutputError, atomic_file, check_writable_dir
+from common.io import OutputError, atomic_file, check_writable_dir, no_space, reserve_space
 from common.readers import DatasetError
 
 # bump when common.images.read_image changes the pixels it makes: old caches are then not read (2: 16-bit and float
@@ -108,7 +108,8 @@ def cached_images(cache_dir: str | Path, root: str | Path, files: list[Path], im
         raise DatasetError(
             f"--data.cache_dir {directory}: the decoded images need {size_text(need)} there but "
             f"{size_text(free)} {'is' if free >= 1024 else 'are'} free; free some space or pass another "
-            "--data.cache_dir"
+            f"--data.cache_dir (the cache also leaves {size_text(SPARE_BYTES)} free for other writers: "
+            f"{size_text(need + SPARE_BYTES)} in all)"
         )
     older = sorted(directory.glob(path.name.rsplit("_", 2)[0] + "_*img_*.npy"))
     print(
@@ -121,6 +122,17 @@ def cached_images(cache_dir: str | Path, root: str | Path, files: list[Path], im
         np.lib.format.write_array_header_1_0(f, header)
         offset = f.tell()
         f.truncate(offset + int(np.prod(shape)))
+        try:  # the check above passed, but another writer (a job, logs) may have taken the space since
+            reserve_space(f.fileno())
+        except OSError as e:
+            if not no_space(e):
+                raise
+            free = shutil.disk_usage(directory).free + os.fstat(f.fileno()).st_blocks * 512  # + what the temp holds
+            raise DatasetError(
+                f"--data.cache_dir {directory}: no space left on device: the decoded images need {size_text(need)} "
+                f"there but only {size_text(free)} is free now (another process filled it since the check?); free "
+                "some space or pass another --data.cache_dir (or --data.cache_dir null to decode into memory)"
+            ) from e
         out = np.memmap(f, np.uint8, "r+", offset, shape)  # the images are decoded straight into the file
         read_images(files, image_size, channels, rows=rows, channels_first=True, out=out,
                     progress=f"images of {root} into the cache")

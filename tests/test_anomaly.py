@@ -194,6 +194,31 @@ def test_cli_writes_csv_and_grid(trained, tmp_path: Path, capsys) -> None:
     assert all(0 <= float(row[COLUMNS.index("transform_knn")]) <= 2 for row in rows[1:])
 
 
+def test_cli_replaces_the_csv_and_grid_together_or_neither(trained, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C while the grid was drawn left the new CSV beside the old grid (exit 130): both, or neither."""
+    import tools.anomaly
+
+    save_checkpoints(trained, tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, x in enumerate(to_uint8(squares(4, seed=3))):
+        Image.fromarray(x[0].numpy()).save(images / f"{i}.png")
+    out, grid = tmp_path / "scores.csv", tmp_path / "top.png"
+    args = [str(images), "--prior", str(tmp_path / "p.ckpt"), "--out", str(out), "--grid", str(grid), "--overwrite"]
+    main(args)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    (images / "0.png").unlink()  # another set of images: another CSV
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tools.anomaly, "heat_map_grid", pressed)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 130
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no temporary file either
+
+
 def test_cli_scores_the_images_of_sub_folders(trained, tmp_path: Path, capsys) -> None:
     """A folder of class sub-folders is scored image by image (it was "directory holds no images"), each row
     named by its path, the same basename in two folders included; hidden files and folders are skipped."""

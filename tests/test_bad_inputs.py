@@ -435,6 +435,41 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(world, capsys, m
     assert snapshot(root) == before
 
 
+def test_a_fifo_or_device_as_output_is_never_replaced(world, tmp_path, capsys):
+    """`--out /dev/null --overwrite` as root (Docker, CI) renamed a regular file over the system's /dev/null: an
+    output that exists and is no regular file is refused, --overwrite or not (a FIFO stands in for the device)."""
+    import stat
+
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    err = user_error(sample, ["--prior", world["prior"], "--n", "2", "--out", str(pipe), "--overwrite"], capsys)
+    assert err == (f"sample: error: --out {pipe} is not a regular file (a device, FIFO or socket), which a command "
+                   "never replaces (not even with --overwrite); give a file name"), err  # fmt: skip
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+def test_sigterm_is_one_line_exit_143_and_leaves_no_temporary_file(world, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, a scheduler) while `sample` writes: its default action ended the process at once,
+    silently, leaving the hidden temporary files (an --images folder of PNGs) that no rerun removes."""
+    import numpy as np
+
+    def terminated_savez(f, **arrays):
+        f.write(b"half an npz")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    root = Path(world["root"])
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(np, "savez", terminated_savez)
+    before = snapshot(root)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        sample(["--prior", world["prior"], "--n", "2", "--out", str(root / "grid.png"), "--images", "imgs"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 143 and err == "sample: stopped by SIGTERM", err
+    assert snapshot(root) == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone with it
+
+
 def test_ctrl_c_in_extract_codes_is_our_line_not_lightnings(world, tmp_path, capsys, monkeypatch):
     """Ctrl-C while extract_codes encodes (inside Lightning's predict loop, which handles KeyboardInterrupt
     itself: its own line, exit 1): one line, exit 130, no codes directory."""

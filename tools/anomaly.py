@@ -60,6 +60,7 @@ ones a large L. What the codes cannot express (fine detail, noise) shows up in `
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from dataclasses import asdict
@@ -67,11 +68,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.codes import check_matches, codes_files, load_split, read_meta
-from common.images import GRID_FORMATS, image_files, load_images, named_image_files, save_grid
-from common.io import check_output, write_atomic
+from common.images import GRID_FORMATS, image_files, load_images, make_grid, named_image_files
+from common.io import OutputClash, atomic_file, check_output
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
 from tools.anomaly_scores import (
@@ -182,14 +184,32 @@ def _run(args: list[str] | None) -> str:
     method = a.method or default_score(anomaly_net)
     images = load_images(files, m.image_size, m.channels)
     scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll, anomaly_net)
-    write_atomic(out, csv_text([str(f) for f in files], scores).encode())
     order = np.argsort(-scores[method], kind="stable")
-    if grid:
+    picture = None
+    if grid:  # drawn before anything is written
         top = order[: a.top].copy()
         tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top], m.vqvae.levels)
-        save_grid(tiles, grid, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
+        picture = make_grid(tiles, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
+    write_together(out, csv_text([str(f) for f in files], scores).encode(), grid, picture)
     head = ", ".join(f"{named[i][1]} ({scores[method][i]:.4g})" for i in order[:3])  # cats/1.png, dogs/1.png
     return f"scored {len(files)} images -> {out}{f' and {grid}' if grid else ''}; most anomalous by {method}: {head}"
+
+
+def write_together(out: Path, csv_bytes: bytes, grid: Path | None, picture: np.ndarray | None) -> None:
+    """The CSV and the grid under temporary names, renamed into place together once both are written: the CSV
+    was written first, so Ctrl-C or a full disk while the grid was drawn or written left a new CSV beside the old
+    grid. Without --overwrite, one that another process wrote meanwhile is kept, and ours taken back."""
+    placed: list[Path] = []
+    try:
+        with contextlib.ExitStack() as written:
+            written.enter_context(atomic_file(out, placed=placed)).write(csv_bytes)
+            if grid is not None and picture is not None:
+                Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture).save(
+                    written.enter_context(atomic_file(grid, placed=placed)), format=GRID_FORMATS[grid.suffix.lower()])
+    except OutputClash:
+        for path in placed:  # linked in a moment ago under names that did not exist: ours to take back
+            path.unlink(missing_ok=True)
+        raise
 
 
 def main(args: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.cli import UserError, add_device, add_overwrite, at_least, check_seed, resolve_device
-from common.io import atomic_file, check_output
+from common.image_cache import size_text
+from common.io import OutputError, atomic_file, check_output, no_space
 from common.optim import adamw_warmup_cosine
 
 
@@ -143,9 +145,37 @@ def save_net_file(path: str | Path, fmt: str, version: int, arch: dict, net: nn.
     path = Path(path)
     weights = {} if net is None else {"state_dict": state_dict_cpu(net)}
     record = {"format": fmt, "version": version, "arch": arch, **weights, **info}
-    with atomic_file(path) as f:
-        torch.save(record, f)
+    try:
+        with atomic_file(path) as f:
+            torch.save(record, f)
+    except (RuntimeError, OSError) as e:
+        if (cause := _write_error(e)) is None or (isinstance(e, OSError) and not no_space(e)):
+            raise  # a plain OSError that names its file already ends the command with one line
+        if not no_space(cause):
+            raise UserError(f"--out {path}: cannot write it ({cause.strerror or cause}); choose another --out") from e
+        need, free = _tensor_bytes(record), shutil.disk_usage(path.parent).free
+        raise UserError(
+            f"--out {path}: no space left on device (the file needs about {size_text(need)}, "
+            f"{size_text(free)} is free there); free some space or choose another --out"
+        ) from e
     return path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in `obj` (dicts and lists of them): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(_tensor_bytes(v) for v in items)
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    """The OSError of a failed write (a full disk), or None. torch.save re-raises its file's OSError as a
+    RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ...") with the OSError as its context;
+    an OutputError (--out taken meanwhile) already says what to do."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return None if isinstance(e, OutputError) or e is None or e.errno is None else e
 
 
 def load_net_file(path: str | Path, fmt: str, version: int | tuple[int, ...], kind: str, train: str,

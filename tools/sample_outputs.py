@@ -2,7 +2,8 @@
 earlier file without --overwrite, none beyond memory), and written together at the end.
 
 The grid, the .npz and the --images folder are written under temporary names and renamed into place
-together once all are written, so a failure or Ctrl-C never leaves a new grid beside an old .npz.
+together once all are written, so a failure or Ctrl-C never leaves a new grid beside an old .npz; without
+--overwrite, nor does another process that writes the same names meanwhile (common.io.OutputClash).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from PIL import Image
 
 from common.cli import UserError
 from common.images import GRID_FORMATS, to_uint8
-from common.io import atomic_file, check_named, check_not_an_input, check_output, check_output_dir, staging_dir
+from common.io import (
+    OutputClash,
+    atomic_file,
+    check_named,
+    check_not_an_input,
+    check_output,
+    check_output_dir,
+    staging_dir,
+)  # fmt: skip
 
 
 def outputs(a: argparse.Namespace) -> tuple[Path | None, Path]:
@@ -105,17 +114,26 @@ def write_outputs(grid_path: Path | None, grid: np.ndarray | None, npz_path: Pat
     # copy of the project (runs/ beside it) on another machine still finds it
     stage1 = stage1_ckpt.resolve()
     # Every output goes to a temporary name first; they are renamed into place together when all are written
-    # (the ExitStack's exits), so a failure or Ctrl-C never leaves a new grid beside an old .npz.
-    with contextlib.ExitStack() as outputs_written:
-        if grid_path:
-            Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(
-                outputs_written.enter_context(atomic_file(grid_path)), format=GRID_FORMATS[grid_path.suffix.lower()])
-        np.savez(outputs_written.enter_context(atomic_file(npz_path)), codes=codes.cpu().numpy().astype(np.uint16),
-                 images=to_uint8(images).cpu().numpy(),
-                 labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
-                 stage1_ckpt=np.array(str(stage1)),
-                 stage1_ckpt_relative=np.array(os.path.relpath(stage1, npz_path.resolve().parent)))  # fmt: skip
-        if images_dir is not None:
-            tmp = outputs_written.enter_context(staging_dir(images_dir))
-            for name, x in zip(sample_names(len(images)), to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()):
-                Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(tmp / name, format="PNG")
+    # (the ExitStack's exits, last entered first: the .npz, the grid, then --images), so a failure or Ctrl-C
+    # never leaves a new grid beside an old .npz. Without --overwrite none replaces a file that appeared while
+    # we drew (another `sample --out` the same name): OutputClash, and the ones already in place are taken back.
+    placed: list[Path] = []
+    try:
+        with contextlib.ExitStack() as outputs_written:
+            if images_dir is not None:
+                tmp = outputs_written.enter_context(staging_dir(images_dir))
+                for name, x in zip(sample_names(len(images)), to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()):
+                    Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(tmp / name, format="PNG")
+            if grid_path:
+                Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(
+                    outputs_written.enter_context(atomic_file(grid_path, placed=placed)),
+                    format=GRID_FORMATS[grid_path.suffix.lower()])  # fmt: skip
+            np.savez(outputs_written.enter_context(atomic_file(npz_path, placed=placed)),
+                     codes=codes.cpu().numpy().astype(np.uint16), images=to_uint8(images).cpu().numpy(),
+                     labels=(labels.numpy() if labels is not None else np.full(len(codes), -1)),
+                     stage1_ckpt=np.array(str(stage1)),
+                     stage1_ckpt_relative=np.array(os.path.relpath(stage1, npz_path.resolve().parent)))  # fmt: skip
+    except OutputClash:
+        for path in placed:  # linked in a moment ago under names that did not exist: ours to take back
+            path.unlink(missing_ok=True)
+        raise
