@@ -40,6 +40,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import UserError, one_line
+from common.run_lock import LOCK_NAME, lock_run
 
 RUN_ENV = "VQGEN_RUN_DIR"  # set by rank 0; inherited by the processes Lightning's launcher starts
 SLURM_RECORD = "slurm_job.json"  # in a run folder made inside a SLURM batch job: its job and config
@@ -88,7 +89,7 @@ def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
     if name in ("latest", ".", "..") or "/" in name or os.sep in name or name.startswith(".latest"):
         raise UserError(f"--log.name {name!r}: a run name is one folder name, not 'latest', '.', '..' or a path")
     folder = root / name
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):  # a lock alone: see choose_run
         if (folder / "checkpoints" / "last.ckpt").is_file():
             fix = f"pass --ckpt_path last (with --log.name {name}) to resume it"
         else:
@@ -112,6 +113,7 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
     from it) was checked when the arguments were parsed."""
     if (folder := slurm_restarted_run(root, name, config)) is not None:
         last, job = folder / "checkpoints" / "last.ckpt", slurm_job()
+        lock_run(folder, "--ckpt_path last" if ckpt_path == "last" else f"SLURM job {job}")
         said = f"SLURM job {job} started again (restart {os.environ['SLURM_RESTART_COUNT']})"
         if last.is_file():
             step = int(read_checkpoint(last, str(last), want=kind).get("global_step", 0))
@@ -120,7 +122,8 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
         # stopped before its first checkpoint: what its first start left there (logs of steps that are gone) is
         # this command's own, made in this job; it starts over in the same folder (a --log.name stays usable)
         for entry in folder.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if entry.name != LOCK_NAME:  # ours, held
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         return Run(folder.resolve(), ckpt_path, note=f"{said}: {folder} has no checkpoint; starting it over there")
     if ckpt_path == "last":
         folder = root / name if name else root / "latest"
@@ -131,6 +134,7 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
                 "or pass --ckpt_path PATH/TO.ckpt"
             )
         step = read_checkpoint(last, "--ckpt_path last", want=kind).get("global_step", 0)
+        lock_run(folder, "--ckpt_path last")  # a job submitted twice: the second would train the run again
         return Run(folder.resolve(), str(last.resolve()), int(step))
     missing = [p.resolve() for p in [root, *root.parents] if not p.exists()]  # deepest first
     try:
@@ -138,6 +142,9 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
     except OSError as e:  # a file where a folder goes, no permission, a read-only file system: name the flag
         raise UserError(f"--trainer.default_root_dir {root}: cannot make a run folder there ({e.strerror or e}: "
                         f"{e.filename or root}); choose a folder you can write") from None  # fmt: skip
+    # Two fits with one --log.name started together both found its folder empty: the one that locks it first
+    # trains, the other is refused here (and leaves the folder alone: no Run, nothing to discard).
+    lock_run(folder, f"--log.name {name}" if name else "--trainer.default_root_dir")
     note = None
     if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:  # a file: its run's folder is left as it is
         note = (f"a new run in {folder.resolve()}, starting from the weights and step of --ckpt_path {ckpt_path} "

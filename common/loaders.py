@@ -86,3 +86,11 @@ class SplitIndices(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[str, Tensor]:
         return self.split, torch.as_tensor(indices, dtype=torch.long)
+
+
+def worker_timeout_hint(e: Exception) -> str:
+    """What a hung loader worker means and what to do: the DataLoader's timeout error, explained."""
+    known = " (Python < 3.12: CPython gh-112275's deadlock of a fork taken while another thread held a lock)"
+    return (f"{e}: a loader worker sent nothing for that long, so it hung{known if sys.version_info < (3, 12) else ''}"
+            "; the data is in memory, so run the same command with --data.num_workers 0 and --ckpt_path last "
+            "to go on from the last checkpoint")

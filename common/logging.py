@@ -211,6 +211,8 @@ LIGHTNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
     (r"Be aware that when using `ckpt_path`, callbacks used to create", Warning),
     # a fit from a --ckpt_path file is a new run folder with its own best.ckpt (common.launch.choose_run says so)
     (r"The dirpath has changed from .* therefore `best_model_score`", Warning),
+    # a resume in place (--ckpt_path last, a restarted SLURM job) finds its own checkpoints there: that is the point
+    (r"Checkpoint directory .* exists and is not empty", Warning),
     # every vqgen loader gathers whole batches from arrays in memory (0.09 ms a batch of 32 Fashion-MNIST
     # images on the 2-core CPU, 1.8 ms for 2,048, which --data.on_device avoids): workers would take cores
     # from training for nothing; Lightning suggests them on any machine with more than 2 cores

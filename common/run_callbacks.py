@@ -1,10 +1,11 @@
 """The callbacks every training run gets (common.runs adds them): run bookkeeping, the global RNG states in
-each checkpoint, a last.ckpt that is always the newest step, a note when a resume changes the schedule, and
-one line when training diverges.
+each checkpoint, a last.ckpt that is always the newest step, a note when a resume changes the schedule, one
+line when training diverges, the run's config.yaml kept through resumes, and checkpoints written atomically.
 """
 
 from __future__ import annotations
 
+import io
 import random
 import sys
 from collections.abc import Callable
@@ -13,10 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import SaveConfigCallback
 
 from common.cli import UserError
+from common.io import DISK_FULL, atomic_file
 from common.launch import point_latest
 
 
@@ -201,3 +206,63 @@ class StopOnDivergence(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._read(trainer)
+
+
+class RunConfig(SaveConfigCallback):
+    """config.yaml records how the run was started. A resume in place with other settings (another max_steps,
+    limit, a mistaken config) rewrote it, so the file the messages point to ("pass its run's config") no longer
+    described the run's checkpoints: such a resume's settings go to config_resume_step<N>.yaml beside it, and a
+    resume with the same settings (a requeued job) writes nothing."""
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        first = Path(trainer.log_dir or ".") / self.config_filename  # log_dir: a collective, on every rank
+        # rank 0 decides (the processes Lightning's launcher starts do not know the resume step) and every rank
+        # follows, so that all take the same collectives below
+        resumed = trainer.strategy.broadcast(self.resume_step is not None and first.is_file())
+        if not resumed:
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            if settings(self.parser.dump(self.config, skip_none=False)) != settings(first.read_text()):
+                self.parser.save(self.config, str(first.with_name(f"config_resume_step{self.resume_step}.yaml")),
+                                 skip_none=False, overwrite=True, multifile=self.multifile)  # fmt: skip
+        self.already_saved = True
+
+
+def settings(config_yaml: str) -> Any:
+    """A saved config's settings, without what only a resume sets: --ckpt_path, and an image folder's file-list
+    key read from the checkpoint (common.runs)."""
+    values = yaml.safe_load(config_yaml)
+    if not isinstance(values, dict):
+        return values
+    data = values.get("data")
+    if isinstance(data, dict):
+        values["data"] = {k: v for k, v in data.items() if k != "folder_key"}
+    return {k: v for k, v in values.items() if k != "ckpt_path"}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their final name and renamed into place. Lightning's own save writes a temporary
+    file in the system's temp folder and, when the run folder is on another file system (a scratch or network
+    disk, /tmp on tmpfs), copies it over the old file: a disk that filled during the copy, or a kill, left a
+    truncated last.ckpt where the good one was, and the run could not be resumed."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # a remote store: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()  # whole first (as Lightning does): a full disk is then an OSError of the write below
+        torch.save(checkpoint, buffer)
+        try:
+            with atomic_file(path, replace=True) as f:
+                f.write(buffer.getbuffer())
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise UserError(f"cannot write the checkpoint {path} ({e.strerror}); the checkpoints saved before it are "
+                            "intact: free some space, then go on with --ckpt_path last") from None  # fmt: skip

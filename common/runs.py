@@ -8,7 +8,9 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
   and the logs; ``<root>/latest`` moves to it once it has written a checkpoint, so a run that fails early
   never hides the last good one;
 * ``--ckpt_path last`` resumes the newest run (or ``--log.name NAME``) in place: optimizer, step, EMA
-  codebook and the global RNG states are in the checkpoint; the metrics logged after it are dropped;
+  codebook and the global RNG states are in the checkpoint; the metrics logged after it are dropped; a resume
+  with other settings records them in ``config_resume_step<N>.yaml`` (config.yaml stays the run's); one process
+  trains in a run folder at a time (:mod:`common.run_lock`); checkpoints are written atomically;
 * the logger comes from ``--log.backend`` (W&B offline by default, see :mod:`common.logging`);
 * a progress bar on a terminal, one readable line every ``--log.every_n_steps`` steps otherwise;
 * a user error (a bad flag, a missing or unusable file, data that cannot be read) is one line
@@ -26,6 +28,7 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -42,6 +45,7 @@ from common.cli import (
     restrict_import_paths,
 )  # fmt: skip
 from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
+from common.io import DISK_FULL
 from common.launch import (
     LIGHTNING_CKPT_NAMES,
     RUN_ENV,
@@ -57,12 +61,22 @@ from common.launch import (
     rank_zero_by_environment,
     write_slurm_record,
 )
-from common.loaders import WORKER_TIMEOUT_MESSAGE
+from common.loaders import WORKER_TIMEOUT_MESSAGE, worker_timeout_hint
 from common.logging import LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
 from common.progress import LineProgressBar
-from common.run_callbacks import NewestCheckpoint, RngState, RunWatch, ScheduleCheck, StopOnDivergence
+from common.resume_checks import check_checkpoint_fits, folder_of_checkpoint
+from common.run_callbacks import (
+    AtomicCheckpointIO,
+    NewestCheckpoint,
+    RngState,
+    RunConfig,
+    RunWatch,
+    ScheduleCheck,
+    StopOnDivergence,
+)  # fmt: skip
+from common.run_lock import release_run
 
 
 class OneLineParser(LightningArgumentParser):
@@ -90,6 +104,7 @@ class VQGenCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfig)  # a resume leaves the run's config.yaml as it was
         kwargs.setdefault("parser_class", OneLineParser)
         self.run: Run | None = None
         self.run_dir: Path | None = None
@@ -105,6 +120,9 @@ class VQGenCLI(LightningCLI):
             # Before training these come from the config, the data, the machine or the file system (a
             # constructor's argument check, a GPU config on a CPU machine, an unreadable file); after it starts
             # they are bugs and keep their traceback. A TypeError is ours only for Lightning's device count.
+            if isinstance(e, OSError) and e.errno in DISK_FULL:  # a log or histogram file, during training too
+                raise UserError(f"cannot write {e.filename or 'a file of the run'} ({e.strerror}); free some space, "
+                                "then go on with --ckpt_path last") from None  # fmt: skip
             if isinstance(e, UserError) or (self._watch is not None and self._watch.started):
                 raise
             flags, note = "--trainer.accelerator, devices, strategy and precision", "; the *_gpu.yaml configs need one"
@@ -126,6 +144,7 @@ class VQGenCLI(LightningCLI):
             finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted)
             if failed:
                 self._discard_unstarted_run()
+            release_run(self.run_dir)  # the run folder's lock (common.run_lock), held since it was chosen
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
 
     def _out_of_memory_message(self, what: str) -> str:
@@ -175,6 +194,7 @@ class VQGenCLI(LightningCLI):
         name = cfg["log"]["name"]
         if self.subcommand != "fit":
             cfg["ckpt_path"] = evaluation_checkpoint(self.subcommand, ckpt, root, name, self.checkpoint_kind)
+            folder_of_checkpoint(cfg, self.checkpoint_kind)
             return
         self._rank0 = not lightning_child()
         check_launcher_devices(cfg["trainer"])
@@ -190,6 +210,7 @@ class VQGenCLI(LightningCLI):
         else:
             run = choose()
         cfg["ckpt_path"] = run.ckpt_path
+        folder_of_checkpoint(cfg, self.checkpoint_kind)
         os.environ[RUN_ENV] = str(run.dir)
         if (precision := resolve_cpu_bf16(cfg.get("cpu_bf16", False), cfg["trainer"])) is not None:
             cfg["trainer"]["precision"] = precision  # config.yaml records what the run trained in
@@ -236,6 +257,8 @@ class VQGenCLI(LightningCLI):
             tty = sys.stderr.isatty()
             callbacks.append(TQDMProgressBar() if tty else LineProgressBar(log.every_n_steps))
         logger = make_logger(log, self.run_dir, self.run_dir.name, self.run.resume_step) or False
+        if self.save_config_callback is RunConfig:
+            self.save_config_kwargs = {**self.save_config_kwargs, "resume_step": self.run.resume_step}
         kwargs.setdefault("logger", logger)
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
@@ -243,7 +266,10 @@ class VQGenCLI(LightningCLI):
             # the environment Lightning would choose, without its handler of the warning signal (ours saves the
             # step and requeues; Lightning's saved mid-step into a folder no restart read) nor its SIGTERM bypass
             kwargs.setdefault("plugins", [SLURMEnvironment(auto_requeue=False)])
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own (--trainer.plugins)
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     # Model hyperparameters the data links in (stage 1: its image size and channels): the weights of a
     # convolutional net load at any size, so a --ckpt_path of another size would resume or be scored silently.
@@ -255,16 +281,13 @@ class VQGenCLI(LightningCLI):
         return {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items() if k in self.data_linked}
 
     def _check_checkpoint_fits(self) -> None:
+        """A --ckpt_path (resume, test, validate) trained on other data or with another network: one line naming the
+        differences, before anything is written (a network that did not fit was a load_state_dict traceback, after
+        the run's config.yaml had been rewritten)."""
         ckpt = self.config[self.subcommand].get("ckpt_path")
-        if not ckpt or not Path(ckpt).is_file() or not self.data_linked:
+        if not ckpt or not Path(ckpt).is_file():
             return
-        saved = self.linked_values(read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)
-                                   .get("hyper_parameters", {}))  # fmt: skip
-        now = self.linked_values(dict(self.model.hparams))
-        differ = [f"{k} {saved[k]} (this config: {now[k]})" for k in saved if k in now and saved[k] != now[k]]
-        if differ:
-            raise UserError(f"--ckpt_path {ckpt} was trained with {', '.join(differ)}: a resume or a test needs the "
-                            f"data it was trained on; {self.data_advice}")  # fmt: skip
+        check_checkpoint_fits(ckpt, self.checkpoint_kind, self.model, self.linked_values, self.data_advice)
 
     def before_fit(self) -> None:
         self._check_checkpoint_fits()
@@ -283,14 +306,6 @@ class VQGenCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.run_dir is not None and self.trainer.is_global_zero:
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
-
-
-def worker_timeout_hint(e: Exception) -> str:
-    """What a hung loader worker means and what to do: the DataLoader's timeout error, explained."""
-    known = " (Python < 3.12: CPython gh-112275's deadlock of a fork taken while another thread held a lock)"
-    return (f"{e}: a loader worker sent nothing for that long, so it hung{known if sys.version_info < (3, 12) else ''}"
-            "; the data is in memory, so run the same command with --data.num_workers 0 and --ckpt_path last "
-            "to go on from the last checkpoint")
 
 
 def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:

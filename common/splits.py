@@ -155,8 +155,10 @@ class ImageSplits:
                   f"({then.split(':')[0]} files then, {len(files)} now, or other files): train/val/test are drawn "
                   "anew, so the test split may hold images stage 1 trained on and its figures are not comparable; "
                   "restore the folder for those", file=sys.stderr, flush=True)  # fmt: skip
-        self.options.folder_key = key
-        self.record_folder_key(key)
+        # A run resumed on a changed folder keeps the key its splits were first drawn from: later commands
+        # still warn (its test split may have been trained on, whichever folder it is read from now).
+        self.options.folder_key = then or key
+        self.record_folder_key(then or key)
 
     def record_folder_key(self, key: str) -> None:
         """Where a subclass keeps the folder's key (the Lightning data module: in its hyperparameters)."""

@@ -1,0 +1,178 @@
+"""A run folder over days: one process trains in it at a time, a resume leaves its config.yaml as the run was
+started, a checkpoint of another network is one line (not a load_state_dict traceback), and a resume or test on
+an image folder that changed since training says so and keeps saying so (an audit's findings)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import user_error, write_shapes, write_trainable_codes
+from test_stage1 import fit_args
+
+from common.run_lock import LOCK_NAME, lock_run, release_run
+from stage1_vqvae.train import main as train_stage1
+from stage2_prior.train import main as train_stage2
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = """import sys, time
+sys.path.insert(0, {root!r})
+from common.run_lock import lock_run
+lock_run({folder!r}, "--log.name held")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds the run folder's lock (as a fit training there would) until killed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), folder=str(folder))],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_folder_another_process_trains_in_is_refused(shapes_folder, tmp_path, capsys):
+    root = tmp_path / "runs"
+    holder = hold_lock(root / "exp")  # a fit with --log.name exp started a moment earlier: its folder is empty
+    try:
+        err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--log.name", "exp"), capsys)
+        assert f"--log.name exp: {(root / 'exp').resolve()} is being trained by another process (pid {holder.pid} on" \
+            in err, err  # fmt: skip
+        assert sorted(p.name for p in (root / "exp").iterdir()) == [LOCK_NAME]  # its folder left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel drops a killed process's lock: the same command now trains there, and can resume in place
+    train_stage1(fit_args(shapes_folder, root, 2, "--log.name", "exp"))
+    assert (root / "exp" / "checkpoints" / "last.ckpt").is_file()
+    holder = hold_lock(root / "exp")  # a job submitted twice: the second resume of one run is refused
+    try:
+        err = user_error(train_stage1, fit_args(shapes_folder, root, 4, "--log.name", "exp", "--ckpt_path", "last"),
+                         capsys)  # fmt: skip
+        assert "--ckpt_path last:" in err and "is being trained by another process" in err, err
+        assert torch.load(root / "exp/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_this_process_until_released(tmp_path):
+    lock_run(tmp_path, "--log.name x")
+    lock_run(tmp_path, "--log.name x")  # held already: no error in the same process
+    proc = subprocess.run([sys.executable, "-c", HOLD.format(root=str(ROOT), folder=str(tmp_path))],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and "is being trained by another process" in proc.stderr
+    release_run(tmp_path)
+    holder = hold_lock(tmp_path)  # released: another process takes it
+    holder.kill()
+    holder.wait()
+
+
+def test_a_resume_keeps_the_runs_config_and_records_its_own(shapes_folder, tmp_path):
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2))
+    run = root / "version_0"
+    first = (run / "config.yaml").read_text()
+    train_stage1(fit_args(shapes_folder, root, 2, "--ckpt_path", "last"))  # the same command again (a requeue)
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
+    train_stage1(fit_args(shapes_folder, root, 4, "--ckpt_path", "last"))  # extended: rewrote config.yaml before
+    assert (run / "config.yaml").read_text() == first
+    resumed = yaml.safe_load((run / "config_resume_step2.yaml").read_text())
+    assert resumed["trainer"]["max_steps"] == 4 and yaml.safe_load(first)["trainer"]["max_steps"] == 2
+
+
+@pytest.mark.parametrize("subcommand, extra, differ", [
+    ("fit", ["--model.codebook_size", "64"], "codebook_size 32 (this config: 64)"),
+    ("test", ["--model.width", "64"], "width 32 (this config: 64)"),
+])  # fmt: skip
+def test_a_checkpoint_of_another_network_is_one_line(subcommand, extra, differ, shapes_folder, tmp_path, capsys):
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2))
+    before = {p: p.read_bytes() for p in (root / "version_0").rglob("*") if p.is_file()}
+    args = fit_args(shapes_folder, root, 4, "--ckpt_path", "last", *extra)
+    args[0] = subcommand
+    err = user_error(train_stage1, args, capsys)  # was a load_state_dict traceback, exit 1
+    assert "holds another network than this config builds (" + differ in err, err
+    assert "pass its run's config (config.yaml beside its checkpoints)" in err
+    assert {p: p.read_bytes() for p in (root / "version_0").rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_or_test_on_a_changed_folder_says_so_and_keeps_saying_so(tmp_path, capsys):
+    data, root = write_shapes(tmp_path / "shapes", n=48), tmp_path / "runs"
+    train_stage1(fit_args(data, root, 2))
+    capsys.readouterr()
+    for i in range(0, 48, 3):  # a third of the images removed: every split is drawn anew
+        next(data.rglob(f"{i:03d}.png")).unlink()
+    warning = "is not the one the checkpoint's splits were drawn from"
+    test_args = fit_args(data, root, 2, "--ckpt_path", "last")
+    test_args[0] = "test"
+    train_stage1(test_args)
+    assert warning in capsys.readouterr().err
+    train_stage1(fit_args(data, root, 4, "--ckpt_path", "last"))  # no word before, and it recorded the new list
+    assert warning in capsys.readouterr().err
+    saved = torch.load(root / "version_0/checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert saved["datamodule_hyper_parameters"]["folder_key"].startswith("48:")  # the splits first drawn
+    shutil.copy(root / "version_0/checkpoints/last.ckpt", tmp_path / "copy.ckpt")
+    test_args = fit_args(data, root, 2, "--ckpt_path", str(tmp_path / "copy.ckpt"))
+    test_args[0] = "test"
+    train_stage1(test_args)
+    assert warning in capsys.readouterr().err  # still: its test split may hold images it trained on
+
+
+def test_a_transformer_config_resuming_a_masked_priors_run_is_one_line(tmp_path, capsys):
+    """configs/stage2/tiny.yaml fixes its root: a masked prior trained with --model.kind maskgit becomes its latest
+    run, and the Transformer config's --ckpt_path last then resumed it (Missing/Unexpected keys, a traceback)."""
+    codes, root = write_trainable_codes(tmp_path), tmp_path / "runs"
+    args = ["fit", "--config", str(ROOT / "configs/stage2/tiny.yaml"), "--data.codes_dir", str(codes),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2", "--data.batch_size", "8",
+            "--sample_every_n_epochs", "0"]  # fmt: skip
+    train_stage2([*args, "--model.kind", "maskgit"])
+    err = user_error(train_stage2, [*args, "--trainer.max_steps", "4", "--ckpt_path", "last"], capsys)
+    assert "holds another network than this config builds (kind maskgit (this config: transformer)" in err, err
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(shapes_folder, tmp_path, capsys, monkeypatch):
+    """Lightning wrote a checkpoint in the system's temp folder and copied it over the old one when the run folder
+    was on another file system: a disk that filled during the copy truncated the good last.ckpt (an audit, on a
+    small tmpfs). Now it is written beside it and renamed; a full disk is one line, and last.ckpt is intact."""
+    import contextlib
+    import errno
+
+    import common.run_callbacks
+
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2))
+    last = root / "version_0/checkpoints/last.ckpt"
+    good = last.read_bytes()
+    real = common.run_callbacks.atomic_file
+
+    @contextlib.contextmanager
+    def filling(path, **kwargs):
+        with real(path, **kwargs) as f:
+
+            class Full:
+                def write(self, data):
+                    f.write(bytes(data)[:1000])
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+            yield Full()
+
+    monkeypatch.setattr(common.run_callbacks, "atomic_file", filling)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # (a longer schedule: its note on the learning rate comes first)
+        train_stage1(fit_args(shapes_folder, root, 4, "--ckpt_path", "last"))
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]
+    assert info.value.code == 2 and "Traceback" not in stderr, stderr
+    assert err.startswith("train_stage1: error: cannot write the checkpoint ") and "No space left on device" in err
+    assert "the checkpoints saved before it are intact: free some space, then go on with --ckpt_path last" in err
+    assert last.read_bytes() == good
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary file left
