@@ -4,7 +4,10 @@ The npm packages ``emoji-datasource-{apple,google,twitter,facebook}@16.0.0`` eac
 ``img/<vendor>/64/*.png`` (RGBA 64x64: about 1,900 emoji plus skin-tone variants) and ``emoji.json``
 (name, category, subcategory, ``has_img_<vendor>``, ``skin_variations``). `fetch` gets the four tarballs
 with ``npm pack`` (checked against pinned SHA-256s) and extracts only those PNGs and emoji.json into
-``data/emoji/``; it does nothing when they are already there.
+``data/emoji/``; it does nothing when they are already there. Each package is downloaded and extracted in a
+hidden staging folder of `root` (the next run removes one a killed run left), renamed into place, then marked
+by a hidden file ``.<vendor>-16.0.0.ok``; a vendor folder or emoji.json there that is not the package's is
+refused, never replaced. A folder with some markers but not all is a fetch stopped part-way: the reader refuses it.
 
 `load_emoji` composites every RGBA glyph over white, at 64 px or resized to 32. Labels are the category
 (the "Component" category, skin-tone swatches and hair parts, is dropped). Each image's base emoji (its
@@ -14,12 +17,12 @@ the test split holds glyphs the model has never seen. Vendor and name are kept f
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,48 +64,108 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _marker(root: Path, vendor: str) -> Path:
+    """Written only once img/<vendor>/64 is in place, so a vendor without one was not fetched (or not finished)."""
+    return root / f".{vendor}-{VERSION}.ok"
+
+
+def _staging(root: Path, vendor: str) -> Path:
+    """Where one vendor's tarball is downloaded and extracted: inside `root`, never /tmp, so a killed fetch leaves
+    nothing elsewhere; hidden, and of a fixed name only the fetcher uses, so the next run removes what it left."""
+    return root / f".fetch-{vendor}.tmp"
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()  # a link is removed, never followed
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def fetch(root: str | Path = DEFAULT_ROOT, vendors: tuple[str, ...] = VENDORS, npm: str = "npm") -> Path:
     """Put emoji.json and img/<vendor>/64/*.png under `root` (idempotent: a vendor whose marker file is
-    there is skipped). Each tarball is checked against its pinned SHA-256 before anything is extracted."""
+    there is skipped). Each tarball is checked against its pinned SHA-256 before anything is extracted, and
+    nothing of the user's is replaced: a vendor folder or emoji.json that differs from the package's is refused."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    for vendor in VENDORS:  # all of them: a killed run's vendor may have been marked before its staging went
+        _remove(_staging(root, vendor))
     for vendor in vendors:
-        marker = root / f".{vendor}-{VERSION}.ok"
-        if marker.is_file() and (root / "emoji.json").is_file():
+        done = _marker(root, vendor).is_file() and (root / "img" / vendor / "64").is_dir()
+        if done and (root / "emoji.json").is_file():
             print(f"emoji: {vendor} already in {root}")
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            package = f"emoji-datasource-{vendor}@{VERSION}"
-            try:
-                subprocess.run([npm, "pack", package, "--silent"], cwd=tmp, check=True, capture_output=True, text=True)
-            except (OSError, subprocess.CalledProcessError) as e:
-                detail = getattr(e, "stderr", "") or str(e)
-                raise UserError(f"`npm pack {package}` failed ({' '.join(detail.split())[:300]}); "
-                                "it needs npm and the npm registry") from None  # fmt: skip
-            tarball = Path(tmp) / f"emoji-datasource-{vendor}-{VERSION}.tgz"
-            if _sha256(tarball) != TARBALL_SHA256[vendor]:
-                raise UserError(f"{package}: the tarball's SHA-256 is not the pinned one; refusing to extract it")
-            _extract(tarball, vendor, root)
-        marker.write_text(TARBALL_SHA256[vendor] + "\n")
-        print(f"emoji: {vendor} -> {root / 'img' / vendor / '64'}")
+        staging = _staging(root, vendor)
+        staging.mkdir()
+        try:
+            print(_install(_pack(vendor, staging, npm), vendor, root))
+        finally:
+            _remove(staging)
     return root
 
 
-def _extract(tarball: Path, vendor: str, root: Path) -> None:
-    """Only emoji.json and img/<vendor>/64/*.png, as plain files (tarfile's "data" filter: no links, no
-    paths outside `root`)."""
+def _pack(vendor: str, staging: Path, npm: str) -> Path:
+    """`npm pack` the vendor's package into `staging`; its tarball, checked against the pinned SHA-256."""
+    package = f"emoji-datasource-{vendor}@{VERSION}"
+    try:
+        subprocess.run([npm, "pack", package, "--silent"], cwd=staging, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise UserError(f"`npm pack {package}` failed ({' '.join(detail.split())[:300]}); "
+                        "it needs npm and the npm registry") from None  # fmt: skip
+    tarball = staging / f"emoji-datasource-{vendor}-{VERSION}.tgz"
+    if not tarball.is_file() or _sha256(tarball) != TARBALL_SHA256[vendor]:
+        raise UserError(f"{package}: the tarball's SHA-256 is not the pinned one; refusing to extract it")
+    return tarball
+
+
+def _install(tarball: Path, vendor: str, root: Path) -> str:
+    """Extract only emoji.json and img/<vendor>/64/*.png next to `tarball`, as plain files (tarfile's "data"
+    filter: no links, no paths outside), then rename them into `root`; the marker last. Refuses, before
+    anything moves, a vendor folder or emoji.json there that is not the package's."""
+    staging, package = tarball.parent, f"emoji-datasource-{vendor}@{VERSION}"
     prefix = f"package/img/{vendor}/64/"
     with tarfile.open(tarball, "r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile() and (m.name == "package/emoji.json" or (
             m.name.startswith(prefix) and m.name.endswith(".png") and "/" not in m.name[len(prefix):]))]  # fmt: skip
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            tar.extractall(tmp, members=members, filter="data")
-            target = root / "img" / vendor / "64"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)  # our own extraction of this vendor, left incomplete by a kill
-            shutil.move(str(Path(tmp) / prefix), target)
-            shutil.move(str(Path(tmp) / "package" / "emoji.json"), root / "emoji.json")
+        tar.extractall(staging, members=members, filter="data")
+    glyphs, entries = staging / prefix, staging / "package" / "emoji.json"
+    if not glyphs.is_dir() or not entries.is_file():
+        raise UserError(f"{package}: the tarball holds no img/{vendor}/64/*.png or no emoji.json")
+    target, json_path, marker = root / "img" / vendor / "64", root / "emoji.json", _marker(root, vendor)
+    kept = _holds_package(target, glyphs, marker.is_file(), package)
+    if json_path.exists() and not filecmp.cmp(json_path, entries, shallow=False):
+        raise UserError(f"{json_path} exists but is not the emoji.json of {package}, so it was not fetched by "
+                        "`make data-emoji`; move it away, or fetch into another folder")  # fmt: skip
+    if not kept:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            target.rmdir()  # empty (checked): nothing of the user's is lost
+        glyphs.rename(target)  # one rename inside `root`: the folder is never there half-filled
+    marker.write_text(TARBALL_SHA256[vendor] + "\n")
+    if not json_path.exists():  # after the marker: a fetch stopped before it has no emoji.json, so reads as none
+        entries.rename(json_path)
+    if kept:
+        return f"emoji: {target} already holds the glyphs of {package}; marked as fetched"
+    return f"emoji: {vendor} -> {target}"
+
+
+def _holds_package(target: Path, glyphs: Path, marked: bool, package: str) -> bool:
+    """Whether `target` stays as it is: fetched before (marked), or a copy of exactly the package's files (a
+    hand copy that lost the hidden markers, or a fetch killed between the rename and its marker), which only
+    needs its marker. False when it is absent or empty (so can be filled); anything else is the user's: refused."""
+    if not target.exists():
+        return False
+    if marked:
+        return True
+    if target.is_dir() and not any(target.iterdir()):
+        return False
+    names = sorted(p.name for p in glyphs.iterdir())
+    if target.is_dir() and sorted(p.name for p in target.iterdir()) == names and all(
+            (target / n).is_file() and filecmp.cmp(target / n, glyphs / n, shallow=False) for n in names):  # fmt: skip
+        return True
+    raise UserError(f"{target} exists but was not fetched by `make data-emoji` (its files are not those of "
+                    f"{package}); move it away, or fetch into another folder")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -130,6 +193,18 @@ def _broken(e: ImageError) -> DatasetError:
     return DatasetError(f"{str(e).removesuffix('; fix or delete the file')}; re-run `make data-emoji`")
 
 
+def _check_fetch_finished(root: Path, vendors: list[str]) -> None:
+    """A folder with markers is a fetch, which is only done once every vendor is marked and there: one stopped
+    part-way would otherwise train on a quarter of the glyphs without a word. A folder without any marker is
+    the user's own layout (built by hand, or by benchmarks/carry_emoji.py) and is read as it is."""
+    marked = [v for v in VENDORS if _marker(root, v).is_file()]
+    missing = [v for v in VENDORS if v not in marked or v not in vendors]
+    if marked and missing:
+        raise DatasetError(f"emoji: {where(root)} is a fetch stopped part-way ({', '.join(missing)} missing); "
+                           f"run `make data-emoji` (`python -m common.emoji {root}` for this folder) "
+                           "to finish it")  # fmt: skip
+
+
 def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArrays:
     """Every vendor's glyphs under `root` (default data/emoji) with their category labels and split groups."""
     if image_size not in SIZES:
@@ -138,6 +213,7 @@ def load_emoji(root: str | Path | None = None, image_size: int = 64) -> EmojiArr
     entries = _entries(root)
     names = emoji_class_names(root)
     vendors = [v for v in VENDORS if (root / "img" / v / "64").is_dir()]
+    _check_fetch_finished(root, vendors)
     if not vendors:
         raise DatasetNotFoundError(f"emoji not found: no <vendor>/64 folder in {where(root / 'img')}; {HOW_TO_GET}")
     files, labels, groups, who, what = [], [], [], [], []

@@ -1,13 +1,9 @@
-"""Emoji on generated files of the real layout (emoji.json + img/<vendor>/64/*.png): fetching with a stand-in
-npm, compositing over white, category labels, and splits by base emoji. Never the network."""
+"""Emoji on generated files of the real layout (emoji.json + img/<vendor>/64/*.png): compositing over white,
+category labels, and splits by base emoji (the fetcher: test_emoji_fetch.py). Never the network."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import stat
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +12,6 @@ import torch
 from PIL import Image
 
 from common import emoji
-from common.cli import UserError
 from common.readers import DatasetNotFoundError
 from common.splits import ImageSplits
 
@@ -133,42 +128,3 @@ def test_the_default_root_is_found_from_another_directory(tmp_path, monkeypatch)
     assert torch.equal(ImageSplits(**data_options(saved)).split_arrays("test")[0], want)
     (tmp_path / "data" / "emoji").mkdir(parents=True)  # one here is the one meant (and says what is missing)
     assert data_options(saved)["root"] is None
-
-
-def fake_package(vendor: str, evil: bool = False) -> bytes:
-    """A tarball laid out like npm's, with a path-traversal member that must never be extracted."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        add("package/emoji.json", json.dumps([{"name": "PIZZA", "category": "Food & Drink", "image": "1f355.png",
-                                                f"has_img_{vendor}": True}]).encode())  # fmt: skip
-        png = io.BytesIO()
-        glyph(1).save(png, format="PNG")
-        add(f"package/img/{vendor}/64/1f355.png", png.getvalue())
-        add(f"package/img/{vendor}/64/../../../../escaped.png", png.getvalue())
-        add(f"package/img/{vendor}/sheets/big.png", png.getvalue())
-    return buf.getvalue()
-
-
-def test_fetch_checks_the_tarball_extracts_only_glyphs_and_is_idempotent(tmp_path, monkeypatch, capsys):
-    tarball = fake_package("google")
-    store = tmp_path / "npm_store.tgz"
-    store.write_bytes(tarball)
-    npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION`: copies the tarball into the cwd
-    npm.write_text(f"#!/bin/sh\ncp {store} \"emoji-datasource-google-{emoji.VERSION}.tgz\"\n")
-    npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
-    root = tmp_path / "data" / "emoji"
-    with pytest.raises(UserError, match="SHA-256 is not the pinned one"):
-        emoji.fetch(root, ("google",), npm=str(npm))
-    assert not (root / "img").exists()
-    monkeypatch.setitem(emoji.TARBALL_SHA256, "google", hashlib.sha256(tarball).hexdigest())
-    emoji.fetch(root, ("google",), npm=str(npm))
-    assert sorted(p.name for p in (root / "img" / "google" / "64").iterdir()) == ["1f355.png"]
-    assert not list(tmp_path.rglob("escaped.png")) and not (root / "img" / "google" / "sheets").exists()
-    assert emoji.load_emoji(root).images.shape == (1, 64, 64, 3)
-    emoji.fetch(root, ("google",), npm=str(npm))
-    assert "already in" in capsys.readouterr().out
