@@ -145,6 +145,12 @@ def atomic_file(dest: str | Path, mode: str = "wb", replace: bool | None = None,
         _no_replace.pop(_key(dest), None)  # ours now: a second write in this process may replace it
         if placed is not None:
             placed.append(dest)
+    except OSError as e:  # a write's own error names no file ("[Errno 28] No space left on device"): name it
+        if not no_space(e) or e.filename is not None or isinstance(e, OutputError):
+            raise
+        full = OutputError(f"cannot write {dest} ({e.strerror}); free some space there, or write it elsewhere")
+        full.errno = e.errno  # still a full disk to callers that look (run_callbacks; strerror would change str())
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

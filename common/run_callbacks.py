@@ -6,6 +6,7 @@ line when training diverges, the run's config.yaml kept through resumes, and che
 from __future__ import annotations
 
 import io
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -264,5 +265,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as e:
             if e.errno not in DISK_FULL:
                 raise
-            raise UserError(f"cannot write the checkpoint {path} ({e.strerror}); the checkpoints saved before it are "
+            why = e.strerror or os.strerror(e.errno)
+            raise UserError(f"cannot write the checkpoint {path} ({why}); the checkpoints saved before it are "
                             "intact: free some space, then go on with --ckpt_path last") from None  # fmt: skip

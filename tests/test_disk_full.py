@@ -233,3 +233,20 @@ def test_training_commands_end_a_full_disk_in_one_line(command, shapes_folder, t
     assert f"error: --out {tmp_path / 'net.pt'}: no space left on device (the file needs about " in line
     assert line.endswith(" free there); free some space or choose another --out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_names_the_file(tmp_path):
+    """A write's OSError names no file ("compress: error: [Errno 28] No space left on device"): the output's
+    name and what to do are added; it stays a full disk (errno) to callers that look, and no temp file is left."""
+    import errno
+
+    from common.io import OutputError, atomic_file
+
+    path = tmp_path / "x.vqz"
+    with pytest.raises(OutputError) as info, atomic_file(path) as f:
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(info.value) == f"cannot write {path} (No space left on device); free some space there, or write it " \
+        "elsewhere"  # fmt: skip
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
