@@ -3,23 +3,22 @@
 A checkpoint is a dict of tensors and plain values; torch's weights-only unpickler refuses any other
 object, so a crafted file cannot run code. Whatever the problem (missing, truncated, text, a pickle of
 arbitrary objects, the wrong stage), the `CheckpointError` names the flag and the file and says what to pass.
-The file is read once and loaded from those bytes: `checkpoint_bytes` keeps them with their SHA-256, so what a
-`.vqz` or a codes directory records is the hash of the weights that were used, even if a run still training
-rewrites the file meanwhile.
+A file is opened once (`open_checkpoint`) and both loaded and hashed through that open file, so what a `.vqz`
+or a codes directory records is the hash of the weights that were used, even if a run still training replaces
+the file meanwhile (every writer here renames a new file into place; the open one keeps the old).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import os
 import pickle
 import re
 import warnings
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -45,14 +44,18 @@ def kind_of(ckpt: dict) -> str | None:
 NAMES = {"stage1": "a stage-1 (VQ-VAE) checkpoint", "prior": "a stage-2 prior checkpoint", None: "a checkpoint"}
 
 
-class CheckpointBytes(os.PathLike):
-    """A checkpoint file read once: its path, its bytes and their SHA-256. It goes wherever a checkpoint's path
-    goes (`read_checkpoint`, so `load_stage1` and `load_prior` too; printed, it is the path), and the weights are
-    then loaded from these very bytes: hashing the file again later could name a checkpoint that a run still
-    training wrote after the weights were loaded."""
+class CheckpointFile(os.PathLike):
+    """A checkpoint file opened once: its path, the open file and (when asked, read through that file) its
+    SHA-256. It goes wherever a checkpoint's path goes (`read_checkpoint`, so `load_stage1` and `load_prior`
+    too; printed, it is the path), and the weights are loaded through the same open file: hashing the path again
+    later could name a checkpoint that a run still training wrote after the weights were loaded. Neither holds
+    the file's bytes in memory beside the weights (reading them whole first doubled the peak of a large prior)."""
 
-    def __init__(self, path: Path, data: bytes) -> None:
-        self.path, self.data = path, data
+    def __init__(self, path: Path, handle: BinaryIO) -> None:
+        self.path, self.handle = path, handle
+
+    def __del__(self) -> None:
+        self.handle.close()
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -62,11 +65,16 @@ class CheckpointBytes(os.PathLike):
 
     @cached_property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()  # hex, as common.codes.sha256_file gives for the file
+        """Hex, as common.codes.sha256_file gives for the file (read in chunks through the open file)."""
+        digest = hashlib.sha256()
+        self.handle.seek(0)
+        for chunk in iter(lambda: self.handle.read(1 << 20), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
-def checkpoint_bytes(path: str | Path, flag: str, want: str | None = None) -> CheckpointBytes:
-    """The file at `path` (given as `flag`), read once; `want` ("stage1", "prior") only names it in errors."""
+def open_checkpoint(path: str | Path, flag: str, want: str | None = None) -> CheckpointFile:
+    """The file at `path` (given as `flag`), opened; `want` ("stage1", "prior") only names it in errors."""
     path = Path(path)
     if not path.exists():
         if path.name == "best.ckpt" and (path.parent / "last.ckpt").is_file():  # a run that never validated
@@ -76,25 +84,34 @@ def checkpoint_bytes(path: str | Path, flag: str, want: str | None = None) -> Ch
     if not path.is_file():
         raise CheckpointError(f"{flag} {path} is a directory; pass {NAMES[want]} (.ckpt file)")
     try:
-        return CheckpointBytes(path, path.read_bytes())
+        return CheckpointFile(path, open(path, "rb"))  # noqa: SIM115 - open while the CheckpointFile lives
     except OSError as e:  # unreadable, or gone since the check above
         raise CheckpointError(f"{flag} {path}: cannot read it ({e.strerror or e}); pass {NAMES[want]}") from None
 
 
-def read_checkpoint(path: str | Path | CheckpointBytes, flag: str, want: str | None = None) -> dict[str, Any]:
-    """The checkpoint at `path` (given as `flag`) as a dict, loaded weights-only on the CPU (from the bytes of a
-    `CheckpointBytes`, else from the file, read once).
+def read_checkpoint(path: str | Path | CheckpointFile, flag: str, want: str | None = None) -> dict[str, Any]:
+    """The checkpoint at `path` (given as `flag`) as a dict, loaded weights-only on the CPU (through the open file
+    of a `CheckpointFile`).
 
     `want` ("stage1" or "prior") also checks which stage wrote it, and says so when it is the other one.
     """
-    source = path if isinstance(path, CheckpointBytes) else checkpoint_bytes(path, flag, want)
-    path = source.path
+    opened_here = not isinstance(path, CheckpointFile)
+    source = open_checkpoint(path, flag, want) if opened_here else path
+    try:
+        return _load(source, source.path, flag, want)
+    finally:
+        if opened_here:  # closed now (a caller's CheckpointFile stays open for its hash)
+            source.handle.close()
+
+
+def _load(source: CheckpointFile, path: Path, flag: str, want: str | None) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             # a raw pickle (not torch's zip format) makes torch warn about its pickle protocol, in two lines, before
             # the one-line error below that says what to pass: nothing torch warns of here is the user's to fix
             warnings.simplefilter("ignore")
-            ckpt = torch.load(io.BytesIO(source.data), map_location="cpu", weights_only=True)
+            source.handle.seek(0)
+            ckpt = torch.load(source.handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:  # torch's weights-only unpickler met an object it does not allow

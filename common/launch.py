@@ -40,7 +40,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import UserError, one_line
-from common.run_lock import LOCK_NAME, lock_run
+from common.run_lock import lock_run
 
 RUN_ENV = "VQGEN_RUN_DIR"  # set by rank 0; inherited by the processes Lightning's launcher starts
 SLURM_RECORD = "slurm_job.json"  # in a run folder made inside a SLURM batch job: its job and config
@@ -89,7 +89,7 @@ def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
     if name in ("latest", ".", "..") or "/" in name or os.sep in name or name.startswith(".latest"):
         raise UserError(f"--log.name {name!r}: a run name is one folder name, not 'latest', '.', '..' or a path")
     folder = root / name
-    if folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):  # a lock alone: see choose_run
+    if folder.is_dir() and any(folder.iterdir()):
         if (folder / "checkpoints" / "last.ckpt").is_file():
             fix = f"pass --ckpt_path last (with --log.name {name}) to resume it"
         else:
@@ -113,17 +113,17 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
     from it) was checked when the arguments were parsed."""
     if (folder := slurm_restarted_run(root, name, config)) is not None:
         last, job = folder / "checkpoints" / "last.ckpt", slurm_job()
-        lock_run(folder, "--ckpt_path last" if ckpt_path == "last" else f"SLURM job {job}")
         said = f"SLURM job {job} started again (restart {os.environ['SLURM_RESTART_COUNT']})"
         if last.is_file():
             step = int(read_checkpoint(last, str(last), want=kind).get("global_step", 0))
+            lock_run(folder, f"SLURM job {job}")  # last: a failure before it would leave it held in this process
             return Run(folder.resolve(), str(last.resolve()), step,
                        note=f"{said}: continuing {folder.resolve()} from its last.ckpt (step {step})")  # fmt: skip
         # stopped before its first checkpoint: what its first start left there (logs of steps that are gone) is
         # this command's own, made in this job; it starts over in the same folder (a --log.name stays usable)
+        lock_run(folder, f"SLURM job {job}")
         for entry in folder.iterdir():
-            if entry.name != LOCK_NAME:  # ours, held
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         return Run(folder.resolve(), ckpt_path, note=f"{said}: {folder} has no checkpoint; starting it over there")
     if ckpt_path == "last":
         folder = root / name if name else root / "latest"

@@ -1,17 +1,17 @@
 """One process trains in a run folder at a time: the process that chooses a run (rank 0) holds an exclusive
-``flock`` on ``<run>/.lock`` until its command ends.
+``flock`` on the run folder itself until its command ends.
 
 Without it, two fits given the same ``--log.name`` at the same moment both found the folder empty and trained
 into it (one run's config.yaml beside the other's checkpoints, their metrics interleaved), and a job submitted
 twice resumed the same run twice with ``--ckpt_path last``. The kernel drops the lock when its process ends,
 however it ends (a crash, SIGKILL, a preempted node), so a requeued SLURM job or a rerun after a crash finds it
-free; a stale lock file means nothing. File systems without locks (some network mounts) go on unlocked.
+free. The folder is locked, not a file in it: a lock file made a new run's folder look used (the CSV logger
+warned that it would delete its files). File systems without locks (some network mounts) go on unlocked.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from common.cli import UserError
@@ -21,8 +21,7 @@ try:
 except ImportError:  # not on Windows: no lock there
     fcntl = None  # type: ignore[assignment]
 
-LOCK_NAME = ".lock"  # inside the run folder; not a sign that the folder holds a run (common.launch)
-_held: dict[Path, int] = {}  # run folder -> the open file whose lock this process holds
+_held: dict[Path, int] = {}  # run folder -> the open descriptor of it whose lock this process holds
 
 
 def lock_run(folder: Path, flag: str) -> None:
@@ -31,26 +30,25 @@ def lock_run(folder: Path, flag: str) -> None:
     if fcntl is None or folder in _held:
         return
     try:
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a folder we cannot write: the run fails on its first file with its own message
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # gone or unreadable: the run fails on its first file with its own message
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").split()
         os.close(fd)
-        who = f" (pid {holder[0]} on {holder[1]})" if len(holder) >= 2 else ""
-        raise UserError(f"{flag}: {folder} is being trained by another process{who}; wait for it to end or stop "
-                        "it, or choose another --log.name") from None  # fmt: skip
-    except OSError:  # no locks here (ENOLCK, EOPNOTSUPP)
+        raise UserError(f"{flag}: {folder} is being trained by another process (a fit started before this one, or "
+                        "the same job submitted twice); wait for it to end or stop it, or choose another "
+                        "--log.name") from None  # fmt: skip
+    except OSError:  # no locks here (ENOLCK, EOPNOTSUPP, a network mount that takes none on a folder)
         os.close(fd)
         return
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     _held[folder] = fd
 
 
-def release_run(folder: Path | None) -> None:
-    """Let go of the lock this process holds on `folder` (nothing if it holds none)."""
-    if folder is not None and (fd := _held.pop(Path(folder).resolve(), None)) is not None:
-        os.close(fd)  # closing the file drops its flock
+def release_run(folder: Path | None = None) -> None:
+    """Let go of the lock this process holds on `folder`, or (None) of every run folder it holds: what a command
+    ends with, whether it chose its run or failed on the way (a notebook's next command must find it free)."""
+    for held in [Path(folder).resolve()] if folder is not None else list(_held):
+        if (fd := _held.pop(held, None)) is not None:
+            os.close(fd)  # closing the descriptor drops its flock

@@ -144,7 +144,7 @@ class VQGenCLI(LightningCLI):
             finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted)
             if failed:
                 self._discard_unstarted_run()
-            release_run(self.run_dir)  # the run folder's lock (common.run_lock), held since it was chosen
+            release_run()  # the run folder's lock (common.run_lock), held since it was chosen (or on the way)
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
 
     def _out_of_memory_message(self, what: str) -> str:

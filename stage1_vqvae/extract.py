@@ -31,7 +31,7 @@ import torch
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch.utils.data import DataLoader, Dataset
 
-from common.checkpoint import checkpoint_bytes
+from common.checkpoint import open_checkpoint
 from common.cli import (
     Parser,
     UserError,
@@ -299,7 +299,7 @@ def _run(args: list[str] | None) -> str | None:
     model, data_defaults, sha = None, {}, None
     if ckpt:  # the checkpoint's data options become the --data.* defaults
         # read once: the codes record the hash of the bytes these weights came from, not of the file later
-        source = checkpoint_bytes(ckpt, "--ckpt", "stage1")
+        source = open_checkpoint(ckpt, "--ckpt", "stage1")
         (model, saved), sha = load_stage1(source, "--ckpt"), source.sha256
         del source  # as large as the checkpoint, and not needed while encoding
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)

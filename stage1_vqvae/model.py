@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import CheckpointBytes, CheckpointError, constructor_args, read_checkpoint
+from common.checkpoint import CheckpointError, CheckpointFile, constructor_args, read_checkpoint
 from common.codes import sequence_shape, split_levels
 from stage1_vqvae.arguments import check_arguments, level_specs
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
@@ -238,9 +238,9 @@ class VQModel(nn.Module):
         return out
 
 
-def load_stage1(path: str | Path | CheckpointBytes, flag: str = "--vqvae") -> tuple[VQModel, dict[str, Any]]:
+def load_stage1(path: str | Path | CheckpointFile, flag: str = "--vqvae") -> tuple[VQModel, dict[str, Any]]:
     """(the stage-1 network rebuilt from a VQVAE checkpoint, read weights-only, on the CPU in eval mode;
-    the data module's saved arguments, possibly empty). A `CheckpointBytes` loads the bytes it holds, whose
+    the data module's saved arguments, possibly empty). A `CheckpointFile` is loaded through its open file, whose
     `sha256` is then the hash of these very weights."""
     ckpt = read_checkpoint(path, flag, want="stage1")
     try:

@@ -14,7 +14,7 @@ from PIL import Image
 
 import stage1_vqvae.extract as extract
 import tools.load as load_module
-from common.checkpoint import CheckpointError, checkpoint_bytes, read_checkpoint
+from common.checkpoint import CheckpointError, open_checkpoint, read_checkpoint
 from common.codes import read_meta, sha256_file
 from stage1_vqvae.vqvae import VQVAE
 from stage2_prior.prior import Prior
@@ -143,13 +143,13 @@ def test_extract_records_the_weights_it_encoded_with(ckpts, shapes_folder: Path,
     assert read_meta(tmp_path / "codes").stage1_sha256 == sha256_file(ckpts["stage1_b"]) == sha256_file(live)
 
 
-def test_read_checkpoint_loads_the_bytes_it_was_given(ckpts, tmp_path: Path) -> None:
-    """A CheckpointBytes is loaded from its bytes, not from the file (which may have changed since), and keeps
+def test_read_checkpoint_loads_the_file_it_opened(ckpts, tmp_path: Path) -> None:
+    """A CheckpointFile is loaded and hashed through the file it opened, not the path (replaced since), and keeps
     the file's errors: a missing or corrupt file is one CheckpointError naming the flag."""
     path = tmp_path / "x.ckpt"
     path.write_bytes(ckpts["stage1_a"].read_bytes())
-    source = checkpoint_bytes(path, "--vqvae", "stage1")
-    path.write_bytes(ckpts["stage1_b"].read_bytes())
+    source = open_checkpoint(path, "--vqvae", "stage1")
+    rewrite(path, ckpts["stage1_b"])  # as every writer here does: a new file renamed into place
     loaded = read_checkpoint(source, "--vqvae", want="stage1")["state_dict"]
     want = torch.load(ckpts["stage1_a"], weights_only=True)["state_dict"]
     assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
@@ -158,4 +158,4 @@ def test_read_checkpoint_loads_the_bytes_it_was_given(ckpts, tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match=r"^--vqvae .*x\.ckpt is not a PyTorch checkpoint"):
         read_checkpoint(path, "--vqvae", want="stage1")
     with pytest.raises(CheckpointError, match=r"^--prior .*gone\.ckpt: no such file; pass a stage-2 prior checkpoint"):
-        checkpoint_bytes(tmp_path / "gone.ckpt", "--prior", "prior")
+        open_checkpoint(tmp_path / "gone.ckpt", "--prior", "prior")

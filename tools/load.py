@@ -15,13 +15,14 @@ samples or compresses starts in about the time torch takes to import.
 from __future__ import annotations
 
 from dataclasses import fields
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import CheckpointError, checkpoint_bytes
+from common.checkpoint import CheckpointError, CheckpointFile, open_checkpoint
 from common.cli import resolve_device
-from common.codes import CodesMeta, check_matches, check_stage1
+from common.codes import CodesMeta, check_matches, check_stage1, sha256_file
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.build import load_prior
 from stage2_prior.decoding import CodePrior
@@ -42,15 +43,24 @@ class Models:
     their weights were loaded from, and the prior's codes."""
 
     def __init__(self, prior: CodePrior, vqvae: VQModel, prior_path: Path, vqvae_path: Path, device: torch.device,
-                 codes_meta: dict | None = None, stage1_data: dict | None = None, prior_sha256: str = "",
-                 stage1_sha256: str = "") -> None:  # fmt: skip
+                 codes_meta: dict | None = None, stage1_data: dict | None = None,
+                 files: tuple[CheckpointFile, CheckpointFile] | None = None) -> None:  # fmt: skip
         self.prior, self.vqvae = prior.to(device).eval(), vqvae.to(device).eval()
         self.prior_path, self.vqvae_path, self.device = prior_path, vqvae_path, device
-        # Taken from the bytes loaded, never from the file later: a prior still training rewrites its last.ckpt,
-        # and a .vqz that named the file's later hash could be decoded by no checkpoint at all.
-        self.prior_sha256, self.stage1_sha256 = prior_sha256, stage1_sha256
         self.codes_meta = codes_meta or {}
         self.stage1_data = stage1_data or {}  # the data options stage 1 was trained with (its checkpoint's)
+        self._files = files  # the files the weights were loaded through, kept open for their hashes
+
+    # Hashed through the files the weights were loaded from, never by path later: a prior still training replaces
+    # its last.ckpt, and a .vqz that named the new file's hash could be decoded by no checkpoint at all. Only when
+    # asked (compress, the page's codec): sampling does not read a large prior twice.
+    @cached_property
+    def prior_sha256(self) -> str:
+        return self._files[0].sha256 if self._files else sha256_file(self.prior_path)
+
+    @cached_property
+    def stage1_sha256(self) -> str:
+        return self._files[1].sha256 if self._files else sha256_file(self.vqvae_path)
 
     @property
     def image_size(self) -> int:
@@ -107,16 +117,15 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     """The prior and the stage 1 that decodes its codes, checked to fit each other, on `device` ("auto": a GPU if
     there is one)."""
     device = resolve_device(device, "device") if isinstance(device, str) else torch.device(device)
-    prior_file = checkpoint_bytes(prior_path, "--prior", "prior")  # read once: weights and hash of the same bytes
+    prior_file = open_checkpoint(prior_path, "--prior", "prior")  # opened once: weights and hash of one version
     prior, hparams = load_prior(prior_file)
     meta = hparams.get("codes_meta") or {}
     path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path)
-    # stage1_path_of hashed the file, which may since have been rewritten: check_matches below compares the
-    # hash of the bytes loaded here with the one the codes recorded
-    stage1_file = checkpoint_bytes(path, "--vqvae", "stage1")
+    # stage1_path_of hashed the file, which may since have been replaced: check_matches below compares the hash
+    # of the file loaded here with the one the codes recorded
+    stage1_file = open_checkpoint(path, "--vqvae", "stage1")
     vqvae, stage1_data = load_stage1(stage1_file, "--vqvae")
-    models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data,
-                    prior_file.sha256, stage1_file.sha256)  # fmt: skip
+    models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data, (prior_file, stage1_file))
     facts = prior_facts(prior, meta)
     target = {"codebook_size": vqvae.codebook_size, "grid_shape": vqvae.grid_shape,
               "stage1_sha256": models.stage1_sha256 if facts["stage1_sha256"] else None}  # fmt: skip
