@@ -66,6 +66,7 @@ class SplitWriter:
 
     def __init__(self, folder: Path, split: str, n: int, meta: CodesMeta) -> None:
         self.split, self.n, self.meta = split, n, meta
+        self.made_folder = None if folder.exists() else folder  # removed again (if empty) when the writer aborts
         folder.mkdir(parents=True, exist_ok=True)
         self.final = {name: folder / name for name in [*meta.level_files, LABELS_FILE]}
         self.temp: dict[str, Path] = {}
@@ -163,6 +164,9 @@ class CodesWriter:
             )
         if len(meta.grid_shape) != 2 or min(meta.grid_shape) < 1:
             raise CodesError(f"{self.out_dir}: grid_shape must be two positive sides, got {meta.grid_shape}")
+        # what this writer creates, deepest first: an aborted extraction into a new --out leaves no empty skeleton
+        # (its train/val/test folders made a later train_stage2 ask for an --overwrite nothing needed)
+        self.made = [p for p in [self.out_dir, *self.out_dir.parents] if not p.exists()]
         try:
             check_writable_dir(self.out_dir)  # now, not after encoding everything
         except OutputError as e:
@@ -304,6 +308,10 @@ class CodesWriter:
             writer._remove_temp()
         if self.stage1_temp is not None:
             self.stage1_temp.unlink(missing_ok=True)
+        made = [w.made_folder for w in self.splits.values() if w.made_folder is not None] + self.made
+        for folder in made:
+            with contextlib.suppress(OSError):  # only if empty: something else may have been put there meanwhile
+                folder.rmdir()
 
     def __enter__(self) -> CodesWriter:
         return self

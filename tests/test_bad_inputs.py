@@ -490,6 +490,22 @@ def test_ctrl_c_in_extract_codes_is_our_line_not_lightnings(world, tmp_path, cap
     assert "Traceback" not in err and not (tmp_path / "codes").exists()
 
 
+def test_an_extraction_stopped_at_its_commit_leaves_no_empty_folders(world, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or a full disk) once the splits were written, while the stage-1 copy is checked: the new --out's
+    train/val/test folders stayed, empty, and train_stage2 then asked for an --overwrite nothing needed."""
+    import common.codes_writer
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.codes_writer, "sha256_file", pressed)
+    out = tmp_path / "new" / "codes"
+    with pytest.raises(SystemExit) as info:
+        extract_codes(["--ckpt", world["stage1"], "--out", str(out), "--accelerator", "cpu"])
+    assert info.value.code == 130
+    assert list(tmp_path.iterdir()) == []  # neither codes/ nor new/, which the command made
+
+
 # ------------------------------------------------------------------ out of memory
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
             "3.50 GiB is free. Including non-PyTorch memory, this process has 136.29 GiB memory in use. If reserved "
