@@ -413,26 +413,37 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, command, args, 
     assert snapshot(root) == before
 
 
-def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(world, capsys, monkeypatch):
-    """Ctrl-C while `sample` writes its outputs (the grid written, the .npz half): one line (no KeyboardInterrupt
-    traceback), exit code 130 (so `make` stops), and neither output nor a temporary file is left (they are
-    written under temporary names and renamed together at the end)."""
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop, code, line", [
+    (_raise_keyboard_interrupt, 130, "sample: interrupted (Ctrl-C)"),
+    # SIGTERM (kill, timeout, a scheduler): its default action ended the process at once, silently, leaving the
+    # hidden temporary files (an --images folder of PNGs) that no rerun removes
+    (lambda: os.kill(os.getpid(), signal.SIGTERM), 143, "sample: stopped by SIGTERM"),
+], ids=["ctrl-c", "sigterm"])  # fmt: skip
+def test_a_stopped_sample_is_one_line_and_leaves_no_partial_file(stop, code, line, world, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM while `sample` writes its outputs (the grid written, the .npz half): one line (no
+    traceback), exit code 130 or 143 (so `make` stops), and neither output nor a temporary file is left (they
+    are written under temporary names and renamed together at the end)."""
     import numpy as np
 
-    def interrupted_savez(f, **arrays):
+    def stopped_savez(f, **arrays):
         f.write(b"half an npz")
-        raise KeyboardInterrupt
+        stop()
 
     root = Path(world["root"])
     monkeypatch.chdir(root)
-    monkeypatch.setattr(np, "savez", interrupted_savez)
+    monkeypatch.setattr(np, "savez", stopped_savez)
     before = snapshot(root)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        sample(["--prior", world["prior"], "--n", "2", "--out", str(root / "grid.png")])
+        sample(["--prior", world["prior"], "--n", "2", "--out", str(root / "grid.png"), "--images", "imgs"])
     err = capsys.readouterr().err.strip()
-    assert info.value.code == 130 and err == "sample: interrupted (Ctrl-C)", err
+    assert info.value.code == code and err == line, err
     assert snapshot(root) == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone with it
 
 
 def test_a_fifo_or_device_as_output_is_never_replaced(world, tmp_path, capsys):
@@ -446,28 +457,6 @@ def test_a_fifo_or_device_as_output_is_never_replaced(world, tmp_path, capsys):
     assert err == (f"sample: error: --out {pipe} is not a regular file (a device, FIFO or socket), which a command "
                    "never replaces (not even with --overwrite); give a file name"), err  # fmt: skip
     assert stat.S_ISFIFO(os.stat(pipe).st_mode)
-
-
-def test_sigterm_is_one_line_exit_143_and_leaves_no_temporary_file(world, capsys, monkeypatch):
-    """SIGTERM (kill, timeout, a scheduler) while `sample` writes: its default action ended the process at once,
-    silently, leaving the hidden temporary files (an --images folder of PNGs) that no rerun removes."""
-    import numpy as np
-
-    def terminated_savez(f, **arrays):
-        f.write(b"half an npz")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    root = Path(world["root"])
-    monkeypatch.chdir(root)
-    monkeypatch.setattr(np, "savez", terminated_savez)
-    before = snapshot(root)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        sample(["--prior", world["prior"], "--n", "2", "--out", str(root / "grid.png"), "--images", "imgs"])
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 143 and err == "sample: stopped by SIGTERM", err
-    assert snapshot(root) == before
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone with it
 
 
 def test_ctrl_c_in_extract_codes_is_our_line_not_lightnings(world, tmp_path, capsys, monkeypatch):
