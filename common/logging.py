@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning import Trainer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -98,9 +99,11 @@ class ResumedCSVLogger(CSVLogger):
         return self._experiment
 
 
-def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int | None = None) -> Logger | None:
+def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int | None = None,
+                job_type: str | None = None) -> Logger | None:  # fmt: skip
     """Build the logger for a run whose files live in ``run_dir`` (``resume_step``: the global step of the
-    checkpoint it continues from in place; None for a new run)."""
+    checkpoint it continues from in place; None for a new run; ``job_type``: W&B's, "stage1" or "prior", which
+    tells the two stages' runs apart in one project)."""
     if resume_step is None:
         csv_logger = CSVLogger
     else:
@@ -122,7 +125,11 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
                 f"wandb sync {run_dir}/wandb/offline-run-*  (after `wandb login`)",
                 file=sys.stderr,
             )
-        logger = WandbLogger(project=cfg.project, name=run_name, save_dir=str(run_dir))
+        # W&B's own variables win over the defaults (they were silently overridden): WANDB_PROJECT unless
+        # --log.project is given, WANDB_NAME for the run's name (its folder keeps run_name)
+        project = os.environ.get("WANDB_PROJECT") if cfg.project == LogConfig.project else None
+        logger = WandbLogger(project=project or cfg.project, name=os.environ.get("WANDB_NAME") or run_name,
+                             save_dir=str(run_dir), job_type=os.environ.get("WANDB_JOB_TYPE") or job_type)  # fmt: skip
         # Lightning passes anonymous=None to wandb.init, and wandb warns on every run that the setting "has no
         # effect" whatever its value; without the key wandb says nothing (a dict of wandb.init's arguments).
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
@@ -153,6 +160,13 @@ def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = Fal
                 wandb.finish(exit_code=1 if failed else 0)
 
 
+def metrics_step(trainer: Trainer) -> int:
+    """The step Lightning logs a validation's `self.log` metrics at inside training: the optimizer steps taken
+    before it, one less than `trainer.global_step` then. Images and histograms of that validation go at the same
+    step, so a reconstruction lines up with its PSNR (they were one step after, and the step axis went back)."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
 def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
     """Log one uint8 image (H, W, C) to whichever backend is in use (CSV: a PNG under log_dir/images)."""
     if logger is None:
@@ -165,6 +179,8 @@ def log_image(logger: Logger | None, key: str, image: np.ndarray, step: int, cap
     else:
         from PIL import Image
 
+        if getattr(logger, "log_dir", None) is None:  # a logger of the user's own without a folder: no file
+            return
         out = Path(logger.log_dir) / "images"
         out.mkdir(parents=True, exist_ok=True)
         img = image[..., 0] if image.shape[-1] == 1 else image
@@ -197,6 +213,8 @@ def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int
         if values.size:
             logger.experiment.add_histogram(key, values, global_step=step)
     else:
+        if getattr(logger, "log_dir", None) is None:
+            return
         out = Path(logger.log_dir) / "histograms"
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / f"{key.replace('/', '_')}_step{step:07d}.npy", counts)

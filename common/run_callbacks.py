@@ -20,6 +20,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from common.cli import UserError
 from common.io import DISK_FULL, atomic_file
@@ -222,18 +223,33 @@ class RunConfig(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        first = Path(trainer.log_dir or ".") / self.config_filename  # log_dir: a collective, on every rank
+        # the run folder (the Trainer's default_root_dir here), not Lightning's log_dir: a --trainer.logger of the
+        # user's own (MLflow) may have no folder, and Lightning's callback then failed an assertion
+        first = Path(trainer.default_root_dir) / self.config_filename
         # rank 0 decides (the processes Lightning's launcher starts do not know the resume step) and every rank
-        # follows, so that all take the same collectives below
+        # follows
         resumed = trainer.strategy.broadcast(self.resume_step is not None and first.is_file())
-        if not resumed:
-            super().setup(trainer, pl_module, stage)
-            return
         if trainer.is_global_zero:
-            if settings(self.parser.dump(self.config, skip_none=False)) != settings(first.read_text()):
+            if not resumed:
+                self.parser.save(self.config, str(first), skip_none=False, overwrite=True, multifile=self.multifile)
+            elif settings(self.parser.dump(self.config, skip_none=False)) != settings(first.read_text()):
                 self.parser.save(self.config, str(first.with_name(f"config_resume_step{self.resume_step}.yaml")),
                                  skip_none=False, overwrite=True, multifile=self.multifile)  # fmt: skip
+            self.save_config(trainer, pl_module, stage)  # a resume is a new W&B run: it gets its config too
         self.already_saved = True
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The command's whole settings to the dashboard, nested under `config` (W&B: config.trainer.max_steps):
+        Lightning logs only the model's and the data's hyperparameters, flat, so the trainer (steps, devices,
+        precision, accumulation), the seed, --cpu_bf16 and the logging options were missing. W&B's summary of the
+        metric that picks best.ckpt is its best value, not its last. (Rank 0; the CSV logger has config.yaml.)"""
+        logger = trainer.logger
+        if logger is None or isinstance(logger, CSVLogger):
+            return
+        logger.log_hyperparams({"config": yaml.safe_load(self.parser.dump(self.config, skip_none=False))})
+        if isinstance(logger, WandbLogger):
+            monitor, mode = getattr(pl_module, "monitor", ("val/loss", "min"))
+            logger.experiment.define_metric(monitor, summary=mode, step_metric="trainer/global_step")
 
 
 def settings(config_yaml: str) -> Any:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -256,10 +256,16 @@ class VQGenCLI(LightningCLI):
         if not any(isinstance(c, ProgressBar) for c in callbacks):
             tty = sys.stderr.isatty()
             callbacks.append(TQDMProgressBar() if tty else LineProgressBar(log.every_n_steps))
-        logger = make_logger(log, self.run_dir, self.run_dir.name, self.run.resume_step) or False
+        # --trainer.logger of the user's own (MLflow, ...) or false is kept (ours replaced it); else --log.backend's
+        given = trainer_cfg.get("logger")
+        logger = given if given not in (None, True) else make_logger(log, self.run_dir, self.run_dir.name,
+                                                                    self.run.resume_step, self.checkpoint_kind)
+        kwargs["logger"] = logger or False
+        if logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))  # the schedule (warm-up, a cosine over
+            # steps or max_time; a resume may change it) on the dashboard
         if self.save_config_callback is RunConfig:
             self.save_config_kwargs = {**self.save_config_kwargs, "resume_step": self.run.resume_step}
-        kwargs.setdefault("logger", logger)
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
         if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect() and not trainer_cfg.get("plugins"):

@@ -17,7 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from common.images import make_grid
-from common.logging import log_histogram, log_image
+from common.logging import log_histogram, log_image, metrics_step
 from common.optim import adamw_warmup_cosine, check_optimiser, time_budget_progress
 from common.precision import fp32_metrics
 from stage1_vqvae.model import VQModel
@@ -189,7 +189,7 @@ class VQVAE(VQModel, pl.LightningModule):
         if len(self.levels) > 1:  # the least-used level: what a "codes used" target is about
             self.log(f"{split}/usage", torch.stack(usages).min(), prog_bar=True)
         if split == "val" and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            step = self.global_step
+            step = metrics_step(self.trainer)  # the step of this validation's scalars
             for key, counts in histograms.items():
                 log_histogram(self.logger, key, counts, step)
             if self._val_preview is not None:

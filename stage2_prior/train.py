@@ -18,7 +18,7 @@ from pytorch_lightning import Callback
 
 from common.cli import UserError
 from common.images import make_grid, save_grid
-from common.logging import lightning_info_hidden, log_image
+from common.logging import lightning_info_hidden, log_image, metrics_step
 from common.runs import VQGenCLI, train_main
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.data import CodesDataModule
@@ -38,11 +38,14 @@ def sample_grid_images(prior: Prior, vqvae: VQModel, per_row: int = 8, seed: int
 
 
 class SampleGrid(Callback):
-    """Log a decoded sample grid every N validation epochs (rank 0 only)."""
+    """Log a decoded sample grid at every N-th validation of this process (rank 0 only). It counted epochs, and
+    the configs validate every val_check_interval steps: a grid came at every validation of some epochs and at
+    none of the others (none at all in a run shorter than N epochs)."""
 
-    def __init__(self, stage1_ckpt: str, every_n_epochs: int) -> None:
-        self.stage1_ckpt, self.every_n_epochs = stage1_ckpt, every_n_epochs
+    def __init__(self, stage1_ckpt: str, every_n_validations: int) -> None:
+        self.stage1_ckpt, self.every = stage1_ckpt, every_n_validations
         self._vqvae: VQModel | None = None
+        self._validations = 0
 
     def vqvae(self, device: torch.device) -> VQModel:
         if self._vqvae is None:
@@ -50,12 +53,13 @@ class SampleGrid(Callback):
         return self._vqvae.to(device)
 
     def on_validation_epoch_end(self, trainer, pl_module: Prior) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.every_n_epochs <= 0:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.every <= 0:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        self._validations += 1
+        if self._validations % self.every:
             return
         images, per_row = sample_grid_images(pl_module, self.vqvae(pl_module.device))
-        log_image(trainer.logger, "samples", make_grid(images, nrow=per_row, scale=2), trainer.global_step)
+        log_image(trainer.logger, "samples", make_grid(images, nrow=per_row, scale=2), metrics_step(trainer))
 
 
 class Stage2CLI(VQGenCLI):
@@ -75,7 +79,8 @@ class Stage2CLI(VQGenCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--sample_every_n_epochs", type=int, default=1,
-                            help="log a decoded sample grid every N validation epochs (0: never)")  # fmt: skip
+                            help="log a decoded sample grid at every N-th validation (0: never; the configs "
+                                 "validate every --trainer.val_check_interval steps)")  # fmt: skip
         for src, dst in [("codebook_size", "codebook_size"), ("grid_shape", "grid_shape"),
                          ("num_classes", "num_classes"), ("meta_dict", "codes_meta")]:  # fmt: skip
             parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")

@@ -2,7 +2,7 @@
 a run: it saves each rank's quantizer state at the start and end of training as
 ``<out>/{start,end}_rank{r}.pt`` (with the rank's run folder), and at the end also the trained model's codes
 for the first test images. `FailAt` makes a run fail in training before it writes any checkpoint;
-`InterruptAt` presses Ctrl-C
+`InterruptAt` presses Ctrl-C; `RecordingLogger` records what a dashboard would get
 (or sends another signal)."""
 
 from __future__ import annotations
@@ -88,3 +88,32 @@ class InterruptAt(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         if self.when == "batch" and trainer.global_step >= self.step:
             self._send(trainer)
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """A dashboard stand-in (``--trainer.logger``): what a run sends it, as JSON lines in ``<out>``."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = Path(out)
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def _write(self, record: dict) -> None:
+        import json
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with self.out.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self._write({"hyperparams": dict(params) if not isinstance(params, dict) else params})
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._write({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step})

@@ -196,3 +196,40 @@ def test_a_run_choice_that_fails_leaves_no_lock_behind(shapes_folder, tmp_path, 
     holder = hold_lock(root / "exp")  # another process takes it: nothing here holds it any more
     holder.kill()
     holder.wait()
+
+
+def test_the_dashboard_gets_the_whole_config_the_learning_rate_and_aligned_images(shapes_folder, tmp_path):
+    """A W&B audit: the dashboard had only the model's and data's hyperparameters (no trainer, seed, precision),
+    no learning rate, and each validation's images one step after its scalars. A stand-in logger records what
+    a dashboard gets; the CSV logger's files show the steps."""
+    import csv
+    import json
+
+    root, record = tmp_path / "runs", tmp_path / "record.jsonl"
+    train_stage1(fit_args(shapes_folder, root, 4, "--trainer.logger", "tests.ddp_probe.RecordingLogger",
+                          "--trainer.logger.out", str(record)))  # fmt: skip
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    configs = [r["hyperparams"]["config"] for r in sent if "config" in r.get("hyperparams", {})]
+    assert len(configs) == 1 and configs[0]["trainer"]["max_steps"] == 4 and configs[0]["seed_everything"] == 0
+    lrs = [r["metrics"] for r in sent if any(k.startswith("lr-AdamW") for k in r.get("metrics", {}))]
+    assert len(lrs) == 4 and len({r["lr-AdamW/pg1"] for r in lrs}) > 1  # every step: warm-up and cosine visible
+
+    root = tmp_path / "csv_runs"  # the CSV logger: images and histograms named by step, beside metrics.csv
+    train_stage1(fit_args(shapes_folder, root, 4))
+    run = root / "version_0"
+    with open(run / "metrics.csv") as f:
+        val_steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("val/psnr")})
+    image_steps = sorted(int(p.stem.rsplit("_step", 1)[1]) for p in (run / "images").glob("val_originals*.png"))
+    assert val_steps == image_steps == [1, 3], (val_steps, image_steps)
+
+
+def test_sample_grids_come_at_every_nth_validation(tmp_path):
+    """--sample_every_n_epochs counted epochs while the configs validate every few steps: grids came at every
+    validation of some epochs and at none of the others (a W&B audit). Now every N-th validation, at the step of
+    that validation's scalars."""
+    codes, root = write_trainable_codes(tmp_path), tmp_path / "runs"
+    train_stage2(["fit", "--config", str(ROOT / "configs/stage2/tiny.yaml"), "--data.codes_dir", str(codes),
+                  "--trainer.default_root_dir", str(root), "--trainer.max_steps", "8", "--data.batch_size", "8",
+                  "--trainer.val_check_interval", "2", "--sample_every_n_epochs", "2"])  # fmt: skip
+    grids = sorted(int(p.stem.rsplit("_step", 1)[1]) for p in (root / "version_0/images").glob("samples_*.png"))
+    assert grids == [3, 7], grids  # validations after steps 2, 4, 6, 8 are logged at 1, 3, 5, 7
