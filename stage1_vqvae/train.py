@@ -10,9 +10,11 @@ folder also gets `reconstructions.png` (test originals on top, reconstructions b
 from __future__ import annotations
 
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from common.datamodule import ImageDataModule
 from common.images import from_uint8, save_grid
+from common.logging import log_image
 from common.runs import VQGenCLI, train_main
 from stage1_vqvae.vqvae import VQVAE
 
@@ -37,8 +39,11 @@ class Stage1CLI(VQGenCLI):
         with torch.no_grad():
             recon = model.decode_codes(model.encode_to_codes(x))
         path = self.run_dir / "reconstructions.png"
-        save_grid(torch.cat([x[:8], recon[:8], x[8:], recon[8:]]).cpu(), path, nrow=8, scale=2)
+        grid = save_grid(torch.cat([x[:8], recon[:8], x[8:], recon[8:]]).cpu(), path, nrow=8, scale=2)
         print(f"originals vs reconstructions: {path}", flush=True)
+        if isinstance(self.trainer.logger, (WandbLogger, TensorBoardLogger)):  # the CSV logger's folder has the file
+            log_image(self.trainer.logger, "test/originals_vs_reconstructions", grid, self.trainer.global_step,
+                      "rows 1 and 3: test originals, rows 2 and 4: their reconstructions")  # fmt: skip
 
 
 def main(args: list[str] | None = None) -> None:

@@ -59,7 +59,9 @@ class SampleGrid(Callback):
         if self._validations % self.every:
             return
         images, per_row = sample_grid_images(pl_module, self.vqvae(pl_module.device))
-        log_image(trainer.logger, "samples", make_grid(images, nrow=per_row, scale=2), metrics_step(trainer))
+        names = (pl_module.hparams.get("codes_meta") or {}).get("class_names") or []
+        caption = f"rows: {', '.join(names[:10])}" if pl_module.num_classes > 0 and names else ""  # which is which
+        log_image(trainer.logger, "samples", make_grid(images, nrow=per_row, scale=2), metrics_step(trainer), caption)
 
 
 class Stage2CLI(VQGenCLI):
