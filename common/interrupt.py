@@ -85,7 +85,8 @@ class Interrupted(Exception):
     def __init__(self, step: int, checkpoint: Path, signum: int, rank0: bool, requeue: str | None) -> None:
         super().__init__(f"stopped by {signal_words(signum)} at step {step}, saved as {checkpoint}")
         self.step, self.checkpoint, self.rank0, self.exit_code = step, checkpoint, rank0, exit_code(signum)
-        if requeue == "":
+        self.requeued = requeue == ""  # the SLURM job was requeued: it goes on by itself
+        if self.requeued:
             self.next_step = f"SLURM job {slurm_job()} is requeued: started again, the same command goes on from there"
         else:
             failed = f"requeuing SLURM job {slurm_job()} failed ({requeue}), so " if requeue else ""

@@ -144,10 +144,13 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
     return csv_logger(save_dir=str(run_dir), name="", version="")
 
 
-def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = False) -> None:
+def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = False, exit_code: int | None = None,
+                  preempting: bool = False) -> None:  # fmt: skip
     """End the W&B run a command started: otherwise the next fit in the same process logs into it. `quiet`: a
     run that failed before training, whose folder goes: W&B's lines about syncing it would come before the
-    one-line error and name files that are about to be deleted."""
+    one-line error and name files that are about to be deleted. `exit_code`: the command's (128 + the signal's
+    number for a run a signal stopped, W&B's convention; 1 for any other failure); `preempting`: a run stopped to
+    be requeued, which W&B then shows as preempted rather than failed."""
     if isinstance(logger, WandbLogger) and "wandb" in sys.modules and sys.modules["wandb"] is not None:
         import wandb
 
@@ -157,7 +160,9 @@ def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = Fal
                     devnull = silenced.enter_context(open(os.devnull, "w"))
                     silenced.enter_context(contextlib.redirect_stdout(devnull))
                     silenced.enter_context(contextlib.redirect_stderr(devnull))
-                wandb.finish(exit_code=1 if failed else 0)
+                if preempting:
+                    wandb.run.mark_preempting()
+                wandb.finish(exit_code=exit_code if exit_code is not None else int(failed))
 
 
 def metrics_step(trainer: Trainer) -> int:

@@ -141,7 +141,11 @@ class VQGenCLI(LightningCLI):
             failed = sys.exc_info()[0] is not None
             trainer = getattr(self, "trainer", None)
             unstarted = failed and not (self._watch is not None and self._watch.started)
-            finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted)
+            stop = sys.exc_info()[1]  # a signal's stop: its exit code on the dashboard, and a requeue as preempted
+            signalled = isinstance(stop, (Interrupted, Stopped))
+            finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted,
+                          exit_code=stop.exit_code if signalled else None,
+                          preempting=isinstance(stop, Interrupted) and stop.requeued)  # fmt: skip
             if failed:
                 self._discard_unstarted_run()
             release_run()  # the run folder's lock (common.run_lock), held since it was chosen (or on the way)

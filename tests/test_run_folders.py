@@ -233,3 +233,21 @@ def test_sample_grids_come_at_every_nth_validation(tmp_path):
                   "--trainer.val_check_interval", "2", "--sample_every_n_epochs", "2"])  # fmt: skip
     grids = sorted(int(p.stem.rsplit("_step", 1)[1]) for p in (root / "version_0/images").glob("samples_*.png"))
     assert grids == [3, 7], grids  # validations after steps 2, 4, 6, 8 are logged at 1, 3, 5, 7
+
+
+def test_a_run_a_signal_stops_ends_on_the_dashboard_with_the_signals_exit_code(shapes_folder, tmp_path, capsys,
+                                                                                  monkeypatch):  # fmt: skip
+    """W&B's convention for a signal: exit code 128 + its number (a SIGTERM'd run was 1, "failed", like a crash)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    finished = []
+    real = wandb.finish
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=None, **k: (finished.append(exit_code), real(exit_code)))
+    args = fit_args(shapes_folder, tmp_path / "runs", 6, "--log.backend", "wandb",
+                    "--trainer.callbacks+=tests.ddp_probe.InterruptAt", "--trainer.callbacks.step", "2",
+                    "--trainer.callbacks.signal_name", "SIGTERM")  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        train_stage1(args)
+    assert info.value.code == 143 and finished == [143], (info.value.code, finished)
