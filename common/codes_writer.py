@@ -89,6 +89,9 @@ class SplitWriter:
             self.__dict__.pop("codes", None)
             self.__dict__.pop("labels", None)
             self._remove_temp()
+            if self.made_folder is not None:  # no CodesWriter lists this split: its folder goes here (if empty)
+                with contextlib.suppress(OSError):
+                    self.made_folder.rmdir()
             raise
         self._written = np.zeros(n, dtype=bool)
 

@@ -259,7 +259,16 @@ def main(args: list[str] | None = None) -> None:
     from common.cli import run_command
 
     argv = sys.argv[1:] if args is None else args
-    run_command("data-emoji", lambda a: f"emoji ready in {fetch(a[0] if a else DEFAULT_ROOT)}", argv, memory_flag=None)
+    if argv and argv[0] in ("-h", "--help"):  # it was taken for the folder: four packages fetched into ./--help
+        print(f"usage: python -m common.emoji [ROOT]  (default {DEFAULT_ROOT}): fetch the emoji data set there")
+        return
+
+    def run(a: list[str]) -> str:
+        if len(a) > 1 or (a and a[0].startswith("-")):
+            raise UserError(f"data-emoji takes one folder (default {DEFAULT_ROOT}), got {' '.join(a)}")
+        return f"emoji ready in {fetch(a[0] if a else DEFAULT_ROOT)}"
+
+    run_command("data-emoji", run, argv, memory_flag=None)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import read_checkpoint
 from common.cli import UserError, one_line
-from common.run_lock import lock_run
+from common.run_lock import lock_run, release_run
 
 RUN_ENV = "VQGEN_RUN_DIR"  # set by rank 0; inherited by the processes Lightning's launcher starts
 SLURM_RECORD = "slurm_job.json"  # in a run folder made inside a SLURM batch job: its job and config
@@ -90,6 +90,8 @@ def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
         raise UserError(f"--log.name {name!r}: a run name is one folder name, not 'latest', '.', '..' or a path")
     folder = root / name
     if folder.is_dir() and any(folder.iterdir()):
+        lock_run(folder, f"--log.name {name}")  # a run training there now is named as such (the advice below
+        release_run(folder)  # is for a run that has ended)
         if (folder / "checkpoints" / "last.ckpt").is_file():
             fix = f"pass --ckpt_path last (with --log.name {name}) to resume it"
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -232,7 +233,7 @@ class RunConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             if not resumed:
                 self.parser.save(self.config, str(first), skip_none=False, overwrite=True, multifile=self.multifile)
-            elif settings(self.parser.dump(self.config, skip_none=False)) != settings(first.read_text()):
+            elif settings(self.parser.dump(self.config, skip_none=False)) != settings(newest_config(first).read_text()):
                 self.parser.save(self.config, str(first.with_name(f"config_resume_step{self.resume_step}.yaml")),
                                  skip_none=False, overwrite=True, multifile=self.multifile)  # fmt: skip
             self.save_config(trainer, pl_module, stage)  # a resume is a new W&B run: it gets its config too
@@ -250,6 +251,14 @@ class RunConfig(SaveConfigCallback):
         if isinstance(logger, WandbLogger):
             monitor, mode = getattr(pl_module, "monitor", ("val/loss", "min"))
             logger.experiment.define_metric(monitor, summary=mode, step_metric="trainer/global_step")
+
+
+def newest_config(first: Path) -> Path:
+    """The run's config.yaml, or the config_resume_step<N>.yaml of its latest resume with other settings: the same
+    resume again (a requeued job) then writes no copy of it."""
+    resumes = [(int(m.group(1)), p) for p in first.parent.glob("config_resume_step*.yaml")
+               if (m := re.fullmatch(r"config_resume_step(\d+)\.yaml", p.name))]  # fmt: skip
+    return max(resumes)[1] if resumes else first
 
 
 def settings(config_yaml: str) -> Any:

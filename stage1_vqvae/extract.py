@@ -276,7 +276,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
     parser.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, ... (Lightning's)")
     parser.add_argument("--devices", type=int | str, default=1, help="number of devices (or Lightning's list)")
     parser.add_argument("--strategy", type=str, default="auto", help="with several devices: ddp")
-    add_overwrite(parser, "an existing codes directory")
+    add_overwrite(parser, "an existing codes directory (its stage1.ckpt, if of another stage 1, is kept as "
+                          "stage1-<sha12>.ckpt for the priors trained on the earlier codes)")  # fmt: skip
     parser.add_class_arguments(ImageDataModule, "data", skip=set(SKIPPED_DATA_ARGS))
     if data_defaults:
         parser.set_defaults({f"data.{k}": v for k, v in data_defaults.items()})

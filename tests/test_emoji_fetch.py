@@ -190,3 +190,16 @@ def test_the_reader_refuses_a_vendor_marked_but_missing_and_reads_a_layout_witho
     for marker in root.glob(".*.ok"):  # no markers: a layout of the user's (or carry_emoji's), read as it is
         marker.unlink()
     assert sorted(set(emoji.load_emoji(root).vendors)) == ["apple", "facebook", "google"]
+
+
+def test_help_is_not_taken_for_the_data_folder(tmp_path, monkeypatch, capsys):
+    """`python -m common.emoji --help` fetched the four packages into a folder named --help."""
+    import common.emoji
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common.emoji, "fetch", lambda root: pytest.fail(f"fetched into {root}"))
+    common.emoji.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m common.emoji [ROOT]")
+    with pytest.raises(SystemExit) as info:
+        common.emoji.main(["--bogus"])
+    assert info.value.code == 2 and list(tmp_path.iterdir()) == []

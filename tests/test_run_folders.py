@@ -52,6 +52,13 @@ def test_a_run_folder_another_process_trains_in_is_refused(shapes_folder, tmp_pa
     # the kernel drops a killed process's lock: the same command now trains there, and can resume in place
     train_stage1(fit_args(shapes_folder, root, 2, "--log.name", "exp"))
     assert (root / "exp" / "checkpoints" / "last.ckpt").is_file()
+    holder = hold_lock(root / "exp")  # its folder holds a run now, still training: that is what is said
+    try:
+        err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--log.name", "exp"), capsys)
+        assert "is being trained by another process" in err and "already holds a run" not in err, err
+    finally:
+        holder.kill()
+        holder.wait()
     holder = hold_lock(root / "exp")  # a job submitted twice: the second resume of one run is refused
     try:
         err = user_error(train_stage1, fit_args(shapes_folder, root, 4, "--log.name", "exp", "--ckpt_path", "last"),
@@ -86,6 +93,8 @@ def test_a_resume_keeps_the_runs_config_and_records_its_own(shapes_folder, tmp_p
     assert (run / "config.yaml").read_text() == first
     resumed = yaml.safe_load((run / "config_resume_step2.yaml").read_text())
     assert resumed["trainer"]["max_steps"] == 4 and yaml.safe_load(first)["trainer"]["max_steps"] == 2
+    train_stage1(fit_args(shapes_folder, root, 4, "--ckpt_path", "last"))  # that resume again: its config is there
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml", "config_resume_step2.yaml"]
 
 
 @pytest.mark.parametrize("subcommand, extra, differ", [
