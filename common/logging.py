@@ -225,7 +225,7 @@ def log_histogram(logger: Logger | None, key: str, counts: np.ndarray, step: int
         np.save(out / f"{key.replace('/', '_')}_step{step:07d}.npy", counts)
 
 
-# -------------------------------------------------------------------------------- progress
+# -------------------------------------------------------------------------------- Lightning's noise
 # Lightning's warnings that say nothing a vqgen user can act on (message pattern, category); see quiet_lightning.
 LIGHTNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
     # its own use of a class torch 2.13 deprecates

@@ -24,7 +24,7 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from common.cli import UserError
-from common.io import DISK_FULL, atomic_file
+from common.io import atomic_file, no_space
 from common.launch import point_latest
 
 
@@ -288,7 +288,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with atomic_file(path, replace=True) as f:
                 f.write(buffer.getbuffer())
         except OSError as e:
-            if e.errno not in DISK_FULL:
+            if not no_space(e):
                 raise
             why = e.strerror or os.strerror(e.errno)
             raise UserError(f"cannot write the checkpoint {path} ({why}); the checkpoints saved before it are "

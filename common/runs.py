@@ -45,7 +45,7 @@ from common.cli import (
     restrict_import_paths,
 )  # fmt: skip
 from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
-from common.io import DISK_FULL
+from common.io import no_space
 from common.launch import (
     LIGHTNING_CKPT_NAMES,
     RUN_ENV,
@@ -120,7 +120,7 @@ class VQGenCLI(LightningCLI):
             # Before training these come from the config, the data, the machine or the file system (a
             # constructor's argument check, a GPU config on a CPU machine, an unreadable file); after it starts
             # they are bugs and keep their traceback. A TypeError is ours only for Lightning's device count.
-            if isinstance(e, OSError) and e.errno in DISK_FULL:  # a log or histogram file, during training too
+            if isinstance(e, OSError) and no_space(e):  # a log or histogram file, during training too
                 raise UserError(f"cannot write {e.filename or 'a file of the run'} ({e.strerror}); free some space, "
                                 "then go on with --ckpt_path last") from None  # fmt: skip
             if isinstance(e, UserError) or (self._watch is not None and self._watch.started):

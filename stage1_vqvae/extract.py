@@ -206,7 +206,7 @@ def extract_codes(
     stage1_sha256: str | None = None,
 ) -> CodesMeta | None:
     """Encode `splits` of `datamodule` into the codes directory `out`; returns its meta on rank 0 (else None).
-    `stage1_sha256`: the hash of the bytes `model`'s weights came from (default: the file's now).
+    `stage1_sha256`: the hash of the file `model`'s weights were loaded from (default: the file's now).
     The codes record it, and the copy of `stage1_ckpt` kept beside them must have it: a file rewritten since the
     weights were loaded (a run still training) is refused, not paired with codes another model made."""
     ckpt = str(Path(stage1_ckpt).resolve())
@@ -299,10 +299,11 @@ def _run(args: list[str] | None) -> str | None:
     ckpt = pre.parse_known_args(args)[0].ckpt
     model, data_defaults, sha = None, {}, None
     if ckpt:  # the checkpoint's data options become the --data.* defaults
-        # read once: the codes record the hash of the bytes these weights came from, not of the file later
+        # opened once, loaded and hashed through that open file: the codes record the hash of these weights even
+        # if a run still training replaces the file meanwhile
         source = open_checkpoint(ckpt, "--ckpt", "stage1")
         (model, saved), sha = load_stage1(source, "--ckpt"), source.sha256
-        del source  # as large as the checkpoint, and not needed while encoding
+        del source  # closes the file: not needed while encoding
         data_defaults = data_options(saved, skip=SKIPPED_DATA_ARGS)
     cfg = build_parser(data_defaults).parse_args(args)
     check_named(cfg.out, "--out", "directory")  # "" is "." once a Path: the codes would fill the working folder
