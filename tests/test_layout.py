@@ -4,15 +4,16 @@ points never import each other, network files import torch only, and no library 
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import pytest
 
+from tools.commands import COMMANDS
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["common", "stage1_vqvae", "stage2_prior", "tools"]  # each may import only the ones before it
-SCRIPTS = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
-ENTRY_POINTS = sorted(set(re.findall(r'^\w+ = "([\w.]+):\w+"', SCRIPTS, re.M)))  # tomllib needs Python 3.11
+# the console scripts all go through tools.commands, which names each command's own module: those are the entry points
+ENTRY_POINTS = sorted({target.split(":")[0] for target in COMMANDS.values()})
 TORCH_ONLY = ["stage1_vqvae/networks.py", "stage1_vqvae/quantizer.py", "stage2_prior/decoding.py",
               "stage2_prior/transformer.py", "stage2_prior/pixelcnn.py", "stage2_prior/sampling.py",
               "stage2_prior/maskgit.py", "stage2_prior/masked_sampling.py"]  # fmt: skip
