@@ -20,6 +20,14 @@ def check_optimiser(lr: float, weight_decay: float, warmup_steps: int) -> None:
         raise ValueError(f"--model.weight_decay must be a finite number >= 0, got {weight_decay}")
 
 
+def warmup_length(warmup_steps: int, total_steps: float) -> int:
+    """The warm-up a run of `total_steps` gets: `warmup_steps`, but at most half the run, so that the cosine
+    has the other half (a run of `inf` steps, cut by time alone, gets all of it)."""
+    if not math.isfinite(total_steps):
+        return warmup_steps
+    return min(warmup_steps, max(1, int(total_steps)) // 2)
+
+
 def adamw_warmup_cosine(
     module: nn.Module,
     lr: float,
@@ -50,7 +58,7 @@ def adamw_warmup_cosine(
     )
     finite = math.isfinite(total_steps)  # max_time with no max_steps/max_epochs: inf steps, time alone
     total = max(1, int(total_steps)) if finite else 1 << 62
-    warmup = min(warmup_steps, total // 2)
+    warmup = warmup_length(warmup_steps, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

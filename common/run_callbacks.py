@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from common.cli import UserError
 from common.io import atomic_file, no_space
 from common.launch import point_latest
+from common.optim import warmup_length
 
 
 class RunWatch(Callback):
@@ -144,13 +145,21 @@ class ScheduleCheck(Callback):
     """On a resume, one line when this command's learning-rate schedule is not the run's at the step it goes on
     from: the warm-up and cosine span --trainer.max_steps (or max_time), so extending a finished run with a larger
     max_steps took its learning rate from 1 % of the peak back to the peak at once, without a word (found by a
-    reproducibility audit). Going on that way is allowed (training longer is a choice); it is said."""
+    reproducibility audit). Going on that way is allowed (training longer is a choice); it is said. Any run: one
+    line when --model.warmup_steps is cut to half the run's steps."""
 
     def __init__(self, prog: str, tolerance: float = 0.02) -> None:
         self.prog, self.tolerance = prog, tolerance  # tolerance: of the peak rate (a time budget moves a little)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.ckpt_path or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        asked, total = getattr(pl_module.hparams, "warmup_steps", 0), trainer.estimated_stepping_batches
+        if (warmup := warmup_length(asked, total)) < asked:  # was cut without a word (the docs audit)
+            print(f"{self.prog}: note: --model.warmup_steps {asked} is more than half of this run's {int(total)} "
+                  f"steps; it warms up over {warmup} (half the run) and decays over the rest", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        if not trainer.ckpt_path:
             return
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler

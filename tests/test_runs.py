@@ -501,6 +501,23 @@ def test_a_resume_that_changes_the_schedule_says_so(tmp_path, capsys):
     assert "the learning rate at step" not in err, err
 
 
+def test_a_warm_up_longer_than_half_the_run_is_cut_with_a_note(tmp_path, capsys):
+    """--model.warmup_steps beyond half the run's steps is cut to half (the cosine needs the rest): it was cut
+    without a word; one line says so now, and a warm-up that fits says nothing."""
+    codes = write_trainable_codes(tmp_path)
+
+    def fit(root: Path, warmup: int) -> str:
+        train_stage2(["fit", "--config", str(ROOT / "configs" / "stage2" / "tiny.yaml"), "--data.codes_dir",
+                      str(codes), "--data.batch_size", "8", "--trainer.max_steps", "6", "--model.warmup_steps",
+                      str(warmup), "--sample_every_n_epochs", "0", "--log.backend", "none",
+                      "--trainer.default_root_dir", str(root)])  # fmt: skip
+        return capsys.readouterr().err
+
+    assert ("train_stage2: note: --model.warmup_steps 500 is more than half of this run's 6 steps; it warms up over "
+            "3 (half the run) and decays over the rest") in fit(tmp_path / "long", 500)
+    assert "warmup_steps" not in fit(tmp_path / "short", 3)
+
+
 def test_a_run_that_diverges_ends_in_one_line_before_saving_nan_weights(shapes_folder, tmp_path, capsys):
     """--model.lr 1e30 trained NaN weights to the end, wrote its grid and exited 0 (stage 2 then crashed drawing
     from NaN probabilities); now the first non-finite loss ends it before its update, exit 2, and the checkpoint
