@@ -65,7 +65,7 @@ from common.loaders import WORKER_TIMEOUT_MESSAGE, worker_timeout_hint
 from common.logging import LogConfig, finish_logger, make_logger, quiet_lightning
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
-from common.progress import LineProgressBar
+from common.progress import LineProgressBar, Throughput
 from common.resume_checks import check_checkpoint_fits, folder_of_checkpoint
 from common.run_callbacks import (
     AtomicCheckpointIO,
@@ -266,8 +266,8 @@ class VQGenCLI(LightningCLI):
                                                                     self.run.resume_step, self.checkpoint_kind)
         kwargs["logger"] = logger or False
         if logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
-            callbacks.append(LearningRateMonitor(logging_interval="step"))  # the schedule (warm-up, a cosine over
-            # steps or max_time; a resume may change it) on the dashboard
+            callbacks += [LearningRateMonitor(logging_interval="step"), Throughput()]  # the schedule (warm-up,
+            # a cosine over steps or max_time; a resume may change it) and the speed on the dashboard
         if self.save_config_callback is RunConfig:
             self.save_config_kwargs = {**self.save_config_kwargs, "resume_step": self.run.resume_step}
         kwargs.setdefault("log_every_n_steps", log.every_n_steps)

@@ -209,8 +209,8 @@ def test_a_run_choice_that_fails_leaves_no_lock_behind(shapes_folder, tmp_path, 
 
 def test_the_dashboard_gets_the_whole_config_the_learning_rate_and_aligned_images(shapes_folder, tmp_path):
     """A W&B audit: the dashboard had only the model's and data's hyperparameters (no trainer, seed, precision),
-    no learning rate, and each validation's images one step after its scalars. A stand-in logger records what
-    a dashboard gets; the CSV logger's files show the steps."""
+    no learning rate, no speed (printed, not logged), and each validation's images one step after its scalars.
+    A stand-in logger records what a dashboard gets; the CSV logger's files show the steps."""
     import csv
     import json
 
@@ -222,6 +222,8 @@ def test_the_dashboard_gets_the_whole_config_the_learning_rate_and_aligned_image
     assert len(configs) == 1 and configs[0]["trainer"]["max_steps"] == 4 and configs[0]["seed_everything"] == 0
     lrs = [r["metrics"] for r in sent if any(k.startswith("lr-AdamW") for k in r.get("metrics", {}))]
     assert len(lrs) == 4 and len({r["lr-AdamW/pg1"] for r in lrs}) > 1  # every step: warm-up and cosine visible
+    speeds = [r["metrics"] for r in sent if "train/img_per_s" in r.get("metrics", {})]  # with the losses
+    assert len(speeds) == 4 and all(r["train/img_per_s"] > 0 and "train/loss" in r for r in speeds), speeds
 
     root = tmp_path / "csv_runs"  # the CSV logger: images and histograms named by step, beside metrics.csv
     train_stage1(fit_args(shapes_folder, root, 4))
