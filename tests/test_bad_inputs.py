@@ -179,10 +179,16 @@ ROWS = [
                            "--out", "f.pt"], r"--seed must be a 64-bit integer"),  # fmt: skip
     ("sample", ["--prior", "{uncond}", "--cfg_scale", "3"],
      r"--cfg_scale guides towards a class; --prior \S*uncond.ckpt is unconditional: drop it"),  # was ignored
-    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--classes", "1"],
-     r"--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions \(--prime\) are "
-     r"unconditional: drop them"),  # fmt: skip  (--classes and --cfg_scale were silently ignored)
-    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--cfg_scale", "3"], r"are unconditional"),
+    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--cfg_scale", "3"],
+     r"--cfg_scale with --prime guides the completions towards --classes: give --classes \(or --per_class\), or "
+     r"drop --cfg_scale for unconditional completions"),  # fmt: skip  (it was silently ignored)
+    ("sample", [*P, "--prime", "{prime_png}", "--keep_rows", "4", "--class_mix", "data"],
+     r"--class_mix data is for new samples; completions \(--prime\) take --classes/--per_class"),
+    ("sample", ["--prior", "{uncond}", "--prime", "{prime_png}", "--keep_rows", "4", "--classes", "1"],
+     r"--classes/--per_class/--class_mix data given, but this prior is unconditional"),
+    ("sample", [*P, "--choice_temperature", "2"], r"--choice_temperature is for maskgit priors; --prior \S*prior.ckpt "
+     r"is autoregressive"),  # fmt: skip
+    ("sample", [*P, "--choice_temperature", "-1"], r"--choice_temperature must be a finite number >= 0, got -1"),
     ("sample", [*P, "--n", "2", "--scale", "100000"],
      r"--scale 100000: a grid of 2 tiles of 1600000x1600000 px would take [\d,.]+ GiB; lower --scale"),
     ("sample", [*P, "--classes", "9"], r"--classes: unknown class id 9; there are 2 classes \(0..1\)"),

@@ -442,6 +442,34 @@ def test_repair_with_a_pixel_mask_keeps_the_other_codes(maskgit_run, shapes_fold
     assert (masked_tile[18:32, 0:16] == 128).all()  # the redrawn cells (rows 8..15, cols 0..7 at scale 2) are grey
 
 
+def test_repairs_towards_classes_with_guidance_one_row_each(maskgit_run, shapes_folder, tmp_path):
+    """MaskGIT's class-conditional editing: --classes/--per_class with --prime redraw the hole towards each class
+    (guided with --cfg_scale), one grid row per class, each row starting with the original and the masked image;
+    the kept codes stay the prime's exactly. `sample` refused the classes with --prime (repairs were always
+    unconditional). --choice_temperature reaches the sampler: another value draws other repairs."""
+    from tools.sample import main as sample_main
+
+    prime = next(shapes_folder.rglob("*.png"))
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[8:16] = 0  # the lower half: code rows 2 and 3
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+
+    def repair(out: Path, *extra: str) -> dict:
+        sample_main(["--prior", str(maskgit_run["prior"]), "--prime", str(prime), "--mask", str(tmp_path / "mask.png"),
+                     "--per_class", "3", "--cfg_scale", "3", "--out", str(out), *extra])  # fmt: skip
+        return dict(np.load(out.with_suffix(".npz")))
+
+    got = repair(tmp_path / "edit.png")
+    assert got["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    codes = got["codes"]
+    assert codes.shape == (6, 4, 4) and (codes[:, :2] == codes[0, :2]).all()  # the top half kept exactly
+    grid = np.asarray(Image.open(tmp_path / "edit.png"))
+    assert grid.shape[:2] == (2 + 2 * 34, 2 + 5 * 34)  # two rows: original | masked | 3 repairs, 16 px at scale 2
+    assert (grid[2:34, 2:34] == grid[36:68, 2:34]).all()  # each row starts with the original
+    other = repair(tmp_path / "edit_t.png", "--choice_temperature", "0.5")["codes"]
+    assert (other[:, :2] == codes[:, :2]).all() and not (other == codes).all()
+
+
 def test_a_mask_hole_is_dark_or_transparent_and_an_empty_mask_is_refused(tmp_path):
     """The hole: darker than mid-grey, or more than half transparent (erased: read over white, as images are,
     it looked white and the repair redrew nothing). Light grey keeps. A mask marking nothing is refused."""

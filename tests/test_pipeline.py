@@ -89,6 +89,11 @@ def test_completion_keeps_the_visible_codes(pipeline, shapes_folder, tmp_path):
     assert codes.shape == (3, 4, 4)
     # 9 of 16 pixel rows: the 2 code rows (4 px cells) wholly inside are kept, in every completion
     assert (codes[:, :2] == codes[0, :2]).all() and not (codes[:, 2:] == codes[0, 2:]).all()
+    # towards a class (by name), guided: the autoregressive prior takes the classes with --prime too
+    sample_main(["--prior", str(pipeline["prior"]), "--prime", str(prime), "--keep_rows", "9", "--n", "3",
+                 "--classes", "squares", "--cfg_scale", "2", "--out", str(tmp_path / "towards.png")])  # fmt: skip
+    got = np.load(tmp_path / "towards.npz")
+    assert got["labels"].tolist() == [1, 1, 1] and (got["codes"][:, :2] == codes[0, :2]).all()
 
 
 @pytest.mark.parametrize(

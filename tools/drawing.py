@@ -67,11 +67,14 @@ def rows_by_label(images: torch.Tensor, labels: torch.Tensor | None, per_row: in
     return torch.cat(rows)
 
 
+MASKED_ONLY = ("steps", "choice_temperature")  # the masked sampler's keywords
+
+
 def _sampler(prior: CodePrior | MaskedPrior, opts: dict):
-    """The sampler for this kind of prior, and its keywords (`steps` is for masked priors only)."""
+    """The sampler for this kind of prior, and its keywords (MASKED_ONLY's are for masked priors only)."""
     if isinstance(prior, MaskedPrior):
         return sample_masked, opts
-    return sample_codes, {k: v for k, v in opts.items() if k != "steps"}
+    return sample_codes, {k: v for k, v in opts.items() if k not in MASKED_ONLY}
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -114,14 +117,16 @@ def draw_codes(prior: CodePrior | MaskedPrior, n: int, labels: torch.Tensor | No
     return sampler(prior, n, labels, **kwargs)
 
 
-def complete_codes(prior: CodePrior | MaskedPrior, prime: torch.Tensor, keep: torch.Tensor, opts: dict) -> torch.Tensor:
+def complete_codes(prior: CodePrior | MaskedPrior, prime: torch.Tensor, keep: torch.Tensor, opts: dict,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Re-draw the codes of prime (n, *grid_shape) where keep (*grid_shape) is False, keeping the others
-    exactly, with the null class; opts as in :func:`draw_codes`. A raster-order prior sees only the codes
-    before each position, so a re-drawn code cannot look at the kept codes below or right of it; a masked
-    prior sees them all."""
-    check_decoding_fits(prior, len(prime))
+    exactly, towards `labels` (n,) (None: the null class, unconditional); opts as in :func:`draw_codes`
+    (cfg_scale guides towards the labels). A raster-order prior sees only the codes before each position, so a
+    re-drawn code cannot look at the kept codes below or right of it; a masked prior sees them all."""
+    guided = labels is not None and opts.get("cfg_scale", 1.0) != 1.0  # as the samplers decide
+    check_decoding_fits(prior, len(prime), 2 if guided else 1)
     sampler, kwargs = _sampler(prior, opts)
-    return sampler(prior, len(prime), None, prime=prime, keep=keep, **kwargs)
+    return sampler(prior, len(prime), labels, prime=prime, keep=keep, **kwargs)
 
 
 def keep_from_painted(vqvae: VQModel, painted: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@
     sample --prior prior.ckpt --prime shirt.png --keep_rows 12 --n 6   # keep 12 pixel rows, redraw the rest
     sample --prior maskgit.ckpt --n 64 --steps 8                       # a masked-token prior: 8 passes per grid
     sample --prior maskgit.ckpt --prime shirt.png --mask hole.png --n 6  # repair with context from every side
+    sample --prior maskgit.ckpt --prime shirt.png --mask hole.png --classes Pullover,Coat --per_class 4 --cfg_scale 3
+                                                                       # repairs towards each class: a row each
 
 ``--out`` names the grid's format by its suffix (.png, .jpg, .webp); beside it goes ``<out>.npz`` with
 ``codes`` (n, H, W), ``images`` (n, C, H, W) uint8 and ``labels`` (n,), -1 for unconditional.
@@ -42,7 +44,7 @@ from common.io import check_output_dir
 from common.memory import available_memory
 from stage1_vqvae.model import VQModel
 from stage2_prior.decoding import CodePrior
-from stage2_prior.masked_sampling import DEFAULT_STEPS
+from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
 from stage2_prior.sampling import CFG_SCHEDULES, MIN_TEMPERATURE
 from tools.drawing import (
@@ -94,6 +96,10 @@ def build_parser():
                    help="with --prime: a mask image, black (below mid-grey) or transparent = redraw, white = keep")
     p.add_argument("--steps", type=int, default=None,
                    help=f"maskgit priors only: decoding steps, one network pass each (default {DEFAULT_STEPS})")
+    p.add_argument("--choice_temperature", type=float, default=None,
+                   help="maskgit priors only: the Gumbel noise on the confidences that choose which codes to fix, "
+                        f"falling to 0 over the steps (default {DEFAULT_CHOICE_TEMPERATURE:g}; lower: the most "
+                        "confident first, which collapsed samples below 16 on emoji)")
     p.add_argument("--images", type=str, default=None,
                    help="also write each sample as DIR/000000.png, ... (for tools that score a folder)")
     p.add_argument("--wandb", action="store_true", help="also log the grid to a W&B run (offline if not logged in)")
@@ -161,9 +167,14 @@ def _run(args: list[str] | None) -> str:
                             "code at every step)")  # fmt: skip
     if not 0 <= a.cfg_scale <= MAX_CFG_SCALE:  # 1e308 overflowed the guided logits into NaNs
         raise UserError(f"--cfg_scale must be in [0, {MAX_CFG_SCALE:g}] (1 = off), got {a.cfg_scale}")
-    if a.prime and (a.class_mix != "turn" or a.classes is not None or a.per_class or a.cfg_scale != 1):
-        raise UserError("--classes, --per_class, --class_mix and --cfg_scale are for new samples; completions "
-                        "(--prime) are unconditional: drop them")  # fmt: skip
+    conditional = a.classes is not None or a.per_class is not None  # with --prime: repairs towards those classes
+    if a.prime and a.class_mix != "turn":
+        raise UserError("--class_mix data is for new samples; completions (--prime) take --classes/--per_class")
+    if a.prime and a.cfg_scale != 1 and not conditional:
+        raise UserError("--cfg_scale with --prime guides the completions towards --classes: give --classes (or "
+                        "--per_class), or drop --cfg_scale for unconditional completions")  # fmt: skip
+    if a.choice_temperature is not None and not 0 <= a.choice_temperature < float("inf"):
+        raise UserError(f"--choice_temperature must be a finite number >= 0, got {a.choice_temperature}")
     grid_path, npz_path = outputs(a)
     if a.images is not None:  # the folder itself now ("" is refused); its files once their count is known, still
         # before any drawing
@@ -171,8 +182,10 @@ def _run(args: list[str] | None) -> str:
     device = resolve_device(a.device)
     m = load_models(a.prior, a.vqvae, device)
     prior, vqvae = m.prior, m.vqvae
-    if a.steps is not None and not isinstance(prior, MaskedPrior):
-        raise UserError(f"--steps is for maskgit priors; --prior {a.prior} is autoregressive (one pass per code)")
+    for flag in ("steps", "choice_temperature"):
+        if getattr(a, flag) is not None and not isinstance(prior, MaskedPrior):
+            raise UserError(f"--{flag} is for maskgit priors; --prior {a.prior} is autoregressive (one pass per "
+                            "code)")  # fmt: skip
     if a.top_k is not None and not 1 <= a.top_k <= prior.codebook_size:
         raise UserError(f"--top_k must be in [1, {prior.codebook_size}] (the codebook size), got {a.top_k}")
     if a.top_p is not None and not 0 < a.top_p <= 1:
@@ -184,21 +197,29 @@ def _run(args: list[str] | None) -> str:
                 cfg_scale=a.cfg_scale, generator=gen, cfg_schedule=a.cfg_schedule)  # fmt: skip
     if isinstance(prior, MaskedPrior):
         opts["steps"] = a.steps or DEFAULT_STEPS
+        opts["choice_temperature"] = a.choice_temperature
+        if a.choice_temperature is None:
+            opts["choice_temperature"] = DEFAULT_CHOICE_TEMPERATURE
     scale = a.scale or (2 if m.image_size < 64 else 1)
     codes_per_sample = int(np.prod(vqvae.grid_shape))
     check_sample_memory(a.n, m.image_size, m.channels, codes_per_sample, available_memory())
     if a.prime:
         keep = completion_keep(a, vqvae).to(device)  # the options before the image
-        images_dir = check_images_dir(a, a.n)
-        check_grid_size(a.n + 2, m.image_size, m.channels, scale)
+        # towards --classes: one row per class, each starting with the original and the masked image
+        labels, per_row = choose_labels(prior, a, m.class_names) if conditional else (None, a.n)
+        n = len(labels) if labels is not None else a.n
+        rows = len(labels.unique()) if labels is not None else 1
+        images_dir = check_images_dir(a, n)
+        check_grid_size(rows * (per_row + 2), m.image_size, m.channels, scale)
         image = load_image(a.prime, m.image_size, m.channels).to(device)
-        prime = vqvae.encode_to_codes(image).expand(a.n, -1, -1)
-        labels = None
-        codes = complete_codes(prior, prime, keep, opts)
+        prime = vqvae.encode_to_codes(image).expand(n, -1, -1)
+        codes = complete_codes(prior, prime, keep, opts, labels.to(device) if labels is not None else None)
         masked = vqvae.decode_codes(prime[:1]).clone()
         masked[:, :, redrawn_pixels(vqvae, keep)] = 0.0  # grey where codes are redrawn
         images = vqvae.decode_codes(codes)
-        grid_images, per_row = torch.cat([image, masked, images]).cpu(), a.n + 2
+        repairs = rows_by_label(images.cpu(), labels, per_row).view(rows, per_row, *images.shape[1:])
+        heads = torch.cat([image, masked]).cpu()[None].expand(rows, -1, -1, -1, -1)  # (rows, 2, C, S, S)
+        grid_images, per_row = torch.cat([heads, repairs], 1).flatten(0, 1), per_row + 2
     else:
         labels, per_row = choose_labels(prior, a, m.class_names, m.class_counts)
         n = len(labels) if labels is not None else a.n
@@ -224,7 +245,7 @@ def _run(args: list[str] | None) -> str:
         drawn = torch.bincount(labels, minlength=prior.num_classes).tolist()
         wrote += "; classes in the training codes' proportions: " + ", ".join(
             f"{k} {m.class_names[c]}" for c, k in enumerate(drawn) if k)
-    elif not a.prime and labels is not None and grid_path:  # which row is which class: the grid has no captions
+    elif labels is not None and grid_path:  # which row is which class: the grid has no captions
         rows = [f"{c} {m.class_names[c]}" for c in labels.unique(sorted=True).tolist()]
         wrote += f"; rows, top to bottom: {', '.join(rows)}"
     return wrote
