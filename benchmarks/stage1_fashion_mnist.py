@@ -18,9 +18,10 @@ import time
 import pytorch_lightning as pl
 import torch
 from _common import load_config, machine, peak_ram_mb, report  # also puts the repo root on sys.path
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from common.datamodule import ImageDataModule
+from stage1_vqvae.metrics import SSIM
 from stage1_vqvae.vqvae import VQVAE, CodeUsage
 
 
@@ -48,7 +49,7 @@ class UsageWindow(pl.Callback):
 def evaluate(model: VQVAE, dm: ImageDataModule, device: torch.device) -> dict:
     model.eval().to(device)
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
+    ssim = SSIM(data_range=2.0).to(device)  # over valid windows (stage1_vqvae.metrics)
     usage = CodeUsage(model.codebook_size).to(device)
     for images, _ in dm.dataloader("test", batch_size=500):
         images = images.to(device)

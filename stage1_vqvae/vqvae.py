@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from common.images import make_grid
 from common.logging import log_histogram, log_image, metrics_step
 from common.optim import adamw_warmup_cosine, check_optimiser, time_budget_progress
 from common.precision import fp32_metrics
+from stage1_vqvae.metrics import SSIM
 from stage1_vqvae.model import VQModel
 
 
@@ -112,7 +113,7 @@ class VQVAE(VQModel, pl.LightningModule):
         )  # fmt: skip  (VQModel's, then LightningModule's __init__)
         self.save_hyperparameters()
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)  # images live in [-1, 1]
-        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.val_ssim = SSIM(data_range=2.0)  # over valid windows (stage1_vqvae.metrics)
         self.val_usage = nn.ModuleList(CodeUsage(level["codebook_size"]) for level in self.levels)  # top first
         self._val_preview: torch.Tensor | None = None
 

@@ -81,12 +81,15 @@ def test_evaluate_stage1(artifacts, shapes_folder, capsys):
           "--device", "cpu", "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert f"reconstruction FID (image-folder '{shapes_folder.name}' classifier features)" in printed
-    assert "Inception" not in printed and "PSNR (dB)" in printed and "codes awaiting restart" in printed
+    assert "Inception" not in printed and "codes awaiting restart" in printed
+    assert "PSNR (dB, of the pooled MSE)" in printed and "PSNR (dB, mean over images)" in printed
+    assert "SSIM (valid 11-px windows)" in printed
     r = json.loads(out.read_text())
     assert r["images"] == 8 and r["split"] == "test" and r["codebook_size"] == 16
     assert r["mse"] > 0 and np.isfinite(r["psnr_db"]) and -1 <= r["ssim"] <= 1 and r["fid_recon"] >= 0
     assert 0 < r["codebook_usage"] <= 1 and 1 <= r["perplexity"] <= 16 and 0 <= r["dead_codes"] <= 16
     assert r["psnr_db"] == pytest.approx(10 * np.log10(4 / r["mse"]), rel=1e-4)  # data range 2
+    assert r["psnr_mean_per_image_db"] >= r["psnr_db"] - 1e-4  # a mean of logs: never below the log of the mean
     assert "classifier features (test acc" in r["features"]
 
 
@@ -276,7 +279,7 @@ def test_missing_features_say_what_to_run(artifacts, tmp_path, monkeypatch, caps
     # stage1: every figure but the reconstruction FID, and what to run for it
     r = evaluate("stage1", "--ckpt", str(artifacts["stage1"]), out=tmp_path / "s1.json")
     printed = capsys.readouterr().out
-    assert "PSNR (dB)" in printed and "reconstruction FID (" not in printed  # no row
+    assert "PSNR (dB, of the pooled MSE)" in printed and "reconstruction FID (" not in printed  # no row
     assert "no reconstruction FID: " in printed and "train_feature_net --data.dataset image_folder" in printed
     assert r["fid_recon"] is None and r["features"] is None and np.isfinite(r["psnr_db"])
     # samples: FID is the point, so no features is an error; a feature-net file named but missing is one too

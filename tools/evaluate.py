@@ -63,16 +63,17 @@ MAX_KID_SUBSETS = 1000
 def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features | None, device: torch.device,
                     split: str = "test", batch_size: int = 500) -> dict[str, Any]:  # fmt: skip
     """Reconstruction figures of `split`; reconstruction FID only with `features` (None in the result without)."""
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # only this mode
+    from torchmetrics.image import PeakSignalNoiseRatio  # only this mode
 
+    from stage1_vqvae.metrics import SSIM, ImagePSNR
     from stage1_vqvae.vqvae import CodeUsage  # a torchmetrics Metric: imports Lightning
 
     model.to(device).eval()
     originals = dm.split_arrays(split)[0]
     if features is not None:
         features.check(originals, f"the {split} images")  # fail before the long part
-    psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)  # images live in [-1, 1]
-    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
+    psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)  # images live in [-1, 1]; of the pooled MSE
+    image_psnr, ssim = ImagePSNR(data_range=2.0).to(device), SSIM(data_range=2.0).to(device)
     usages = [CodeUsage(level["codebook_size"]).to(device) for level in model.levels]  # top first
     sq_err, n_values, recons = 0.0, 0, []
     for images, _ in dm.dataloader(split, batch_size=batch_size):
@@ -83,6 +84,7 @@ def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features | None, 
         per_pass = model.images_per_pass()
         for r, x in zip(recon.split(per_pass), images.split(per_pass)):
             psnr.update(r, x)
+            image_psnr.update(r, x)
             ssim.update(r, x)
         for usage, level_codes in zip(usages, model.split_codes(codes)):
             usage.update(level_codes)
@@ -101,15 +103,17 @@ def evaluate_stage1(model: VQModel, dm: ImageSplits, features: Features | None, 
     least = min(levels, key=lambda lv: lv["codebook_usage"])  # one level: that level
     return {
         "split": split, "images": len(originals), "mse": sq_err / max(1, n_values),
-        "psnr_db": float(psnr.compute()), "ssim": float(ssim.compute()), "fid_recon": fid_recon,
+        "psnr_db": float(psnr.compute()), "psnr_mean_per_image_db": float(image_psnr.compute()),
+        "ssim": float(ssim.compute()), "fid_recon": fid_recon,
         **{k: least[k] for k in ("codebook_usage", "codes_used", "codebook_size", "perplexity", "dead_codes")},
         "levels": levels, "features": None if features is None else features.description,
     }  # fmt: skip
 
 
 def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
-    rows = [("test MSE ([-1, 1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB)", f"{r['psnr_db']:.2f}"),
-            ("SSIM", f"{r['ssim']:.4f}")]  # fmt: skip
+    rows = [("test MSE ([-1, 1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB, of the pooled MSE)", f"{r['psnr_db']:.2f}"),
+            ("PSNR (dB, mean over images)", f"{r['psnr_mean_per_image_db']:.2f}"),
+            ("SSIM (valid 11-px windows)", f"{r['ssim']:.4f}")]  # fmt: skip
     if r["fid_recon"] is not None:
         rows.append((f"reconstruction FID ({label})", f"{r['fid_recon']:.3f}"))
     for lv in r["levels"]:
