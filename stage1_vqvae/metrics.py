@@ -5,10 +5,10 @@
   convention, the mean of each image's own PSNR (CompressAI, LlamaGen's evaluation), which weighs the images
   that are easy to reconstruct more: 25.40 against 24.22 dB for the demo's stage 1 on the test split.
 - SSIM: Wang et al. 2004's, a Gaussian window of 11 px, sigma 1.5, averaged over the positions where the whole
-  window lies inside the image (their code, skimage, pytorch-msssim). torchmetrics since 1.5 (PR #2721) averages
-  its map over every pixel, the reflect-padded border included: on Fashion-MNIST's 28x28 images 460 of the 784
-  positions, mostly background that scores about 1, so it read 0.9054 where the definition gives 0.8514, and
-  the figure depended on the installed version. `SSIM` crops that map to the valid windows.
+  window lies inside the image (their code, skimage, pytorch-msssim). torchmetrics since its PR #2721 (2024)
+  averages its map over every pixel, the reflect-padded border included: on Fashion-MNIST's 28x28 images 460 of
+  the 784 positions, mostly background that scores about 1, so it read 0.9054 where the definition gives 0.8514,
+  and the figure depended on the installed version. `SSIM` crops that map to the valid windows.
 """
 
 from __future__ import annotations
