@@ -151,7 +151,8 @@ def sample_codes(
     labels: (n,) class ids in [0, num_classes), or None for the null (unconditional) class.
     cfg_scale: classifier-free guidance, logits = uncond + cfg_scale * (cond - uncond), with the
         conditional and null-label batches run together (2n). 1.0 (the default) means no guidance, and
-        so does labels=None (there is nothing to guide towards); 0.0 samples the null class.
+        so does labels=None (there is nothing to guide towards); 0.0 with cfg_schedule "constant" samples the
+        null class (under "linear" the scale moves from 1 towards it over the grid).
     cfg_schedule: "linear" (the default): the scale grows from 1 to cfg_scale over the grid (see ``guide``);
         "constant": cfg_scale at every draw (lower sample FID was measured with linear, README).
     temperature, top_k, top_p: applied in that order to the (guided) logits, see ``filter_logits``.

@@ -117,6 +117,17 @@ def test_images_round_trip_through_both_stages(kind: str) -> None:
     assert torch.equal(decode_images(vqvae, decoded), decode_images(vqvae, codes))
 
 
+def test_a_code_of_probability_zero_still_codes_and_counts_at_the_floor() -> None:
+    """A prior so sharp that improbable codes' probabilities underflow to 0: they are coded at the range coder's
+    floor (2^-24), exactly, and the ideal length counts them there (it was inf, printed as "(ideal inf)")."""
+    prior = make_prior("transformer", sharpen=1e4)
+    codes = np.random.default_rng(0).integers(0, K, (6, *GRID))
+    streams, crcs, ideal = encode_codes(prior.net, codes, batch_size=6)
+    assert np.isfinite(ideal) and ideal <= codes.size * 24 + 1
+    c = Container("00" * 32, "11" * 32, SIZE, 1, GRID, K, len(codes), 6, prior.net.step_version, streams, crcs)
+    np.testing.assert_array_equal(decode_codes(prior.net, unpack(pack(c))), codes)
+
+
 def test_overhead_under_one_percent_for_a_large_batch() -> None:
     prior = make_prior("transformer")
     codes = prior.sample(200, generator=torch.Generator().manual_seed(3)).numpy()

@@ -120,7 +120,9 @@ def encode_batch(net: CodePrior, codes: np.ndarray, labels: np.ndarray | None = 
         nonlocal ideal
         symbols = np.ascontiguousarray(flat[:, t])
         encoder.encode(symbols, model, probs)
-        ideal -= float(np.log2(probs[np.arange(len(symbols)), symbols]).sum())
+        # a probability that underflowed to 0 is coded at the coder's floor (constriction's perfect=False), not
+        # at infinite cost: the ideal length counts it there too (it printed "ideal inf" and numpy's warning)
+        ideal -= float(np.log2(np.maximum(probs[np.arange(len(symbols)), symbols], 2.0**-24)).sum())
         return symbols
 
     code_positions(net, len(codes), code_at, labels)
