@@ -116,7 +116,7 @@ def test_evaluate_prior(artifacts, tmp_path, capsys):
     assert r["code_maps"] == 8 and 0 <= r["accuracy"] <= 1
     assert 0 < r["bits_per_code"] < 2 * np.log2(16)
     assert r["bits_per_dim"] == pytest.approx(r["bits_per_code"] * 4 * 4 / (16 * 16 * 1))
-    assert "NLL (bits per dim)" in capsys.readouterr().out
+    assert "NLL of the codes (bits per pixel dim" in capsys.readouterr().out
 
 
 def test_evaluate_samples_prints_the_floor(artifacts, shapes_folder, tmp_path, capsys):
