@@ -128,8 +128,15 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
         # W&B's own variables win over the defaults (they were silently overridden): WANDB_PROJECT unless
         # --log.project is given, WANDB_NAME for the run's name (its folder keeps run_name)
         project = os.environ.get("WANDB_PROJECT") if cfg.project == LogConfig.project else None
+        # A resume in place continues the run's W&B run (Lightning's resume="allow"), so a preempted or crashed
+        # run is one curve on the dashboard; offline runs cannot be continued (each resume is a run of its own)
+        online = os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled")
+        version = None
+        if resume_step is not None and online and "WANDB_RUN_ID" not in os.environ:  # the user's id wins
+            version = earlier_wandb_run(run_dir)
         logger = WandbLogger(project=project or cfg.project, name=os.environ.get("WANDB_NAME") or run_name,
-                             save_dir=str(run_dir), job_type=os.environ.get("WANDB_JOB_TYPE") or job_type)  # fmt: skip
+                             save_dir=str(run_dir), job_type=os.environ.get("WANDB_JOB_TYPE") or job_type,
+                             version=version)  # fmt: skip
         # Lightning passes anonymous=None to wandb.init, and wandb warns on every run that the setting "has no
         # effect" whatever its value; without the key wandb says nothing (a dict of wandb.init's arguments).
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
@@ -142,6 +149,13 @@ def make_logger(cfg: LogConfig, run_dir: Path, run_name: str, resume_step: int |
                             "pip install tensorboard (or use --log.backend wandb, csv or none)")  # fmt: skip
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="")
     return csv_logger(save_dir=str(run_dir), name="", version="")
+
+
+def earlier_wandb_run(run_dir: Path) -> str | None:
+    """The id of the newest W&B run that logged online into `run_dir` (its `wandb/run-<time>-<id>` folder; offline
+    runs are `offline-run-...`), or None."""
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("run-*-*") if p.is_dir())
+    return runs[-1].rsplit("-", 1)[1] if runs else None
 
 
 def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = False, exit_code: int | None = None,

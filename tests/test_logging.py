@@ -37,3 +37,21 @@ def test_wandb_bins_sum_runs_of_codes_to_at_most_512():
     bins, edges = wandb_bins(counts)
     assert len(bins) == 342 and len(edges) == 343 and bins.sum() == counts.sum()  # runs of 3 codes
     assert bins[0] == counts[:3].sum() and bins[-1] == counts[1023:].sum() and edges[-1] == 1025
+
+
+@pytest.mark.parametrize("mode, resume_step, user_id, continued", [
+    ("online", 40, None, True),  # a resume in place logged online: the same W&B run, one curve
+    ("online", None, None, False),  # a new run (a fresh folder has no earlier run; here one is planted)
+    ("offline", 40, None, False),  # an offline run cannot be continued: a run of its own, as before
+    ("online", 40, "mine", False),  # WANDB_RUN_ID: the user's choice wins
+])  # fmt: skip
+def test_a_resume_continues_its_online_wandb_run(tmp_path, monkeypatch, mode, resume_step, user_id, continued):
+    run = tmp_path / "run"
+    for name in ("run-20261129_101010-older111", "run-20261130_101010-newer222", "offline-run-20261130_111111-off333"):
+        (run / "wandb" / name).mkdir(parents=True)
+    monkeypatch.setenv("WANDB_MODE", mode)
+    if user_id:
+        monkeypatch.setenv("WANDB_RUN_ID", user_id)
+    logger = make_logger(LogConfig(backend="wandb"), run, "run", resume_step=resume_step)
+    assert logger._wandb_init["id"] == ("newer222" if continued else None)  # what wandb.init is given
+    assert logger._wandb_init["resume"] == "allow"
