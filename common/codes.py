@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -266,18 +266,19 @@ def load_split(codes_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
 def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None, codes_dirs: Sequence[str | Path] = (),
                  remedy: str = "pass --vqvae PATH (the checkpoint the codes came from); if no copy of it is left, "
                                "retrain the prior on codes extracted with the stage 1 you have",
-                 ) -> str:  # fmt: skip
+                 sha256: Callable[[str | Path], str] = sha256_file) -> str:  # fmt: skip
     """The stage-1 checkpoint to decode with (`ckpt_path`, else the one the codes came from), verified by hash.
 
     Without `ckpt_path`: the checkpoint meta.json names if it is unchanged, else the copy extract_codes kept in
     the codes directory (the first of `codes_dirs`, where the caller may find it, that holds it unchanged, as
     stage1.ckpt or, once codes of another stage 1 replaced those, as stage1-<sha12>.ckpt), so a resumed, moved
     or deleted training run does not strand its codes, priors and .vqz files. `remedy` ends the message when
-    none is there (the default: a prior's, for which extracting again cannot help)."""
+    none is there (the default: a prior's, for which extracting again cannot help). `sha256` hashes an existing
+    file (a loader passes one that keeps the file open, to load the weights it hashed without hashing again)."""
     path = str(ckpt_path or meta.stage1_ckpt)
     if ckpt_path and not os.path.isfile(path):
         raise CodesError(f"stage-1 checkpoint {path} does not exist; pass the checkpoint the codes came from")
-    digest = sha256_file(path) if os.path.isfile(path) else None
+    digest = sha256(path) if os.path.isfile(path) else None
     if digest == meta.stage1_sha256 or ckpt_path:
         if digest != meta.stage1_sha256:
             raise CodesError(
@@ -288,7 +289,7 @@ def check_stage1(meta: CodesMeta, ckpt_path: str | Path | None = None, codes_dir
     copies = [Path(d) / meta.stage1_copy for d in codes_dirs if d] if meta.stage1_copy else []
     earlier = [Path(d) / name for d in codes_dirs if d for name in kept_copy_names(meta.stage1_sha256)]
     for copy in copies + earlier:
-        if copy.is_file() and sha256_file(copy) == meta.stage1_sha256:
+        if copy.is_file() and sha256(copy) == meta.stage1_sha256:
             return str(copy)
     kept = f" and its copy {copies[0]} is {'changed' if copies[0].is_file() else 'missing'}" if copies else ""
     if digest is None:

@@ -159,3 +159,28 @@ def test_read_checkpoint_loads_the_file_it_opened(ckpts, tmp_path: Path) -> None
         read_checkpoint(path, "--vqvae", want="stage1")
     with pytest.raises(CheckpointError, match=r"^--prior .*gone\.ckpt: no such file; pass a stage-2 prior checkpoint"):
         open_checkpoint(tmp_path / "gone.ckpt", "--prior", "prior")
+
+
+def test_the_stage_1_the_codes_name_is_hashed_once_and_loaded_from_that_file(ckpts, tmp_path: Path,
+                                                                             monkeypatch) -> None:  # fmt: skip
+    """load_models found the codes' stage 1 by hashing its path, then opened and hashed it again to load it (the
+    file read twice a command); now the file hashed is the file loaded: replaced right after the check, the
+    weights are still those the check saw, and check_matches compares the same hash."""
+    live = tmp_path / "stage1.ckpt"
+    live.write_bytes(ckpts["stage1_a"].read_bytes())
+    prior = torch.load(ckpts["prior_a"], weights_only=True)
+    prior["hyper_parameters"]["codes_meta"]["stage1_ckpt"] = str(live)
+    torch.save(prior, tmp_path / "prior.ckpt")
+    original = load_module.stage1_path_of
+
+    def then_replaced(*args, **kwargs):
+        found = original(*args, **kwargs)
+        rewrite(live, ckpts["stage1_b"])  # another run's stage 1 lands under the name just checked
+        return found
+
+    monkeypatch.setattr(load_module, "stage1_path_of", then_replaced)
+    models = load_module.load_models(tmp_path / "prior.ckpt")
+    want = torch.load(ckpts["stage1_a"], weights_only=True)["state_dict"]
+    got = models.vqvae.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert models.stage1_sha256 == sha256_file(ckpts["stage1_a"])

@@ -14,6 +14,7 @@ samples or compresses starts in about the time torch takes to import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
@@ -92,9 +93,9 @@ class Models:
         return names + [str(i) for i in range(len(names), k)]
 
 
-def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
+def stage1_path_of(meta: dict, prior_path: str | Path, sha256: Callable[[str | Path], str] = sha256_file) -> Path:
     """The stage-1 checkpoint the prior's codes metadata names, or the copy in its codes directory, verified by
-    SHA-256."""
+    SHA-256 (`sha256`: as in common.codes.check_stage1)."""
     if not meta.get("stage1_ckpt"):
         raise CheckpointError(f"--prior {prior_path} names no stage-1 checkpoint; pass --vqvae PATH")
     try:
@@ -109,7 +110,7 @@ def stage1_path_of(meta: dict, prior_path: str | Path) -> Path:
     dirs, typed = [meta.get("codes_dir_resolved"), meta.get("codes_dir")], meta.get("codes_dir")
     if typed and not Path(typed).is_absolute():
         dirs += [parent / typed for parent in Path(prior_path).resolve().parents]
-    return Path(check_stage1(codes_meta, codes_dirs=[d for d in dirs if d]))
+    return Path(check_stage1(codes_meta, codes_dirs=[d for d in dirs if d], sha256=sha256))
 
 
 def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
@@ -120,10 +121,16 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     prior_file = open_checkpoint(prior_path, "--prior", "prior")  # opened once: weights and hash of one version
     prior, hparams = load_prior(prior_file)
     meta = hparams.get("codes_meta") or {}
-    path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path)
-    # stage1_path_of hashed the file, which may since have been replaced: check_matches below compares the hash
-    # of the file loaded here with the one the codes recorded
-    stage1_file = open_checkpoint(path, "--vqvae", "stage1")
+    opened: dict[str, CheckpointFile] = {}
+
+    def hash_open(candidate: str | Path) -> str:  # each candidate stage 1 hashed through a file kept open
+        opened[str(candidate)] = open_checkpoint(candidate, "--vqvae", "stage1")
+        return opened[str(candidate)].sha256
+
+    path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path, hash_open)
+    # the weights come from the file hashed (it was read twice: a stage 1 of 100 MB cost 0.1 s more a command);
+    # check_matches below compares that hash with the one the codes recorded
+    stage1_file = opened.get(str(path)) or open_checkpoint(path, "--vqvae", "stage1")
     vqvae, stage1_data = load_stage1(stage1_file, "--vqvae")
     models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data, (prior_file, stage1_file))
     facts = prior_facts(prior, meta)
