@@ -109,16 +109,34 @@ def no_space(e: OSError) -> bool:
     return e.errno in DISK_FULL
 
 
+def lock_folder(folder: Path, wait: bool = True) -> int | None:
+    """An exclusive flock on `folder` itself: the open descriptor that holds it (closing it drops the lock, and so
+    does the process's end, however it ends), or None where no lock can be taken (no fcntl, a file system without
+    locks, a folder that cannot be opened), and the caller goes on unlocked. `wait` False: BlockingIOError at once
+    if another process holds it."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK, EOPNOTSUPP: a network mount that takes no lock on a folder
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextmanager
 def folder_turn(folder: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `folder` (the kernel drops it when the process ends, however it ends), so that
-    commits into one folder (a codes directory) never interleave. File systems without locks go on unlocked."""
-    fd = None
-    if fcntl is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            fd = os.open(folder, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    """Hold the lock on `folder` (lock_folder, waiting for it), so that commits into one folder (a codes directory)
+    never interleave."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = lock_folder(folder)
     try:
         yield
     finally:

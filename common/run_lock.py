@@ -15,11 +15,7 @@ import os
 from pathlib import Path
 
 from common.cli import UserError
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: no lock there
-    fcntl = None  # type: ignore[assignment]
+from common.io import lock_folder
 
 _held: dict[Path, int] = {}  # run folder -> the open descriptor of it whose lock this process holds
 
@@ -27,23 +23,16 @@ _held: dict[Path, int] = {}  # run folder -> the open descriptor of it whose loc
 def lock_run(folder: Path, flag: str) -> None:
     """Take the run folder's lock for this process, or UserError naming `flag` if another process holds it."""
     folder = Path(folder).resolve()
-    if fcntl is None or folder in _held:
+    if folder in _held:
         return
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # gone or unreadable: the run fails on its first file with its own message
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = lock_folder(folder, wait=False)  # None: no lock here, or the folder is gone (its first file says so)
     except BlockingIOError:
-        os.close(fd)
         raise UserError(f"{flag}: {folder} is being trained by another process (a fit started before this one, or "
                         "the same job submitted twice); wait for it to end or stop it, or choose another "
                         "--log.name") from None  # fmt: skip
-    except OSError:  # no locks here (ENOLCK, EOPNOTSUPP, a network mount that takes none on a folder)
-        os.close(fd)
-        return
-    _held[folder] = fd
+    if fd is not None:
+        _held[folder] = fd
 
 
 def release_run(folder: Path | None = None) -> None:
