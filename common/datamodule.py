@@ -53,6 +53,18 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
         rows = rows.to(device, non_blocking=True)
         return from_uint8(images[rows]), labels[rows]
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """--data.hflip: in training, half of each batch's images (B, C, H, W) mirrored left to right, on the
+        device. The choice comes from a generator seeded by the data seed, the step and the rank, so a resumed
+        run mirrors the same images as an uninterrupted one and the global random streams are left alone."""
+        if not self.options.hflip or self.trainer is None or not self.trainer.training:
+            return batch
+        images, labels = batch
+        step, rank = self.trainer.global_step, self.trainer.global_rank
+        gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + step * 1_009 + rank)
+        mirror = (torch.rand(len(images), generator=gen) < 0.5).to(images.device)  # (B,)
+        return torch.where(mirror[:, None, None, None], images.flip(-1), images), labels
+
     def prepare_data(self) -> None:
         if self.options.dataset in _MNIST_LIKE:  # download once, on rank 0
             for split in ("train", "test"):

@@ -74,6 +74,7 @@ class ImageSplits:
             (later runs start at once; a folder larger than memory is read from disk).
         folder_key: set from a checkpoint: the file list its splits were drawn from (a folder that differs
             is named in a warning); leave it unset.
+        hflip: in training (the Lightning data module), mirror half of each batch left to right.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class ImageSplits:
         on_device: bool = False,
         cache_dir: str | None = None,
         folder_key: str | None = None,
+        hflip: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -131,7 +133,7 @@ class ImageSplits:
         self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,
                                        val_size=val_size, test_size=test_size, seed=seed, download=download,
                                        limit=limit, on_device=on_device, cache_dir=cache_dir,
-                                       folder_key=folder_key)  # fmt: skip
+                                       folder_key=folder_key, hflip=hflip)  # fmt: skip
         self.record_options(vars(self.options))
         self._image_size_arg, self._channels_arg = image_size, channels
         self._splits: dict[str, UInt8ImageDataset] | None = None

@@ -299,16 +299,17 @@ def test_a_crash_just_after_the_first_checkpoint_leaves_latest_on_the_run(shapes
 
 
 @pytest.mark.parametrize(
-    "crash,workers", [(6, 0), (4, 0), (4, 2)], ids=["epoch_boundary", "mid_epoch", "mid_epoch_workers"]
-)
-def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash, workers):
+    "crash,workers,extra", [(6, 0, ()), (4, 0, ()), (4, 2, ()), (4, 0, ("--data.hflip", "true"))],
+    ids=["epoch_boundary", "mid_epoch", "mid_epoch_workers", "mid_epoch_hflip"],
+)  # fmt: skip
+def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash, workers, extra):
     """12 steps straight vs a 12-step run that crashes at step `crash`, resumed to 12 from its last
     checkpoint (6 batches per epoch, a checkpoint every 3 steps: step 6 ends an epoch, step 3 is in the
     middle of one, and the crash at 4 throws step 4 away). The same weights and losses,
     bit for bit: the checkpoint carries the RNG states that shuffle epoch 2 and, mid-epoch, the epoch's
     permutation and how many of its batches were trained (common.shuffle). With loader workers, each
     validation's iterator draws a worker seed from the global RNG in both runs alike."""
-    every3 = ("--trainer.val_check_interval", "3", "--data.num_workers", str(workers))
+    every3 = ("--trainer.val_check_interval", "3", "--data.num_workers", str(workers), *extra)
     train_stage1(fit_args(shapes_folder, tmp_path / "straight", 12, *every3))
     with pytest.raises(RuntimeError, match=f"injected failure at step {crash}"):
         train_stage1(fit_args(shapes_folder, tmp_path / "resumed", 12, *every3, f"--trainer.callbacks+={FAIL}",
@@ -317,6 +318,27 @@ def test_resumed_run_equals_an_uninterrupted_one(shapes_folder, tmp_path, crash,
     assert_same_last_checkpoint(tmp_path, 12)
     assert train_losses(tmp_path / "straight" / "version_0") == train_losses(tmp_path / "resumed" / "version_0")
 
+
+
+def test_hflip_mirrors_half_of_each_training_batch_by_the_step(shapes_folder):
+    """--data.hflip: each image of a training batch is itself or its mirror image, about half mirrored, chosen by
+    the step (the same step: the same choice; another step: another); nothing changes outside training."""
+    from types import SimpleNamespace
+
+    from common.datamodule import ImageDataModule
+
+    dm = ImageDataModule(dataset="image_folder", root=str(shapes_folder), image_size=16, hflip=True)
+    images, labels = torch.rand(64, 1, 16, 16), torch.arange(64)
+    dm.trainer = SimpleNamespace(training=True, global_step=3, global_rank=0)
+    out, out_labels = dm.on_after_batch_transfer((images, labels), 0)
+    mirrored = (out == images.flip(-1)).flatten(1).all(1)
+    assert ((out == images).flatten(1).all(1) ^ mirrored).all() and torch.equal(out_labels, labels)
+    assert 16 < int(mirrored.sum()) < 48
+    assert torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], out)  # a resume redraws the same
+    dm.trainer = SimpleNamespace(training=True, global_step=4, global_rank=0)
+    assert not torch.equal(dm.on_after_batch_transfer((images, labels), 0)[0], out)
+    dm.trainer = SimpleNamespace(training=False, global_step=4, global_rank=0)  # validation, test
+    assert dm.on_after_batch_transfer((images, labels), 0)[0] is images
 
 
 @pytest.mark.parametrize("press,every", [(2, 3), (3, 3), (8, 3), (5, 3), (5, 10)],
