@@ -609,3 +609,25 @@ def test_an_image_folder_is_held_once_in_its_splits(shapes_folder: Path) -> None
         assert x.shape == (len(rows), 3, 64, 64) and x.is_contiguous()
         assert torch.equal(x, torch.from_numpy(expected).permute(0, 3, 1, 2))
         assert torch.equal(y, torch.from_numpy(labels[rows]).long())
+
+
+def test_only_the_centre_square_is_resized(tmp_path, monkeypatch):
+    """A 12000x1 strip was resized whole to 3,072,000x256 before its centre was cropped (3.4 GB and 4.4 s at
+    256 px, the scale audit): now only the centre square is resized, straight to the target size, and what the
+    image holds there is what comes out."""
+    from PIL import Image as PILImage
+
+    sizes, resize = [], PILImage.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sizes.append(size)
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "resize", spy)
+    PILImage.fromarray(np.full((1, 12000, 3), 200, np.uint8)).save(tmp_path / "strip.png")
+    assert (read_image(tmp_path / "strip.png", 256, 3) == 200).all() and sizes == [(256, 256)]
+    bands = np.zeros((20, 40, 3), np.uint8)
+    bands[:, :10], bands[:, 10:30], bands[:, 30:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)  # the centre is green
+    PILImage.fromarray(bands).save(tmp_path / "bands.png")
+    out = read_image(tmp_path / "bands.png", 8, 3).astype(int)
+    assert (out[..., 1] >= 230).all() and (out[..., 0] <= 20).all() and (out[..., 2] <= 20).all()
