@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -286,6 +287,18 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 def load_images(files: list[Path], image_size: int, channels: int) -> Tensor:
     """Image files -> (N, C, S, S) in [-1, 1], read as the folder reader reads them (`read_images`)."""
     return from_uint8(torch.from_numpy(read_images(files, image_size, channels)).permute(0, 3, 1, 2).contiguous())
+
+
+CHUNK_BYTES = 256 << 20  # the float pixels of one chunk of image_chunks: 85,000 images at 28 px, 341 at 256 px
+
+
+def image_chunks(files: list[Path], image_size: int, channels: int) -> Iterator[Tensor]:
+    """`load_images` a chunk of files at a time (CHUNK_BYTES of pixels), so a command that goes through a folder
+    once holds one chunk, whatever the folder's size: `score_anomalies` and `compress` read 30,000 files at 256 px
+    whole (23 GB as floats, before any work) and ran out of memory in a way no --batch_size could help."""
+    per_chunk = max(1, CHUNK_BYTES // (4 * channels * image_size**2))
+    for start in range(0, len(files), per_chunk):
+        yield load_images(files[start : start + per_chunk], image_size, channels)
 
 
 # -------------------------------------------------------------------------------- grids

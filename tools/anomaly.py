@@ -67,12 +67,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.codes import check_matches, codes_files, load_split, read_meta
-from common.images import GRID_FORMATS, image_files, load_images, make_grid, named_image_files
+from common.images import GRID_FORMATS, image_chunks, image_files, load_images, make_grid, named_image_files
 from common.io import OutputClash, atomic_file, check_output
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior
@@ -182,13 +181,16 @@ def _run(args: list[str] | None) -> str:
     background, train_nll = references(m, a.background, a.codes)
     anomaly_net = AnomalyNet.load(a.anomaly_net, m.device, fits=(m.channels, m.image_size)) if a.anomaly_net else None
     method = a.method or default_score(anomaly_net)
-    images = load_images(files, m.image_size, m.channels)
-    scores, surprise = score_images(m.prior, m.vqvae, images, a.batch_size, background, train_nll, anomaly_net)
+    parts = [score_images(m.prior, m.vqvae, chunk, a.batch_size, background, train_nll, anomaly_net)
+             for chunk in image_chunks(files, m.image_size, m.channels)]  # one chunk of the files in memory
+    scores = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    surprise = np.concatenate([p[1] for p in parts])
     order = np.argsort(-scores[method], kind="stable")
     picture = None
     if grid:  # drawn before anything is written
         top = order[: a.top].copy()
-        tiles = heat_map_grid(images[torch.from_numpy(top)], surprise[top], m.vqvae.levels)
+        images = load_images([files[i] for i in top], m.image_size, m.channels)  # read again: the grid's few
+        tiles = heat_map_grid(images, surprise[top], m.vqvae.levels)
         picture = make_grid(tiles, nrow=2 * min(8, len(top)), scale=2 if m.image_size < 64 else 1)
     write_together(out, csv_text([str(f) for f in files], scores).encode(), grid, picture)
     head = ", ".join(f"{named[i][1]} ({scores[method][i]:.4g})" for i in order[:3])  # cats/1.png, dogs/1.png

@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from PIL import Image
 
 from common.cli import add_overwrite, make_parser, run_command
-from common.images import load_images, named_image_files, to_uint8
+from common.images import image_chunks, named_image_files, to_uint8
 from common.io import OutputError, check_output, check_output_dir, staging_dir, write_atomic
 from stage2_prior.build import require_likelihood
 from tools.container import MAX_BATCH_SIZE, ContainerError, check_name, pack_names, unpack
@@ -89,7 +90,8 @@ def run_compress(args: list[str] | None) -> str:
     m = cpu_models(a.prior, a.vqvae)
     require_likelihood(m.prior, a.prior, "compress")  # the codec needs exact probabilities
     t0 = time.perf_counter()
-    codes = encode_images(m.vqvae, load_images(files, m.image_size, m.channels))
+    chunks = image_chunks(files, m.image_size, m.channels)  # one chunk of the files in memory at once
+    codes = np.concatenate([encode_images(m.vqvae, chunk) for chunk in chunks])
     data, ideal = compress_codes(m, codes, a.batch_size, a.labels, names)
     seconds = time.perf_counter() - t0
     write_atomic(out, data)
