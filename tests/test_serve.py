@@ -154,6 +154,55 @@ def test_repair_changes_only_painted_pixels(client):
     assert changed.any() and not changed[~painted].any()
 
 
+@pytest.mark.parametrize("kind", ["prior", "maskgit"])
+def test_repair_towards_a_class_gives_the_sample_commands_repairs(world, tmp_path, kind):  # noqa: F811
+    """`sample --prime IMAGE --mask M --classes c --cfg_scale 3`'s images, with the same seed, inside the painted
+    region (the codes it redraws), the original's pixels outside it; another class, or none, other repairs."""
+    image = first_image(world)
+    mask = np.zeros((16, 16, 4), np.uint8)
+    mask[2:11, 3:12] = 255  # the page's paint: opaque pixels (9 of the 16 codes); the command's hole: black on white
+    Image.fromarray(np.where(mask[..., 3] > 0, 0, 255).astype(np.uint8)).save(tmp_path / "hole.png")
+    play = Playground(load_models(world[kind], None, "cpu"))
+    files = {"image": (image.name, image.read_bytes()), "mask": ("m.png", png(mask, "RGBA"))}
+    n = 16  # untrained tiny priors weigh the class little: of 16 repairs some draws differ between classes
+    with TestClient(create_app(play, max_upload_bytes=LIMIT), base_url=LOCAL) as c:
+
+        def repair(label: int, cfg_scale: float = 3) -> list[np.ndarray]:
+            form = {"label": label, "cfg_scale": cfg_scale, "n": n, "seed": 5, "temperature": 0.9}
+            r = c.post("/api/repair", data=form, files=files)
+            assert r.status_code == 200, r.text
+            return [pixels(r.json()["original"])] + [pixels(u) for u in r.json()["repairs"]]
+
+        (original, *repairs), other, unconditional = repair(1), repair(0), repair(-1, 1)
+    sample_main(["--prior", world[kind], "--prime", str(image), "--mask", str(tmp_path / "hole.png"), "--n", str(n),
+                 "--classes", "1", "--cfg_scale", "3", "--seed", "5", "--temperature", "0.9", "--device", "cpu",
+                 "--out", str(tmp_path / "s.npz")])  # fmt: skip
+    cli = np.load(tmp_path / "s.npz")
+    assert cli["labels"].tolist() == [1] * n and len(repairs) == n
+    painted = mask[..., 3] > 0
+    for repair_, drawn in zip(repairs, cli["images"][:, 0]):
+        np.testing.assert_array_equal(repair_[painted], drawn[painted])  # the command's repair towards class 1
+        np.testing.assert_array_equal(repair_[~painted], original[~painted])  # kept pixels: exactly the same
+    for others in (other, unconditional):  # same seed, other repairs: the class reached the sampler
+        assert np.array_equal(np.stack(others[1:])[:, ~painted], np.stack(repairs)[:, ~painted])
+        assert not np.array_equal(np.stack(others[1:]), np.stack(repairs))
+
+
+def test_repair_guidance_without_a_class_is_refused_for_an_unconditional_prior(world):  # noqa: F811
+    play = Playground(load_models(world["uncond"], None, "cpu"))
+    play.load_test_images()
+    with TestClient(create_app(play, max_upload_bytes=LIMIT), base_url=LOCAL) as c:
+        assert c.get("/api/info").json()["classes"] == []
+        refused = [({"cfg_scale": 2}, "CFG scale guides the repairs towards a class, and this prior is "
+                                      "unconditional: set it to 1"),
+                   ({"label": 0}, "this prior is unconditional: it has no classes to choose from")]  # fmt: skip
+        for fields, message in refused:
+            r = c.post("/api/repair", data={"test_index": 0, **fields}, files={"mask": ("m.png", MASK)})
+            assert r.status_code == 400 and r.json()["error"] == message, r.text
+        assert c.post("/api/repair", data={"test_index": 0, "label": -1, "cfg_scale": 1},
+                      files={"mask": ("m.png", MASK)}).status_code == 200  # fmt: skip
+
+
 def test_compress_and_decompress_give_the_commands_files(client, world, tmp_path):  # noqa: F811
     image = first_image(world)
     data = client.post("/api/compress", files={"image": (image.name, image.read_bytes(), "image/png")}).json()
@@ -241,6 +290,12 @@ BAD = [  # (endpoint, form fields, files, status, message)
     ("repair", {}, {"mask": ("m.png", MASK)}, 400, r"test_index is missing"),
     ("repair", {"test_index": 0}, {"mask": ("m.png", b"garbage")}, 400, r"the mask: not an image"),
     ("repair", {"test_index": 0, "n": 99}, {"mask": ("m.png", MASK)}, 400, r"number of repairs must be in \[1, 16\]"),
+    ("repair", {"test_index": 0, "cfg_scale": 3}, {"mask": ("m.png", MASK)}, 400,
+     r"^CFG scale guides the repairs towards a class: choose one, or set it to 1$"),  # fmt: skip
+    ("repair", {"test_index": 0, "label": 2, "cfg_scale": 3}, {"mask": ("m.png", MASK)}, 400,
+     r"unknown class id 2; this prior has 2 classes"),  # fmt: skip
+    ("repair", {"test_index": 0, "label": 1, "cfg_scale": 21}, {"mask": ("m.png", MASK)}, 400,
+     r"CFG scale must be in \[0, 20\], got 21"),  # fmt: skip
     ("sample", {"n": 0}, {}, 400, r"number of samples must be in \[1, 256\], got 0"),
     ("sample", {"n": "abc"}, {}, 400, r"n must be an integer, got 'abc'"),
     ("sample", {"temperature": "0"}, {}, 400, r"temperature must be in \(0, 10\]"),

@@ -111,6 +111,29 @@ def test_painted_repair_differs_only_inside_the_paint(page):
         changed |= repair != original
     assert changed.any()
     assert len(page.find_elements("css selector", "#repair-result img[data-role=repair]")) == len(data["repairs"])
+    # towards a class, guided: the same paint, the kept pixels still the original's
+    from selenium.webdriver.support.ui import Select
+
+    classes = Select(page.find_element("id", "repair-label"))
+    assert [o.text for o in classes.options] == ["none (unconditional)", "discs", "squares"]
+    scale = page.find_element("css selector", "#repair-form [name=cfg_scale]")
+    assert scale.get_attribute("value") == "1"  # not serve --cfg_scale 2: guidance needs a class here
+    classes.select_by_visible_text("squares")
+    scale.clear()
+    scale.send_keys("3")
+    page.execute_script("window.vqgen.last.repair = null")
+    page.find_element("id", "repair-go").click()
+    towards = until(page, "window.vqgen.last.repair")
+    assert len(towards["repairs"]) == len(data["repairs"])
+    assert pixels(towards["painted"]).tolist() == pixels(data["painted"]).tolist()
+    for url in towards["repairs"]:
+        assert not (pixels(url) != original)[~painted].any(), "a repair towards a class changed an unpainted pixel"
+    assert " repairs towards squares, " in page.find_element("id", "repair-status").text
+    classes.select_by_visible_text("none (unconditional)")  # guidance with no class: the server's one line
+    page.find_element("id", "repair-go").click()
+    message = until(page, "!document.getElementById('repair-error').hidden && "
+                          "document.getElementById('repair-error').textContent")  # fmt: skip
+    assert message == "CFG scale guides the repairs towards a class: choose one, or set it to 1"
 
 
 def test_non_image_upload_shows_a_clear_error(page, tmp_path):

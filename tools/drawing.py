@@ -140,17 +140,20 @@ def keep_from_painted(vqvae: VQModel, painted: torch.Tensor) -> torch.Tensor:
 
 
 def repair_images(vqvae: VQModel, prior: CodePrior | MaskedPrior, image: torch.Tensor, painted: torch.Tensor, n: int,
-                  opts: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                  opts: dict | None = None,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """image uint8 (C, S, S) and the painted pixels (S, S) bool -> (n repairs uint8 (n, C, S, S) on the CPU, the
-    codes kept (*grid_shape)): the codes of every cell with a painted pixel redrawn (`complete_codes`), the
-    others kept exactly, decoded, and the original pixels put back outside the painted ones, so they stay the
-    same (decoding also changes the pixels next to the redrawn cells). The page's repair."""
+    codes kept (*grid_shape)): the codes of every cell with a painted pixel redrawn (`complete_codes`, towards
+    `labels` (n,) on the prior's device, None: unconditional), the others kept exactly, decoded, and the original
+    pixels put back outside the painted ones, so they stay the same (decoding also changes the pixels next to the
+    redrawn cells). The page's repair."""
     painted, image = painted.cpu(), image.cpu()
     if not painted.any():
         raise ValueError("nothing is painted: paint the region to repair on the image first")
     keep = keep_from_painted(vqvae, painted).to(vqvae.device)
     prime = vqvae.encode_to_codes(from_uint8(image[None])).expand(n, *vqvae.grid_shape)  # moved to its device
-    decoded = to_uint8(vqvae.decode_codes(complete_codes(prior, prime, keep, opts or {}))).cpu()  # (n, C, S, S)
+    codes = complete_codes(prior, prime, keep, opts or {}, labels)
+    decoded = to_uint8(vqvae.decode_codes(codes)).cpu()  # (n, C, S, S)
     return torch.where(painted[None, None], decoded, image[None]), keep
 
 

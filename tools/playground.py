@@ -4,7 +4,7 @@ a problem the user can fix raises a `UserError` or `ValueError` whose one-line m
 
     play = Playground(load_models("prior.ckpt"))
     play.sample(label=None, n=16, temperature=1.0, top_p=1.0, cfg_scale=1.0, seed=0)  # {"grid": PNG, ...}
-    play.repair(image, painted, n=4, ...)        # image uint8 (C, S, S), painted bool (S, S)
+    play.repair(image, painted, n=4, ..., label=None, cfg_scale=1.0)  # image uint8 (C, S, S), painted bool (S, S)
     play.compress(image); play.decompress(data, "x.vqz"); play.anomaly(images, names)
 
 The methods are not thread-safe (torch's thread count, the generator, the prior's decoding state): the
@@ -162,14 +162,24 @@ class Playground:
     # ------------------------------------------------------------------------------------ repair
     @torch.no_grad()
     def repair(self, image: torch.Tensor, painted: torch.Tensor, n: int, temperature: float, top_p: float,
-               seed: int, steps: int = 0) -> dict:  # fmt: skip
+               seed: int, steps: int = 0, label: int | None = None, cfg_scale: float = 1.0) -> dict:  # fmt: skip
         """image uint8 (C, S, S) and the painted pixels (S, S) -> n repairs (uint8 PNGs): the codes of every
-        cell with a painted pixel re-drawn, the others kept, decoded, and the original pixels put back
-        outside the painted region, so kept pixels stay exactly the same."""
+        cell with a painted pixel re-drawn (towards class `label` with guidance `cfg_scale`; None: unconditional),
+        the others kept, decoded, and the original pixels put back outside the painted region, so kept pixels
+        stay exactly the same. Same options, seed and device as `sample --prime IMAGE --mask M --n n [--classes
+        label --cfg_scale S]` give the same codes, so the same pixels inside the painted region."""
         checked("number of repairs", n, 1, MAX_REPAIRS)
-        opts = self._opts(temperature, top_p, seed, steps=steps)
+        opts = self._opts(temperature, top_p, seed, cfg_scale, steps)
+        if cfg_scale != 1 and label is None:  # sample's rule for --prime: guidance needs a class to guide towards
+            if self.m.prior.num_classes == 0:
+                raise ValueError("CFG scale guides the repairs towards a class, and this prior is unconditional: "
+                                 "set it to 1")  # fmt: skip
+            raise ValueError("CFG scale guides the repairs towards a class: choose one, or set it to 1")
+        labels = None  # unconditional (the null class), as `sample --prime` without --classes
+        if label is not None:  # class_labels refuses an unknown class, or any with an unconditional prior
+            labels = class_labels(self.m.prior.num_classes, label, n)[0].to(self.m.device)
         t0 = time.perf_counter()
-        repairs, keep = repair_images(self.m.vqvae, self.m.prior, image, painted, n, opts)
+        repairs, keep = repair_images(self.m.vqvae, self.m.prior, image, painted, n, opts, labels)
         return {"original": png_bytes(image), "painted": png_bytes(painted[None].to(torch.uint8) * 255),
                 "repairs": [png_bytes(r) for r in repairs], "codes_redrawn": int((~keep).sum()),
                 "codes": int(keep.numel()), "seconds": time.perf_counter() - t0}  # fmt: skip

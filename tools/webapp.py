@@ -4,7 +4,8 @@ and a small JSON API over a :class:`tools.playground.Playground`.
     GET  /                      the page            GET /api/info, /api/health, /api/test_image/{i}
     POST /api/sample            form: label, n, temperature, top_p, cfg_scale, cfg_schedule, seed (, steps: masked;
                                 temperature_end: a schedule)
-    POST /api/repair            form: image (file) or test_index, mask (PNG), n, temperature, top_p, seed (, steps)
+    POST /api/repair            form: image (file) or test_index, mask (PNG), n, temperature, top_p, seed, label
+                                (-1: none), cfg_scale (1 unless a label is given) (, steps: masked)
     POST /api/compress          form: image (file)          POST /api/decompress   form: file (.vqz)
     POST /api/anomaly           form: images (files)
 
@@ -269,8 +270,10 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         image = await image_for_repair(form)
         mask, _ = await upload(form, "mask")
         painted, _ = await queue.run(read_mask, mask, size)
+        label = int(number(form, "label", int, -1))  # -1: unconditional; Playground.repair refuses an unknown class
         args = (image, painted, int(number(form, "n", int, 4)), number(form, "temperature", float, 1.0),
-                number(form, "top_p", float, 1.0), number(form, "seed", int, 0), number(form, "steps", int, 0))
+                number(form, "top_p", float, 1.0), number(form, "seed", int, 0), number(form, "steps", int, 0),
+                None if label < 0 else label, number(form, "cfg_scale", float, 1.0))
         out, seconds = await queue.run(play.repair, *args, request=request)
         return {"original": data_url(out["original"]), "painted": data_url(out["painted"]),
                 "repairs": [data_url(r) for r in out["repairs"]], "codes_redrawn": out["codes_redrawn"],

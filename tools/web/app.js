@@ -187,7 +187,8 @@ $("#repair-form").addEventListener("submit", (event) => {
     const out = $("#repair-result");
     out.replaceChildren(figure(data.original, "original", "original"), figure(data.painted, "painted", "painted"),
       ...data.repairs.map((src, i) => figure(src, `repair ${i + 1}`, "repair")));
-    return `${data.repairs.length} repairs, ${data.codes_redrawn} of ${data.codes} codes drawn again, ${data.seconds.toFixed(2)} s`;
+    const label = Number(form.get("label")), towards = label >= 0 ? ` towards ${info.classes[label]}` : "";
+    return `${data.repairs.length} repairs${towards}, ${data.codes_redrawn} of ${data.codes} codes drawn again, ${data.seconds.toFixed(2)} s`;
   });
 });
 
@@ -275,6 +276,10 @@ $("#anomaly-form").addEventListener("submit", (event) => {
   const select = $("#sample-label");
   if (!info.classes.length) select.replaceChildren(new Option("unconditional", "-1"));
   info.classes.forEach((name, i) => select.append(new Option(name, i)));
+  info.classes.forEach((name, i) => $("#repair-label").append(new Option(name, i))); // after "none (unconditional)"
+  for (const label of document.querySelectorAll(".conditional-only")) {
+    label.hidden = !info.classes.length; // an unconditional prior: no class to repair towards, nothing to guide
+  }
   for (const [name, value] of Object.entries(info.sample_defaults)) { // serve --temperature / --cfg_scale
     $(`#sample-form [name=${name}]`).value = value;
   }
