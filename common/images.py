@@ -6,6 +6,7 @@ Imports torch, numpy and Pillow only (no Lightning), so the model commands start
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -44,6 +45,9 @@ PROGRESS_S = 10.0  # a long read of a folder says how far it is this often
 def cannot_read(path: Path, e: Exception) -> ImageError:
     """The error for one file Pillow cannot read (it raises OSError, SyntaxError, ValueError, ...)."""
     reason = f"{type(e).__name__}: {e}"
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:  # Pillow says "cannot identify image file", which hides the plain cause
+            reason = "an empty file, 0 bytes"
     return ImageError(f"{path}: cannot read image ({reason}); fix or delete the file", path, reason)
 
 

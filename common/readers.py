@@ -12,6 +12,7 @@ import hashlib
 import math
 import pickle
 import struct
+import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,14 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
         raise DatasetNotFoundError(f"no {SUFFIXES_TEXT} images found under {root}")
     files = [f for _, fs in classes for f in fs]
     labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(classes)])
+    # A symbolic link to an image read already would put one picture in two splits (train and test): read once
+    seen: dict[Path, Path] = {}
+    first = [seen.setdefault(f.resolve(), f) is f for f in files]
+    if not all(first):
+        twice = [f for f, keep in zip(files, first) if not keep]
+        print(f"warning: {len(twice)} image file(s) under {root} link to a file read already (e.g. {twice[0]} -> "
+              f"{twice[0].resolve()}); each image is read once, so that it lands in one split", file=sys.stderr)
+        files, labels = [f for f, keep in zip(files, first) if keep], labels[np.array(first)]
     return files, labels, [name for name, _ in classes]
 
 

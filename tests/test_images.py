@@ -631,3 +631,23 @@ def test_only_the_centre_square_is_resized(tmp_path, monkeypatch):
     PILImage.fromarray(bands).save(tmp_path / "bands.png")
     out = read_image(tmp_path / "bands.png", 8, 3).astype(int)
     assert (out[..., 1] >= 230).all() and (out[..., 0] <= 20).all() and (out[..., 2] <= 20).all()
+
+
+def test_an_empty_file_and_a_link_to_an_image_read_already(tmp_path, capsys):
+    """A 0-byte file is named as empty (Pillow's "cannot identify image file" hid it); a symbolic link to an image
+    of the folder is read once, with a warning (it was a second image, which could land in another split)."""
+    from common.images import read_image as read_one
+    from common.readers import scan_image_folder
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(Exception, match=r"empty\.png: cannot read image \(an empty file, 0 bytes\)"):
+        read_one(tmp_path / "empty.png", 8, 1)
+    folder = tmp_path / "folder"
+    for name in ("cats", "dogs"):
+        (folder / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "cats" / "a.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(folder / "dogs" / "b.png")
+    (folder / "dogs" / "c.png").symlink_to(folder / "cats" / "a.png")
+    files, labels, names = scan_image_folder(folder)
+    assert [f.name for f in files] == ["a.png", "b.png"] and labels.tolist() == [0, 1] and names == ["cats", "dogs"]
+    assert "1 image file(s) under" in capsys.readouterr().err
