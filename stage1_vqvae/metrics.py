@@ -33,8 +33,8 @@ def ssim_per_image(preds: torch.Tensor, target: torch.Tensor, data_range: float)
     return full.flatten(1).mean(1)
 
 
-class SSIM(Metric):
-    """Mean SSIM of the images seen (valid windows; see the module's docstring), summed across DDP ranks."""
+class MeanOverImages(Metric):
+    """The mean over the images seen of a figure each image has (`per_image`), summed across DDP ranks."""
 
     full_state_update = False
 
@@ -44,31 +44,29 @@ class SSIM(Metric):
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        self.total += ssim_per_image(preds.float(), target.float(), self.data_range).double().sum()
+        self.total += self.per_image(preds, target).double().sum()
         self.count += len(preds)
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp(min=1)).float()
 
 
-class ImagePSNR(Metric):
+class SSIM(MeanOverImages):
+    """Mean SSIM of the images seen (valid windows; see the module's docstring)."""
+
+    def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ssim_per_image(preds.float(), target.float(), self.data_range)
+
+
+class ImagePSNR(MeanOverImages):
     """Mean over images of each image's PSNR in dB (a perfect reconstruction counts as 100 dB, not infinity)."""
 
-    full_state_update = False
     MAX_DB = 100.0
 
-    def __init__(self, data_range: float) -> None:
-        super().__init__()
-        self.data_range = data_range
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+    def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         mse = (preds.double() - target.double()).pow(2).flatten(1).mean(1)  # (B,)
-        db = 10 * torch.log10(self.data_range**2 / mse)
-        self.total += db.clamp(max=self.MAX_DB).sum()
-        self.count += len(preds)
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+        return (10 * torch.log10(self.data_range**2 / mse)).clamp(max=self.MAX_DB)

@@ -8,6 +8,7 @@ as before); this file only names them, and imports none of them at its top.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 
@@ -39,45 +40,15 @@ def launch(name: str) -> None:
     main()
 
 
-def train_stage1() -> None:
-    launch("train_stage1")
-
-
-def extract_codes() -> None:
-    launch("extract_codes")
-
-
-def train_stage2() -> None:
-    launch("train_stage2")
-
-
-def sample() -> None:
-    launch("sample")
-
-
-def evaluate() -> None:
-    launch("evaluate")
-
-
-def train_feature_net() -> None:
-    launch("train_feature_net")
-
-
-def train_anomaly_net() -> None:
-    launch("train_anomaly_net")
-
-
-def compress() -> None:
-    launch("compress")
-
-
-def decompress() -> None:
-    launch("decompress")
-
-
-def score_anomalies() -> None:
-    launch("score_anomalies")
-
-
-def serve() -> None:
-    launch("serve")
+# One callable a console script (pyproject.toml's [project.scripts] names each)
+train_stage1 = functools.partial(launch, "train_stage1")
+extract_codes = functools.partial(launch, "extract_codes")
+train_stage2 = functools.partial(launch, "train_stage2")
+sample = functools.partial(launch, "sample")
+evaluate = functools.partial(launch, "evaluate")
+train_feature_net = functools.partial(launch, "train_feature_net")
+train_anomaly_net = functools.partial(launch, "train_anomaly_net")
+compress = functools.partial(launch, "compress")
+decompress = functools.partial(launch, "decompress")
+score_anomalies = functools.partial(launch, "score_anomalies")
+serve = functools.partial(launch, "serve")
