@@ -387,3 +387,15 @@ def test_the_python_functions_check_and_convert_their_inputs(pipeline, shapes_fo
     masked = build_network("maskgit", "tiny", prior.codebook_size, prior.grid_shape, prior.num_classes, {})
     with pytest.raises(ValueError, match="code_bits needs an autoregressive prior .* a MaskedPrior has no exact"):
         code_bits(masked, codes)
+
+
+def test_a_long_draw_says_how_far_it_is(pipeline, tmp_path, monkeypatch, capsys):
+    """A draw of several batches that runs long (256-px sequences took 33-214 s without a word: the scale audit)
+    prints a line after each batch but the last; a quick one prints nothing (here the threshold is 0 s)."""
+    import tools.sample
+
+    monkeypatch.setattr(tools.sample, "PROGRESS_AFTER_S", 0.0)
+    sample_main(["--prior", str(pipeline["prior"]), "--n", "6", "--batch_size", "2", "--out", str(tmp_path / "s.npz")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample: ")]
+    assert [line.split(" drawn")[0] for line in lines] == ["sample: 2 of 6", "sample: 4 of 6"], lines
+    assert all(line.endswith(" s left") for line in lines)

@@ -22,6 +22,8 @@ of its cell is darker than mid-grey or more than half transparent.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,7 @@ def build_parser():
 
 
 MAX_CFG_SCALE = 1000.0  # far past any useful guidance (the page allows 20)
+PROGRESS_AFTER_S = 5.0  # a draw of several batches that has taken longer prints a line after each batch
 
 
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
@@ -225,12 +228,17 @@ def _run(args: list[str] | None) -> str:
         n = len(labels) if labels is not None else a.n
         images_dir = check_images_dir(a, n)
         check_grid_size(n, m.image_size, m.channels, scale)
-        chunks = []
+        chunks, t0 = [], time.perf_counter()
         for start in range(0, n, a.batch_size):
             lab = labels[start : start + a.batch_size].to(device) if labels is not None else None
             # The eager step loop on every device: per-step CUDA graphs (stage2_prior.cuda_graphs) do not pay
             # for one draw (on an H200, capture included, 0.66 s against 0.32 s for 64 grids of 16x16).
             chunks.append(draw_codes(prior, min(a.batch_size, n - start), lab, opts))
+            if (seconds := time.perf_counter() - t0) > PROGRESS_AFTER_S and start + a.batch_size < n:
+                # a long draw (many samples, long sequences, a busy CPU) says how far it is, batch by batch
+                done = start + a.batch_size
+                print(f"sample: {done:,} of {n:,} drawn in {seconds:.0f} s, ~{seconds * (n - done) / done:.0f} s "
+                      "left", file=sys.stderr, flush=True)  # fmt: skip
         codes = torch.cat(chunks)
         images = vqvae.decode_codes(codes)  # in the model's passes
         # in turn: one row per class; in the data's mix the classes follow each other in square rows
