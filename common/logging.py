@@ -281,8 +281,22 @@ def _no_noise(record: logging.LogRecord) -> bool:
     return not any(record.name == name and any(p in message for p in phrases) for name, phrases in LIGHTNING_INFO_NOISE)
 
 
+PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep
+                     for d in ("common", "stage1_vqvae", "stage2_prior", "tools"))  # fmt: skip
+
+
+def own_warning_format(message, category, filename, lineno, line=None, _python=warnings.formatwarning) -> str:
+    """This project's warnings as one line, `warning: <message>` (Python's format adds the source file, line number
+    and category: `.../quantizer.py:167: UserWarning: restart_threshold 1 is ...`); others as Python shows them."""
+    if str(filename).startswith(PROJECT_DIRS):
+        return f"warning: {message}\n"
+    return _python(message, category, filename, lineno, line)
+
+
 def quiet_lightning() -> None:
-    """Silence LIGHTNING_NOISE and LIGHTNING_INFO_NOISE for the rest of the process (training and extraction)."""
+    """Silence LIGHTNING_NOISE and LIGHTNING_INFO_NOISE for the rest of the process (training and extraction),
+    and print this project's own warnings as one line."""
+    warnings.formatwarning = own_warning_format
     for message, category in LIGHTNING_NOISE:
         warnings.filterwarnings("ignore", message, category)
     for name, _ in LIGHTNING_INFO_NOISE:

@@ -55,3 +55,24 @@ def test_a_resume_continues_its_online_wandb_run(tmp_path, monkeypatch, mode, re
     logger = make_logger(LogConfig(backend="wandb"), run, "run", resume_step=resume_step)
     assert logger._wandb_init["id"] == ("newer222" if continued else None)  # what wandb.init is given
     assert logger._wandb_init["resume"] == "allow"
+
+
+def test_the_projects_own_warnings_are_one_plain_line(capsys):
+    """A warning raised in the project's code (the quantizer's restart-threshold advice, which every 256-px run
+    of the shipped config printed with its source path and category) is `warning: <message>`; others keep
+    Python's format."""
+    import warnings
+
+    import stage1_vqvae.quantizer
+    from common.logging import quiet_lightning
+
+    saved = warnings.formatwarning
+    try:
+        quiet_lightning()
+        own = warnings.formatwarning("restart_threshold 1 is 3.1% ...", UserWarning, stage1_vqvae.quantizer.__file__,
+                                     167)  # fmt: skip
+        other = warnings.formatwarning("x is deprecated", DeprecationWarning, "/usr/lib/python3/x.py", 3, "")
+    finally:
+        warnings.formatwarning = saved
+    assert own == "warning: restart_threshold 1 is 3.1% ...\n"
+    assert other.startswith("/usr/lib/python3/x.py:3: DeprecationWarning: x is deprecated")
