@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from common.cli import UserError
+from common.cli import UserError, one_line
 
 STAGE1_KEYS = {"in_channels", "image_size", "codebook_size"}  # hyperparameters only a VQVAE checkpoint has
 
@@ -140,3 +140,26 @@ def constructor_args(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
     """The saved hyperparameters `cls.__init__` takes (LightningCLI adds keys such as _class_path)."""
     params = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in hparams.items() if k in params and k != "self"}
+
+
+MAX_REASON = 400  # characters of a rebuild error kept in its one line
+
+
+def rebuild_reason(e: Exception) -> str:
+    """Why a checkpoint's network could not be rebuilt, on one line. load_state_dict's message is a heading
+    ("Error(s) in loading state_dict for Transformer:") and a line per problem, each listing every key: only the
+    heading was kept, which named none; now each kind of problem with its count and first key, and the first
+    size mismatch with its shapes."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Error(s) in loading state_dict"):
+        text = one_line(e)
+        return text if len(text) <= MAX_REASON else text[: MAX_REASON - 4] + " ..."
+    parts, mismatched = [], [line for line in lines[1:] if line.startswith("size mismatch for")]
+    for line in lines[1:]:
+        if (found := re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", line)):
+            keys = re.findall(r'"([^"]+)"', found[2])
+            parts.append(f"{len(keys)} {found[1].lower()} weight(s), e.g. {keys[0] if keys else '?'}")
+    if mismatched:
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        parts.append(mismatched[0].rstrip(".") + more)
+    return f"{lines[0]} {'; '.join(parts)}"

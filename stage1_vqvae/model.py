@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import CheckpointError, CheckpointFile, constructor_args, read_checkpoint
+from common.checkpoint import CheckpointError, CheckpointFile, constructor_args, read_checkpoint, rebuild_reason
 from common.codes import sequence_shape, split_levels
 from stage1_vqvae.arguments import check_arguments, level_specs
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
@@ -247,6 +247,5 @@ def load_stage1(path: str | Path | CheckpointFile, flag: str = "--vqvae") -> tup
         model = VQModel(**constructor_args(VQModel, ckpt["hyper_parameters"]))
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # missing hparams, shapes that do not fit
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{flag} {path}: cannot rebuild the VQ-VAE from it ({first})") from None
+        raise CheckpointError(f"{flag} {path}: cannot rebuild the VQ-VAE from it ({rebuild_reason(e)})") from None
     return model.eval(), dict(ckpt.get("datamodule_hyper_parameters") or {})

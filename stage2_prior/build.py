@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.checkpoint import CheckpointError, constructor_args, read_checkpoint
+from common.checkpoint import CheckpointError, constructor_args, read_checkpoint, rebuild_reason
 from stage2_prior.decoding import CodePrior
 from stage2_prior.maskgit import MaskedPrior
 from stage2_prior.pixelcnn import GatedPixelCNN
@@ -63,7 +63,7 @@ def load_prior(path: str | Path, flag: str = "--prior") -> tuple[CodePrior | Mas
         state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # missing hparams, shapes that do not fit
-        raise CheckpointError(f"{flag} {path}: cannot rebuild the prior from it ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{flag} {path}: cannot rebuild the prior from it ({rebuild_reason(e)})") from None
     return net.eval(), hp
 
 

@@ -138,3 +138,18 @@ def assert_same_last_checkpoint(tmp_path: Path, steps: int) -> None:
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+# The autoregressive priors' test sizes; a kind not listed here (a new prior: one file and its line in
+# stage2_prior.build.PRIORS) is tested at its own "tiny" size by every test that goes over PRIORS.
+PRIOR_TEST_SIZES = {"transformer": dict(n_layer=2, n_head=2, n_embd=32), "pixelcnn": dict(n_layer=3, channels=16)}
+
+
+def small_prior(kind: str, codebook_size: int, grid_shape: tuple[int, int], num_classes: int, **sizes):
+    """A freshly seeded prior of `kind` (a key of PRIORS) at its test size, `sizes` overriding it."""
+    from stage2_prior.build import PRIORS
+
+    torch.manual_seed(0)
+    cls = PRIORS[kind]
+    return cls(codebook_size, tuple(grid_shape), num_classes, **{**PRIOR_TEST_SIZES.get(kind, cls.sizes["tiny"]),
+                                                                 **sizes})  # fmt: skip

@@ -43,7 +43,7 @@ def make_prior(kind: str, seed: int = 0, sharpen: float = 20.0, num_classes: int
     meta = dict(image_size=SIZE, channels=1)
     prior = Prior(kind=kind, size="tiny", codebook_size=K, grid_shape=GRID, num_classes=num_classes,
                   codes_meta=meta).eval()  # fmt: skip
-    head = prior.net.head if kind == "transformer" else prior.net.head[-1]
+    head = [m for m in prior.net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]  # any kind
     with torch.no_grad():
         head.weight.mul_(sharpen)
     return prior
@@ -641,3 +641,20 @@ def test_compress_codes_round_trips_with_either_label_choice(labels: str) -> Non
     data, _ = compress_codes(models, codes, batch_size=4, labels=labels)
     assert unpack(data).version == (3 if labels == "best" else 2)
     np.testing.assert_array_equal(decompress_codes(models, data), codes)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_says_which(tmp_path: Path) -> None:
+    """A prior checkpoint whose weights do not fit the network its hyperparameters build (a size table edited
+    since, a hand-made file) names the weights and shapes in its one line: only load_state_dict's first line was
+    kept ("Error(s) in loading state_dict for Transformer:"), which said nothing of them."""
+    from stage2_prior.build import load_prior
+
+    small = Prior(kind="transformer", size="small", codebook_size=K, grid_shape=GRID, num_classes=0,
+                  codes_meta=dict(image_size=SIZE, channels=1))  # fmt: skip
+    hparams = {**dict(small.hparams), "size": "tiny"}  # the weights of "small" under the name "tiny"
+    torch.save({"state_dict": small.state_dict(), "hyper_parameters": hparams}, tmp_path / "p.ckpt")
+    with pytest.raises(ValueError) as e:
+        load_prior(tmp_path / "p.ckpt")
+    message = str(e.value)
+    assert "cannot rebuild the prior from it (Error(s) in loading state_dict for Transformer:" in message
+    assert "size mismatch for" in message and "\n" not in message and len(message) < 600
