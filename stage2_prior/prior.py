@@ -15,6 +15,7 @@ unconditional (null) class.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytorch_lightning as pl
@@ -44,6 +45,10 @@ def check_arguments(kind: str, size: str, overrides: dict, label_dropout: float,
     cls = {**PRIORS, **MASKED_PRIORS}.get(kind)
     if cls is None or size not in cls.sizes:
         return  # build_network names the choices
+    takes = inspect.signature(cls.__init__).parameters
+    if ignored := [f for f in OVERRIDES if overrides.get(f) is not None and f not in takes]:  # was dropped silently
+        raise ValueError(f"--model.{ignored[0]} is not an argument of the {kind} prior, which would ignore it; it "
+                         f"takes {', '.join(f'--model.{f}' for f in OVERRIDES if f in takes)}")  # fmt: skip
     # the attention heads split the embedding: what the size gives, with what is overridden
     named = cls.sizes[size]
     given = {**named, **{k: v for k, v in overrides.items() if v is not None}}

@@ -81,6 +81,10 @@ STAGE2_ROWS = [
     (["--model.n_embd", "0"], "--model.n_embd must be an integer >= 1"),
     (["--model.n_head", "3"], "--model.n_embd 64 must be divisible by --model.n_head 3"),
     (["--model.kind", "pixelcnn", "--model.channels", "0"], "--model.channels must be an integer >= 1"),
+    (["--model.kind", "pixelcnn", "--model.n_head", "8"], "--model.n_head is not an argument of the pixelcnn prior, "
+     "which would ignore it; it takes --model.n_layer, --model.channels, --model.dropout"),  # fmt: skip  (dropped)
+    (["--model.channels", "64"], "--model.channels is not an argument of the transformer prior, which would ignore "
+     "it; it takes --model.n_layer, --model.n_head, --model.n_embd, --model.dropout"),  # fmt: skip
     (["--model.dropout", "1.0"], "--model.dropout must be in [0, 1), got 1.0"),
     (["--model.label_dropout", "1.5"], "--model.label_dropout must be in [0, 1), got 1.5"),
     (["--model.warmup_steps", "-1"], "--model.warmup_steps must be an integer >= 0, got -1"),
