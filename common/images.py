@@ -149,9 +149,13 @@ def to_8bit(img: Image.Image, white: float) -> Image.Image:
     return Image.fromarray(x.round().clip(0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
+LONG_IMAGE = 4  # an image whose resized whole would hold more than this many target squares is read by its centre
+
+
 def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     """One file -> uint8 (image_size, image_size, channels): transparency over white, 16-bit and float images
-    scaled to 8 bits by their format's range (`to_8bit`), the centre square resized to image_size."""
+    scaled to 8 bits by their format's range (`to_8bit`), shorter side resized, then centre-cropped (a strip:
+    only its centre square resized, LONG_IMAGE)."""
     try:
         with Image.open(path, formats=PIL_FORMATS) as img:
             if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale where that still covers the target:
@@ -160,12 +164,20 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             img = to_8bit(ImageOps.exif_transpose(img), white)  # phone JPEGs store rotation in EXIF
             img = over_white(img).convert("L" if channels == 1 else "RGB")
             w, h = img.size
-            m = min(w, h)  # the centre square of the source, resized alone (`box`): resizing the whole image
-            # first made a 12000x1 strip 3,072,000x256 pixels at 256 px (3.4 GB, 4.4 s; the scale audit)
-            box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
-            if (w, h) != (image_size, image_size):
-                # reducing_gap: a box reduction by an integer factor first where the image is over 3x the target
+            s = image_size / min(w, h)  # the shorter side to image_size, then the centre square
+            nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
+            left, top = (nw - image_size) // 2, (nh - image_size) // 2
+            if nw * nh > LONG_IMAGE * image_size**2:
+                # A strip: resize only the centre square (`box`, in source pixels; the crop's place as below).
+                # Resized whole first, a 12000x1 strip became 3,072,000x256 pixels at 256 px (3.4 GB, 4.4 s; the
+                # scale audit). Other images keep the way below, whose pixels existing image caches hold.
+                box = (left / s, top / s, (left + image_size) / s, (top + image_size) / s)
                 img = img.resize((image_size, image_size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+            else:
+                if (nw, nh) != (w, h):
+                    # reducing_gap: a box reduction by an integer factor first where the image is over 3x the target
+                    img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                img = img.crop((left, top, left + image_size, top + image_size))
             # np.array copies: PIL's buffer is read-only, and torch.from_numpy warns on such arrays
             arr = np.array(img, dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
