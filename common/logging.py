@@ -155,7 +155,7 @@ def earlier_wandb_run(run_dir: Path) -> str | None:
     """The id of the newest W&B run that logged online into `run_dir` (its `wandb/run-<time>-<id>` folder; offline
     runs are `offline-run-...`), or None."""
     runs = sorted(p.name for p in (run_dir / "wandb").glob("run-*-*") if p.is_dir())
-    return runs[-1].rsplit("-", 1)[1] if runs else None
+    return runs[-1].split("-", 2)[2] if runs else None  # run-<date_time>-<id>; an id of the user's may hold "-"
 
 
 def finish_logger(logger: Logger | None, failed: bool = False, quiet: bool = False, exit_code: int | None = None,

@@ -62,12 +62,19 @@ class Throughput(Callback):
     launch-bound GPU run; over a window of many steps the queue's lag is a step or two at most."""
 
     def __init__(self) -> None:
-        self._t0, self._seen = time.perf_counter(), 0
+        self._t0, self._seen, self._validated = time.perf_counter(), 0, False
 
     def _restart(self, *_: Any) -> None:
-        self._t0, self._seen = time.perf_counter(), 0
+        self._t0, self._seen, self._validated = time.perf_counter(), 0, False
 
-    on_train_start = on_validation_end = _restart
+    on_train_start = _restart
+
+    def on_validation_start(self, *_: Any) -> None:
+        self._validated = True
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        if self._validated:  # the window starts after a validation and the checkpoint saves that follow it (they
+            self._restart()  # run after this callback's on_validation_end: Lightning calls checkpointing last)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._seen += len(batch[0]) * trainer.world_size
