@@ -23,7 +23,7 @@ from tools.features import (
     load_features,
     save_feature_net,
 )
-from tools.fid import feature_stats, fid, frechet_distance, kid
+from tools.fid import classifier_score, feature_stats, fid, frechet_distance, kid, precision_recall
 
 
 def gaussian(n: int, d: int = 16, seed: int = 0, shift: float = 0.0) -> np.ndarray:
@@ -60,6 +60,34 @@ def test_kid_is_about_zero_for_the_same_distribution_and_grows_with_the_shift():
     same, _ = kid(x, gaussian(400, seed=1), subsets=10, subset_size=150)
     shifted = [kid(x, gaussian(400, seed=1, shift=s), subsets=10, subset_size=150)[0] for s in (0.3, 1.0)]
     assert abs(same) < 0.01 < shifted[0] < shifted[1]
+
+
+def test_precision_and_recall_tell_mode_dropping_from_blur():
+    """k-NN precision/recall against a brute-force reference: the same set scores 1 and 1; samples from one of
+    the real data's two clusters (dropped modes) keep precision and lose half the recall; samples far from the
+    data score 0 and 0."""
+    rng = np.random.default_rng(0)
+    real = np.concatenate([rng.normal(0, 1, (300, 4)), rng.normal(20, 1, (300, 4))])
+    assert precision_recall(real, real) == (1.0, 1.0)
+    one_mode = rng.normal(0, 1, (600, 4))
+    precision, recall = precision_recall(real, one_mode)
+    assert precision > 0.9 and 0.4 < recall < 0.6
+    assert precision_recall(real, rng.normal(100, 1, (600, 4))) == (0.0, 0.0)
+
+    def brute(a, b, k=3):  # every distance at once, sorted
+        radii = np.sort(np.linalg.norm(a[:, None] - a[None], axis=2), axis=1)[:, k]
+        return float((np.linalg.norm(b[:, None] - a[None], axis=2) <= radii[None]).any(1).mean())
+
+    small_real, small_fake = rng.normal(0, 1, (80, 3)), rng.normal(0.5, 1.3, (60, 3))
+    got = precision_recall(small_real, small_fake)
+    assert got == pytest.approx((brute(small_real, small_fake), brute(small_fake, small_real)))
+
+
+def test_classifier_score_runs_from_one_to_the_number_of_classes():
+    sure = np.eye(5)[np.arange(100) % 5]  # each image sure of its class, the 5 classes equally often
+    assert classifier_score(sure)[0] == pytest.approx(5.0)
+    assert classifier_score(np.full((100, 5), 0.2))[0] == pytest.approx(1.0)  # no image says anything
+    assert classifier_score(np.eye(5)[np.zeros(100, int)])[0] == pytest.approx(1.0)  # all one class
 
 
 def test_mismatched_features_are_rejected():

@@ -160,6 +160,16 @@ class Features:
                for i in range(0, len(x), self.batch_size)]  # fmt: skip
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
+    @torch.no_grad()
+    def probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        """The class probabilities (N, K) a feature net's head gives features (N, D), or None (Inception)."""
+        if not self.num_classes:
+            return None
+        x = torch.from_numpy(features).float()
+        out = [self.net.head(x[i : i + self.batch_size].to(self.device)).float().softmax(1).cpu()
+               for i in range(0, len(x), self.batch_size)]  # fmt: skip
+        return torch.cat(out).double().numpy() if out else np.zeros((0, self.num_classes))
+
     def check(self, images: torch.Tensor, what: str) -> None:
         shape = tuple(images.shape[1:])
         if self.image_shape is not None and shape != self.image_shape:

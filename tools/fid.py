@@ -1,7 +1,9 @@
-"""FID and KID between two sets of image features (numpy only, float64).
+"""FID, KID, precision/recall and the classifier score of sets of image features (numpy only, float64).
 
     fid(features_a, features_b)                  # Fréchet distance of Gaussians fitted to each set
     kid(features_a, features_b)                  # (mean, std) of the unbiased MMD^2, cubic kernel
+    precision_recall(real, fake)                 # k-NN manifold precision and recall (Kynkaanniemi et al. 2019)
+    classifier_score(probabilities)              # (mean, std) of the Inception Score's formula over splits
 
 The features come from whatever network :mod:`common.features` provides (Inception-v3 pool3, or a
 classifier trained on the dataset by ``train_feature_net``); the numbers are only comparable between
@@ -11,7 +13,12 @@ FID = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)) (Heusel et al.
 matrix square root is computed as the sum of the square roots of the eigenvalues of the symmetric PSD
 matrix S_a^(1/2) S_b S_a^(1/2), which has the same eigenvalues as S_a S_b: no complex parts to discard,
 and FID(a, a) is 0 to rounding. KID (Binkowski et al. 2018) averages the unbiased MMD^2 with the kernel
-k(x, y) = (x.y / d + 1)^3 over random subsets, as torch-fidelity and torchmetrics do.
+k(x, y) = (x.y / d + 1)^3 over random subsets, as torch-fidelity and torchmetrics do. Precision is the share of
+generated samples inside the real data's manifold (the union of balls around each real feature reaching its k-th
+nearest real neighbour), recall the share of real features inside the generated samples' manifold: FID mixes
+the two (sharp samples of a few modes, or varied blurry ones), these tell them apart (LlamaGen's and ADM's
+evaluators report them, k = 3). The classifier score is exp(E_x KL(p(y|x) || p(y))), Salimans et al.'s Inception
+Score with whatever classifier gave the probabilities.
 """
 
 from __future__ import annotations
@@ -85,3 +92,50 @@ def kid(
     values = [_mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
               for _ in range(subsets)]  # fmt: skip
     return float(np.mean(values)), float(np.std(values))
+
+
+DISTANCE_ROWS = 1024  # rows of a pairwise-distance block: 1,024 x 10,000 float64 = 80 MB
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances (len(a), len(b))."""
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(squared, 0, None))
+
+
+def _kth_neighbour_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """(N,) each row's distance to its k-th nearest other row (column 0 of the sorted distances is itself)."""
+    return np.concatenate([np.partition(_distances(x[i : i + DISTANCE_ROWS], x), k, axis=1)[:, k]
+                           for i in range(0, len(x), DISTANCE_ROWS)])  # fmt: skip
+
+
+def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """(M,) whether each point lies in some centre's ball."""
+    return np.concatenate([(_distances(points[i : i + DISTANCE_ROWS], centres) <= radii[None, :]).any(1)
+                           for i in range(0, len(points), DISTANCE_ROWS)])  # fmt: skip
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """(precision, recall) of features `fake` (M, D) against `real` (N, D), with k-th-neighbour balls."""
+    a, b = _as_features(real, "precision_recall: real"), _as_features(fake, "precision_recall: generated")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"precision_recall: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
+    if not 1 <= k < min(len(a), len(b)):
+        raise ValueError(f"precision_recall: k must be in [1, {min(len(a), len(b)) - 1}], got {k}")
+    precision = _covered(b, a, _kth_neighbour_radii(a, k)).mean()
+    recall = _covered(a, b, _kth_neighbour_radii(b, k)).mean()
+    return float(precision), float(recall)
+
+
+def classifier_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over `splits` parts of exp(E KL(p(y|x) || p(y))) for class probabilities (N, K): from 1 (every
+    image given the same distribution) to K (each image sure of its class, the classes equally often)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or len(p) < splits or splits < 1:
+        raise ValueError(f"classifier_score: probabilities must be (N >= {splits}, K), got shape {p.shape}")
+    scores = []
+    for part in np.array_split(p, splits):
+        marginal = part.mean(0, keepdims=True)
+        kl = (part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(marginal, 1e-30, None)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
