@@ -308,13 +308,22 @@ def load_images(files: list[Path], image_size: int, channels: int) -> Tensor:
 CHUNK_BYTES = 256 << 20  # the float pixels of one chunk of image_chunks: 85,000 images at 28 px, 341 at 256 px
 
 
-def image_chunks(files: list[Path], image_size: int, channels: int) -> Iterator[Tensor]:
-    """`load_images` a chunk of files at a time (CHUNK_BYTES of pixels), so a command that goes through a folder
-    once holds one chunk, whatever the folder's size: `score_anomalies` and `compress` read 30,000 files at 256 px
-    whole (23 GB as floats, before any work) and ran out of memory in a way no --batch_size could help."""
-    per_chunk = max(1, CHUNK_BYTES // (4 * channels * image_size**2))
+def image_chunks(files: list[Path], image_size: int, channels: int, multiple: int = 1) -> Iterator[Tensor]:
+    """`load_images` a chunk of files at a time (CHUNK_BYTES of pixels, a multiple of `multiple` files), so a
+    command that goes through a folder once holds about one chunk, whatever the folder's size: `score_anomalies`
+    and `compress` read 30,000 files at 256 px whole (23 GB as floats, before any work) and ran out of memory in a
+    way no --batch_size could help. `multiple`: the caller's batch, so that its batches are those of a whole read
+    (the same floats: a batch of other images can round the last digit otherwise)."""
+    per_chunk = max(1, CHUNK_BYTES // (4 * channels * image_size**2) // multiple) * multiple
     for start in range(0, len(files), per_chunk):
-        yield load_images(files[start : start + per_chunk], image_size, channels)
+        chunk = files[start : start + per_chunk]
+        try:
+            yield load_images(chunk, image_size, channels)
+        except ImageError as e:
+            if len(chunk) == len(files):
+                raise
+            raise ImageError(f"{e} (among files {start + 1:,}-{start + len(chunk):,} of {len(files):,}, read a "
+                             "chunk at a time: later files are not checked yet)", e.path, e.reason) from None
 
 
 # -------------------------------------------------------------------------------- grids

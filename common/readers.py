@@ -270,16 +270,17 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
         classes = [(root.resolve().name, find_images(root))]
     if not classes[0][1]:
         raise DatasetNotFoundError(f"no {SUFFIXES_TEXT} images found under {root}")
-    files = [f for _, fs in classes for f in fs]
-    labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(classes)])
     # A symbolic link to an image read already would put one picture in two splits (train and test): read once
     seen: dict[Path, Path] = {}
-    first = [seen.setdefault(f.resolve(), f) is f for f in files]
-    if not all(first):
-        twice = [f for f, keep in zip(files, first) if not keep]
+    twice = [f for _, fs in classes for f in fs if seen.setdefault(f.resolve(), f) is not f]
+    if twice:
         print(f"warning: {len(twice)} image file(s) under {root} link to a file read already (e.g. {twice[0]} -> "
               f"{twice[0].resolve()}); each image is read once, so that it lands in one split", file=sys.stderr)
-        files, labels = [f for f, keep in zip(files, first) if keep], labels[np.array(first)]
+        once = {id(f) for f in seen.values()}
+        classes = [(name, kept) for name, fs in classes if (kept := [f for f in fs if id(f) in once])]  # a class
+        # folder that is a link to another is no class of its own
+    files = [f for _, fs in classes for f in fs]
+    labels = np.concatenate([np.full(len(fs), i, np.int64) for i, (_, fs) in enumerate(classes)])
     return files, labels, [name for name, _ in classes]
 
 

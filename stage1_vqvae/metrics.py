@@ -22,13 +22,15 @@ SSIM_SIGMA = 1.5
 
 
 def ssim_per_image(preds: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
-    """(B,) SSIM of each image (B, C, H, W) over its valid windows (all positions for an image smaller than the
-    window, where no window fits whole)."""
-    _, full = structural_similarity_index_measure(preds, target, gaussian_kernel=True, sigma=SSIM_SIGMA,
-                                                  kernel_size=SSIM_WINDOW, data_range=data_range, reduction="none",
-                                                  return_full_image=True)  # fmt: skip
-    pad = (SSIM_WINDOW - 1) // 2  # the map (B, C, H, W) has a value at every pixel; the outer `pad` use mirrored ones
-    if full.shape[-2] > 2 * pad and full.shape[-1] > 2 * pad:
+    """(B,) SSIM of each image (B, C, H, W) over its valid windows. An image smaller than the window gets the
+    largest odd window that fits, its sigma scaled alike (torchmetrics' padding fails below 6 px)."""
+    side = min(preds.shape[-2:])
+    window = SSIM_WINDOW if side >= SSIM_WINDOW else max(1, side - (side + 1) % 2)
+    _, full = structural_similarity_index_measure(preds, target, gaussian_kernel=True,
+                                                  sigma=SSIM_SIGMA * window / SSIM_WINDOW, kernel_size=window,
+                                                  data_range=data_range, reduction="none", return_full_image=True)
+    pad = (window - 1) // 2  # the map (B, C, H, W) has a value at every pixel; the outer `pad` use mirrored ones
+    if pad:
         full = full[..., pad:-pad, pad:-pad]
     return full.flatten(1).mean(1)
 

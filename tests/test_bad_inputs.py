@@ -161,6 +161,8 @@ ROWS = [
     ("sample", [*P, "--n", "99999999999999999999"],  # np.sqrt raised a TypeError; 10**9 was killed for memory
      r"--n 99999999999999999999: 99,999,999,999,999,999,999 samples of 16x16 px would hold about [\d,.]+ GiB in "
      r"memory, and [\d,.]+ GiB are free; draw fewer"),  # fmt: skip
+    ("sample", [*P, "--per_class", "10000000000"],  # checked against --n's 64 only
+     r"--per_class 10000000000: 20,000,000,000 samples of 16x16 px would hold about [\d,.]+ GiB"),
     ("sample", [*P, "--scale", "-2"], r"--scale must be >= 1, got -2"),
     ("sample", [*P, "--top_k", "100000"], r"--top_k must be in \[1, 16\] \(the codebook size\), got 100000"),
     ("sample", [*P, "--top_p", "0"], r"--top_p must be in \(0, 1\], got 0"),

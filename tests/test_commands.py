@@ -62,3 +62,19 @@ def test_a_real_ctrl_c_while_torch_imports():
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip() == "sample: interrupted (Ctrl-C)"
     assert "Traceback" not in proc.stderr and "usage" not in proc.stdout
+
+
+def test_a_sigterm_while_torch_imports_is_one_line():
+    """SIGTERM in a command's first seconds (a scheduler, `timeout`) killed it without a word (exit -15); now it
+    says so and exits 143, as the commands do once they run."""
+    code = ("import os, signal, sys\n"
+            "class Terminate:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.meta_path.insert(0, Terminate())\n"
+            "from tools import commands\nsys.argv = ['sample', '--help']\ncommands.sample()\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "sample: stopped by SIGTERM" and "usage" not in proc.stdout

@@ -651,3 +651,23 @@ def test_an_empty_file_and_a_link_to_an_image_read_already(tmp_path, capsys):
     files, labels, names = scan_image_folder(folder)
     assert [f.name for f in files] == ["a.png", "b.png"] and labels.tolist() == [0, 1] and names == ["cats", "dogs"]
     assert "1 image file(s) under" in capsys.readouterr().err
+    (folder / "kittens").symlink_to(folder / "cats")  # a class folder that is a link to another: no class of its own
+    files, labels, names = scan_image_folder(folder)
+    assert [f.name for f in files] == ["a.png", "b.png"] and labels.tolist() == [0, 1] and names == ["cats", "dogs"]
+
+
+def test_a_broken_file_in_a_later_chunk_says_where_it_was_found(tmp_path, monkeypatch):
+    """image_chunks reads a folder a chunk at a time: an unreadable file is found when its chunk is read, and the
+    error says which files that chunk held and that later ones are not checked yet (it read "1 of 3 ...")."""
+    import common.images
+
+    for i in range(7):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "4.png").write_bytes(b"not an image")
+    files = sorted(tmp_path.glob("*.png"))
+    monkeypatch.setattr(common.images, "CHUNK_BYTES", 3 * 4 * 8 * 8)  # 3 images a chunk
+    chunks = common.images.image_chunks(files, 8, 1)
+    assert next(chunks).shape == (3, 1, 8, 8)
+    with pytest.raises(common.images.ImageError, match=r"4\.png: cannot read image .*\(among files 4-6 of 7, read "
+                       r"a chunk at a time: later files are not checked yet\)"):  # fmt: skip
+        next(chunks)

@@ -50,13 +50,15 @@ def test_ssim_is_the_valid_window_definition():
     assert float(padded) > np.mean(want) + 0.01  # the flat border, scored about 1, raised it
 
 
-def test_ssim_of_colour_images_averages_the_channels_and_small_images_use_every_position():
+def test_ssim_of_colour_images_averages_the_channels_and_small_images_get_a_smaller_window():
     preds, target = pairs(2, 24, channels=3)
     want = [np.mean([reference_ssim(p[c].double().numpy(), t[c].double().numpy(), 2.0) for c in range(3)])
             for p, t in zip(preds, target)]  # fmt: skip
     assert ssim_per_image(preds, target, 2.0).tolist() == pytest.approx(want, abs=1e-5)
-    small = torch.rand(2, 1, 8, 8) * 2 - 1  # no 11-px window fits: the whole map, not an empty mean (NaN)
-    assert ssim_per_image(small, small, 2.0).tolist() == pytest.approx([1.0, 1.0])
+    for side in (1, 4, 5, 8):  # no 11-px window fits: the largest odd one that does (5 px and less crashed)
+        small = torch.rand(2, 1, side, side) * 2 - 1
+        assert ssim_per_image(small, small, 2.0).tolist() == pytest.approx([1.0, 1.0])
+        assert (ssim_per_image(-small, small, 2.0) < 1).all()
 
 
 def test_psnr_pooled_and_per_image():

@@ -182,7 +182,7 @@ def _run(args: list[str] | None) -> str:
     anomaly_net = AnomalyNet.load(a.anomaly_net, m.device, fits=(m.channels, m.image_size)) if a.anomaly_net else None
     method = a.method or default_score(anomaly_net)
     parts = [score_images(m.prior, m.vqvae, chunk, a.batch_size, background, train_nll, anomaly_net)
-             for chunk in image_chunks(files, m.image_size, m.channels)]  # one chunk of the files in memory
+             for chunk in image_chunks(files, m.image_size, m.channels, a.batch_size)]  # a chunk in memory
     scores = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
     surprise = np.concatenate([p[1] for p in parts])
     order = np.argsort(-scores[method], kind="stable")

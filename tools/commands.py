@@ -1,6 +1,7 @@
 """The console scripts. Each imports its command's module only when called, inside a guard, so that Ctrl-C while
 torch and the rest still import (the first 1-3 s of every command) ends in one line and exit code 130, as it
-does once the command runs, instead of Python's traceback from the middle of an import.
+does once the command runs, instead of Python's traceback from the middle of an import; SIGTERM there is one
+line and exit code 143 too.
 
 The commands' own modules stay the entry points (thin `main(args=None)` leaves; `python -m tools.sample` works
 as before); this file only names them, and imports none of them at its top.
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import signal
 import sys
 
 EXIT_INTERRUPTED = 130  # common.cli's; not imported from there, which would import torch before the guard
+EXIT_TERMINATED = 143  # 128 + SIGTERM, likewise
 
 COMMANDS = {  # console script -> "module:function" (the command's main)
     "train_stage1": "stage1_vqvae.train:main",
@@ -29,14 +32,30 @@ COMMANDS = {  # console script -> "module:function" (the command's main)
 }
 
 
+class _Terminated(Exception):
+    """SIGTERM while the command imports."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def launch(name: str) -> None:
     """Import the command `name` and run it with the process's arguments."""
     module, function = COMMANDS[name].split(":")
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_DFL:  # (an ignored SIGTERM stays ignored); the commands install their own once they run
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         main = getattr(importlib.import_module(module), function)
     except KeyboardInterrupt:  # nothing is written before the command runs: there is nothing to clean up
         print(f"\n{name}: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except _Terminated:  # a silent kill (exit -15) before; as the commands say it once they run
+        print(f"{name}: stopped by SIGTERM", file=sys.stderr)
+        raise SystemExit(EXIT_TERMINATED) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
     main()
 
 

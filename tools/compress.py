@@ -90,7 +90,7 @@ def run_compress(args: list[str] | None) -> str:
     m = cpu_models(a.prior, a.vqvae)
     require_likelihood(m.prior, a.prior, "compress")  # the codec needs exact probabilities
     t0 = time.perf_counter()
-    chunks = image_chunks(files, m.image_size, m.channels)  # one chunk of the files in memory at once
+    chunks = image_chunks(files, m.image_size, m.channels, m.vqvae.images_per_pass())  # a chunk in memory
     codes = np.concatenate([encode_images(m.vqvae, chunk) for chunk in chunks])
     data, ideal = compress_codes(m, codes, a.batch_size, a.labels, names)
     seconds = time.perf_counter() - t0

@@ -122,16 +122,17 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     prior, hparams = load_prior(prior_file)
     meta = hparams.get("codes_meta") or {}
     opened: dict[str, CheckpointFile] = {}
+    flag = "--vqvae" if vqvae_path else "the stage 1 the prior's codes name,"  # in errors: the user gave none
 
     def hash_open(candidate: str | Path) -> str:  # each candidate stage 1 hashed through a file kept open
-        opened[str(candidate)] = open_checkpoint(candidate, "--vqvae", "stage1")
+        opened[str(candidate)] = open_checkpoint(candidate, flag, "stage1")
         return opened[str(candidate)].sha256
 
     path = Path(vqvae_path) if vqvae_path else stage1_path_of(meta, prior_path, hash_open)
     # the weights come from the file hashed (it was read twice: a stage 1 of 100 MB cost 0.1 s more a command);
     # check_matches below compares that hash with the one the codes recorded
-    stage1_file = opened.get(str(path)) or open_checkpoint(path, "--vqvae", "stage1")
-    vqvae, stage1_data = load_stage1(stage1_file, "--vqvae")
+    stage1_file = opened.get(str(path)) or open_checkpoint(path, flag, "stage1")
+    vqvae, stage1_data = load_stage1(stage1_file, flag)
     models = Models(prior, vqvae, Path(prior_path), path, device, meta, stage1_data, (prior_file, stage1_file))
     facts = prior_facts(prior, meta)
     target = {"codebook_size": vqvae.codebook_size, "grid_shape": vqvae.grid_shape,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ PROGRESS_AFTER_S = 5.0  # a draw of several batches that has taken longer prints
 
 
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
-                  class_counts: list[int] | None = None) -> tuple[torch.Tensor | None, int]:  # fmt: skip
+                  class_counts: list[int] | None = None,
+                  check_count: Callable[[int], None] = lambda n: None) -> tuple[torch.Tensor | None, int]:  # fmt: skip
     """Labels (n,) and the grid's row length: one row per class for a conditional prior; `--classes` takes ids
     or the names in `class_names` (one per class of the prior); `--class_mix data` draws them in the
     proportions of `class_counts` (the prior's training codes), sorted, in square rows."""
@@ -137,6 +139,7 @@ def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str
     if a.per_class is not None:
         if a.per_class <= 0:
             raise ValueError(f"--per_class must be >= 1, got {a.per_class}")
+        check_count(len(classes) * a.per_class)  # before the labels: 10**10 of them ran out of memory
         return torch.tensor(classes).repeat_interleave(a.per_class), a.per_class
     if a.n <= 0:
         raise ValueError(f"--n must be >= 1, got {a.n}")
@@ -205,11 +208,18 @@ def _run(args: list[str] | None) -> str:
             opts["choice_temperature"] = DEFAULT_CHOICE_TEMPERATURE
     scale = a.scale or (2 if m.image_size < 64 else 1)
     codes_per_sample = int(np.prod(vqvae.grid_shape))
-    check_sample_memory(a.n, m.image_size, m.channels, codes_per_sample, available_memory())
+    check_sample_memory(a.n, m.image_size, m.channels, codes_per_sample, available_memory())  # before any labels
+
+    def per_class_fits(n: int) -> None:
+        check_sample_memory(n, m.image_size, m.channels, codes_per_sample, available_memory(),
+                            f"--per_class {a.per_class}")  # fmt: skip
+
     if a.prime:
         keep = completion_keep(a, vqvae).to(device)  # the options before the image
         # towards --classes: one row per class, each starting with the original and the masked image
-        labels, per_row = choose_labels(prior, a, m.class_names) if conditional else (None, a.n)
+        labels, per_row = None, a.n
+        if conditional:
+            labels, per_row = choose_labels(prior, a, m.class_names, check_count=per_class_fits)
         n = len(labels) if labels is not None else a.n
         rows = len(labels.unique()) if labels is not None else 1
         images_dir = check_images_dir(a, n)
@@ -224,7 +234,7 @@ def _run(args: list[str] | None) -> str:
         heads = torch.cat([image, masked]).cpu()[None].expand(rows, -1, -1, -1, -1)  # (rows, 2, C, S, S)
         grid_images, per_row = torch.cat([heads, repairs], 1).flatten(0, 1), per_row + 2
     else:
-        labels, per_row = choose_labels(prior, a, m.class_names, m.class_counts)
+        labels, per_row = choose_labels(prior, a, m.class_names, m.class_counts, per_class_fits)
         n = len(labels) if labels is not None else a.n
         images_dir = check_images_dir(a, n)
         check_grid_size(n, m.image_size, m.channels, scale)

@@ -95,12 +95,15 @@ def check_grid_size(n: int, size: int, channels: int, scale: int) -> None:
 BYTES_PER_VALUE, BYTES_PER_CODE = 10, 10
 
 
-def check_sample_memory(n: int, size: int, channels: int, codes_per_sample: int, available: int | None) -> None:
+def check_sample_memory(n: int, size: int, channels: int, codes_per_sample: int, available: int | None,
+                        given: str | None = None) -> None:  # fmt: skip
     """Refuse an --n whose samples would not fit in memory (`available` bytes; None: unknown, not checked),
-    before anything is drawn: 10**9 samples were drawn until the kernel killed the process without a word."""
+    before anything is drawn: 10**9 samples were drawn until the kernel killed the process without a word.
+    `given`: the option that asked for n samples, when not --n (--per_class 1000000)."""
     need = n * (size * size * channels * BYTES_PER_VALUE + codes_per_sample * BYTES_PER_CODE)
     if available is not None and need > available:
-        raise UserError(f"--n {n}: {n:,} samples of {size}x{size} px would hold about {need / 2**30:,.1f} GiB in "
+        raise UserError(f"{given or f'--n {n}'}: {n:,} samples of {size}x{size} px would hold about "
+                        f"{need / 2**30:,.1f} GiB in "
                         f"memory, and {available / 2**30:,.1f} GiB are free; draw fewer (several runs with "
                         "different --seed values add up)")  # fmt: skip
 
