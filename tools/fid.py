@@ -127,12 +127,14 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     return float(precision), float(recall)
 
 
-def classifier_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
+def classifier_score(probabilities: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """(mean, std) over `splits` parts of exp(E KL(p(y|x) || p(y))) for class probabilities (N, K): from 1 (every
-    image given the same distribution) to K (each image sure of its class, the classes equally often)."""
+    image given the same distribution) to K (each image sure of its class, the classes equally often). The rows
+    are shuffled (`seed`) before the split: samples come sorted by class, and a part of one class scores 1."""
     p = np.asarray(probabilities, dtype=np.float64)
     if p.ndim != 2 or len(p) < splits or splits < 1:
         raise ValueError(f"classifier_score: probabilities must be (N >= {splits}, K), got shape {p.shape}")
+    p = p[np.random.default_rng(seed).permutation(len(p))]
     scores = []
     for part in np.array_split(p, splits):
         marginal = part.mean(0, keepdims=True)
