@@ -288,7 +288,8 @@ def test_upside_down_images_score_above_upright_ones() -> None:
 def test_a_folder_is_scored_and_compressed_a_chunk_at_a_time(shapes_folder, tmp_path, monkeypatch):
     """score_anomalies and compress read a folder a chunk at a time (common.images.image_chunks): they read it
     whole as floats (30,000 files at 256 px: 23 GB before any work). Chunks of 3 images here give the CSV, the
-    grid and the .vqz that reading the folder whole gives, byte for byte."""
+    grid and the .vqz that reading the folder whole gives, byte for byte (chunks of whole batches: 3 images a batch
+    and a stage-1 pass here)."""
     import common.images
     from tools.compress import main_compress
 
@@ -308,10 +309,13 @@ def test_a_folder_is_scored_and_compressed_a_chunk_at_a_time(shapes_folder, tmp_
     def run(tag: str) -> list[bytes]:
         outs = [tmp_path / f"{tag}.csv", tmp_path / f"{tag}.png", tmp_path / f"{tag}.vqz"]
         main([str(folder), "--prior", str(tmp_path / "prior.ckpt"), "--out", str(outs[0]), "--grid", str(outs[1]),
-              "--device", "cpu"])  # fmt: skip
+              "--device", "cpu", "--batch_size", "3"])  # fmt: skip
         main_compress([str(folder), "--prior", str(tmp_path / "prior.ckpt"), "--out", str(outs[2])])
         return [p.read_bytes() for p in outs]
 
+    import stage1_vqvae.model
+
+    monkeypatch.setitem(stage1_vqvae.model.PIXELS_PER_PASS, "cpu", 3 * 16 * 16)  # compress encodes 3 images a pass
     whole = run("whole")
     monkeypatch.setattr(common.images, "CHUNK_BYTES", 3 * 4 * 16 * 16)  # 3 images a chunk: 3 + 3 + 1
     calls, load = [], common.images.load_images
