@@ -201,11 +201,8 @@ class VQModel(nn.Module):
         """codes (B, *grid_shape) -> one (B, h_i, w_i) tensor per level, top first."""
         return split_levels(codes, self.levels)
 
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, *grid_shape), integers of any dtype (the uint16 arrays of common.codes too) -> images
-        (B, C, H, W) in [-1, 1] on the model's device, decoded in passes of `images_per_pass`; no gradient
-        (for one: ``self._decode([q.lookup(c) for ...])``, as below)."""
+    def _checked_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes of any integer dtype -> long on the model's device; ValueError for a wrong shape or range."""
         codes = torch.as_tensor(codes)
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"codes must be integers, got {codes.dtype}")
@@ -216,12 +213,44 @@ class VQModel(nn.Module):
             k = level["codebook_size"]
             if c.numel() and (c.min() < 0 or c.max() >= k):
                 raise ValueError(f"codes of level {level['name']} must lie in [0, {k}), got [{c.min()}, {c.max()}]")
+        return codes
+
+    # Latent editing (a notebook): codes -> features -> images with gradients, and features back to codes
+    def codes_to_features(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """codes (B, *grid_shape) -> the quantized features the decoder takes, one (B, code_dim, h_i, w_i) tensor
+        per level, top first (what `decode_features` takes; an edit by gradient starts from them, detached:
+        ``[f.detach().requires_grad_() for f in ...]``)."""
+        levels = self.split_codes(self._checked_codes(codes))
+        return [q.lookup(c) for q, c in zip(self._quantizers_top_first(), levels)]
+
+    def decode_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Features of each level, top first (`codes_to_features`, edited or not) -> images (B, C, H, W), with
+        gradients, in one pass and not clamped: `decode_codes` without its no_grad, passes and clamp."""
+        return self._decode(list(features)[::-1])
+
+    @torch.no_grad()
+    def features_to_codes(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Features of each level, top first -> the codes (B, *grid_shape) whose features are nearest (squared
+        distance), without the codebook updates and restarts of a training forward; codes_to_features's back."""
+        codes = []
+        for q, f, level in zip(self._quantizers_top_first(), features, self.levels):
+            k = level["codebook_size"]
+            table = q.lookup(torch.arange(k, device=f.device).view(1, k, 1))[0, :, :, 0].t()  # (K, code_dim)
+            flat = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1]).to(table.dtype)  # (B*h*w, code_dim)
+            nearest = torch.cdist(flat.float(), table.float()).argmin(1)  # (B*h*w,)
+            codes.append(nearest.view(f.shape[0], f.shape[2], f.shape[3]))
+        return self.join_codes(codes)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, *grid_shape), integers of any dtype (the uint16 arrays of common.codes too) -> images
+        (B, C, H, W) in [-1, 1] on the model's device, decoded in passes of `images_per_pass`; no gradient
+        (with one: ``decode_features(codes_to_features(codes))``)."""
+        codes = self._checked_codes(codes)
         images = None  # (B, C, H, W), filled pass by pass (a torch.cat of the passes would hold them twice)
         n = self.images_per_pass()
         for start in range(0, max(len(codes), 1), n):
-            chunk = codes[start : start + n]
-            quantized = [q.lookup(c.long()) for q, c in zip(self._quantizers_top_first(), self.split_codes(chunk))]
-            decoded = self._decode(quantized[::-1]).clamp_(-1, 1)  # bottom first -> (b, C, H, W)
+            decoded = self.decode_features(self.codes_to_features(codes[start : start + n])).clamp_(-1, 1)
             if images is None:
                 images = decoded.new_empty(len(codes), *decoded.shape[1:])
             images[start : start + n] = decoded

@@ -345,7 +345,10 @@ def test_the_readmes_python_block_runs(pipeline, shapes_folder, tmp_path):
         "assert pixels.shape == (16, 1, 16, 16) and pixels.dtype == torch.uint8 and 0 < bits < 16 * 16",
         "assert repairs.shape == (4, 1, 16, 16)",
         "assert (repairs[:, :, ~painted] == to_uint8(images)[0][:, ~painted]).all()",
-        "assert not keep.all() and keep.any()", "",
+        "assert not keep.all() and keep.any()",
+        "assert edited.shape == codes.shape and edited.dtype == torch.long",
+        "assert all(f.grad is not None for f in features)",
+        "",
     ])  # fmt: skip
     (tmp_path / "block.py").write_text(block + check)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
