@@ -47,34 +47,22 @@ def test_ctrl_c_during_the_imports_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "slow: interrupted (Ctrl-C)"
 
 
-def test_a_real_ctrl_c_while_torch_imports():
-    """A real SIGINT, which the process sends itself when the command's imports reach torch (a finder at the head
-    of the import path: a signal sent from outside could land before or after the imports)."""
-    code = ("import os, signal, sys\n"
-            "class Interrupt:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch':\n"
-            "            os.kill(os.getpid(), signal.SIGINT)\n"
-            "sys.meta_path.insert(0, Interrupt())\n"
-            "from tools import commands\nsys.argv = ['sample', '--help']\ncommands.sample()\n")  # fmt: skip
+@pytest.mark.parametrize("signal_name, code, line", [("SIGINT", 130, "sample: interrupted (Ctrl-C)"),
+                                                      ("SIGTERM", 143, "sample: stopped by SIGTERM")])  # fmt: skip
+def test_a_real_signal_while_torch_imports_is_one_line(signal_name, code, line):
+    """A real Ctrl-C (SIGINT) or SIGTERM (a scheduler, `timeout`) in a command's first seconds: a traceback from
+    inside an import (exit -2), or a silent kill (exit -15), before; one line and the shell's exit code now. The
+    process sends itself the signal when the command's imports reach torch (a finder at the head of the import
+    path: a signal sent from outside could land before or after the imports)."""
+    program = ("import os, signal, sys\n"
+               "class Interrupt:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch':\n"
+               f"            os.kill(os.getpid(), signal.{signal_name})\n"
+               "sys.meta_path.insert(0, Interrupt())\n"
+               "from tools import commands\nsys.argv = ['sample', '--help']\ncommands.sample()\n")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 130, proc.stderr[-2000:]
-    assert proc.stderr.strip() == "sample: interrupted (Ctrl-C)"
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr.strip() == line
     assert "Traceback" not in proc.stderr and "usage" not in proc.stdout
-
-
-def test_a_sigterm_while_torch_imports_is_one_line():
-    """SIGTERM in a command's first seconds (a scheduler, `timeout`) killed it without a word (exit -15); now it
-    says so and exits 143, as the commands do once they run."""
-    code = ("import os, signal, sys\n"
-            "class Terminate:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch':\n"
-            "            os.kill(os.getpid(), signal.SIGTERM)\n"
-            "sys.meta_path.insert(0, Terminate())\n"
-            "from tools import commands\nsys.argv = ['sample', '--help']\ncommands.sample()\n")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 143, proc.stderr[-2000:]
-    assert proc.stderr.strip() == "sample: stopped by SIGTERM" and "usage" not in proc.stdout
