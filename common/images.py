@@ -1,4 +1,5 @@
-"""Image utilities both stages and the tools share: uint8 <-> [-1, 1], reading user image files, grids.
+"""Image utilities both stages and the tools share: uint8 <-> [-1, 1], reading user image files (grids:
+:mod:`common.grids`).
 
 Vocabulary: `images` are float32 tensors (B, C, H, W) in [-1, 1]; uint8 images are (B, C, H, W) in [0, 255].
 Imports torch, numpy and Pillow only (no Lightning), so the model commands start fast.
@@ -7,7 +8,6 @@ Imports torch, numpy and Pillow only (no Lightning), so the model commands start
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from common.cli import UserError
-from common.io import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # The decoders a file (or an upload) may reach, whatever its name says: Pillow knows ~40 formats, some of which
@@ -324,46 +323,3 @@ def image_chunks(files: list[Path], image_size: int, channels: int, multiple: in
                 raise
             raise ImageError(f"{e} (among files {start + 1:,}-{start + len(chunk):,} of {len(files):,}, read a "
                              "chunk at a time: later files are not checked yet)", e.path, e.reason) from None
-
-
-# -------------------------------------------------------------------------------- grids
-def make_grid(
-    images: Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1, pad_value: int = 255
-) -> np.ndarray:
-    """Tile (B, C, H, W) images ([-1, 1] float or uint8) into a uint8 (H, W, C) array, `nrow` per row."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
-        raise ValueError(f"make_grid expects images (B>0, C in 1|3, H, W), got shape {tuple(images.shape)}")
-    x = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
-    if scale > 1:  # scale tiles, not the grid, so `padding` is in output pixels
-        x = x.repeat(scale, axis=1).repeat(scale, axis=2)
-    b, h, w, c = x.shape
-    cols = min(nrow or math.ceil(math.sqrt(b)), b)
-    rows = math.ceil(b / cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), pad_value, np.uint8)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        top, left = padding + r * (h + padding), padding + q * (w + padding)
-        grid[top : top + h, left : left + w] = x[i]
-    return grid
-
-
-GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
-def save_grid(
-    images: Tensor,
-    path: str | Path,
-    nrow: int | None = None,
-    padding: int = 2,
-    scale: int = 1,
-    pad_value: int = 255,
-) -> np.ndarray:
-    """Write `make_grid(...)` in the format its suffix names (.png, .jpg, .webp), atomically; return the grid."""
-    path = Path(path)
-    fmt = GRID_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: an image grid is written as {', '.join(GRID_FORMATS)}; use one of those suffixes")
-    grid = make_grid(images, nrow, padding, scale, pad_value)
-    with atomic_file(path) as f:
-        Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(f, format=fmt)
-    return grid

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -35,22 +37,29 @@ def ssim_per_image(preds: torch.Tensor, target: torch.Tensor, data_range: float)
     return full.flatten(1).mean(1)
 
 
+MAX_DB = 100.0  # a perfect reconstruction's PSNR in a mean over images (not infinity)
+
+
+def psnr_per_image(preds: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
+    """(B,) PSNR in dB of each image (B, C, H, W); a perfect reconstruction counts as MAX_DB, not infinity."""
+    mse = (preds.double() - target.double()).pow(2).flatten(1).mean(1)  # (B,)
+    return (10 * torch.log10(data_range**2 / mse)).clamp(max=MAX_DB)
+
+
 class MeanOverImages(Metric):
-    """The mean over the images seen of a figure each image has (`per_image`), summed across DDP ranks."""
+    """The mean over the images seen of a figure each image has (`per_image(preds, target, data_range)`, (B,)),
+    summed across DDP ranks."""
 
     full_state_update = False
 
-    def __init__(self, data_range: float) -> None:
+    def __init__(self, data_range: float, per_image: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]):
         super().__init__()
-        self.data_range = data_range
+        self.data_range, self.per_image = data_range, per_image
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        self.total += self.per_image(preds, target).double().sum()
+        self.total += self.per_image(preds.float(), target.float(), self.data_range).double().sum()
         self.count += len(preds)
 
     def compute(self) -> torch.Tensor:
@@ -60,15 +69,12 @@ class MeanOverImages(Metric):
 class SSIM(MeanOverImages):
     """Mean SSIM of the images seen (valid windows; see the module's docstring)."""
 
-    def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return ssim_per_image(preds.float(), target.float(), self.data_range)
+    def __init__(self, data_range: float) -> None:
+        super().__init__(data_range, ssim_per_image)
 
 
 class ImagePSNR(MeanOverImages):
     """Mean over images of each image's PSNR in dB (a perfect reconstruction counts as 100 dB, not infinity)."""
 
-    MAX_DB = 100.0
-
-    def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        mse = (preds.double() - target.double()).pow(2).flatten(1).mean(1)  # (B,)
-        return (10 * torch.log10(self.data_range**2 / mse)).clamp(max=self.MAX_DB)
+    def __init__(self, data_range: float) -> None:
+        super().__init__(data_range, psnr_per_image)

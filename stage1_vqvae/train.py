@@ -13,7 +13,8 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from common.datamodule import ImageDataModule
-from common.images import from_uint8, save_grid
+from common.grids import save_grid
+from common.images import from_uint8
 from common.logging import log_image
 from common.runs import VQGenCLI, train_main
 from stage1_vqvae.vqvae import VQVAE

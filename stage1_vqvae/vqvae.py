@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from common.images import make_grid
+from common.grids import make_grid
 from common.logging import log_histogram, log_image, metrics_step
 from common.optim import adamw_warmup_cosine, check_optimiser, time_budget_progress
 from common.precision import fp32_metrics

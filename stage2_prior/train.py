@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning import Callback
 
 from common.cli import UserError
-from common.images import make_grid, save_grid
+from common.grids import make_grid, save_grid
 from common.logging import lightning_info_hidden, log_image, metrics_step
 from common.runs import VQGenCLI, train_main
 from stage1_vqvae.model import VQModel, load_stage1

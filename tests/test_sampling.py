@@ -205,7 +205,7 @@ def test_sample_bad_args(kwargs, match):
 def test_class_rows_of_a_grid_are_padded_with_the_grids_white() -> None:
     """`sample`'s grid: one row per class (labels_in_turn), short rows padded with tiles of the padding's white,
     so an empty cell reads as empty on white-background data (emoji), not as a black failed sample."""
-    from common.images import make_grid
+    from common.grids import make_grid
     from tools.drawing import labels_in_turn, rows_by_label
 
     labels, per_row = labels_in_turn([0, 1, 2], 8)  # 3, 3, 2 images: the last row one short

@@ -23,7 +23,8 @@ from PIL import Image
 from pytorch_lightning.callbacks import Timer
 
 from common.datamodule import ImageDataModule
-from common.images import from_uint8, make_grid
+from common.grids import make_grid
+from common.images import from_uint8
 from common.progress import _clock, run_length
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
 from stage1_vqvae.train import main

@@ -71,7 +71,8 @@ from PIL import Image
 
 from common.cli import UserError, add_device, add_overwrite, at_least, make_parser, resolve_device, run_command
 from common.codes import check_matches, codes_files, load_split, read_meta
-from common.images import GRID_FORMATS, image_chunks, image_files, load_images, make_grid, named_image_files
+from common.grids import GRID_FORMATS, make_grid
+from common.images import image_chunks, image_files, load_images, named_image_files
 from common.io import OutputClash, atomic_file, check_output
 from stage2_prior.build import require_likelihood
 from stage2_prior.decoding import CodePrior

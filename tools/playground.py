@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from common.images import from_uint8, make_grid, to_uint8
+from common.grids import make_grid
+from common.images import from_uint8, to_uint8
 from stage2_prior.build import require_likelihood
 from stage2_prior.masked_sampling import DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior

@@ -42,7 +42,8 @@ from common.cli import (
     run_command,
     wandb_offline_unless_logged_in,
 )  # fmt: skip
-from common.images import load_image, make_grid
+from common.grids import make_grid
+from common.images import load_image
 from common.io import check_output_dir
 from common.memory import available_memory
 from stage1_vqvae.model import VQModel

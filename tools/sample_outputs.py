@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from common.cli import UserError
-from common.images import GRID_FORMATS, to_uint8
+from common.grids import GRID_FORMATS
+from common.images import to_uint8
 from common.io import (
     OutputClash,
     atomic_file,
