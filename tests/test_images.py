@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from common import images as images_module
 from common import readers as im
 from common.datamodule import ImageDataModule
+from common.grids import save_grid
 from common.images import (
     ImageError,
     from_uint8,
@@ -25,7 +26,6 @@ from common.images import (
     load_image,
     read_image,
     read_images,
-    save_grid,
     to_uint8,
 )
 from common.readers import (
