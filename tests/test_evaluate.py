@@ -117,6 +117,10 @@ def test_evaluate_prior(artifacts, tmp_path, capsys):
     assert 0 < r["bits_per_code"] < 2 * np.log2(16)
     assert r["bits_per_dim"] == pytest.approx(r["bits_per_code"] * 4 * 4 / (16 * 16 * 1))
     assert "NLL of the codes (bits per pixel dim" in capsys.readouterr().out
+    # --prior, as every other model command names the prior (an extensibility audit's note), is --ckpt here
+    same = evaluate("prior", "--prior", str(artifacts["prior"]), "--codes", str(artifacts["codes"]),
+                    out=tmp_path / "same.json")  # fmt: skip
+    assert same["bits_per_code"] == r["bits_per_code"] and same["ckpt"] == str(artifacts["prior"])
 
 
 def test_evaluate_samples_prints_the_floor(artifacts, shapes_folder, tmp_path, capsys):

@@ -203,7 +203,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
     for mode, text in helps.items():
         p = make_parser(f"evaluate {mode}", text)
         if mode == "prior":
-            p.add_argument("--ckpt", type=str, required=True, help="stage-2 prior checkpoint (.ckpt)")
+            p.add_argument("--ckpt", "--prior", type=str, required=True,  # --prior: what the other commands say
+                           help="stage-2 prior checkpoint (.ckpt)")  # fmt: skip
             p.add_argument("--codes", type=str, required=True, help="codes directory (extract_codes --out)")
         else:
             if mode == "samples":
