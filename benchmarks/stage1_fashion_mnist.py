@@ -61,7 +61,7 @@ def evaluate(model: VQVAE, dm: ImageDataModule, device: torch.device) -> dict:
     u = usage.compute()
     return {"test_psnr_db": float(psnr.compute()), "test_ssim": float(ssim.compute()),
             "test_codes_used": float(u["usage"]), "test_perplexity": float(u["perplexity"]),
-            "dead_codes": sum(model.dead_codes())}  # fmt: skip
+            "dead_codes": sum(d or 0 for d in model.dead_codes())}  # fmt: skip  (None: FSQ, no restarts)
 
 
 def main() -> None:

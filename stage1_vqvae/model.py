@@ -256,14 +256,15 @@ class VQModel(nn.Module):
             images[start : start + n] = decoded
         return images
 
-    def dead_codes(self) -> list[int]:
-        """Per level, top first: codes whose EMA usage is under the restart threshold (0 for FSQ)."""
-        out = []
+    def dead_codes(self) -> list[int | None]:
+        """Per level, top first: codes whose EMA usage is under the restart threshold; None for FSQ, which has
+        no restarts (it read 0, "codes awaiting restart 0", as if it had been checked)."""
+        out: list[int | None] = []
         for q in self._quantizers_top_first():
             if isinstance(q, VectorQuantizer):
                 out.append(int((q.cluster_size < max(q.restart_threshold, 1e-3)).sum()))
             else:
-                out.append(0)
+                out.append(None)
         return out
 
 

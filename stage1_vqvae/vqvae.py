@@ -186,7 +186,8 @@ class VQVAE(VQModel, pl.LightningModule):
             self.log(self._per_level(f"{split}/perplexity", level), stats["perplexity"], sync_dist=True)
             self.log(self._per_level(f"{split}/usage", level), stats["usage"], prog_bar=len(self.levels) == 1,
                      sync_dist=True)  # fmt: skip
-            self.log(self._per_level(f"{split}/dead_codes", level), float(dead), sync_dist=True)
+            if dead is not None:  # FSQ has no restarts
+                self.log(self._per_level(f"{split}/dead_codes", level), float(dead), sync_dist=True)
         if len(self.levels) > 1:  # the least-used level: what a "codes used" target is about
             self.log(f"{split}/usage", torch.stack(usages).min(), prog_bar=True)
         if split == "val" and self.trainer.is_global_zero and not self.trainer.sanity_checking:

@@ -291,3 +291,19 @@ def test_features_decode_with_gradients_and_snap_back_to_their_codes(kind):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert torch.equal(model.features_to_codes([f.detach() + 1e-4 for f in features]), codes)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fsq_has_no_codes_awaiting_restart():
+    """FSQ has no restarts: its level's dead-code count is None, not 0 (which read as checked), and evaluate's
+    table leaves the row out."""
+    from tools.evaluate import stage1_rows
+
+    fsq, vq = VQModel(1, 16, **NET, quantizer="fsq", fsq_levels=[4, 3]), VQModel(1, 16, **NET, codebook_size=16)
+    assert fsq.dead_codes() == [None] and isinstance(vq.dead_codes()[0], int)
+    level = {"name": "only", "grid_shape": [4, 4], "codes_used": 12, "codebook_size": 12, "codebook_usage": 1.0,
+             "perplexity": 11.0}  # fmt: skip
+    result = {"mse": 0.01, "psnr_db": 26.0, "psnr_mean_per_image_db": 27.0, "ssim": 0.9, "fid_recon": None}
+    rows = [name for name, _ in stage1_rows({**result, "levels": [{**level, "dead_codes": None}]}, "features")]
+    assert "codes awaiting restart" not in rows and "codebook usage" in rows
+    rows = [name for name, _ in stage1_rows({**result, "levels": [{**level, "dead_codes": 0}]}, "features")]
+    assert "codes awaiting restart" in rows

@@ -119,10 +119,11 @@ def stage1_rows(r: dict[str, Any], label: str) -> list[tuple[str, str]]:
     for lv in r["levels"]:
         name = "" if len(r["levels"]) == 1 else f" ({lv['name']} {lv['grid_shape'][0]}x{lv['grid_shape'][1]})"
         used = f"{lv['codebook_usage']:.3f} ({lv['codes_used']}/{lv['codebook_size']} codes)"
-        rows += [(f"codebook usage{name}", used), (f"perplexity{name}", f"{lv['perplexity']:.1f}"),
-                 # Not "unused here": codes the training restarts would re-seed (EMA usage under the threshold),
-                 # which restarts keep near 0 even for a collapsed level; usage above says what is used.
-                 (f"codes awaiting restart{name}", str(lv["dead_codes"]))]  # fmt: skip
+        rows += [(f"codebook usage{name}", used), (f"perplexity{name}", f"{lv['perplexity']:.1f}")]
+        if lv["dead_codes"] is not None:  # None: FSQ, which has no restarts
+            # Not "unused here": codes the training restarts would re-seed (EMA usage under the threshold),
+            # which restarts keep near 0 even for a collapsed level; usage above says what is used.
+            rows.append((f"codes awaiting restart{name}", str(lv["dead_codes"])))
     return rows
 
 
