@@ -220,8 +220,11 @@ class VQModel(nn.Module):
         """codes (B, *grid_shape) -> the quantized features the decoder takes, one (B, code_dim, h_i, w_i) tensor
         per level, top first (what `decode_features` takes; an edit by gradient starts from them, detached:
         ``[f.detach().requires_grad_() for f in ...]``)."""
-        levels = self.split_codes(self._checked_codes(codes))
-        return [q.lookup(c) for q, c in zip(self._quantizers_top_first(), levels)]
+        return self._features(self._checked_codes(codes))
+
+    def _features(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """codes_to_features for codes already checked (long, on the model's device)."""
+        return [q.lookup(c) for q, c in zip(self._quantizers_top_first(), self.split_codes(codes))]
 
     def decode_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Features of each level, top first (`codes_to_features`, edited or not) -> images (B, C, H, W), with
@@ -236,8 +239,8 @@ class VQModel(nn.Module):
         for q, f, level in zip(self._quantizers_top_first(), features, self.levels):
             k = level["codebook_size"]
             table = q.lookup(torch.arange(k, device=f.device).view(1, k, 1))[0, :, :, 0].t()  # (K, code_dim)
-            flat = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1]).to(table.dtype)  # (B*h*w, code_dim)
-            nearest = torch.cdist(flat.float(), table.float()).argmin(1)  # (B*h*w,)
+            flat = f.detach().permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # (B*h*w, code_dim)
+            nearest = torch.cdist(flat.float(), table.float()).argmin(1)  # (B*h*w,), fp32 whatever the cast
             codes.append(nearest.view(f.shape[0], f.shape[2], f.shape[3]))
         return self.join_codes(codes)
 
@@ -250,7 +253,7 @@ class VQModel(nn.Module):
         images = None  # (B, C, H, W), filled pass by pass (a torch.cat of the passes would hold them twice)
         n = self.images_per_pass()
         for start in range(0, max(len(codes), 1), n):
-            decoded = self.decode_features(self.codes_to_features(codes[start : start + n])).clamp_(-1, 1)
+            decoded = self.decode_features(self._features(codes[start : start + n])).clamp_(-1, 1)  # checked above
             if images is None:
                 images = decoded.new_empty(len(codes), *decoded.shape[1:])
             images[start : start + n] = decoded
