@@ -16,6 +16,7 @@ Torch only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -66,6 +67,7 @@ def sample_masked(
     prime: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     temperature_end: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Draw n grids of codes (n, H, W) in `steps` parallel steps (one network pass each).
 
@@ -81,6 +83,7 @@ def sample_masked(
     prime, keep: repair; where keep (n, H, W) or (H, W) is True the code is prime's and stays exactly that,
         the others are drawn with context from every side.
     generator: the source of every random draw (the codes, then the confidence noise, each step).
+    on_step: called as on_step(step + 1, steps) after each step (a progress line; it draws nothing).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -122,6 +125,8 @@ def sample_masked(
             confidence = confidence - choice_temperature * (1 - (step + 1) / steps) * torch.log(-torch.log(u))
             ranks = confidence.argsort(dim=1, stable=True).argsort(dim=1)  # 0: the least confident
             masked = ranks < left[:, None]
+            if on_step is not None:
+                on_step(step + 1, steps)
     finally:
         prior.train(was_training)
     if keep is not None:

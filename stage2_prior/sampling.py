@@ -8,6 +8,8 @@ for the PixelCNN) and its naive path (a full forward over the whole grid at ever
 give identical codes.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from stage2_prior.decoding import CodePrior
@@ -145,6 +147,7 @@ def sample_codes(
     keep: torch.Tensor | None = None,
     use_cache: bool = True,
     temperature_end: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Draw n grids of codes (n, H, W) from ``prior`` in raster order.
 
@@ -163,6 +166,7 @@ def sample_codes(
         same whatever is kept.
     generator: the source of every random draw, one ``torch.multinomial`` per position.
     use_cache: False runs the full forward over the whole grid at each step (slow, for checking).
+    on_step: called as on_step(t + 1, H * W) after each position is drawn (a progress line; it draws nothing).
     """
     param = next(prior.parameters())
     device = param.device
@@ -196,6 +200,8 @@ def sample_codes(
                 if keep is not None:
                     drawn = torch.where(keep[:, t], prime[:, t], drawn)
                 codes[:, t] = drawn.repeat(nb // n)
+                if on_step is not None:
+                    on_step(t + 1, T)
     finally:
         prior.train(was_training)
     return codes[:n].view(n, H, W).clone()

@@ -395,10 +395,32 @@ def test_the_python_functions_check_and_convert_their_inputs(pipeline, shapes_fo
 def test_a_long_draw_says_how_far_it_is(pipeline, tmp_path, monkeypatch, capsys):
     """A draw of several batches that runs long (256-px sequences took 33-214 s without a word: the scale audit)
     prints a line after each batch but the last; a quick one prints nothing (here the threshold is 0 s)."""
-    import tools.sample
+    import tools.draw_progress
 
-    monkeypatch.setattr(tools.sample, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(tools.draw_progress, "PROGRESS_AFTER_S", 0.0)
     sample_main(["--prior", str(pipeline["prior"]), "--n", "6", "--batch_size", "2", "--out", str(tmp_path / "s.npz")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample: ")]
     assert [line.split(" drawn")[0] for line in lines] == ["sample: 2 of 6", "sample: 4 of 6"], lines
     assert all(line.endswith(" s left") for line in lines)
+
+
+@pytest.mark.parametrize("prime", [False, True])
+def test_a_long_batch_says_how_far_it_is_inside(pipeline, shapes_folder, tmp_path, monkeypatch, capsys, prime):
+    """One batch of long grids (1,280 raster steps at 256 px: minutes on a CPU) prints lines between its steps
+    too, at most one every PROGRESS_EVERY_S (here 0 s: after every step but the last), new draws and repairs
+    alike; the codes are the same as a silent draw's."""
+    import tools.draw_progress
+
+    out = ["--prior", str(pipeline["prior"]), "--n", "2", "--seed", "3"]
+    if prime:
+        out += ["--prime", str(next(shapes_folder.rglob("*.png"))), "--keep_rows", "1"]
+    sample_main(out + ["--out", str(tmp_path / "quiet.npz")])
+    assert "sample: step" not in capsys.readouterr().err
+    monkeypatch.setattr(tools.draw_progress, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(tools.draw_progress, "PROGRESS_EVERY_S", 0.0)
+    sample_main(out + ["--out", str(tmp_path / "told.npz")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample: ")]
+    steps = int(np.prod(torch.load(pipeline["prior"], weights_only=True)["hyper_parameters"]["grid_shape"]))
+    assert [line.split(" drawn")[0] for line in lines] == [f"sample: step {i} of {steps} for 2 grids"
+                                                           for i in range(1, steps)], lines  # fmt: skip
+    assert np.array_equal(np.load(tmp_path / "quiet.npz")["codes"], np.load(tmp_path / "told.npz")["codes"])

@@ -215,3 +215,22 @@ def test_class_rows_of_a_grid_are_padded_with_the_grids_white() -> None:
     assert tiles.shape == (9, 3, 4, 4) and (tiles[:8] == -1).all() and (tiles[8] == 1).all()
     grid = make_grid(tiles, nrow=per_row, padding=1)  # (3 * 5 + 1, 3 * 5 + 1, 3)
     assert (grid[11:15, 11:15] == 255).all() and (grid[11:15, 6:10] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS + ["maskgit"])
+def test_on_step_reports_every_step_and_draws_nothing(kind):
+    """The progress callback is told (step, count) after every step, raster positions or masked passes, and the
+    codes equal a draw without it for the same seed (it takes no random draws)."""
+    from stage2_prior.build import build_network
+    from stage2_prior.masked_sampling import sample_masked
+
+    torch.manual_seed(0)
+    prior = build_network(kind, "tiny", K, GRID, NUM_CLASSES, {}) if kind == "maskgit" else make_prior(kind)
+    sampler = sample_masked if kind == "maskgit" else sample_codes
+    labels = torch.tensor([0, 3])
+    quiet = sampler(prior, 2, labels, cfg_scale=2.0, generator=seeded(4))
+    told = []
+    codes = sampler(prior, 2, labels, cfg_scale=2.0, generator=seeded(4), on_step=lambda i, n: told.append((i, n)))
+    count = 8 if kind == "maskgit" else GRID[0] * GRID[1]
+    assert told == [(i, count) for i in range(1, count + 1)]
+    assert torch.equal(codes, quiet)

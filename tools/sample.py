@@ -22,8 +22,6 @@ of its cell is darker than mid-grey or more than half transparent.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from stage2_prior.decoding import CodePrior
 from stage2_prior.masked_sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS
 from stage2_prior.maskgit import MaskedPrior
 from stage2_prior.sampling import CFG_SCHEDULES, MIN_TEMPERATURE
+from tools.draw_progress import DrawProgress
 from tools.drawing import (
     complete_codes,
     draw_codes,
@@ -112,7 +111,6 @@ def build_parser():
 
 
 MAX_CFG_SCALE = 1000.0  # far past any useful guidance (the page allows 20)
-PROGRESS_AFTER_S = 5.0  # a draw of several batches that has taken longer prints a line after each batch
 
 
 def choose_labels(prior: CodePrior, a: argparse.Namespace, class_names: list[str],
@@ -227,7 +225,8 @@ def _run(args: list[str] | None) -> str:
         check_grid_size(rows * (per_row + 2), m.image_size, m.channels, scale)
         image = load_image(a.prime, m.image_size, m.channels).to(device)
         prime = vqvae.encode_to_codes(image).expand(n, -1, -1)
-        codes = complete_codes(prior, prime, keep, opts, labels.to(device) if labels is not None else None)
+        codes = complete_codes(prior, prime, keep, {**opts, "on_step": DrawProgress(n).step},
+                               labels.to(device) if labels is not None else None)
         masked = vqvae.decode_codes(prime[:1]).clone()
         masked[:, :, redrawn_pixels(vqvae, keep)] = 0.0  # grey where codes are redrawn
         images = vqvae.decode_codes(codes)
@@ -239,17 +238,14 @@ def _run(args: list[str] | None) -> str:
         n = len(labels) if labels is not None else a.n
         images_dir = check_images_dir(a, n)
         check_grid_size(n, m.image_size, m.channels, scale)
-        chunks, t0 = [], time.perf_counter()
+        chunks, progress = [], DrawProgress(n)  # a long draw says how far it is (many samples, long grids, busy CPU)
         for start in range(0, n, a.batch_size):
             lab = labels[start : start + a.batch_size].to(device) if labels is not None else None
+            progress.batch(start, min(a.batch_size, n - start))
             # The eager step loop on every device: per-step CUDA graphs (stage2_prior.cuda_graphs) do not pay
             # for one draw (on an H200, capture included, 0.66 s against 0.32 s for 64 grids of 16x16).
-            chunks.append(draw_codes(prior, min(a.batch_size, n - start), lab, opts))
-            if (seconds := time.perf_counter() - t0) > PROGRESS_AFTER_S and start + a.batch_size < n:
-                # a long draw (many samples, long sequences, a busy CPU) says how far it is, batch by batch
-                done = start + a.batch_size
-                print(f"sample: {done:,} of {n:,} drawn in {seconds:.0f} s, ~{seconds * (n - done) / done:.0f} s "
-                      "left", file=sys.stderr, flush=True)  # fmt: skip
+            chunks.append(draw_codes(prior, progress.size, lab, {**opts, "on_step": progress.step}))
+            progress.batch_done()
         codes = torch.cat(chunks)
         images = vqvae.decode_codes(codes)  # in the model's passes
         # in turn: one row per class; in the data's mix the classes follow each other in square rows
