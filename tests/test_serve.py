@@ -303,6 +303,8 @@ BAD = [  # (endpoint, form fields, files, status, message)
     ("sample", {"temperature_end": "11"}, {}, 400, r"end temperature must be in \(0, 10\]"),
     ("sample", {"top_p": "1.5"}, {}, 400, r"top-p must be in \(0, 1\]"),
     ("sample", {"label": 5}, {}, 400, r"unknown class id 5; this prior has 2 classes"),
+    ("sample", {"label": -2}, {}, 400, r"label must be a class id, or -1 for none, got -2"),  # it was "none"
+    ("repair", {"test_index": 0, "label": -3}, {"mask": ("m.png", MASK)}, 400, r"label must be a class id, or -1"),
     ("sample", {"cfg_scale": 2, "cfg_schedule": "cosine"}, {}, 400,
      r"cfg_schedule must be one of \('constant', 'linear'\)"),  # fmt: skip
     ("anomaly", {}, {}, 400, r"no images given"),

@@ -159,6 +159,15 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def class_label(form) -> int | None:
+    """The form's class: None for -1 or no field (unconditional); below -1 is refused (it read as none: an API
+    client's off-by-one got unconditional samples without a word). Playground refuses a class the prior lacks."""
+    label = int(number(form, "label", int, -1))
+    if label < -1:
+        raise HttpError(400, f"label must be a class id, or -1 for none, got {label}")
+    return None if label == -1 else label
+
+
 def number(form, name: str, kind: type = float, default: float | None = None) -> float:
     """A form field as int or float; 400 naming the field if missing or not a number."""
     raw = form.get(name)
@@ -249,9 +258,8 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
     @app.post("/api/sample")
     async def sample(request: Request):
         form = await form_of(request)
-        label = int(number(form, "label", int, -1))
         end = number(form, "temperature_end", float) if str(form.get("temperature_end") or "").strip() else None
-        args = (None if label < 0 else label, int(number(form, "n", int, 16)), number(form, "temperature", float, 1.0),
+        args = (class_label(form), int(number(form, "n", int, 16)), number(form, "temperature", float, 1.0),
                 number(form, "top_p", float, 1.0), number(form, "cfg_scale", float, 1.0), number(form, "seed", int, 0),
                 number(form, "steps", int, 0), str(form.get("cfg_schedule") or "linear"), end)
         out, seconds = await queue.run(play.sample, *args, request=request)
@@ -270,10 +278,9 @@ def create_app(play: Playground, max_upload_bytes: int = 10_000_000, max_waiting
         image = await image_for_repair(form)
         mask, _ = await upload(form, "mask")
         painted, _ = await queue.run(read_mask, mask, size)
-        label = int(number(form, "label", int, -1))  # -1: unconditional; Playground.repair refuses an unknown class
         args = (image, painted, int(number(form, "n", int, 4)), number(form, "temperature", float, 1.0),
                 number(form, "top_p", float, 1.0), number(form, "seed", int, 0), number(form, "steps", int, 0),
-                None if label < 0 else label, number(form, "cfg_scale", float, 1.0))
+                class_label(form), number(form, "cfg_scale", float, 1.0))
         out, seconds = await queue.run(play.repair, *args, request=request)
         return {"original": data_url(out["original"]), "painted": data_url(out["painted"]),
                 "repairs": [data_url(r) for r in out["repairs"]], "codes_redrawn": out["codes_redrawn"],
