@@ -116,7 +116,8 @@ def test_evaluate_prior(artifacts, tmp_path, capsys):
     assert r["code_maps"] == 8 and 0 <= r["accuracy"] <= 1
     assert 0 < r["bits_per_code"] < 2 * np.log2(16)
     assert r["bits_per_dim"] == pytest.approx(r["bits_per_code"] * 4 * 4 / (16 * 16 * 1))
-    assert "NLL of the codes (bits per pixel dim" in capsys.readouterr().out
+    assert "NLL of the codes (bits per pixel dim, given the class)" in capsys.readouterr().out
+    assert r["given_class"] == "all"
     # --prior, as every other model command names the prior (an extensibility audit's note), is --ckpt here
     same = evaluate("prior", "--prior", str(artifacts["prior"]), "--codes", str(artifacts["codes"]),
                     out=tmp_path / "same.json")  # fmt: skip
@@ -257,8 +258,14 @@ def test_unlabelled_codes_use_the_null_class(artifacts, tmp_path, capsys):
     shutil.copytree(artifacts["codes"], codes)
     labels = np.load(codes / "test" / "labels.npy")
     np.save(codes / "test" / "labels.npy", np.full_like(labels, -1))
+    capsys.readouterr()
     r = evaluate("prior", "--ckpt", str(artifacts["prior"]), "--codes", str(codes), out=tmp_path / "r.json")
     assert np.isfinite(r["bits_per_code"]) and r["code_maps"] == len(labels)
+    # no class was given, so the table does not say one was (it did); half labelled says so
+    assert r["given_class"] == "none" and "given the class" not in capsys.readouterr().out
+    np.save(codes / "test" / "labels.npy", np.where(np.arange(len(labels)) % 2, labels, -1))
+    r = evaluate("prior", "--ckpt", str(artifacts["prior"]), "--codes", str(codes), out=tmp_path / "r2.json")
+    assert r["given_class"] == "some" and "(bits per code, given the class where labelled)" in capsys.readouterr().out
 
 
 def test_samples_that_do_not_fit_the_data_or_the_features(artifacts, tmp_path, capsys):

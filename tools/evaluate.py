@@ -163,7 +163,14 @@ def evaluate_prior(prior: CodePrior | MaskedPrior, codes_dir: str, device: torch
     dims = meta.image_size**2 * meta.channels
     return {"split": split, "code_maps": len(codes_all), "bits_per_code": bits_per_code,
             "bits_per_dim": bits_per_code * h * w / dims, "accuracy": correct / n,
-            "given_class": bool(prior.num_classes)}  # fmt: skip
+            "given_class": _given(prior.num_classes, labels_all)}  # fmt: skip
+
+
+def _given(num_classes: int, labels) -> str:
+    """Which maps the prior was given a class for: "all", "some" or "none" (labels -1, an unlabelled folder's,
+    take the null class: "given the class" read wrong for them)."""
+    labelled = int((labels >= 0).sum()) if num_classes else 0  # labels (N,) int64, memory-mapped
+    return "all" if labelled == len(labels) else "some" if labelled else "none"
 
 
 def prior_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -172,7 +179,7 @@ def prior_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                 ("masked-token top-1 accuracy", f"{r['masked_accuracy']:.4f}")]  # fmt: skip
     # of the codes, not of the pixels (stage 1 is lossy); a conditional prior's given each map's own class, whose
     # own cost (log2 of the classes, once a map) is left out, as the codec's file sizes do not
-    given = ", given the class" if r.get("given_class") else ""
+    given = {"all": ", given the class", "some": ", given the class where labelled"}.get(r.get("given_class"), "")
     return [(f"NLL of the codes (bits per code{given})", f"{r['bits_per_code']:.4f}"),
             (f"NLL of the codes (bits per pixel dim{given})", f"{r['bits_per_dim']:.4f}"),
             ("top-1 accuracy", f"{r['accuracy']:.4f}")]  # fmt: skip
