@@ -274,6 +274,13 @@ class CodesWriter:
         self.meta.counts = {split: w.n for split, w in self.splits.items()}
         write_atomic(meta_path, self.meta.to_json().encode())
         self.committed = True
+        sha = self.meta.stage1_sha256
+        for kept in (self.out_dir / name for name in kept_copy_names(sha) if self.stage1_temp is not None):
+            # codes of an earlier stage 1 again (A, B, then A): the copy of A _keep_copy made is now a twin of
+            # stage1.ckpt (where check_stage1 looks first, and which _keep_copy keeps again when it is replaced)
+            if kept.is_file() and not kept.is_symlink() and sha256_file(kept) == sha:
+                kept.unlink()
+                print(f"removed {kept}: the same stage 1 as {self.out_dir / STAGE1_COPY} now", flush=True)
         return self.meta
 
     def _keep_copy(self) -> None:

@@ -168,8 +168,7 @@ def gather_and_write(
     world = strategy.world_size
     for split in predictor.splits:
         bounds, local = predictor.bounds[split], predictor.local[split]
-        n = bounds[-1]
-        split_writer = writer.add_split(split, n) if writer is not None else None
+        split_writer = writer.splits[split] if writer is not None else None
         if world == 1:
             split_writer.write(0, local, labels[split])
             continue
@@ -240,16 +239,17 @@ def extract_codes(
             f"--strategy {strategy} starts worker processes that cannot hand the codes back; "
             "use --strategy ddp (run as `extract_codes ...` or `python -m stage1_vqvae.extract ...`)"
         )
-    predictor = CodesPredictor(model, {s: images for s, (images, _) in arrays.items()}, batch_size)
-    with _no_tf32(), ctrl_c_raises_interrupted():  # Ctrl-C: our one line and exit 130, not Lightning's exit 1
-        trainer.predict(predictor, return_predictions=False)
-    rank0 = trainer.is_global_zero
+    rank0 = trainer.is_global_zero  # known already: Lightning's launcher gives the processes it starts their rank
     with writer if rank0 else contextlib.nullcontext():
+        if rank0:  # every output's disk space now: a disk too small fails before the encoding, not after it
+            for split, (images, _) in arrays.items():
+                writer.add_split(split, len(images))
+            writer.copy_stage1(ckpt)  # the codes decode even after this checkpoint's run is resumed, moved or deleted
+        predictor = CodesPredictor(model, {s: images for s, (images, _) in arrays.items()}, batch_size)
+        with _no_tf32(), ctrl_c_raises_interrupted():  # Ctrl-C: our one line and exit 130, not Lightning's exit 1
+            trainer.predict(predictor, return_predictions=False)
         gather_and_write(predictor, trainer.strategy, writer if rank0 else None, {s: y for s, (_, y) in arrays.items()})
-        if not rank0:
-            return None
-        writer.copy_stage1(ckpt)  # the codes decode even after this checkpoint's run is resumed, moved or deleted
-        return writer.commit()
+        return writer.commit() if rank0 else None
 
 
 @contextlib.contextmanager

@@ -67,15 +67,19 @@ def test_the_kept_copy_is_a_file_of_the_codes_that_no_output_replaces(resumed) -
 
 
 def test_extracting_again_keeps_each_stage1_once(resumed, capsys) -> None:
-    """The same stage 1 again: nothing new to keep, nothing said; the first one back: its copy is kept already."""
+    """The same stage 1 again: nothing new to keep, nothing said; the first one back: it is stage1.ckpt again, and
+    its kept copy, the same bytes, is removed (it stayed: two copies of one checkpoint, each as large as the model)."""
     out, old, new, _ = resumed
     ckpt = Path(new.stage1_ckpt)
     extract(out, ckpt, overwrite=True)
     assert "kept" not in capsys.readouterr().out
     ckpt.write_bytes(b"stage 1 after 20 steps")  # the earlier one, restored from a backup
     extract(out, ckpt, overwrite=True)
-    kept = sorted(p.name for p in out.glob("stage1-*.ckpt"))
-    assert kept == [f"stage1-{h[:12]}.ckpt" for h in sorted([old.stage1_sha256, new.stage1_sha256])]
+    assert sorted(p.name for p in out.glob("stage1*.ckpt")) == ["stage1-" + new.stage1_sha256[:12] + ".ckpt",
+                                                                "stage1.ckpt"]  # fmt: skip
+    assert f"removed {out / ('stage1-' + old.stage1_sha256[:12] + '.ckpt')}" in capsys.readouterr().out
+    ckpt.write_bytes(b"moved away")
+    assert check_stage1(old, codes_dirs=[out]) == str(out / "stage1.ckpt")  # the earlier codes' prior finds it
     assert check_stage1(new, codes_dirs=[out]).endswith(f"stage1-{new.stage1_sha256[:12]}.ckpt")
 
 

@@ -200,6 +200,25 @@ def test_clear_errors(stage1, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "codes").exists()
 
 
+def test_a_disk_too_small_for_the_codes_fails_before_the_encoding(stage1, tmp_path: Path, monkeypatch, capsys):
+    """The outputs' sizes are known once the data is read: their space is reserved then, so a full disk is the
+    one line at once, not after every image was encoded; nothing is left in the new --out."""
+    import errno
+
+    from stage1_vqvae.extract import CodesPredictor
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    encoded, encode = [], CodesPredictor._encode
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(CodesPredictor, "_encode", lambda self, x: encoded.append(len(x)) or encode(self, x))
+    out = tmp_path / "new" / "codes"
+    err = user_error(main, ["--ckpt", str(stage1[0]), "--out", str(out), "--accelerator", "cpu"], capsys)
+    assert err.startswith(f"extract_codes: error: --out {out}: no space left on device: the new codes need "), err
+    assert encoded == [] and list(tmp_path.iterdir()) == []
+
+
 def test_shard_bounds_cover_every_row_once() -> None:
     for n in range(0, 9):
         for world in range(1, 5):
