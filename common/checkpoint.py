@@ -5,7 +5,9 @@ object, so a crafted file cannot run code. Whatever the problem (missing, trunca
 arbitrary objects, the wrong stage), the `CheckpointError` names the flag and the file and says what to pass.
 A file is opened once (`open_checkpoint`) and both loaded and hashed through that open file, so what a `.vqz`
 or a codes directory records is the hash of the weights that were used, even if a run still training replaces
-the file meanwhile (every writer here renames a new file into place; the open one keeps the old).
+the file meanwhile (every writer here renames a new file into place; the open one keeps the old). Inside
+`keep_loaded` (a training command) the checkpoint read last is kept for the next read of the same file and for
+Lightning's restore (`take_loaded`): a resume read it once for each check, then Lightning again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -98,10 +102,59 @@ def read_checkpoint(path: str | Path | CheckpointFile, flag: str, want: str | No
     opened_here = not isinstance(path, CheckpointFile)
     source = open_checkpoint(path, flag, want) if opened_here else path
     try:
-        return _load(source, source.path, flag, want)
+        key = _identity(os.fstat(source.handle.fileno()))
+        if _kept.get("key") == key:  # read already by this command (keep_loaded), and unchanged since
+            return _check_kind(_kept["checkpoint"], source.path, flag, want)
+        _kept.clear()  # one checkpoint at a time: an earlier one is not held while this one loads
+        ckpt = _load(source, source.path, flag, want)
+        if _keeping:
+            _kept.update(key=key, checkpoint=ckpt)
+        return _check_kind(ckpt, source.path, flag, want)
     finally:
         if opened_here:  # closed now (a caller's CheckpointFile stays open for its hash)
             source.handle.close()
+
+
+# While a training command runs (common.runs): the checkpoint read last, with the identity of its file
+_kept: dict[str, Any] = {}
+_keeping = False
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """The same file, unchanged: a run that renames a new last.ckpt into place gives another inode."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@contextmanager
+def keep_loaded() -> Iterator[None]:
+    """Within: `read_checkpoint` loads a file once, however often it is asked (a resume's run choice, its checks),
+    and `take_loaded` hands that checkpoint on to Lightning's restore. After it, nothing is kept."""
+    global _keeping
+    _keeping = True
+    try:
+        yield
+    finally:
+        _keeping = False
+        _kept.clear()
+
+
+def take_loaded(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint `read_checkpoint` kept for the file at `path` if that file is unchanged, else None; either way
+    nothing is kept from now on (not while training, nor what the command reads after it, e.g. a stage 1 to sample)."""
+    try:
+        key = _identity(os.stat(path))
+    except OSError:
+        key = None
+    ckpt = _kept.get("checkpoint") if _kept.get("key") == key else None
+    forget_loaded()
+    return ckpt
+
+
+def forget_loaded() -> None:
+    """Keep nothing from now on (for a restore that reads the file itself: a user's CheckpointIO)."""
+    global _keeping
+    _keeping = False
+    _kept.clear()
 
 
 def _load(source: CheckpointFile, path: Path, flag: str, want: str | None) -> dict[str, Any]:
@@ -128,6 +181,10 @@ def _load(source: CheckpointFile, path: Path, flag: str, want: str | None) -> di
                               f"pass {NAMES[want]}") from None  # fmt: skip
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{flag} {path} is not a Lightning checkpoint (no state_dict); pass {NAMES[want]}")
+    return ckpt
+
+
+def _check_kind(ckpt: dict[str, Any], path: Path, flag: str, want: str | None) -> dict[str, Any]:
     kind = kind_of(ckpt)
     if want is not None and kind != want:
         hint = {"stage1": " (it is a stage-1 VQ-VAE checkpoint: pass it as --vqvae or --ckpt of extract_codes)",

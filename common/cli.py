@@ -7,7 +7,8 @@ score_anomalies, train_feature_net): one parser style, one --overwrite and --dev
 A user error (a bad flag, a missing or unusable file, an output that already exists) is one line,
 ``<prog>: error: <message>``, and exit code 2, never a traceback: everything a command raises as a
 `UserError`, `ValueError` or `OSError` is reported so, and so is running out of memory (naming the option
-that sets the batch). Parse errors take the same path. Imports torch
+that sets the batch). Parse errors take the same path. In a multi-process launch (DDP, torchrun) the line is
+printed once, not once a rank (`say_error_once`), and every rank exits 2. Imports torch
 (for devices) and jsonargparse (for ``--data.*`` options built from a class signature) only.
 """
 
@@ -21,6 +22,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
@@ -120,7 +122,7 @@ class Parser(ArgumentParser):
     """jsonargparse's parser with errors as one line and exit code 2."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        say_error_once(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)")
         raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -232,6 +234,49 @@ def wandb_offline_unless_logged_in() -> bool:
     return True
 
 
+RANK_ZERO_WAIT_S = 5.0  # how long another rank waits to hear that rank 0 reported the same error
+
+
+def _launch_store() -> tuple[Any, int] | None:
+    """(the key-value store all ranks of this multi-process launch share, this process's global rank), or None in a
+    single process: torchrun's own store (there from the start, before any process group: a bad flag is seen by
+    every rank at once), else the default process group's (Lightning's DDP launcher, once the group is made)."""
+    import torch.distributed as dist
+
+    try:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=RANK_ZERO_WAIT_S))  # fmt: skip
+            return store, int(os.environ["RANK"])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.distributed_c10d._get_default_store(), dist.get_rank()
+    except Exception:  # no store to reach (a launcher gone, a variable missing): each rank speaks for itself
+        return None
+    return None
+
+
+def say_error_once(line: str) -> None:
+    """Print a user error's line on stderr once for all the processes of a multi-process launch (every rank of a
+    DDP run checks the same config and data, and each printed the same line). Rank 0 prints it and puts it in the
+    launch's store; another rank prints its own only when rank 0 said another line (at once: torchrun ends the
+    other ranks as soon as one exits) or nothing within RANK_ZERO_WAIT_S (an error of its own, e.g. its GPU out of
+    memory, or rank 0 gone), so no rank's error goes unsaid."""
+    launch = _launch_store()
+    if launch is not None:
+        store, rank = launch
+        key = f"vqgen/user_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"  # torchrun's store outlives a try
+        try:
+            if rank == 0:
+                store.set(key, line)
+            else:
+                store.wait([key], timedelta(seconds=RANK_ZERO_WAIT_S))
+                if store.get(key).decode() == line:
+                    return  # rank 0 said it
+        except Exception:  # not said in time, or the store is gone: say it here
+            pass
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: list[str] | None,
                 memory_flag: str | None = "--batch_size") -> None:  # fmt: skip
     """Run a command's body; print what it returns, or its user error as one line and exit 2 (Ctrl-C: 130).
@@ -241,13 +286,13 @@ def run_command(prog: str, fn: Callable[[list[str] | None], str | None], args: l
         with sigterm_raises_interrupted():
             message = fn(args)
     except (UserError, ValueError, OSError) as e:  # OSError: missing, existing, unwritable, read-only files
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        say_error_once(f"{prog}: error: {one_line(e)}")
         raise SystemExit(EXIT_USER_ERROR) from None
     except (RuntimeError, MemoryError) as e:  # MemoryError: numpy's (an array too large for the host)
         if (what := out_of_memory(e) if isinstance(e, RuntimeError) else f"out of memory ({one_line(e)})") is None:
             raise
         remedy = f"pass a smaller {memory_flag}" if memory_flag else "free some memory, or use a larger machine"
-        print(f"{prog}: error: {what}; {remedy}", file=sys.stderr)
+        say_error_once(f"{prog}: error: {what}; {remedy}")
         raise SystemExit(EXIT_USER_ERROR) from None
     except (KeyboardInterrupt, CommandInterrupted) as e:  # outputs are written under temporary names: none is left
         if getattr(e, "signum", signal.SIGINT) == signal.SIGTERM:

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+from common.checkpoint import forget_loaded, take_loaded
 from common.cli import UserError
 from common.io import atomic_file, no_space
 from common.launch import point_latest
@@ -44,6 +45,7 @@ class RunWatch(Callback):
         if not self.started and self.on_start is not None and trainer.is_global_zero:
             self.on_start()
         self.started = True
+        forget_loaded()  # restored by now (or a fresh run): keep no checkpoint read before (a stage 1) while training
 
     def _point(self, trainer: Trainer) -> None:
         if not self._pointed and trainer.is_global_zero and (self.run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -288,6 +290,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     disk, /tmp on tmpfs), copies it over the old file: a disk that filled during the copy, or a kill, left a
     truncated last.ckpt where the good one was, and the run could not be resumed."""
 
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The checkpoint this command read and checked already (common.checkpoint.keep_loaded), else the file."""
+        kept = take_loaded(path) if "://" not in str(path) else None
+        return kept if kept is not None else super().load_checkpoint(path, *args, **kwargs)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # a remote store: Lightning's own way
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -302,3 +309,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             why = e.strerror or os.strerror(e.errno)
             raise UserError(f"cannot write the checkpoint {path} ({why}); the checkpoints saved before it are "
                             "intact: free some space, then go on with --ckpt_path last") from None  # fmt: skip
+
+
+def use_atomic_io(trainer: Trainer) -> Trainer:
+    """AtomicCheckpointIO for the trainer, unless the user gave their own (--trainer.plugins): that one reads the
+    checkpoint itself, so none is kept for it while training."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    else:
+        forget_loaded()
+    return trainer

@@ -28,13 +28,12 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from common.checkpoint import read_checkpoint
+from common.checkpoint import keep_loaded, read_checkpoint
 from common.cli import (
     EXIT_USER_ERROR,
     IMPORT_PATHS_ENV,
@@ -43,6 +42,7 @@ from common.cli import (
     one_line,
     out_of_memory,
     restrict_import_paths,
+    say_error_once,
 )  # fmt: skip
 from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
 from common.io import no_space
@@ -68,13 +68,13 @@ from common.precision import announce, resolve_cpu_bf16
 from common.progress import LineProgressBar, Throughput
 from common.resume_checks import check_checkpoint_fits, folder_of_checkpoint
 from common.run_callbacks import (
-    AtomicCheckpointIO,
     NewestCheckpoint,
     RngState,
     RunConfig,
     RunWatch,
     ScheduleCheck,
     StopOnDivergence,
+    use_atomic_io,
 )  # fmt: skip
 from common.run_lock import release_run
 
@@ -91,7 +91,7 @@ class OneLineParser(LightningArgumentParser):
             message = (f"{key.group(1) + ': ' if key else ''}class_path {denied.group(1)} is refused: a config may "
                        f"name classes of {', '.join(allowed_import_paths())} only (no other package's code runs from "
                        f"a config file); to use your own, export {IMPORT_PATHS_ENV}=PACKAGE[,PACKAGE]")  # fmt: skip
-        print(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)", file=sys.stderr)
+        say_error_once(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)")  # torchrun: once
         raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -114,7 +114,7 @@ class VQGenCLI(LightningCLI):
         self._settings = ""  # the fit's config fingerprint (config_fingerprint)
         self._guard = SignalGuard()  # until the training loop takes the signals over (common.interrupt)
         try:
-            with self._guard:
+            with self._guard, keep_loaded():  # a --ckpt_path is loaded once, for every check and Lightning's restore
                 super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
         except (ValueError, OSError, MisconfigurationException, TypeError) as e:
             # Before training these come from the config, the data, the machine or the file system (a
@@ -242,7 +242,7 @@ class VQGenCLI(LightningCLI):
                 kwargs.setdefault("logger", False)
             kwargs.setdefault("enable_checkpointing", False)  # nothing trains
             self.save_config_callback = None  # it would (over)write config.yaml in the root: a fit's run has one
-            return super().instantiate_trainer(**kwargs)
+            return use_atomic_io(super().instantiate_trainer(**kwargs))
         log = self._get(self.config_init, "log")
         model = self._get(self.config_init, "model")
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -276,10 +276,7 @@ class VQGenCLI(LightningCLI):
             # the environment Lightning would choose, without its handler of the warning signal (ours saves the
             # step and requeues; Lightning's saved mid-step into a folder no restart read) nor its SIGTERM bypass
             kwargs.setdefault("plugins", [SLURMEnvironment(auto_requeue=False)])
-        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own (--trainer.plugins)
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
+        return use_atomic_io(super().instantiate_trainer(callbacks=callbacks, **kwargs))
 
     # Model hyperparameters the data links in (stage 1: its image size and channels): the weights of a
     # convolutional net load at any size, so a --ckpt_path of another size would resume or be scored silently.
@@ -326,7 +323,7 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
     try:
         cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
     except UserError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        say_error_once(f"{prog}: error: {one_line(e)}")  # once for all of a multi-process launch's ranks
         raise SystemExit(EXIT_USER_ERROR) from None
     except Interrupted as e:  # every rank, once the step is saved: the first says so
         if e.rank0:

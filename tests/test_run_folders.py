@@ -97,6 +97,26 @@ def test_a_resume_keeps_the_runs_config_and_records_its_own(shapes_folder, tmp_p
     assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml", "config_resume_step2.yaml"]
 
 
+def test_a_resume_reads_its_checkpoint_once(shapes_folder, tmp_path, monkeypatch):
+    """The run's choice, the image folder's file list, the check that the network fits and Lightning's restore
+    each loaded last.ckpt (4 reads of a file that may be GBs); now the first read serves them all."""
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2))
+    last = root / "version_0" / "checkpoints" / "last.ckpt"
+    loads, load = [], torch.load
+
+    def counted(f, *args, **kwargs):
+        ckpt = load(f, *args, **kwargs)
+        loads.append(ckpt.get("global_step"))
+        return ckpt
+
+    monkeypatch.setattr(torch, "load", counted)
+    train_stage1(fit_args(shapes_folder, root, 4, "--ckpt_path", "last"))
+    assert loads == [2]  # last.ckpt at step 2, read once
+    monkeypatch.setattr(torch, "load", load)
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # went on from step 2 (resumes: test_runs.py)
+
+
 @pytest.mark.parametrize("subcommand, extra, differ", [
     ("fit", ["--model.codebook_size", "64"], "codebook_size 32 (this config: 64)"),
     ("test", ["--model.width", "64"], "width 32 (this config: 64)"),
