@@ -20,6 +20,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -30,6 +31,7 @@ import numpy as np
 
 from common.cli import UserError
 from common.images import ImageError, read_images
+from common.io import lock_folder
 from common.readers import DatasetError, DatasetNotFoundError, ImageArrays, where
 
 VERSION = "16.0.0"
@@ -88,20 +90,37 @@ def fetch(root: str | Path = DEFAULT_ROOT, vendors: tuple[str, ...] = VENDORS, n
     nothing of the user's is replaced: a vendor folder or emoji.json that differs from the package's is refused."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for vendor in VENDORS:  # all of them: a killed run's vendor may have been marked before its staging went
-        _remove(_staging(root, vendor))
-    for vendor in vendors:
-        done = _marker(root, vendor).is_file() and (root / "img" / vendor / "64").is_dir()
-        if done and (root / "emoji.json").is_file():
-            print(f"emoji: {vendor} already in {root}")
-            continue
-        staging = _staging(root, vendor)
-        staging.mkdir()
-        try:
-            print(_install(_pack(vendor, staging, npm), vendor, root))
-        finally:
-            _remove(staging)
+    lock = _one_fetch_at_a_time(root)
+    try:
+        for vendor in VENDORS:  # all of them: a killed run's vendor may have been marked before its staging went
+            _remove(_staging(root, vendor))
+        for vendor in vendors:
+            done = _marker(root, vendor).is_file() and (root / "img" / vendor / "64").is_dir()
+            if done and (root / "emoji.json").is_file():
+                print(f"emoji: {vendor} already in {root}")
+                continue
+            staging = _staging(root, vendor)
+            staging.mkdir()
+            try:
+                print(_install(_pack(vendor, staging, npm), vendor, root))
+            finally:
+                _remove(staging)
+    finally:
+        if lock is not None:
+            os.close(lock)  # drops the lock
     return root
+
+
+def _one_fetch_at_a_time(root: Path) -> int | None:
+    """The lock on `root` (common.io.lock_folder), waited for if another fetch holds it: a second fetch removed the
+    first's staging folders as a killed run's and downloaded the same packages. Once it has the lock it finds the
+    vendors the first fetched marked, and skips them."""
+    try:
+        return lock_folder(root, wait=False)
+    except BlockingIOError:
+        print(f"emoji: another fetch into {root} is running (`make data-emoji` twice?); waiting for it to end",
+              flush=True)  # fmt: skip
+        return lock_folder(root)
 
 
 def _pack(vendor: str, staging: Path, npm: str) -> Path:

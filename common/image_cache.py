@@ -10,11 +10,13 @@ The key hashes what decides the pixels: each file's path under the folder, size 
 row order, with the image size, channels and DECODE_VERSION. Edit, add or remove a file, change the split
 seed, sizes or `--data.limit`, and the key (so the file) changes: a stale cache is never read. Files are
 written under a temporary name and renamed into place (common.io.atomic_file); nothing in the directory is
-ever deleted or overwritten (older caches of a folder are counted in the message, for the user to remove).
+ever deleted or overwritten (the other caches of a folder are named in the message with their sizes, for the user
+to remove).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -54,9 +56,34 @@ def cache_key(root: Path, files: list[Path], image_size: int, channels: int) -> 
     return digest.hexdigest()
 
 
+def folder_name(root: Path) -> str:
+    """How a cache file's name starts: the image folder's own name, made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "folder"
+
+
 def cache_path(cache_dir: Path, root: Path, n: int, image_size: int, channels: int, key: str) -> Path:
-    folder = re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "folder"
-    return cache_dir / f"{folder}_{image_size}px_{'rgb' if channels == 3 else 'gray'}_{n}img_{key[:16]}.npy"
+    return cache_dir / f"{folder_name(root)}_{image_size}px_{'rgb' if channels == 3 else 'gray'}_{n}img_{key[:16]}.npy"
+
+
+def _older_caches(path: Path, root: Path, named: int = 10) -> str:
+    """" (N other cache file(s) ...: FILE (SIZE), ...; delete them if unused)" naming the other cache files in `path`'s
+    directory made for a folder of the same name (any size, channels or file list), or "". They are never deleted
+    here (another run may still map one, and only the user knows), but each can be as large as the data set
+    (CelebA at 256 px: 40 GB), so the user is told exactly which files and how much to delete."""
+    folder = folder_name(root)
+    pattern = re.compile(re.escape(folder) + r"_\d+px_(rgb|gray)_\d+img_[0-9a-f]{16}\.npy")
+    older = []
+    for f in sorted(path.parent.iterdir()):
+        if f != path and pattern.fullmatch(f.name):
+            with contextlib.suppress(OSError):  # removed meanwhile: nothing to name
+                older.append((f, f.stat().st_size))
+    if not older:
+        return ""
+    shown = ", ".join(f"{f} ({size_text(n)})" for f, n in older[:named])
+    more = f" and {len(older) - named} more" if len(older) > named else ""
+    total = size_text(sum(n for _, n in older))
+    return (f" ({len(older)} other cache file(s) of a folder named {folder} there, {total} in all, not read by this "
+            f"run: {shown}{more}; delete them if unused)")
 
 
 def _writable_dir(path: Path) -> Path:
@@ -111,12 +138,8 @@ def cached_images(cache_dir: str | Path, root: str | Path, files: list[Path], im
             f"--data.cache_dir (the cache also leaves {size_text(SPARE_BYTES)} free for other writers: "
             f"{size_text(need + SPARE_BYTES)} in all)"
         )
-    older = sorted(directory.glob(path.name.rsplit("_", 2)[0] + "_*img_*.npy"))
-    print(
-        f"cache: decoding {len(files):,} images of {root} once into {path} ({size_text(need)}); later runs read it"
-        + (f" ({len(older)} older cache file(s) of this folder there: delete them if unused)" if older else ""),
-        flush=True,
-    )
+    print(f"cache: decoding {len(files):,} images of {root} once into {path} ({size_text(need)}); later runs read it"
+          f"{_older_caches(path, root)}", flush=True)  # fmt: skip
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
     with atomic_file(path, "w+b") as f:  # renamed into place only once every image is in it
         np.lib.format.write_array_header_1_0(f, header)

@@ -43,6 +43,7 @@ from common.shuffle import resumable_loader
 
 RESOLVED_ROOT = "resolved_root"  # the hyperparameter: --data.root as an absolute path where training ran
 RESOLVED_CACHE_DIR = "resolved_cache_dir"  # and --data.cache_dir, likewise
+OFFICIAL_TEST_SPLIT = {"fashion_mnist": 10_000, "mnist": 10_000, "cifar10": 10_000}  # the test images each ships
 
 
 class ImageSplits:
@@ -61,10 +62,13 @@ class ImageSplits:
         channels: 1 or 3; None: the data's own (inferred for a folder).
         batch_size: images per training batch.
         num_workers: loader worker processes (the splits are in memory: 0 is fastest).
-        val_size: validation images, carved from the training split (default 5,000; image_folder and emoji:
-            0 or None means 10 %, emoji counting base emoji).
-        test_size: image_folder and emoji: test images carved from the data (0 means 10 %); the others have an
-            official test split.
+        val_size: validation images, carved from the training data. fashion_mnist, mnist, cifar10: None (the
+            default) means 5,000, 0 means none (no validation, so no best.ckpt); image_folder: None or 0 means
+            10 % (at least 1); emoji: counted in base emoji (all vendors and skin tones of one), None or 0 means
+            10 % of them. (0 keeps these meanings: configs and checkpoints' saved options rely on them.)
+        test_size: image_folder: test images carved from the folder, 0 (the default) means 10 %; emoji: counted
+            in base emoji, 0 means 10 % of them; fashion_mnist, mnist, cifar10: 0 only, their official test
+            split is used whole.
         seed: the permutation that draws the splits.
         download: fetch Fashion-MNIST/MNIST (MD5-checked) when not found locally.
         limit: keep the first N images of each split (quick runs: a folder then decodes only those).
@@ -129,6 +133,12 @@ class ImageSplits:
             bad.append(f"num_workers={num_workers} (must be <= {MAX_WORKERS}; the splits are in memory: 0 is fastest)")
         if bad:
             raise DatasetError(f"data: {', '.join(bad)}")
+        if test_size and dataset in OFFICIAL_TEST_SPLIT:  # it was ignored: the run tested on the official split
+            raise DatasetError(
+                f"data: --data.test_size {test_size}: {dataset} has an official test split ("
+                f"{OFFICIAL_TEST_SPLIT[dataset]:,} images), used whole; drop --data.test_size (it carves a test split "
+                "from image_folder and emoji data only; --data.limit N keeps the first N of each split)"
+            )
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
         self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,
                                        val_size=val_size, test_size=test_size, seed=seed, download=download,
@@ -320,6 +330,9 @@ def data_options(saved: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str,
     path is used instead: a command run from elsewhere reads the same folder and maps the same cache."""
     known = set(inspect.signature(ImageSplits.__init__).parameters) - {"self", *skip}
     options = {k: v for k, v in saved.items() if k in known}
+    if options.get("test_size") and options.get("dataset") in OFFICIAL_TEST_SPLIT:
+        # saved before test_size was refused there, where it did nothing: the test split was the official one
+        options["test_size"] = 0
     typed = {"root": data_root(options.get("dataset"), options.get("root")), "cache_dir": options.get("cache_dir")}
     for key, resolved_key in (("root", RESOLVED_ROOT), ("cache_dir", RESOLVED_CACHE_DIR)):
         path, resolved = typed[key], saved.get(resolved_key)

@@ -203,3 +203,30 @@ def test_help_is_not_taken_for_the_data_folder(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         common.emoji.main(["--bogus"])
     assert info.value.code == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_second_fetch_into_the_same_folder_waits_for_the_first(npm, tmp_path):
+    """Two `make data-emoji` at once: the second removed the first's staging folder (as a killed run's) and
+    downloaded the same packages. It now says it waits, touches nothing until the first is done, then finishes."""
+    from common.io import lock_folder
+
+    root = tmp_path / "emoji"
+    staging = root / ".fetch-apple.tmp"
+    staging.mkdir(parents=True)
+    (staging / "emoji-datasource-apple-16.0.0.tgz").write_bytes(b"half downloaded")  # the first fetch's
+    first = lock_folder(root)  # held as the first fetch holds it
+    hashes = ", ".join(f"{v!r}: {emoji.TARBALL_SHA256[v]!r}" for v in emoji.VENDORS)  # the fakes' hashes
+    code = f"from common import emoji; emoji.TARBALL_SHA256.update({{{hashes}}}); emoji.fetch({str(root)!r})"
+    second = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                              cwd=tmp_path, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        said = f"emoji: another fetch into {root} is running (`make data-emoji` twice?); waiting for it to end\n"
+        assert second.stdout.readline() == said
+        assert (staging / "emoji-datasource-apple-16.0.0.tgz").read_bytes() == b"half downloaded"
+        assert second.poll() is None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the first fetch ends
+        os.close(first)
+        out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and set(os.listdir(root)) == fetched(root)
+    assert out.splitlines()[-1] == f"emoji: facebook -> {root / 'img' / 'facebook' / '64'}"

@@ -76,13 +76,19 @@ def test_a_changed_file_or_other_splits_make_a_new_cache_and_leave_the_old_one(f
     os.utime(target, ns=(1, 1))
     capsys.readouterr()
     changed = arrays(splits(folder, cache))
-    assert "1 older cache file(s) of this folder there" in capsys.readouterr().out
+    size = f"{old.stat().st_size / 1024:.1f} KiB"  # the old file named with its size, for the user to delete it
+    assert f"(1 other cache file(s) of a folder named {folder.name} there, {size} in all, not read by this run: " \
+           f"{old} ({size}); delete them if unused)" in capsys.readouterr().out  # fmt: skip
     assert old.read_bytes() == old_bytes and len(list(cache.iterdir())) == 2  # the old file kept as it was
     for split in SPLITS:
         assert torch.equal(changed[split][0], arrays(splits(folder, None))[split][0])
     arrays(splits(folder, cache, seed=1))
     arrays(splits(folder, cache, limit=2))
     assert len(list(cache.iterdir())) == 4
+    (cache / f"{folder.name}_extra_16px_gray_4img_{'0' * 16}.npy").touch()  # another folder's name, not this one's
+    capsys.readouterr()
+    arrays(splits(folder, cache, image_size=8))  # another size: the caches at 16 px named too
+    assert "(4 other cache file(s) of a folder named" in capsys.readouterr().out
 
 
 def test_a_broken_image_or_a_full_disk_leaves_no_file(folder, tmp_path, monkeypatch):

@@ -534,6 +534,36 @@ def test_datamodule_idx(mnist_root: Path) -> None:
     assert torch.equal(images[:, :, 2:-2, 2:-2], dm.split_arrays("train")[0][:4].expand(-1, 3, -1, -1))
 
 
+def test_test_size_is_refused_where_a_dataset_has_an_official_test_split(mnist_root: Path) -> None:
+    """--data.test_size did nothing for MNIST-like data and CIFAR-10 (their test split is the official one): it is
+    refused now, but a checkpoint saved with one still reads the data as it trained on it."""
+    from common.splits import data_options
+
+    with pytest.raises(ValueError, match="--data.test_size 5: mnist has an official test split"):
+        ImageSplits("mnist", root=str(mnist_root), val_size=10, test_size=5, download=False)
+    saved = dict(dataset="mnist", root=str(mnist_root), val_size=10, test_size=5, download=False)
+    assert len(ImageSplits(**data_options(saved)).split_arrays("test")[1]) == 12  # the whole official split
+
+
+def test_val_size_0_keeps_each_datasets_meaning_and_the_help_says_which(mnist_root, folder, capsys) -> None:
+    """--data.val_size 0 is no validation for the data sets with an official split and 10 % for a folder and
+    emoji (the configs and saved checkpoints rely on both, so neither changes); --help says which is which."""
+    from common.emoji import group_split
+    from tools.train_feature_net import main as train_feature_net
+
+    mnist = ImageSplits("mnist", root=str(mnist_root), val_size=0, download=False)
+    assert [len(mnist.split_arrays(s)[1]) for s in im.SPLITS] == [40, 0, 12]  # the whole train split trains
+    images = ImageSplits("image_folder", root=str(folder), image_size=16, val_size=0, test_size=0)
+    assert [len(images.split_arrays(s)[1]) for s in im.SPLITS] == [5, 1, 1]  # 10 %, at least 1
+    groups = np.repeat(np.arange(20), 3)  # 20 base emoji, 3 glyphs each
+    assert [len(set(groups[i])) for i in group_split(groups, 0, 0, seed=0).values()] == [2, 2, 16]  # 10 % of them
+    with pytest.raises(SystemExit):
+        train_feature_net(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert ("fashion_mnist, mnist, cifar10: None (the default) means 5,000, 0 means none (no validation, so no "
+            "best.ckpt); image_folder: None or 0 means 10 % (at least 1); emoji: counted in base emoji") in shown
+
+
 def test_datamodule_image_folder(folder: Path) -> None:
     dm = ImageDataModule(
         "image_folder", root=str(folder), image_size=16, batch_size=2, val_size=0, test_size=2
