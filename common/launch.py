@@ -95,7 +95,8 @@ def _claim_name(root: Path, name: str) -> tuple[Path, bool]:
         if (folder / "checkpoints" / "last.ckpt").is_file():
             fix = f"pass --ckpt_path last (with --log.name {name}) to resume it"
         else:
-            fix = "it has no checkpoint to resume (delete the folder to start it over)"
+            # no process trains there (the lock above): a run stopped before its first checkpoint, or a user's files
+            fix = f"it holds no checkpoint to resume and no run trains there now; delete {folder} to start over"
         raise UserError(f"--log.name {name}: {folder} already holds a run; {fix}, or choose another --log.name")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -131,10 +132,13 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
         folder = root / name if name else root / "latest"
         last = folder / "checkpoints" / "last.ckpt"
         if not last.is_file():
-            raise UserError(
-                f"--ckpt_path last: no checkpoint at {last}; train first (without --ckpt_path), "
-                "or pass --ckpt_path PATH/TO.ckpt"
-            )
+            stopped = name and folder.is_dir() and any(folder.iterdir())  # a run stopped before its first one
+            raise UserError(  # "train without --ckpt_path" alone went in a circle there: that is refused as in use
+                f"--ckpt_path last: no checkpoint at {last}; "
+                + (f"its run stopped before its first one: delete {folder}, then train without --ckpt_path, "
+                   if stopped else "train first (without --ckpt_path), ")
+                + "or pass --ckpt_path PATH/TO.ckpt"
+            )  # fmt: skip
         step = read_checkpoint(last, "--ckpt_path last", want=kind).get("global_step", 0)
         lock_run(folder, "--ckpt_path last")  # a job submitted twice: the second would train the run again
         return Run(folder.resolve(), str(last.resolve()), int(step))

@@ -80,6 +80,23 @@ def test_missing_checkpoint_and_last_without_a_run(shapes_folder, tmp_path, caps
     assert not root.exists()
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_named_with_what_to_delete(shapes_folder, tmp_path, capsys):
+    """A run killed (SIGKILL) before its first checkpoint leaves config.yaml and metrics: its name is refused, and
+    both refusals say which folder to delete ("--ckpt_path last" used to advise training without it, which is the
+    refusal of the name in use: a circle)."""
+    root = tmp_path / "runs"
+    run = root / "killed"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--log.name", "killed"), capsys)
+    assert (f"--log.name killed: {run.resolve()} already holds a run; it holds no checkpoint to resume and no run "
+            f"trains there now; delete {run.resolve()} to start over, or choose another --log.name") in err, err
+    err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--log.name", "killed", "--ckpt_path", "last"),
+                     capsys)  # fmt: skip
+    assert "its run stopped before its first one: delete " in err and "then train without --ckpt_path" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # nothing removed
+
+
 def test_unreadable_image_in_the_folder(shapes_folder, tmp_path, capsys):
     data, root = tmp_path / "data", tmp_path / "runs"
     shutil.copytree(shapes_folder, data)
