@@ -40,6 +40,7 @@ class RunWatch(Callback):
     def __init__(self, root: Path, run_dir: Path, on_start: Callable[[], None] | None = None) -> None:
         self.root, self.run_dir, self.on_start = root, run_dir, on_start  # on_start: rank 0, once, as training starts
         self.started, self._pointed, self._resumed = False, False, False
+        self.trained = False  # a training batch has begun: the run folder may hold what the user wants kept
 
     def _start(self, trainer: Trainer) -> None:
         if not self.started and self.on_start is not None and trainer.is_global_zero:
@@ -60,6 +61,7 @@ class RunWatch(Callback):
         self._resumed = bool(trainer.ckpt_path)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.trained = True
         self._point(trainer)  # the first checkpoint may come from a validation after the last batch's end
         if self._resumed and pl_module.automatic_optimization and len(trainer.optimizers) == 1:
             # Lightning numbers the logged rows with this counter and, resuming from a checkpoint written at

@@ -224,9 +224,12 @@ class VQGenCLI(LightningCLI):
 
     def _discard_unstarted_run(self) -> None:
         """A new run that failed before training (a config or data error) leaves no folder behind: neither its
-        own nor a --trainer.default_root_dir (and parents) it created, unless something else is in them now."""
+        own nor a --trainer.default_root_dir (and parents) it created, unless something else is in them now. Before
+        its first training batch: under several processes each rank checks its share of the data only then, after
+        the sanity check (the folder stayed, and its --log.name was refused on the corrected run)."""
         run = self.run
-        if run is not None and run.created and self._rank0 and not (self._watch and self._watch.started):
+        if (run is not None and run.created and self._rank0 and not (self._watch and self._watch.trained)
+                and not any((run.dir / "checkpoints").glob("*.ckpt"))):  # fmt: skip (a checkpoint is kept)
             if not dist.is_initialized() or dist.get_rank() == 0:
                 shutil.rmtree(run.dir, ignore_errors=True)
                 for folder in run.parents_created:

@@ -421,12 +421,15 @@ def test_torchrun_with_one_device_in_the_config_is_refused(shapes_folder, tmp_pa
 
 def test_a_ddp_shard_smaller_than_the_batch_is_refused(shapes_folder, tmp_path):
     """48 training images over 2 processes are 24 a rank: a batch of 32 gave every rank no batches, and the run
-    ended at step 0 with exit 0 (one process trains). Refused naming the batch and the devices."""
+    ended at step 0 with exit 0 (one process trains). Refused naming the batch and the devices, once, and the run
+    folder is gone as after any error before training (it stayed: each rank checks its share only after the
+    sanity check, and the corrected run's --log.name was then refused as in use)."""
     args = fit_args(shapes_folder, tmp_path / "runs", 4, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                    "--trainer.strategy", "ddp", "--data.batch_size", "32")  # fmt: skip
+                    "--trainer.strategy", "ddp", "--data.batch_size", "32", "--log.name", "x")  # fmt: skip
     code, out = fit_in_subprocess(args, tmp_path)
     assert code == 2 and "24 images on each of 2 processes, fewer than batch_size=32" in out, out[-3000:]
-    assert "lower --data.batch_size or --trainer.devices" in out
+    assert out.count("lower --data.batch_size or --trainer.devices") == 1, out[-3000:]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
