@@ -26,6 +26,10 @@ from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 # at 64 / 128 / 256 px (28 px unchanged), and at 256 px 1.1 GB instead of 6.5. On a GPU the bound only keeps
 # memory in reach (2 GB an activation at width 128) and leaves every measured batch (8,192 at 28 px) whole.
 PIXELS_PER_PASS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Weights a VQVAE checkpoint may hold that only training uses (the adversarial loss's discriminator): not the network's
+TRAINING_ONLY_PREFIXES = ("discriminator.",)
+
+
 class VQModel(nn.Module):
     """VQ-VAE network with a VQ (EMA or loss-learned codebook) or FSQ bottleneck, on one level or on a
     hierarchy of levels (VQ-VAE-2); arguments as :class:`stage1_vqvae.vqvae.VQVAE` documents them.
@@ -278,7 +282,8 @@ def load_stage1(path: str | Path | CheckpointFile, flag: str = "--vqvae") -> tup
     ckpt = read_checkpoint(path, flag, want="stage1")
     try:
         model = VQModel(**constructor_args(VQModel, ckpt["hyper_parameters"]))
-        model.load_state_dict(ckpt["state_dict"])
+        weights = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+        model.load_state_dict(weights)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # missing hparams, shapes that do not fit
         raise CheckpointError(f"{flag} {path}: cannot rebuild the VQ-VAE from it ({rebuild_reason(e)})") from None
     return model.eval(), dict(ckpt.get("datamodule_hyper_parameters") or {})

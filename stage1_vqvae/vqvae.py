@@ -4,7 +4,9 @@
 ``encode_to_codes(images) -> codes (B, H, W)`` and ``decode_codes(codes) -> images`` are what the rest
 of the pipeline uses (they live in :class:`stage1_vqvae.model.VQModel`, which this module extends);
 ``load_stage1`` rebuilds the plain network from a checkpoint read weights-only, Lightning's
-``load_from_checkpoint`` the whole module (training, resume).
+``load_from_checkpoint`` the whole module (training, resume). With ``adversarial_weight > 0`` the module also
+holds a PatchGAN discriminator (:mod:`stage1_vqvae.discriminator`; VQGAN's adversarial loss), trained in the same
+single optimiser step as the network.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common.grids import make_grid
 from common.logging import log_histogram, log_image, metrics_step
 from common.optim import adamw_warmup_cosine, check_optimiser, time_budget_progress
 from common.precision import fp32_metrics
+from stage1_vqvae.discriminator import PatchDiscriminator, adaptive_weight, adversarial_losses, check_adversarial
 from stage1_vqvae.metrics import SSIM
 from stage1_vqvae.model import VQModel
 
@@ -70,6 +73,10 @@ class VQVAE(VQModel, pl.LightningModule):
             codes what the upper one leaves out; off: the levels are quantized independently.
         lr, weight_decay: AdamW. warmup_steps: linear warm-up. cosine: cosine decay to 0 over the run.
         channels_last: use the channels_last memory format (faster convolutions on many CPUs/GPUs).
+        adversarial_weight: VQGAN's adversarial loss, times taming's adaptive weight; 0 (default): off, no
+            discriminator at all (the network, its weights and its losses are as without the option).
+        adversarial_start: the global step from which the adversarial terms count (taming's disc_start).
+        discriminator_width: channels of the PatchGAN's first layer (doubled per layer, at most 8x).
     """
 
     monitor = ("val/psnr", "max")
@@ -101,8 +108,12 @@ class VQVAE(VQModel, pl.LightningModule):
         warmup_steps: int = 100,
         cosine: bool = True,
         channels_last: bool = False,
+        adversarial_weight: float = 0.0,
+        adversarial_start: int = 1000,
+        discriminator_width: int = 64,
     ) -> None:
         check_optimiser(lr, weight_decay, warmup_steps)  # the network's: VQModel's check_arguments
+        check_adversarial(adversarial_weight, adversarial_start, discriminator_width)
         if condition_levels and not (levels and len(levels) > 1):  # it did nothing, without a word
             raise ValueError("--model.condition_levels conditions each level on the one above: it needs two or more "
                              "--model.levels; drop it or add levels")  # fmt: skip
@@ -116,6 +127,13 @@ class VQVAE(VQModel, pl.LightningModule):
         self.val_ssim = SSIM(data_range=2.0)  # over valid windows (stage1_vqvae.metrics)
         self.val_usage = nn.ModuleList(CodeUsage(level["codebook_size"]) for level in self.levels)  # top first
         self._val_preview: torch.Tensor | None = None
+        # Only when on: off, the state-dict keys (and checkpoints) are those from before the option existed. Made
+        # last, on a fork of the RNG: the network's initial weights and every later draw (k-means, restarts) are
+        # the same either way, so a run trains exactly as with the option off until adversarial_start.
+        self.discriminator: PatchDiscriminator | None = None
+        if adversarial_weight > 0:
+            with torch.random.fork_rng(devices=[]):
+                self.discriminator = PatchDiscriminator(self.in_channels, self.image_size, discriminator_width)
 
     # ------------------------------------------------------------------ training
     def _prep(self, images: torch.Tensor) -> torch.Tensor:
@@ -131,6 +149,10 @@ class VQVAE(VQModel, pl.LightningModule):
         recon_loss = F.mse_loss(recon.float(), images.float())
         loss = recon_loss + sum(q.loss for q in qs)
         metrics = {"train/loss": loss, "train/recon": recon_loss}
+        if self.discriminator is not None:
+            adversarial, adv_metrics = self._adversarial(images, recon, recon_loss)
+            loss = loss + adversarial  # train/loss stays the VQ-VAE's (comparable with the option off)
+            self.log_dict(adv_metrics, on_step=True, on_epoch=False)  # off the progress line, which is full
         for level, q in zip(self.levels, qs):
             counts = torch.bincount(q.codes.flatten(), minlength=level["codebook_size"]).float()
             p = counts / counts.sum()
@@ -138,6 +160,21 @@ class VQVAE(VQModel, pl.LightningModule):
             metrics[self._per_level("train/perplexity", level)] = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
         self.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def _adversarial(self, images: torch.Tensor, recon: torch.Tensor,
+                     recon_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """(lambda * g_loss + d_loss, their metrics): both players' terms for the one backward of automatic
+        optimisation (one optimiser, so Lightning's accumulation, precision, clipping, resume and DDP apply as
+        they are); each term reaches only its own player (`adversarial_losses`)."""
+        if self.global_step < self.hparams.adversarial_start:
+            # Not yet (taming's disc_start: both terms off). A zero gradient for every discriminator parameter,
+            # without running it, keeps DDP's default (find_unused_parameters=False) working.
+            return 0.0 * sum(p.sum() for p in self.discriminator.parameters()), {}
+        g_loss, d_loss, logits_real, logits_fake = adversarial_losses(self.discriminator, images, recon)
+        lam = self.hparams.adversarial_weight * adaptive_weight(recon_loss, g_loss, self.decoder.head.weight)
+        metrics = {"train/adv_g": g_loss, "train/adv_d": d_loss, "train/adv_lambda": lam,
+                   "train/logits_real": logits_real.mean(), "train/logits_fake": logits_fake.mean()}  # fmt: skip
+        return lam * g_loss + d_loss, {k: v.detach() for k, v in metrics.items()}
 
     def _per_level(self, key: str, level: dict) -> str:
         """One level keeps the names dashboards had before levels (val/usage); more get val/usage/<name>."""
@@ -203,6 +240,8 @@ class VQVAE(VQModel, pl.LightningModule):
         hp = self.hparams
         return adamw_warmup_cosine(
             self, hp.lr, hp.weight_decay, hp.warmup_steps, self.trainer.estimated_stepping_batches, hp.cosine,
-            no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name,  # never decay the codebook
+            # never decay the codebook, nor the discriminator (taming's Adam has no decay; a decayed critic drifts
+            # towards 0 logits, which would weaken the generator's signal for no gain)
+            no_decay=lambda name, p: p.ndim < 2 or "quantizer" in name or name.startswith("discriminator."),
             time_progress=time_budget_progress(self.trainer),
         )

@@ -70,6 +70,11 @@ STAGE1_ROWS = [  # (extra flags, what the one line says)
     (["--model.condition_levels", "true"], "--model.condition_levels conditions each level on the one above: it "
      "needs two or more --model.levels"),  # ignored without a word
     (["--seed_everything", "-1"], "--seed_everything must be an integer in 0..4294967295"),  # named no flag
+    (["--model.adversarial_weight", "-0.1"], "--model.adversarial_weight must be a finite number >= 0 (0: off)"),
+    (["--model.adversarial_weight", ".nan"], "--model.adversarial_weight must be a finite number >= 0 (0: off)"),
+    (["--model.adversarial_start", "-1"], "--model.adversarial_start must be an integer >= 0, got -1"),
+    (["--model.adversarial_weight", "0.1", "--model.discriminator_width", "0"],
+     "--model.discriminator_width must be an integer >= 1, got 0"),
 ]  # fmt: skip
 
 STAGE2_ROWS = [
