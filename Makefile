@@ -9,7 +9,7 @@ STAGE1_CKPT := $(RUNS)/stage1/latest/checkpoints/last.ckpt
 PRIOR_CKPT := $(RUNS)/stage2_transformer/latest/checkpoints/best.ckpt
 export WANDB_SILENT ?= true
 
-.PHONY: setup setup-dev data data-emoji demo demo-emoji demo-stage1 test lint bench clean serve serve-emoji
+.PHONY: setup setup-dev data data-emoji demo demo-emoji demo-stage1 test lint clean serve serve-emoji
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev

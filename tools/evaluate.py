@@ -9,9 +9,10 @@ stage1 (test split): MSE in [-1, 1] pixel units, PSNR, SSIM, reconstruction FID 
 originals), codebook usage, perplexity, dead codes. prior (codes' test split): NLL in bits per code and
 bits per image dimension, top-1 accuracy; for a masked-token (maskgit) prior, which has no exact likelihood,
 the NLL and accuracy at masked positions under its training mask schedule (seeded masks), labelled as not
-a likelihood. samples (a `sample` .npz, or a folder of image files from any generator): FID and KID against
-the test split, each beside its real-data floor: a random train subset of the same size against the test
-split (FID is biased upwards at small n, so the floor, not 0, is what a perfect model would score).
+a likelihood. samples (a `sample` .npz, or a folder of image files from any generator): FID, KID, k-NN
+precision and recall, the classifier score and class agreement against the test split, each beside its
+real-data floor: a random train subset of the same size against the test split (FID is biased upwards at
+small n, so the floor, not 0, is what a perfect model would score).
 
 FID/KID features (--features): a feature-net file from `train_feature_net`, "inception" (torch-fidelity),
 or auto: runs/feature_net/<dataset>.pt (an image folder: image_folder_<folder name>.pt, checked to have been
@@ -206,7 +207,8 @@ def build_parser(data_defaults: dict[str, Any] | None = None) -> Parser:
     helps = {
         "stage1": "test MSE, PSNR, SSIM, reconstruction FID, codebook usage of a stage-1 checkpoint",
         "prior": "test NLL (bits per code, bits per dim) and accuracy of a prior on a codes directory",
-        "samples": "FID and KID of a `sample` .npz against the test split, beside the real-data floor",
+        "samples": "FID, KID, precision/recall, classifier score and class agreement of a `sample` .npz (or an "
+                   "image folder) against the test split, beside the real-data floor",
     }
     for mode, text in helps.items():
         p = make_parser(f"evaluate {mode}", text)
