@@ -121,8 +121,9 @@ _keeping = False
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
-    """The same file, unchanged: a run that renames a new last.ckpt into place gives another inode."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    """The same file, unchanged: a run that renames a new last.ckpt into place gives another inode; ctime too, since
+    an in-place copy of a same-size checkpoint can keep its mtime (`cp -p`) but not its ctime (utime cannot set it)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -235,21 +236,37 @@ def wandb_offline_unless_logged_in() -> bool:
 
 
 RANK_ZERO_WAIT_S = 5.0  # how long another rank waits to hear that rank 0 reported the same error
+ACK_WAIT_S = 1.0  # how long rank 0, which hosts the process group's store, waits for the others to have read it
 
 
-def _launch_store() -> tuple[Any, int] | None:
-    """(the key-value store all ranks of this multi-process launch share, this process's global rank), or None in a
-    single process: torchrun's own store (there from the start, before any process group: a bad flag is seen by
-    every rank at once), else the default process group's (Lightning's DDP launcher, once the group is made)."""
-    import torch.distributed as dist
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections there, within 0.5 s (a plain socket: c10d's client retried for seconds
+    and printed its C++ stack when torchrun's variables were left in a shell with no torchrun behind them)."""
+    import socket
 
     try:
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _launch_store() -> tuple[Any, int, int, bool] | None:
+    """(the key-value store all ranks of this multi-process launch share, this process's global rank, the number of
+    ranks, whether rank 0 hosts it), or None in a single process: torchrun's own store (there from the start, before
+    any process group: a bad flag is seen by every rank at once; its agent hosts it), else the default process
+    group's (Lightning's DDP launcher, once the group is made; rank 0 hosts it)."""
+    import torch.distributed as dist
+
+    env = os.environ
+    try:
+        if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("TORCHELASTIC_RUN_ID")
+                and int(env.get("WORLD_SIZE", 1)) > 1 and _listening(env["MASTER_ADDR"], int(env["MASTER_PORT"]))):
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
                                   timeout=timedelta(seconds=RANK_ZERO_WAIT_S))  # fmt: skip
-            return store, int(os.environ["RANK"])
+            return store, int(env["RANK"]), int(env["WORLD_SIZE"]), False
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return dist.distributed_c10d._get_default_store(), dist.get_rank()
+            return dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size(), True
     except Exception:  # no store to reach (a launcher gone, a variable missing): each rank speaks for itself
         return None
     return None
@@ -263,15 +280,25 @@ def say_error_once(line: str) -> None:
     memory, or rank 0 gone), so no rank's error goes unsaid."""
     launch = _launch_store()
     if launch is not None:
-        store, rank = launch
-        key = f"vqgen/user_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"  # torchrun's store outlives a try
-        try:
-            if rank == 0:
+        store, rank, world, rank0_hosts = launch
+        # torchrun's store outlives a restart, and may serve another launch's commands: the key names both
+        env = os.environ
+        key = f"vqgen/user_error/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        if rank == 0:
+            print(line, file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # said; the others say their own if they cannot read it
                 store.set(key, line)
-            else:
-                store.wait([key], timedelta(seconds=RANK_ZERO_WAIT_S))
-                if store.get(key).decode() == line:
-                    return  # rank 0 said it
+                deadline = time.monotonic() + ACK_WAIT_S
+                # its exit takes the process group's store with it: the others read the line first (or 1 s passes)
+                while rank0_hosts and store.add(f"{key}/read", 0) < world - 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return
+        try:
+            store.wait([key], timedelta(seconds=RANK_ZERO_WAIT_S))
+            said = store.get(key).decode()
+            store.add(f"{key}/read", 1)
+            if said == line:
+                return  # rank 0 said it
         except Exception:  # not said in time, or the store is gone: say it here
             pass
     print(line, file=sys.stderr, flush=True)

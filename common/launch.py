@@ -133,6 +133,9 @@ def choose_run(root: Path, name: str | None, ckpt_path: str | None, kind: str | 
         last = folder / "checkpoints" / "last.ckpt"
         if not last.is_file():
             stopped = name and folder.is_dir() and any(folder.iterdir())  # a run stopped before its first one
+            if stopped:  # or one training there now, before its first checkpoint: named as such, never "delete"
+                lock_run(folder, "--ckpt_path last")
+                release_run(folder)
             raise UserError(  # "train without --ckpt_path" alone went in a circle there: that is refused as in use
                 f"--ckpt_path last: no checkpoint at {last}; "
                 + (f"its run stopped before its first one: delete {folder}, then train without --ckpt_path, "

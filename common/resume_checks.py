@@ -70,3 +70,18 @@ def folder_of_checkpoint(cfg: Any, kind: str | None) -> None:
 def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checkpoint_model_config(subcommand: str, ckpt: str | None, kind: str) -> dict[str, Any] | None:
+    """What LightningCLI's `_parse_ckpt_path` merges into the config from a --ckpt_path file (its saved model
+    hyperparameters, under the subcommand), read through `read_checkpoint`: Lightning's own torch.load read the file
+    a second time (once kept by common.checkpoint.keep_loaded, a resume reads it once). None: nothing to merge."""
+    if not ckpt or ckpt in LIGHTNING_CKPT_NAMES or not Path(ckpt).is_file():
+        return None
+    hparams = dict(read_checkpoint(ckpt, "--ckpt_path", want=kind).get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)  # a copy: the kept checkpoint goes to Lightning's restore unchanged
+    if not hparams:
+        return None
+    if "_class_path" in hparams:
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    return {subcommand: {"model": hparams}}

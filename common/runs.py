@@ -66,7 +66,7 @@ from common.logging import LogConfig, finish_logger, make_logger, quiet_lightnin
 from common.malloc import keep_freed_memory
 from common.precision import announce, resolve_cpu_bf16
 from common.progress import LineProgressBar, Throughput
-from common.resume_checks import check_checkpoint_fits, folder_of_checkpoint
+from common.resume_checks import check_checkpoint_fits, checkpoint_model_config, folder_of_checkpoint
 from common.run_callbacks import (
     NewestCheckpoint,
     RngState,
@@ -190,6 +190,11 @@ class VQGenCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES:
             read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)
+
+    def _parse_ckpt_path(self) -> None:  # LightningCLI's (private) hook, reading the file through read_checkpoint
+        sub = self.config.get("subcommand")
+        if sub and (merge := checkpoint_model_config(sub, self.config[sub].get("ckpt_path"), self.checkpoint_kind)):
+            self.config = self.parser.parse_object(merge, self.config)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,9 @@ if sys.argv[1] == "group":
     import torch.distributed as dist
     dist.init_process_group("gloo")
 own = f" of rank {os.environ['RANK']}" if sys.argv[2] == "own" else ""
+if sys.argv[2] == "late" and os.environ["RANK"] != "0":  # rank 0, which hosts the group's store, fails first
+    import time
+    time.sleep(0.5)
 message = f"--data.batch_size 2000 is more than the train split{own}"
 def fail(args):
     raise cli.UserError(message)
@@ -52,6 +56,30 @@ def test_the_same_error_on_every_rank_is_said_once_and_each_exits_2(tmp_path):
     done = ranks(tmp_path, "same")
     assert [d.returncode for d in done] == [2, 2]
     assert "".join(d.stderr for d in done) == "probe: error: --data.batch_size 2000 is more than the train split\n"
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_after_rank_0_still_reads_its_line(tmp_path):
+    """Rank 0 hosts the process group's store and its exit took the store along: a rank failing 0.5 s later printed
+    c10d's connection errors and the line again. Rank 0 now waits (at most 1 s) until the others have read it."""
+    done = ranks(tmp_path, "late")
+    assert [d.returncode for d in done] == [2, 2]
+    assert "".join(d.stderr for d in done) == "probe: error: --data.batch_size 2000 is more than the train split\n"
+
+
+def test_torchruns_variables_left_in_a_shell_change_nothing(tmp_path):
+    """A single process with torchrun's variables and no torchrun behind them (a notebook, a shell inside a job):
+    one line at once (it spent 9-13 s in c10d's retries and printed 43 lines of its C++ stack first)."""
+    script = tmp_path / "rank_fails.py"
+    script.write_text(RANK_FAILS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "TORCHELASTIC_RUN_ID": "gone", "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, str(script), "none", "same"], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 2 and run.stderr == "probe: error: --data.batch_size 2000 is more than the train split\n"
+    assert time.perf_counter() - t0 < 5, "it waited for a store"
 
 
 @pytest.mark.slow

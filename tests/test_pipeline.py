@@ -398,10 +398,17 @@ def test_a_long_draw_says_how_far_it_is(pipeline, tmp_path, monkeypatch, capsys)
     import tools.draw_progress
 
     monkeypatch.setattr(tools.draw_progress, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(tools.draw_progress, "PROGRESS_EVERY_S", 0.0)
     sample_main(["--prior", str(pipeline["prior"]), "--n", "6", "--batch_size", "2", "--out", str(tmp_path / "s.npz")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample: ")]
+    lines = [line for line in lines if not line.startswith("sample: step")]  # inside a batch: the test below
     assert [line.split(" drawn")[0] for line in lines] == ["sample: 2 of 6", "sample: 4 of 6"], lines
     assert all(line.endswith(" s left") for line in lines)
+    # at most a line every PROGRESS_EVERY_S: quick batches of a large --n printed one each
+    monkeypatch.setattr(tools.draw_progress, "PROGRESS_EVERY_S", 3600.0)
+    sample_main(["--prior", str(pipeline["prior"]), "--n", "6", "--batch_size", "2", "--out", str(tmp_path / "t.npz")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample: ")]
+    assert [line.split(" drawn")[0] for line in lines] == ["sample: step 1 of 16 for grids 1-2 of 6"], lines
 
 
 @pytest.mark.parametrize("prime", [False, True])

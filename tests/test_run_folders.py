@@ -46,6 +46,11 @@ def test_a_run_folder_another_process_trains_in_is_refused(shapes_folder, tmp_pa
         assert f"--log.name exp: {(root / 'exp').resolve()} is being trained by another process (a fit started " \
             "before this one, or the same job submitted twice)" in err, err  # fmt: skip
         assert list((root / "exp").iterdir()) == []  # its folder left alone (and no lock file in it)
+        (root / "exp" / "config.yaml").write_text("seed_everything: 0\n")  # written, no checkpoint yet
+        err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--log.name", "exp", "--ckpt_path", "last"),
+                         capsys)  # fmt: skip
+        assert "is being trained by another process" in err and "delete" not in err, err  # not "stopped: delete"
+        (root / "exp" / "config.yaml").unlink()
     finally:
         holder.kill()
         holder.wait()
@@ -115,6 +120,11 @@ def test_a_resume_reads_its_checkpoint_once(shapes_folder, tmp_path, monkeypatch
     assert loads == [2]  # last.ckpt at step 2, read once
     monkeypatch.setattr(torch, "load", load)
     assert torch.load(last, weights_only=True)["global_step"] == 4  # went on from step 2 (resumes: test_runs.py)
+    # a file: LightningCLI's own read of its hyperparameters (_parse_ckpt_path) goes through the kept one too
+    loads.clear()
+    monkeypatch.setattr(torch, "load", counted)
+    train_stage1(fit_args(shapes_folder, root, 6, "--ckpt_path", str(last)))
+    assert loads == [4]
 
 
 @pytest.mark.parametrize("subcommand, extra, differ", [

@@ -1,7 +1,7 @@
 """How far a long `sample` draw is, on stderr (torch-free, so it costs the command nothing to import).
 
-Nothing for a draw's first PROGRESS_AFTER_S seconds, so a quick draw stays silent; then a line after each batch
-but the last, and inside a batch (the samplers' ``on_step``) a line at most every PROGRESS_EVERY_S: one batch of
+Nothing for a draw's first PROGRESS_AFTER_S seconds, so a quick draw stays silent; then at most a line every
+PROGRESS_EVERY_S, after a batch but the last or inside a batch (the samplers' ``on_step``): one batch of
 256-px grids is 1,280 raster steps, minutes on a CPU, that printed nothing before (the scale audit).
 """
 
@@ -20,7 +20,7 @@ class DrawProgress:
 
     def __init__(self, n: int, command: str = "sample") -> None:
         self.n, self.command = n, command
-        self.t0 = self.last = time.perf_counter()
+        self.t0, self.last = time.perf_counter(), -float("inf")  # the first line may come as soon as PROGRESS_AFTER_S
         self.start, self.size = 0, n
 
     def batch(self, start: int, size: int) -> None:
@@ -46,6 +46,9 @@ class DrawProgress:
         self._print(f"step {i:,} of {count:,} for {grids}", seconds, (self.start + self.size * i / count) / self.n)
 
     def batch_done(self) -> None:
+        """After a batch but the last, at most a line every PROGRESS_EVERY_S (quick batches of a large --n printed
+        hundreds of lines)."""
         done = self.start + self.size
-        if (seconds := self._late()) is not None and done < self.n:
+        seconds = self._late()
+        if seconds is not None and done < self.n and time.perf_counter() - self.last >= PROGRESS_EVERY_S:
             self._print(f"{done:,} of {self.n:,}", seconds, done / self.n)
