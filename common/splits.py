@@ -136,8 +136,9 @@ class ImageSplits:
         if test_size and dataset in OFFICIAL_TEST_SPLIT:  # it was ignored: the run tested on the official split
             raise DatasetError(
                 f"data: --data.test_size {test_size}: {dataset} has an official test split ("
-                f"{OFFICIAL_TEST_SPLIT[dataset]:,} images), used whole; drop --data.test_size (it carves a test split "
-                "from image_folder and emoji data only; --data.limit N keeps the first N of each split)"
+                f"{OFFICIAL_TEST_SPLIT[dataset]:,} images), used whole; drop --data.test_size or set it to 0 (it "
+                "carves a test split from image_folder and emoji data only; --data.limit N keeps the first N of each "
+                "split)"
             )
         # image_size/channels may be None here (resolved from the data); the model saves the resolved ones.
         self.options = SimpleNamespace(dataset=dataset, root=root, batch_size=batch_size, num_workers=num_workers,

@@ -384,7 +384,8 @@ ROWS = [
     ("train_feature_net", ["--data.dataset", "fashion_mnist", "--data.cache_dir", "c", "--out", "f.pt"],
      r"--data.cache_dir is for --data.dataset image_folder; fashion_mnist is read whole into memory"),
     *[("train_feature_net", ["--data.dataset", kind, "--data.test_size", "500", "--out", "f.pt"],  # it was ignored
-       rf"--data.test_size 500: {kind} has an official test split \(10,000 images\), used whole; drop --data.test_size")
+       rf"--data.test_size 500: {kind} has an official test split \(10,000 images\), used whole; drop "
+       r"--data.test_size or set it to 0")
       for kind in ("fashion_mnist", "mnist", "cifar10")],
     ("extract_codes", ["--ckpt", "{stage1}", "--out", "new_codes", "--data.cache_dir", "{a_file}"],
      r"--data.cache_dir \S*a_file is a file"),
