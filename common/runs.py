@@ -44,6 +44,7 @@ from common.cli import (
     restrict_import_paths,
     say_error_once,
 )  # fmt: skip
+from common.init_weights import load_initial_weights
 from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
 from common.io import no_space
 from common.launch import (
@@ -172,6 +173,10 @@ class VQGenCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(LogConfig, "log")
+        parser.add_argument("--init_weights", type=str | None, default=None,
+                            help="fit: start a new run from this checkpoint's weights (fine-tuning on other data, "
+                                 "adding the adversarial loss), with a new optimiser, schedule and step 0; "
+                                 "--ckpt_path resumes a run instead")  # fmt: skip
         parser.add_argument("--cpu_bf16", type=bool, default=False,
                             help="train in bf16-mixed instead of a 32-bit --trainer.precision when training on a CPU "
                                  "with native bf16 instructions (AVX512-BF16, AMX); elsewhere no change")  # fmt: skip
@@ -190,6 +195,10 @@ class VQGenCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES:
             read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)
+        if init := self.config[sub].get("init_weights") if sub else None:  # its network is checked in before_fit
+            if sub != "fit":
+                raise UserError(f"--init_weights starts a new training run (fit); {sub} takes --ckpt_path")
+            read_checkpoint(init, "--init_weights", want=self.checkpoint_kind)
 
     def _parse_ckpt_path(self) -> None:  # LightningCLI's (private) hook, reading the file through read_checkpoint
         sub = self.config.get("subcommand")
@@ -306,6 +315,12 @@ class VQGenCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint_fits()
+        if init := self.config[self.subcommand].get("init_weights"):
+            resumed = self.config[self.subcommand].get("ckpt_path")  # a resume (a requeued job's too) restores all
+            note = (f"--init_weights {init} not used: the run resumes from {resumed}" if resumed
+                    else load_initial_weights(self.model, init, self.checkpoint_kind))  # fmt: skip
+            if self._rank0:
+                print(f"{self._prog}: {note}", file=sys.stderr, flush=True)
         if self.trainer.world_size == 1:  # read the data now: Lightning starts the logger (W&B's lines, its
             self.datamodule.prepare_data()  # files in the run folder) before it sets the data up, so an unreadable
             self.datamodule.setup("fit")  # folder came after them (once per process: the splits are kept)
