@@ -21,11 +21,30 @@ NOT_SHAPES = ("adversarial_", "discriminator_", "label_dropout", "dropout")  # s
 FLAG = "--init_weights"
 
 
+def check_init_weights(path: str, subcommand: str, ckpt_path: str | None, kind: str | None) -> None:
+    """At parse time: UserError for an --init_weights that cannot start a run (not fit, empty, a URL, not a checkpoint
+    of this stage). A resume (--ckpt_path) does not use it, so its file is not needed then (a run's config.yaml
+    records the flag, and the file may be gone by the time it is resumed)."""
+    if subcommand != "fit":
+        raise UserError(f"{FLAG} starts a new training run (fit); {subcommand} takes --ckpt_path")
+    if not str(path).strip():  # "$INIT" unset in a job script: it trained from scratch without a word
+        raise UserError(f"{FLAG} is empty; pass a checkpoint (.ckpt), or leave the flag out to start from scratch")
+    if "://" in str(path):
+        raise UserError(f"{FLAG} {path}: a local checkpoint file is needed; download it first")
+    if ckpt_path is None:
+        read_checkpoint(path, FLAG, want=kind)
+
+
+def _fits(saved: dict[str, Any], own: dict[str, Any], key: str) -> bool:
+    return key in saved and tuple(getattr(saved[key], "shape", ())) == tuple(own[key].shape)
+
+
 def _differences(saved: dict[str, Any], own: dict[str, Any]) -> list[str]:
-    """How the checkpoint's weights do not fit the model's, beyond TRAINING_ONLY modules: shapes, missing, extra."""
+    """How the checkpoint's weights do not fit the model's, beyond TRAINING_ONLY modules (any shape, there or not):
+    shapes, missing, extra."""
     skip = lambda key: key.startswith(TRAINING_ONLY)  # noqa: E731
     shapes = [f"{k} {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here" for k, v in own.items()
-              if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(v.shape)]  # fmt: skip
+              if k in saved and not skip(k) and not _fits(saved, own, k)]  # fmt: skip
     missing = [f"{k} not in the checkpoint" for k in own if k not in saved and not skip(k)]
     extra = [f"{k} only in the checkpoint" for k in saved if k not in own and not skip(k)]
     return shapes + missing + extra
@@ -44,8 +63,8 @@ def load_initial_weights(model: nn.Module, path: str, kind: str | None) -> str:
         what = (f"it has {', '.join(changed[:4])}; " if changed else "") + differences[0]
         raise UserError(f"{FLAG} {path} holds another network than this config builds ({what}); pass the same "
                         "--model sizes as its run (its config.yaml beside its checkpoints)")  # fmt: skip
-    model.load_state_dict({k: v for k, v in saved.items() if k in own}, strict=False)
-    new = sorted({k.split(".")[0] for k in own if k not in saved})
+    model.load_state_dict({k: v for k, v in saved.items() if k in own and _fits(saved, own, k)}, strict=False)
+    new = sorted({k.split(".")[0] for k in own if not _fits(saved, own, k)})  # a discriminator of another width too
     dropped = sorted({k.split(".")[0] for k in saved if k not in own})
     return (f"started from the weights of {path} (its step {int(ckpt.get('global_step', 0)):,}), with a new "
             "optimiser, schedule and step 0" + (f"; new: {', '.join(new)}" if new else "")

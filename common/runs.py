@@ -44,8 +44,16 @@ from common.cli import (
     restrict_import_paths,
     say_error_once,
 )  # fmt: skip
-from common.init_weights import load_initial_weights
-from common.interrupt import Interrupted, SignalGuard, StopOnInterrupt, Stopped, requeue_note, requeue_words
+from common.init_weights import check_init_weights, load_initial_weights
+from common.interrupt import (
+    Interrupted,
+    SignalGuard,
+    StopOnInterrupt,
+    Stopped,
+    requeue_note,
+    requeue_words,
+    signal_words,
+)  # fmt: skip
 from common.io import no_space
 from common.launch import (
     LIGHTNING_CKPT_NAMES,
@@ -147,8 +155,10 @@ class VQGenCLI(LightningCLI):
             finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted,
                           exit_code=stop.exit_code if signalled else None,
                           preempting=isinstance(stop, Interrupted) and stop.requeued)  # fmt: skip
-            if failed:
-                self._discard_unstarted_run()
+            if failed and self._discard_unstarted_run() and isinstance(stop, Stopped) and "last.ckpt" in str(stop):
+                # a second Ctrl-C in the sanity check: "last.ckpt holds the last one saved" named a removed folder
+                stop.args = (f"stopped by {signal_words(stop.signum)} before training began: nothing was saved, and "
+                             f"the new run folder {self.run.dir} was removed",)  # fmt: skip
             release_run()  # the run folder's lock (common.run_lock), held since it was chosen (or on the way)
             os.environ.pop(RUN_ENV, None)  # a later run in the same process picks its own folder
 
@@ -195,10 +205,8 @@ class VQGenCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES:
             read_checkpoint(ckpt, "--ckpt_path", want=self.checkpoint_kind)
-        if init := self.config[sub].get("init_weights") if sub else None:  # its network is checked in before_fit
-            if sub != "fit":
-                raise UserError(f"--init_weights starts a new training run (fit); {sub} takes --ckpt_path")
-            read_checkpoint(init, "--init_weights", want=self.checkpoint_kind)
+        if (init := self.config[sub].get("init_weights") if sub else None) is not None:  # network: before_fit
+            check_init_weights(init, sub, ckpt, self.checkpoint_kind)
 
     def _parse_ckpt_path(self) -> None:  # LightningCLI's (private) hook, reading the file through read_checkpoint
         sub = self.config.get("subcommand")
@@ -236,7 +244,7 @@ class VQGenCLI(LightningCLI):
                 announce(precision)
         self.run, self.run_dir, self._root = run, run.dir, root
 
-    def _discard_unstarted_run(self) -> None:
+    def _discard_unstarted_run(self) -> bool:
         """A new run that failed before training (a config or data error) leaves no folder behind: neither its
         own nor a --trainer.default_root_dir (and parents) it created, unless something else is in them now. Before
         its first training batch: under several processes each rank checks its share of the data only then, after
@@ -251,6 +259,8 @@ class VQGenCLI(LightningCLI):
                         folder.rmdir()  # only when empty
                     except OSError:
                         break
+                return True
+        return False
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.run_dir is None:  # validate/test: no run folder, and nothing written unless asked for
@@ -315,7 +325,7 @@ class VQGenCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint_fits()
-        if init := self.config[self.subcommand].get("init_weights"):
+        if (init := self.config[self.subcommand].get("init_weights")) is not None:
             resumed = self.config[self.subcommand].get("ckpt_path")  # a resume (a requeued job's too) restores all
             note = (f"--init_weights {init} not used: the run resumes from {resumed}" if resumed
                     else load_initial_weights(self.model, init, self.checkpoint_kind))  # fmt: skip

@@ -66,3 +66,28 @@ def test_another_network_or_subcommand_is_one_line_and_a_resume_ignores_it(shape
     err = capsys.readouterr().err
     assert f"--init_weights {start} not used: the run resumes from" in err, err
     assert torch.load(start, weights_only=True)["global_step"] == 4  # resumed from step 2, in place
+
+
+def test_a_resume_does_not_need_the_file_and_odd_values_are_refused(shapes_folder, tmp_path, capsys):
+    """The run's config.yaml records --init_weights: resuming with it after the file went (a scratch folder
+    cleaned) failed on the missing file it would not use. An empty value ("$INIT" unset) trained from scratch
+    silently; a URL was misquoted as a path. A discriminator of another width is a new one, not an error."""
+    root = tmp_path / "runs"
+    train_stage1(fit_args(shapes_folder, root, 2, "--model.adversarial_weight", "0.1", "--model.adversarial_start",
+                          "0"))  # fmt: skip
+    start = tmp_path / "start.ckpt"
+    (root / "version_0" / "checkpoints" / "last.ckpt").rename(start)
+    capsys.readouterr()
+    train_stage1(fit_args(shapes_folder, root, 2, "--init_weights", str(start), "--model.adversarial_weight", "0.1",
+                          "--model.discriminator_width", "16"))  # fmt: skip
+    assert "; new: discriminator" in capsys.readouterr().err
+    config = root / "version_1" / "config.yaml"
+    assert f"init_weights: {start}" in config.read_text()
+    start.unlink()
+    train_stage1(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    assert "not used: the run resumes from" in capsys.readouterr().err
+    for value, said in [("", "--init_weights is empty; pass a checkpoint (.ckpt), or leave the flag out"),
+                        ("https://example.com/x.ckpt", "--init_weights https://example.com/x.ckpt: a local checkpoint "
+                                                       "file is needed")]:  # fmt: skip
+        err = user_error(train_stage1, fit_args(shapes_folder, root, 2, "--init_weights", value), capsys)
+        assert said in err, err

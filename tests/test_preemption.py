@@ -113,6 +113,10 @@ def test_a_slurm_job_requeued_by_its_warning_signal_continues_its_own_run(shapes
     ("SIGTERM", 2, "batch", 143, "stopped by SIGTERM at step 5, saved as"),  # torchrun and SLURM send another
     ("SIGINT", 2, "batch", 130, "stopped by Ctrl-C at once (the step under way is lost; last.ckpt holds the last"),
     ("SIGTERM", 1, "sanity", 143, "stopped by SIGTERM at step 1, saved as"),
+    # a second Ctrl-C in the sanity check: nothing trained, the new folder goes, and the line no longer names a
+    # last.ckpt in it
+    ("SIGINT", 2, "sanity", 130, "stopped by Ctrl-C before training began: nothing was saved, and the new run "
+                                 "folder"),
 ])  # fmt: skip
 def test_a_second_signal_and_one_in_the_sanity_check(shapes_folder, tmp_path, capsys, signal_name, times, when, code,
                                                       said):  # fmt: skip
@@ -125,6 +129,9 @@ def test_a_second_signal_and_one_in_the_sanity_check(shapes_folder, tmp_path, ca
     err = capsys.readouterr().err
     assert stop.value.code == code and f"train_stage1: {said}" in err and "Traceback" not in err, err
     last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    if when == "sanity" and signal_name == "SIGINT":
+        assert not (tmp_path / "version_0").exists()
+        return
     assert torch.load(last, weights_only=True)["global_step"] == {"SIGINT": 3, "SIGTERM": 5 if when == "batch" else 1}[
         signal_name]
 
