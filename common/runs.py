@@ -1,7 +1,8 @@
 """Shared LightningCLI pieces: run folders, the default logger, checkpoints, exact resume, progress output,
 and user errors as one line.
 
-Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` over :func:`train_main`:
+Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` over
+:func:`common.run_entry.train_main`, which runs :class:`VQGenCLI`:
 
 * each `fit` gets its own folder ``<trainer.default_root_dir>/<name>`` (``version_N`` unless
   ``--log.name`` is given; see :mod:`common.launch`) holding ``config.yaml``, ``checkpoints/{best,last}.ckpt``
@@ -20,11 +21,10 @@ Every training entry point (`train_stage1`, `train_stage2`) is a thin `main()` o
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -35,14 +35,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import keep_loaded, read_checkpoint
 from common.cli import (
-    EXIT_USER_ERROR,
-    IMPORT_PATHS_ENV,
     UserError,
-    allowed_import_paths,
-    one_line,
     out_of_memory,
-    restrict_import_paths,
-    say_error_once,
 )  # fmt: skip
 from common.init_weights import check_init_weights, load_initial_weights
 from common.interrupt import (
@@ -50,8 +44,6 @@ from common.interrupt import (
     SignalGuard,
     StopOnInterrupt,
     Stopped,
-    requeue_note,
-    requeue_words,
     signal_words,
 )  # fmt: skip
 from common.io import no_space
@@ -67,12 +59,10 @@ from common.launch import (
     lightning_child,
     machine_error,
     on_rank_zero,
-    rank_zero_by_environment,
     write_slurm_record,
 )
 from common.loaders import WORKER_TIMEOUT_MESSAGE, worker_timeout_hint
-from common.logging import LogConfig, finish_logger, make_logger, quiet_lightning
-from common.malloc import keep_freed_memory
+from common.logging import LogConfig, finish_logger, make_logger
 from common.precision import announce, resolve_cpu_bf16
 from common.progress import LineProgressBar, Throughput
 from common.resume_checks import check_checkpoint_fits, checkpoint_model_config, folder_of_checkpoint
@@ -85,24 +75,8 @@ from common.run_callbacks import (
     StopOnDivergence,
     use_atomic_io,
 )  # fmt: skip
+from common.run_entry import OneLineParser
 from common.run_lock import release_run
-
-
-class OneLineParser(LightningArgumentParser):
-    """LightningCLI's parser with parse errors as one line and exit code 2 (common.cli's format)."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:  # jsonargparse trying alternatives: it catches this itself
-            super().error(message, ex)
-        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        if denied := re.search(r"Importing '([\w.]+)' is not allowed", message):  # common.cli.restrict_import_paths
-            key = re.match(r'Parser key "([\w.]+)"', message)
-            message = (f"{key.group(1) + ': ' if key else ''}class_path {denied.group(1)} is refused: a config may "
-                       f"name classes of {', '.join(allowed_import_paths())} only (no other package's code runs from "
-                       f"a config file); to use your own, export {IMPORT_PATHS_ENV}=PACKAGE[,PACKAGE]")  # fmt: skip
-        say_error_once(f"{prog.split()[0]}: error: {one_line(message)} (see {prog} --help)")  # torchrun: once
-        raise SystemExit(EXIT_USER_ERROR)
-
 
 MAX_SEED = 2**32 - 1  # what seed_everything takes (numpy's seeds)
 
@@ -346,30 +320,3 @@ class VQGenCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.run_dir is not None and self.trainer.is_global_zero:
             print(f"run folder: {self.run_dir}  (checkpoints: {self.run_dir / 'checkpoints'})", flush=True)
-
-
-def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, args: list[str] | None) -> None:
-    """Run a training CLI; a user error is one line ``<prog>: error: <message>`` on stderr and exit code 2."""
-    quiet_lightning()
-    keep_freed_memory()
-    restrict_import_paths()
-    try:
-        cli(model, datamodule, args=args, seed_everything_default=0, parser_kwargs={"prog": prog})
-    except UserError as e:
-        say_error_once(f"{prog}: error: {one_line(e)}")  # once for all of a multi-process launch's ranks
-        raise SystemExit(EXIT_USER_ERROR) from None
-    except Interrupted as e:  # every rank, once the step is saved: the first says so
-        if e.rank0:
-            print(f"{prog}: {e}; {e.next_step}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
-    except Stopped as e:  # a signal outside the training loop, or a second Ctrl-C: nothing more to save
-        if rank_zero_by_environment():
-            print(f"{prog}: {e}{requeue_words(requeue_note(e.signum, True))}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
-    except ModuleNotFoundError as e:  # an environment without LightningCLI's extras (e.g. installed --no-deps)
-        if "jsonargparse" not in str(e) and e.name not in ("jsonargparse", "docstring_parser", "typeshed_client"):
-            raise
-        print(f"{prog}: error: the training commands read their configs with jsonargparse[signatures], which this "
-              f"environment lacks ({one_line(e)}); install it: pip install 'jsonargparse[signatures]>=4.27.7' "
-              "(or `make setup`)", file=sys.stderr)  # fmt: skip
-        raise SystemExit(EXIT_USER_ERROR) from None

@@ -16,7 +16,8 @@ from common.datamodule import ImageDataModule
 from common.grids import save_grid
 from common.images import from_uint8
 from common.logging import log_image
-from common.runs import VQGenCLI, train_main
+from common.run_entry import train_main
+from common.runs import VQGenCLI
 from stage1_vqvae.vqvae import VQVAE
 
 

@@ -19,7 +19,8 @@ from pytorch_lightning import Callback
 from common.cli import UserError
 from common.grids import make_grid, save_grid
 from common.logging import lightning_info_hidden, log_image, metrics_step
-from common.runs import VQGenCLI, train_main
+from common.run_entry import train_main
+from common.runs import VQGenCLI
 from stage1_vqvae.model import VQModel, load_stage1
 from stage2_prior.data import CodesDataModule
 from stage2_prior.prior import Prior

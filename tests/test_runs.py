@@ -701,7 +701,7 @@ def test_lightning_advice_that_does_not_apply_is_not_printed(shapes_folder, tmp_
         return {p for p, _ in LIGHTNING_NOISE[-3:] if any(re.search(p, str(w.message)) for w in recwarn.list)}
 
     with monkeypatch.context() as m:
-        m.setattr("common.runs.quiet_lightning", lambda: None)
+        m.setattr("common.run_entry.quiet_lightning", lambda: None)
         assert noise(tmp_path / "loud") == {p for p, _ in LIGHTNING_NOISE[-3:]}
     assert noise(tmp_path / "quiet") == set()
 
