@@ -5,6 +5,7 @@ gives parse errors the same form."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import TYPE_CHECKING, NoReturn
@@ -27,6 +28,8 @@ from common.malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from common.runs import VQGenCLI
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # gloo's words when another rank has exited
 
 
 class OneLineParser(LightningArgumentParser):
@@ -63,6 +66,16 @@ def train_main(prog: str, cli: type[VQGenCLI], model: type, datamodule: type, ar
         if rank_zero_by_environment():
             print(f"{prog}: {e}{requeue_words(requeue_note(e.signum, True))}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
+    except RuntimeError as e:
+        # (the run's folder variable is gone by now, so rank_zero_by_environment cannot tell Lightning's children)
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or "0"
+        if rank == "0" or not (said := [words for words in PEER_GONE if words in str(e)]):
+            raise
+        # another rank ended first (an error of its own, said above it): gloo's "Connection closed by peer"
+        # traceback here only hid that line
+        print(f"{prog}: rank {rank} stopped: another process of this launch ended first (its error is above; "
+              f"gloo: {said[0].lower()})", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(1) from None
     except ModuleNotFoundError as e:  # an environment without LightningCLI's extras (e.g. installed --no-deps)
         if "jsonargparse" not in str(e) and e.name not in ("jsonargparse", "docstring_parser", "typeshed_client"):
             raise

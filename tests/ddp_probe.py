@@ -43,11 +43,11 @@ class FailAt(pl.Callback):
     """Raises at the start of the batch that would make step `step` + 1, or (in_backward) inside that
     training step, after every callback's batch start: a crash in the model's own code."""
 
-    def __init__(self, step: int = 0, in_backward: bool = False) -> None:
-        self.step, self.in_backward = step, in_backward
+    def __init__(self, step: int = 0, in_backward: bool = False, rank: int | None = None) -> None:
+        self.step, self.in_backward, self.rank = step, in_backward, rank  # rank: only that one fails (None: all)
 
     def _fail(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             raise RuntimeError(f"injected failure at step {trainer.global_step}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:

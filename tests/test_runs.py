@@ -432,6 +432,19 @@ def test_a_ddp_shard_smaller_than_the_batch_is_refused(shapes_folder, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_rank_whose_peer_ended_says_so_in_one_line(shapes_folder, tmp_path):
+    """Rank 0 fails alone (here a crash; a full disk on its checkpoint likewise): the other rank's next collective
+    failed with gloo's "Connection closed by peer" and a traceback that buried rank 0's own error. Now one line."""
+    args = fit_args(shapes_folder, tmp_path / "runs", 8, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp", "--data.batch_size", "4", f"--trainer.callbacks+={FAIL}",
+                    "--trainer.callbacks.step=2", "--trainer.callbacks.rank=0")  # fmt: skip
+    code, out = fit_in_subprocess(args, tmp_path)
+    assert code != 0 and "injected failure at step 2" in out, out[-6000:]  # rank 0's, with its traceback (a bug)
+    assert "train_stage1: rank 1 stopped: another process of this launch ended first (its error is above; gloo: " \
+        "connection closed by peer)" in out, out[-6000:]  # fmt: skip
+    assert "Connection closed by peer" not in out and "[rank1]:" not in out, out[-6000:]  # no traceback of rank 1
+
+
 @pytest.mark.slow
 def test_ddp_resumed_mid_epoch_equals_an_uninterrupted_run(shapes_folder, tmp_path):
     """Two DDP ranks, 6 batches of 4 per rank and epoch: 12 steps straight vs crashed at step 4 and resumed
