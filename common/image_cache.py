@@ -66,10 +66,10 @@ def cache_path(cache_dir: Path, root: Path, n: int, image_size: int, channels: i
 
 
 def _older_caches(path: Path, root: Path, named: int = 10) -> str:
-    """" (N other cache file(s) ...: FILE (SIZE), ...; delete them if unused)" naming the other cache files in `path`'s
-    directory made for a folder of the same name (any size, channels or file list), or "". They are never deleted
-    here (another run may still map one, and only the user knows), but each can be as large as the data set
-    (CelebA at 256 px: 40 GB), so the user is told exactly which files and how much to delete."""
+    """The words " (N other cache file(s) ...: FILE (SIZE), ...; delete them if unused)" naming the other cache
+    files in `path`'s directory made for a folder of the same name (any size, channels or file list), or "". They
+    are never deleted here (another run may still map one, and only the user knows), but each can be as large as
+    the data set (CelebA at 256 px: 40 GB), so the user is told exactly which files and how much to delete."""
     folder = folder_name(root)
     pattern = re.compile(re.escape(folder) + r"_\d+px_(rgb|gray)_\d+img_[0-9a-f]{16}\.npy")
     older = []
