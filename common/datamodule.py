@@ -4,6 +4,7 @@ the Trainer asks for); its options are saved as hyperparameters, so a stage-1 ch
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,14 @@ class ImageDataModule(ResumableTraining, ImageSplits, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._load()
+        line = self.describe()  # is this the data meant?
         if stage == "fit":  # one process here (runs.py): before the run starts, not after its model summary
             self._check_train_batch(1)
-        say_once(self, self.describe())  # is this the data meant?
+            if not len(self.split_arrays("val")[1]):  # Lightning's "Total length of DataLoader ... is zero" said only
+                warnings.filterwarnings("ignore", message=r"Total length of `DataLoader` across ranks is zero")
+                line += ("; no validation split (--data.val_size 0): nothing is validated, so the run keeps last.ckpt "
+                         "only, no best.ckpt")  # fmt: skip
+        say_once(self, line)
 
     def train_dataloader(self) -> DataLoader:
         shard = shard_of(self.trainer)

@@ -564,6 +564,16 @@ def test_val_size_0_keeps_each_datasets_meaning_and_the_help_says_which(mnist_ro
             "best.ckpt); image_folder: None or 0 means 10 % (at least 1); emoji: counted in base emoji") in shown
 
 
+def test_a_fit_without_validation_says_so(mnist_root, capsys) -> None:
+    """--data.val_size 0 on MNIST: only Lightning's "Total length of DataLoader ... is zero" said that nothing would
+    be validated (and so no best.ckpt); the data line says it now, and only for a fit."""
+    ImageDataModule("mnist", root=str(mnist_root), val_size=0, batch_size=4, download=False).setup("fit")
+    assert "val 0 / test 12 images" in (out := capsys.readouterr().out) and "; no validation split (--data.val_size " \
+        "0): nothing is validated, so the run keeps last.ckpt only, no best.ckpt" in out, out  # fmt: skip
+    ImageDataModule("mnist", root=str(mnist_root), val_size=0, batch_size=4, download=False).setup("test")
+    assert "no validation split" not in capsys.readouterr().out
+
+
 def test_datamodule_image_folder(folder: Path) -> None:
     dm = ImageDataModule(
         "image_folder", root=str(folder), image_size=16, batch_size=2, val_size=0, test_size=2
