@@ -28,6 +28,10 @@ import torch
 
 from common.cli import UserError, one_line
 
+# State-dict prefixes of modules only training uses (stage 1's adversarial discriminator): not the network's, so a
+# weights-only loader drops them and --init_weights lets them differ
+TRAINING_ONLY_PREFIXES = ("discriminator.",)
+
 STAGE1_KEYS = {"in_channels", "image_size", "codebook_size"}  # hyperparameters only a VQVAE checkpoint has
 
 
@@ -135,8 +139,7 @@ def keep_loaded() -> Iterator[None]:
     try:
         yield
     finally:
-        _keeping = False
-        _kept.clear()
+        forget_loaded()
 
 
 def take_loaded(path: str | Path) -> dict[str, Any] | None:

@@ -93,6 +93,9 @@ class Interrupted(Exception):
             self.next_step = failed + "to go on from there, run the same command with --ckpt_path last"
 
 
+AT_ONCE = "at once (the step under way is lost; last.ckpt holds the last one saved)"  # a second Ctrl-C's Stopped
+
+
 class Stopped(BaseException):
     """A signal where no step can be saved: before the training loop (parsing, reading the data), a second Ctrl-C
     (at once), or after the loop (the test, the grid). A BaseException, as KeyboardInterrupt is, so that no
@@ -100,7 +103,7 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int, when: str) -> None:
         super().__init__(f"stopped by {signal_words(signum)} {when}")
-        self.signum, self.exit_code = signum, exit_code(signum)
+        self.signum, self.exit_code, self.when = signum, exit_code(signum), when
 
 
 class SignalGuard:
@@ -143,7 +146,7 @@ class StopOnInterrupt(Callback):
     def _request(self, signum: int, frame: Any) -> None:
         if self.requested or self._saved is not None:  # a second signal
             if signum == signal.SIGINT:
-                raise Stopped(signum, "at once (the step under way is lost; last.ckpt holds the last one saved)")
+                raise Stopped(signum, AT_ONCE)
             return
         self.requested = signum
         if self._rank0:

@@ -28,15 +28,20 @@ def state_mismatch(saved: dict[str, Any], model: dict[str, Any]) -> str | None:
     return f"{extra[0]} only in the checkpoint" if extra else None
 
 
+def changed_hparams(saved: dict[str, Any], model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """"name saved (this config: now)" for each of the model's hyperparameters the checkpoint's `saved` ones differ
+    in, the optimiser's settings and names starting with a `skip` prefix aside (they change no tensor)."""
+    return [f"{k} {_short(saved[k])} (this config: {_short(v)})" for k, v in getattr(model, "hparams", {}).items()
+            if k in saved and saved[k] != v and k not in OPTIMISER_HPARAMS and not k.startswith(skip)]
+
+
 def check_network_fits(ckpt: str, checkpoint: dict[str, Any], model: nn.Module) -> None:
     """UserError naming the hyperparameters that differ (or the first tensor that does not fit) when the checkpoint's
     weights do not load into `model`: Lightning's load_state_dict traceback came after the run's files were
     written (a Transformer config resuming a masked prior's run in the same root, another codebook size)."""
     if (mismatch := state_mismatch(checkpoint.get("state_dict", {}), model.state_dict())) is None:
         return
-    saved = checkpoint.get("hyper_parameters", {})
-    changed = [f"{k} {_short(saved[k])} (this config: {_short(v)})" for k, v in getattr(model, "hparams", {}).items()
-               if k in saved and saved[k] != v and k not in OPTIMISER_HPARAMS]  # fmt: skip
+    changed = changed_hparams(checkpoint.get("hyper_parameters", {}), model)
     raise UserError(f"--ckpt_path {ckpt} holds another network than this config builds "
                     f"({', '.join(changed[:4]) if changed else mismatch}); pass its run's config (config.yaml beside "
                     "its checkpoints), or drop --ckpt_path for a new run")  # fmt: skip

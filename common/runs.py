@@ -34,18 +34,9 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.checkpoint import keep_loaded, read_checkpoint
-from common.cli import (
-    UserError,
-    out_of_memory,
-)  # fmt: skip
+from common.cli import UserError, out_of_memory
 from common.init_weights import check_init_weights, load_initial_weights
-from common.interrupt import (
-    Interrupted,
-    SignalGuard,
-    StopOnInterrupt,
-    Stopped,
-    signal_words,
-)  # fmt: skip
+from common.interrupt import AT_ONCE, Interrupted, SignalGuard, StopOnInterrupt, Stopped, signal_words
 from common.io import no_space
 from common.launch import (
     LIGHTNING_CKPT_NAMES,
@@ -129,7 +120,7 @@ class VQGenCLI(LightningCLI):
             finish_logger(getattr(trainer, "logger", None), failed=failed, quiet=unstarted,
                           exit_code=stop.exit_code if signalled else None,
                           preempting=isinstance(stop, Interrupted) and stop.requeued)  # fmt: skip
-            if failed and self._discard_unstarted_run() and isinstance(stop, Stopped) and "last.ckpt" in str(stop):
+            if failed and self._discard_unstarted_run() and isinstance(stop, Stopped) and stop.when == AT_ONCE:
                 # a second Ctrl-C in the sanity check: "last.ckpt holds the last one saved" named a removed folder
                 stop.args = (f"stopped by {signal_words(stop.signum)} before training began: nothing was saved, and "
                              f"the new run folder {self.run.dir} was removed",)  # fmt: skip

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import CheckpointError, CheckpointFile, constructor_args, read_checkpoint, rebuild_reason
+from common.checkpoint import (
+    TRAINING_ONLY_PREFIXES,
+    CheckpointError,
+    CheckpointFile,
+    constructor_args,
+    read_checkpoint,
+    rebuild_reason,
+)
 from common.codes import sequence_shape, split_levels
 from stage1_vqvae.arguments import check_arguments, level_specs
 from stage1_vqvae.networks import Decoder, Encoder, latent_size
@@ -26,10 +33,6 @@ from stage1_vqvae.quantizer import FSQ, Quantized, VectorQuantizer
 # at 64 / 128 / 256 px (28 px unchanged), and at 256 px 1.1 GB instead of 6.5. On a GPU the bound only keeps
 # memory in reach (2 GB an activation at width 128) and leaves every measured batch (8,192 at 28 px) whole.
 PIXELS_PER_PASS = {"cpu": 1 << 18, "cuda": 1 << 24}
-# Weights a VQVAE checkpoint may hold that only training uses (the adversarial loss's discriminator): not the network's
-TRAINING_ONLY_PREFIXES = ("discriminator.",)
-
-
 class VQModel(nn.Module):
     """VQ-VAE network with a VQ (EMA or loss-learned codebook) or FSQ bottleneck, on one level or on a
     hierarchy of levels (VQ-VAE-2); arguments as :class:`stage1_vqvae.vqvae.VQVAE` documents them.
